@@ -1,0 +1,218 @@
+//! `[[feed]]`: one EventSource subscription.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::units::ByteSize;
+
+/// One SSE feed. Each feed runs as its own task with its own connection, parser and
+/// checkpoint; one feed's failure never affects another.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Unique name of the feed: 1 to 100 characters of `A-Z a-z 0-9 . _ -`, not starting with
+    /// `.`. Used in routes, sink templates (`{feed}`), logs and the checkpoint key.
+    pub name: String,
+
+    /// The `http` or `https` URL of the event stream. The checkpoint is keyed by name and URL:
+    /// changing the URL starts from an empty Last-Event-ID (and records a gap).
+    pub url: String,
+
+    /// Extra request headers, for example `{ "User-Agent" = "my-bridge (ops@example.org)" }`.
+    /// `Accept`, `Cache-Control` and `Last-Event-ID` are set by the bridge and cannot be
+    /// overridden here. Put secrets in `bearer_token_env` / `bearer_token_file` instead.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+
+    /// Name of an environment variable holding a bearer token, sent as
+    /// `Authorization: Bearer <token>`. The token never appears in logs or errors.
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
+
+    /// Path of a file holding a bearer token (surrounding whitespace is trimmed). The file is
+    /// re-read at every connection attempt, so a token refreshed on disk is picked up.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+
+    /// How long to wait for the TCP (and TLS) connection.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+
+    /// How long to wait for the response headers once connected.
+    #[serde(default = "defaults::response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+
+    /// Reconnect when no bytes at all (comments included) arrived for this long.
+    /// `"0s"` disables the idle timeout.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+
+    /// Largest line or event (data buffer) accepted, as bytes or `"1 MiB"`. A larger one is an
+    /// error naming the feed and the size; the feed reconnects from its last event ID.
+    #[serde(default = "defaults::max_event_size")]
+    pub max_event_size: ByteSize,
+
+    /// Redirects followed per connection attempt before giving up.
+    #[serde(default = "defaults::max_redirects")]
+    pub max_redirects: usize,
+
+    /// `daemon` (default): reconnect with backoff on network errors, EOF, idle timeouts, 5xx
+    /// and 429 (honouring `Retry-After`); other 4xx and a wrong content type follow
+    /// `on_client_error`. `browser`: exactly the WHATWG EventSource: any non-200 answer or a
+    /// wrong content type closes the feed for good, and reconnects wait exactly the stream's
+    /// `retry:` time with no backoff.
+    #[serde(default)]
+    pub policy: Policy,
+
+    /// Under the `daemon` policy, what a 4xx answer (other than 408 and 429), a wrong content
+    /// type or a redirect loop does: `retry` (default) waits at least `client_error_delay` and
+    /// logs an error on every attempt; `stop` puts the feed in the stopped state.
+    #[serde(default)]
+    pub on_client_error: OnClientError,
+
+    /// The least delay before retrying after a client error (see `on_client_error`).
+    #[serde(default = "defaults::client_error_delay", with = "humantime_serde")]
+    pub client_error_delay: Duration,
+
+    /// Statuses that, answered to a request that carried `Last-Event-ID`, mean the server
+    /// rejected the stored ID. The bridge records a gap and reconnects without the ID.
+    /// An empty list disables this.
+    #[serde(default = "defaults::rejected_id_statuses")]
+    pub rejected_id_statuses: Vec<u16>,
+
+    /// Reconnection backoff.
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+
+    /// `false` keeps the feed in the config without running it.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+}
+
+/// How a feed reacts to failures. See `FeedConfig::policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    #[default]
+    Daemon,
+    Browser,
+}
+
+/// See `FeedConfig::on_client_error`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnClientError {
+    #[default]
+    Retry,
+    Stop,
+}
+
+/// `[feed.backoff]`: delays between reconnection attempts under the `daemon` policy.
+///
+/// The n-th consecutive failed attempt waits
+/// `max(retry, min(max, max(initial, retry) * multiplier^(n-1)))`, then adds a random
+/// `0..jitter` fraction of that on top, where `retry` is the stream's `retry:` value (3 s until
+/// the server sends one). So a delay is never shorter than the server asked for, and feeds that
+/// fail together do not reconnect together. A `Retry-After` header raises the delay further.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// Delay of the first retry, before the `retry:` floor applies.
+    #[serde(default = "defaults::backoff_initial", with = "humantime_serde")]
+    pub initial: Duration,
+    /// Cap on the exponential part of the delay.
+    #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
+    pub max: Duration,
+    /// Growth factor per consecutive failure (at least 1.0).
+    #[serde(default = "defaults::backoff_multiplier")]
+    pub multiplier: f64,
+    /// Random extra delay as a fraction of the delay, 0.0 to 1.0.
+    #[serde(default = "defaults::backoff_jitter")]
+    pub jitter: f64,
+    /// A connection that stayed open this long resets the failure count.
+    #[serde(default = "defaults::backoff_reset_after", with = "humantime_serde")]
+    pub reset_after: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: defaults::backoff_initial(),
+            max: defaults::backoff_max(),
+            multiplier: defaults::backoff_multiplier(),
+            jitter: defaults::backoff_jitter(),
+            reset_after: defaults::backoff_reset_after(),
+        }
+    }
+}
+
+impl FeedConfig {
+    /// A feed with every option at its default, for tests and examples.
+    pub fn new(name: impl Into<String>, url: impl Into<String>) -> Self {
+        FeedConfig {
+            name: name.into(),
+            url: url.into(),
+            headers: BTreeMap::new(),
+            bearer_token_env: None,
+            bearer_token_file: None,
+            connect_timeout: defaults::connect_timeout(),
+            response_timeout: defaults::response_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+            max_event_size: defaults::max_event_size(),
+            max_redirects: defaults::max_redirects(),
+            policy: Policy::default(),
+            on_client_error: OnClientError::default(),
+            client_error_delay: defaults::client_error_delay(),
+            rejected_id_statuses: defaults::rejected_id_statuses(),
+            backoff: BackoffConfig::default(),
+            enabled: true,
+        }
+    }
+}
+
+pub(crate) mod defaults {
+    use super::*;
+
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn response_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_event_size() -> ByteSize {
+        ByteSize::mib(1)
+    }
+    pub fn max_redirects() -> usize {
+        10
+    }
+    pub fn client_error_delay() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn rejected_id_statuses() -> Vec<u16> {
+        vec![400, 410, 412, 416]
+    }
+    pub fn backoff_initial() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn backoff_max() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn backoff_multiplier() -> f64 {
+        2.0
+    }
+    pub fn backoff_jitter() -> f64 {
+        0.3
+    }
+    pub fn backoff_reset_after() -> Duration {
+        Duration::from_secs(60)
+    }
+}

@@ -1,0 +1,3 @@
+//! Config.
+pub mod feed;
+pub mod units;

@@ -1,0 +1,22 @@
+//! The event as the bridge sees it (DESIGN.md §1).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+/// One dispatched Server-Sent Event, stamped by the bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The configured feed name.
+    pub feed: Arc<str>,
+    /// The SSE event type; `message` when the stream named none.
+    pub event_type: String,
+    /// The data buffer as the standard builds it (lines joined by LF, one trailing LF removed).
+    pub data: String,
+    /// The stream's last event ID as of this event (persists across events without `id:`).
+    pub id: String,
+    /// Wall clock time at which the bridge parsed the event.
+    pub received_at: DateTime<Utc>,
+    /// Per-feed monotonic sequence number assigned by the bridge, starting at 1.
+    pub seq: u64,
+}

@@ -1,0 +1,16 @@
+//! sse-bridge: pipes Server-Sent Events feeds into durable sinks.
+//!
+//! Data flows one way:
+//! socket -> [`sse::parser`] -> [`event::Event`] -> [`route`] -> [`sink`] -> acknowledgements
+//! -> [`checkpoint`] -> [`state`].
+//! Nothing downstream reaches back upstream except the acknowledgement.
+
+pub mod checkpoint;
+pub mod config;
+pub mod event;
+pub mod logging;
+pub mod route;
+pub mod sink;
+pub mod sse;
+pub mod state;
+pub mod supervisor;

@@ -1,0 +1,1 @@
+//! Router (stub, owned by the sinks helper): (feed, event type) -> sinks.

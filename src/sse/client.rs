@@ -1,0 +1,1 @@
+//! EventSource loop (stub, owned by the client helper).

@@ -1,0 +1,1 @@
+//! HTTP transport (stub, owned by the client helper).

@@ -1,0 +1,8 @@
+//! The EventSource client: a spec-exact stream parser, a retry policy, and the HTTP transport,
+//! each a small module testable alone, tied together by [`client::EventSource`].
+
+pub mod client;
+pub mod connection;
+pub mod parser;
+pub mod retry;
+pub mod status;

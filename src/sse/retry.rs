@@ -1,0 +1,1 @@
+//! Retry policy (stub, owned by the client helper).

@@ -1,0 +1,1 @@
+//! Migration runner (stub, owned by the state helper).
