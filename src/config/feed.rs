@@ -83,6 +83,11 @@ pub struct FeedConfig {
     #[serde(default = "defaults::rejected_id_statuses")]
     pub rejected_id_statuses: Vec<u16>,
 
+    /// The reconnection time until the stream sends a `retry:` field (the standard leaves the
+    /// initial value to the user agent; browsers use about 3 s). No reconnection happens sooner.
+    #[serde(default = "defaults::default_retry", with = "humantime_serde")]
+    pub default_retry: Duration,
+
     /// Reconnection backoff.
     #[serde(default)]
     pub backoff: BackoffConfig,
@@ -167,6 +172,7 @@ impl FeedConfig {
             on_client_error: OnClientError::default(),
             client_error_delay: defaults::client_error_delay(),
             rejected_id_statuses: defaults::rejected_id_statuses(),
+            default_retry: defaults::default_retry(),
             backoff: BackoffConfig::default(),
             enabled: true,
         }
@@ -199,6 +205,9 @@ pub(crate) mod defaults {
     }
     pub fn rejected_id_statuses() -> Vec<u16> {
         vec![400, 410, 412, 416]
+    }
+    pub fn default_retry() -> Duration {
+        Duration::from_secs(3)
     }
     pub fn backoff_initial() -> Duration {
         Duration::from_secs(1)
