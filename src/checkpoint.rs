@@ -1,1 +1,219 @@
-//! Checkpoint tracking.
+//! Per-feed acknowledgement tracking (DESIGN.md §4).
+//!
+//! Every event a feed hands to the router is registered here, in sequence order, with the
+//! number of sinks it was sent to. Sinks acknowledge events once stored, in any order. The
+//! checkpoint is the last event ID of the longest prefix of the feed whose events are all
+//! acknowledged by every sink they were sent to, so it never runs ahead of storage. Dropped and
+//! unrouted events are registered with zero sinks: acknowledged as soon as all before them are.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The durable cursor of a feed: the ID to resume from and the bridge sequence number of the
+/// last event covered by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub last_event_id: Arc<str>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Sinks that still have to acknowledge the event.
+    remaining: u32,
+    /// The last event ID once this event (and all before it) are stored. Usually the event's
+    /// own ID; an ID-only dispatch after it replaces it (see [`FeedTracker::id_only`]).
+    id: Arc<str>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Events not yet fully acknowledged, with contiguous sequence numbers from `front_seq`.
+    pending: VecDeque<Entry>,
+    front_seq: u64,
+    /// The acknowledged prefix.
+    acked: Position,
+    /// Whether `acked` changed since the last [`FeedTracker::take_changed`].
+    changed: bool,
+}
+
+/// Tracks one feed. Shared by the feed task (register) and the sink runners (ack).
+#[derive(Debug)]
+pub struct FeedTracker {
+    inner: Mutex<Inner>,
+}
+
+impl FeedTracker {
+    /// Starts from the committed checkpoint: the next event will have sequence `start.seq + 1`.
+    pub fn new(start: Position) -> Self {
+        FeedTracker {
+            inner: Mutex::new(Inner {
+                pending: VecDeque::new(),
+                front_seq: start.seq + 1,
+                acked: start,
+                changed: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the queue half-updated in a way that
+        // breaks the invariant (each update is a single push/pop/decrement), so poisoning is
+        // ignored rather than turned into a second panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers events in sequence order: `(seq, last event id, number of sinks)`. Must be
+    /// called before the events are handed to any sink.
+    pub fn register<'a>(&self, events: impl IntoIterator<Item = (u64, &'a str, u32)>) {
+        let mut inner = self.lock();
+        for (seq, id, sinks) in events {
+            let expected = inner.front_seq + inner.pending.len() as u64;
+            debug_assert_eq!(seq, expected, "events must be registered in sequence order");
+            // Share the previous entry's ID when unchanged, to avoid an allocation per event.
+            let id: Arc<str> = match inner.pending.back() {
+                Some(prev) if &*prev.id == id => prev.id.clone(),
+                _ if inner.pending.is_empty() && &*inner.acked.last_event_id == id => {
+                    inner.acked.last_event_id.clone()
+                }
+                _ => Arc::from(id),
+            };
+            inner.pending.push_back(Entry {
+                remaining: sinks,
+                id,
+            });
+        }
+        advance(&mut inner);
+    }
+
+    /// An ID-only dispatch (`id: x` then a blank line, no data): the checkpoint may move to
+    /// `id` once every event before it is stored.
+    pub fn id_only(&self, id: &str) {
+        let mut inner = self.lock();
+        let id: Arc<str> = Arc::from(id);
+        match inner.pending.back_mut() {
+            Some(last) => last.id = id,
+            None => {
+                if inner.acked.last_event_id != id {
+                    inner.acked.last_event_id = id;
+                    inner.changed = true;
+                }
+            }
+        }
+    }
+
+    /// One sink acknowledges these events as stored.
+    pub fn ack(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut inner = self.lock();
+        for seq in seqs {
+            let Some(index) = seq.checked_sub(inner.front_seq) else {
+                continue; // already fully acknowledged
+            };
+            if let Some(entry) = inner.pending.get_mut(index as usize) {
+                entry.remaining = entry.remaining.saturating_sub(1);
+            }
+        }
+        advance(&mut inner);
+    }
+
+    /// The acknowledged position, if it changed since the last call.
+    pub fn take_changed(&self) -> Option<Position> {
+        let mut inner = self.lock();
+        if inner.changed {
+            inner.changed = false;
+            Some(inner.acked.clone())
+        } else {
+            None
+        }
+    }
+
+    /// Marks the position as not yet committed again (after a failed commit).
+    pub fn mark_changed(&self) {
+        self.lock().changed = true;
+    }
+
+    /// The acknowledged position.
+    pub fn acked(&self) -> Position {
+        self.lock().acked.clone()
+    }
+
+    /// Events registered but not yet acknowledged by all their sinks.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+}
+
+fn advance(inner: &mut Inner) {
+    while inner.pending.front().is_some_and(|e| e.remaining == 0) {
+        if let Some(entry) = inner.pending.pop_front() {
+            inner.acked = Position {
+                seq: inner.front_seq,
+                last_event_id: entry.id,
+            };
+            inner.front_seq += 1;
+            inner.changed = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start() -> FeedTracker {
+        FeedTracker::new(Position {
+            seq: 10,
+            last_event_id: Arc::from("a"),
+        })
+    }
+
+    #[test]
+    fn checkpoint_waits_for_every_sink_of_every_earlier_event() {
+        let t = start();
+        t.register([(11, "b", 2), (12, "c", 1), (13, "d", 0)]);
+        assert_eq!(t.take_changed(), None);
+        t.ack([12]); // a later event stored first: the checkpoint must not move
+        assert_eq!(t.take_changed(), None);
+        t.ack([11]); // one of two sinks
+        assert_eq!(t.take_changed(), None);
+        t.ack([11]);
+        let p = t.take_changed().expect("moved");
+        // 11, 12 and the unrouted 13 are all acknowledged
+        assert_eq!((p.seq, &*p.last_event_id), (13, "d"));
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn unrouted_events_are_acknowledged_in_order() {
+        let t = start();
+        t.register([(11, "b", 0)]);
+        assert_eq!(t.acked().seq, 11);
+        t.register([(12, "c", 1), (13, "d", 0)]);
+        assert_eq!(t.acked().seq, 11);
+        t.ack([12]);
+        assert_eq!(t.acked().seq, 13);
+    }
+
+    #[test]
+    fn id_only_dispatch_moves_after_the_events_before_it() {
+        let t = start();
+        t.register([(11, "b", 1)]);
+        t.id_only("z");
+        assert_eq!(&*t.acked().last_event_id, "a");
+        t.ack([11]);
+        let p = t.acked();
+        assert_eq!((p.seq, &*p.last_event_id), (11, "z"));
+        t.id_only("y");
+        assert_eq!(&*t.acked().last_event_id, "y");
+    }
+
+    #[test]
+    fn stale_and_unknown_acks_are_ignored() {
+        let t = start();
+        t.ack([3, 99]);
+        assert_eq!(t.take_changed(), None);
+        t.register([(11, "b", 1)]);
+        t.ack([11, 11]);
+        assert_eq!(t.acked().seq, 11);
+    }
+}

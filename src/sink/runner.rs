@@ -1,1 +1,279 @@
-//! Sink runner.
+//! Drives one sink on its own thread: receives batches from the feeds through a bounded
+//! buffer, writes them, retries failures without dropping anything, and acknowledges stored
+//! events to each feed's tracker.
+//!
+//! Sinks do blocking I/O (files, SQLite), so each runs on a dedicated OS thread with a small
+//! current-thread runtime for its timers, and never stalls the network tasks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::{BufferConfig, Sink, WhenFull};
+use crate::checkpoint::FeedTracker;
+use crate::event::Event;
+
+/// How many events one `Sink::write` call receives at most: queued batches are merged so an
+/// fsync or a transaction covers many events (group commit).
+const MAX_WRITE_EVENTS: usize = 8192;
+/// How often `Sink::tick` runs.
+const TICK: Duration = Duration::from_secs(1);
+/// Retry delays after a failed write: doubling from the first to the second.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// A failing sink logs an error at most this often.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
+
+struct Envelope {
+    events: Vec<Arc<Event>>,
+    tracker: Arc<FeedTracker>,
+    /// Released when the envelope is dropped, after the events were acknowledged.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Live figures of a sink, readable from anywhere.
+#[derive(Debug, Default)]
+pub struct SinkHealth {
+    /// False while writes are failing.
+    pub healthy: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    /// Events stored and acknowledged.
+    pub written: AtomicU64,
+    /// Events dropped by `when_full = "drop_newest"`.
+    pub dropped: AtomicU64,
+    /// Failed write attempts.
+    pub errors: AtomicU64,
+}
+
+impl SinkHealth {
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().map(|g| g.clone()).unwrap_or(None)
+    }
+}
+
+/// The feeds' end of a sink: cheap to clone. When every handle is dropped the runner drains
+/// its buffer, flushes the sink and ends.
+#[derive(Clone)]
+pub struct SinkHandle {
+    pub name: Arc<str>,
+    tx: mpsc::UnboundedSender<Envelope>,
+    permits: Arc<Semaphore>,
+    max_events: usize,
+    when_full: WhenFull,
+    pub health: Arc<SinkHealth>,
+}
+
+/// What happened to a batch handed to [`SinkHandle::send`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Queued; the runner acknowledges the events once stored.
+    Queued,
+    /// The buffer was full and the sink drops what does not fit (counted). The caller
+    /// acknowledges the events on the sink's behalf.
+    Dropped(usize),
+    /// The runner has ended (shutdown); nothing was queued.
+    Closed,
+}
+
+impl SinkHandle {
+    /// Queues `events` (all from the feed `tracker` belongs to). Under `when_full = "block"`
+    /// this waits for room, which is how a slow sink holds its feeds back.
+    pub async fn send(&self, events: Vec<Arc<Event>>, tracker: &Arc<FeedTracker>) -> SendOutcome {
+        let n = u32::try_from(events.len().clamp(1, self.max_events)).unwrap_or(u32::MAX);
+        let permit = match self.when_full {
+            WhenFull::Block => match self.permits.clone().acquire_many_owned(n).await {
+                Ok(p) => p,
+                Err(_) => return SendOutcome::Closed,
+            },
+            WhenFull::DropNewest => match self.permits.clone().try_acquire_many_owned(n) {
+                Ok(p) => p,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    self.health
+                        .dropped
+                        .fetch_add(events.len() as u64, Ordering::Relaxed);
+                    return SendOutcome::Dropped(events.len());
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => return SendOutcome::Closed,
+            },
+        };
+        let envelope = Envelope {
+            events,
+            tracker: tracker.clone(),
+            _permit: permit,
+        };
+        match self.tx.send(envelope) {
+            Ok(()) => SendOutcome::Queued,
+            Err(_) => SendOutcome::Closed,
+        }
+    }
+
+    /// Events queued and not yet stored.
+    pub fn queued(&self) -> usize {
+        self.max_events
+            .saturating_sub(self.permits.available_permits())
+    }
+}
+
+/// The runner's end: wait for it to finish after dropping every handle.
+pub struct SinkWorker {
+    pub name: Arc<str>,
+    done: oneshot::Receiver<()>,
+}
+
+impl SinkWorker {
+    /// Resolves when the runner has drained, flushed and ended.
+    pub async fn finished(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Starts the runner thread for `sink`. `give_up` stops retrying a failing write (at the end
+/// of the shutdown deadline): whatever was not stored stays unacknowledged.
+pub fn spawn(
+    name: &str,
+    sink: Box<dyn Sink>,
+    buffer: &BufferConfig,
+    give_up: CancellationToken,
+) -> std::io::Result<(SinkHandle, SinkWorker)> {
+    let name: Arc<str> = Arc::from(name);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let health = Arc::new(SinkHealth {
+        healthy: AtomicBool::new(true),
+        ..SinkHealth::default()
+    });
+    let max_events = buffer.max_events.max(1);
+    let handle = SinkHandle {
+        name: name.clone(),
+        tx,
+        permits: Arc::new(Semaphore::new(max_events)),
+        max_events,
+        when_full: buffer.when_full,
+        health: health.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    let thread_name = name.clone();
+    std::thread::Builder::new()
+        .name(format!("sink-{name}"))
+        .spawn(move || {
+            runtime.block_on(run(thread_name, sink, rx, health, give_up));
+            let _ = done_tx.send(());
+        })?;
+    Ok((handle, SinkWorker { name, done: done_rx }))
+}
+
+async fn run(
+    name: Arc<str>,
+    mut sink: Box<dyn Sink>,
+    mut rx: mpsc::UnboundedReceiver<Envelope>,
+    health: Arc<SinkHealth>,
+    give_up: CancellationToken,
+) {
+    let mut batch: Vec<Arc<Event>> = Vec::new();
+    let mut envelopes: Vec<Envelope> = Vec::new();
+    let mut next_tick = tokio::time::Instant::now() + TICK;
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            _ = tokio::time::sleep_until(next_tick) => {
+                next_tick = tokio::time::Instant::now() + TICK;
+                if let Err(e) = sink.tick() {
+                    tracing::error!(sink = %name, "{e}");
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
+        batch.clear();
+        batch.extend(first.events.iter().cloned());
+        envelopes.push(first);
+        while batch.len() < MAX_WRITE_EVENTS {
+            match rx.try_recv() {
+                Ok(more) => {
+                    batch.extend(more.events.iter().cloned());
+                    envelopes.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        if !write_with_retry(&name, sink.as_mut(), &batch, &health, &give_up).await {
+            // Giving up at the end of the shutdown deadline: nothing here is acknowledged,
+            // so the checkpoints stay behind these events and they are fetched again.
+            return;
+        }
+        health
+            .written
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for envelope in envelopes.drain(..) {
+            envelope.tracker.ack(envelope.events.iter().map(|e| e.seq));
+        }
+        if tokio::time::Instant::now() >= next_tick {
+            next_tick = tokio::time::Instant::now() + TICK;
+            if let Err(e) = sink.tick() {
+                tracing::error!(sink = %name, "{e}");
+            }
+        }
+    }
+    match sink.flush() {
+        Ok(()) => tracing::debug!(sink = %name, "sink flushed and closed"),
+        Err(e) => tracing::error!(sink = %name, "flush at shutdown failed: {e}"),
+    }
+}
+
+/// Writes until it succeeds; false if told to give up first.
+async fn write_with_retry(
+    name: &str,
+    sink: &mut dyn Sink,
+    batch: &[Arc<Event>],
+    health: &SinkHealth,
+    give_up: &CancellationToken,
+) -> bool {
+    let mut delay = RETRY_MIN;
+    let mut last_logged: Option<Instant> = None;
+    let mut failures = 0u64;
+    loop {
+        match sink.write(batch) {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(sink = %name, failures, "sink recovered; held-back events stored");
+                    health.healthy.store(true, Ordering::Relaxed);
+                    if let Ok(mut g) = health.last_error.lock() {
+                        *g = None;
+                    }
+                }
+                return true;
+            }
+            Err(e) => {
+                failures += 1;
+                health.errors.fetch_add(1, Ordering::Relaxed);
+                health.healthy.store(false, Ordering::Relaxed);
+                let message = e.to_string();
+                if last_logged.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+                    tracing::error!(
+                        sink = %name,
+                        events = batch.len(),
+                        failures,
+                        "write failed, holding the feeds back and retrying: {message}"
+                    );
+                    last_logged = Some(Instant::now());
+                }
+                if let Ok(mut g) = health.last_error.lock() {
+                    *g = Some(message);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = give_up.cancelled() => {
+                        tracing::warn!(sink = %name, events = batch.len(), "shutdown deadline reached while the sink was failing; these events stay unacknowledged and will be fetched again");
+                        return false;
+                    }
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}

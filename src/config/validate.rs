@@ -1,0 +1,198 @@
+//! Offline validation: everything about a configuration that can be checked without
+//! connecting anywhere. Each problem names the key as the file spells it.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
+
+use super::{Config, ConfigIssue, FeedConfig};
+
+/// Headers the bridge sets itself (DESIGN.md §3); a feed may not override them.
+const RESERVED_HEADERS: &[&str] = &["accept", "cache-control", "last-event-id"];
+
+/// Largest `max_event_size` accepted: beyond this a single event could exhaust memory.
+const MAX_EVENT_SIZE_LIMIT: u64 = 1024 * 1024 * 1024;
+
+/// Feed and sink names: used in file names, metric labels and logs.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigIssue {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
+    let mut issues = Issues(Vec::new());
+
+    if cfg.state.path.as_os_str().is_empty() {
+        issues.add("state.path", "must not be empty");
+    }
+    positive(&mut issues, "state.commit_interval", cfg.state.commit_interval);
+    if cfg.state.commit_interval > Duration::from_secs(3600) {
+        issues.add(
+            "state.commit_interval",
+            "must be at most 1h: after a crash, everything since the last commit is fetched again",
+        );
+    }
+    positive(&mut issues, "shutdown.timeout", cfg.shutdown.timeout);
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&cfg.log.level) {
+        issues.add("log.level", format!("not a valid log filter: {e}"));
+    }
+
+    if cfg.enabled_feeds().next().is_none() {
+        issues.add(
+            "feed",
+            "no enabled [[feed]]: add at least one feed with `name` and `url`",
+        );
+    }
+    let mut names = HashSet::new();
+    for (i, feed) in cfg.feed.iter().enumerate() {
+        validate_feed(&mut issues, i, feed);
+        if !names.insert(feed.name.as_str()) {
+            issues.add(
+                format!("feed[{i}].name"),
+                format!("feed name `{}` is used twice; names must be unique", feed.name),
+            );
+        }
+    }
+
+    if cfg.sink.is_empty() {
+        issues.add(
+            "sink",
+            "no [sink.NAME] configured: events would have nowhere to go",
+        );
+    }
+    for (name, sink) in &cfg.sink {
+        if !is_valid_name(name) {
+            issues.add(
+                format!("sink.{name}"),
+                "sink names are 1 to 100 characters of A-Z a-z 0-9 . _ - and do not start with `.`",
+            );
+        }
+        if sink.buffer().max_events == 0 {
+            issues.add(format!("sink.{name}.buffer.max_events"), "must be at least 1");
+        }
+        for (key, message) in sink.validate() {
+            issues.add(format!("sink.{name}.{key}"), message);
+        }
+    }
+
+    let sink_names: Vec<&str> = cfg.sink.keys().map(String::as_str).collect();
+    let feed_names: Vec<&str> = cfg.feed.iter().map(|f| f.name.as_str()).collect();
+    for (key, message) in
+        crate::route::validate_routes(&cfg.route, &cfg.routing, &sink_names, &feed_names)
+    {
+        issues.add(key, message);
+    }
+    issues.0
+}
+
+fn positive(issues: &mut Issues, key: &str, d: Duration) {
+    if d.is_zero() {
+        issues.add(key, "must be greater than zero");
+    }
+}
+
+fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
+    let key = |k: &str| format!("feed[{i}].{k}");
+    if !is_valid_name(&feed.name) {
+        issues.add(
+            key("name"),
+            format!(
+                "`{}` is not a valid feed name: use 1 to 100 characters of A-Z a-z 0-9 . _ - not starting with `.`",
+                feed.name
+            ),
+        );
+    }
+    match url::Url::parse(&feed.url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        Ok(u) => issues.add(
+            key("url"),
+            format!("`{}` must be an http:// or https:// URL with a host", u.scheme()),
+        ),
+        Err(e) => issues.add(key("url"), format!("not a valid URL: {e}")),
+    }
+    for (name, value) in &feed.headers {
+        let hkey = key(&format!("headers.\"{name}\""));
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            issues.add(&hkey, "not a valid HTTP header name");
+        } else if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            issues.add(
+                &hkey,
+                "is set by the bridge itself (Accept, Cache-Control and Last-Event-ID follow the EventSource standard)",
+            );
+        } else if name.eq_ignore_ascii_case("authorization")
+            && (feed.bearer_token_env.is_some() || feed.bearer_token_file.is_some())
+        {
+            issues.add(&hkey, "conflicts with bearer_token_env / bearer_token_file");
+        }
+        if HeaderValue::from_str(value).is_err() {
+            issues.add(&hkey, "not a valid HTTP header value (control characters?)");
+        }
+    }
+    match (&feed.bearer_token_env, &feed.bearer_token_file) {
+        (Some(_), Some(_)) => issues.add(
+            key("bearer_token_env"),
+            "set either bearer_token_env or bearer_token_file, not both",
+        ),
+        (Some(var), None) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => {}
+            Ok(_) => issues.add(
+                key("bearer_token_env"),
+                format!("environment variable `{var}` is empty"),
+            ),
+            Err(_) => issues.add(
+                key("bearer_token_env"),
+                format!("environment variable `{var}` is not set (or not UTF-8)"),
+            ),
+        },
+        (None, Some(path)) => {
+            if let Err(e) = std::fs::read_to_string(path) {
+                issues.add(
+                    key("bearer_token_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                );
+            }
+        }
+        (None, None) => {}
+    }
+    positive(issues, &key("connect_timeout"), feed.connect_timeout);
+    positive(issues, &key("response_timeout"), feed.response_timeout);
+    positive(issues, &key("client_error_delay"), feed.client_error_delay);
+    if feed.max_event_size.0 < 64 || feed.max_event_size.0 > MAX_EVENT_SIZE_LIMIT {
+        issues.add(key("max_event_size"), "must be between 64 bytes and 1 GiB");
+    }
+    for (j, status) in feed.rejected_id_statuses.iter().enumerate() {
+        if !(400..=499).contains(status) || *status == 429 || *status == 408 {
+            issues.add(
+                key(&format!("rejected_id_statuses[{j}]")),
+                format!("{status} is not a 4xx client error other than 408 and 429"),
+            );
+        }
+    }
+    let b = &feed.backoff;
+    positive(issues, &key("backoff.initial"), b.initial);
+    if b.max < b.initial {
+        issues.add(key("backoff.max"), "must not be smaller than backoff.initial");
+    }
+    if !(b.multiplier.is_finite() && b.multiplier >= 1.0) {
+        issues.add(key("backoff.multiplier"), "must be a number of at least 1.0");
+    }
+    if !(0.0..=1.0).contains(&b.jitter) {
+        issues.add(key("backoff.jitter"), "must be between 0.0 and 1.0");
+    }
+}
