@@ -87,6 +87,9 @@ impl StateStore {
     pub fn list_checkpoints(&self) -> Result<Vec<Checkpoint>, StateError> {
         todo!()
     }
+    pub fn set_checkpoint(&mut self, _feed: &str, _url: &str, _id: &str) -> Result<(), StateError> {
+        todo!()
+    }
     pub fn reset_checkpoint(&mut self, _feed: &str) -> Result<usize, StateError> {
         todo!()
     }
