@@ -33,7 +33,13 @@ Exit status: 0 success, 1 runtime failure, 2 unusable configuration or arguments
 struct Cli {
     /// Configuration file (TOML). Without it, the built-in default configuration is used
     /// (the same as config/sse-bridge.toml).
-    #[arg(short, long, global = true, value_name = "FILE", env = "SSE_BRIDGE_CONFIG")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "SSE_BRIDGE_CONFIG"
+    )]
     config: Option<PathBuf>,
 
     /// Log line format: `human` or `json` (one object per line, for log shippers).
@@ -229,7 +235,8 @@ fn checkpoints(loaded: &LoadedConfig, cmd: CheckpointsCommand) -> anyhow::Result
                                 c.feed.clone(),
                                 c.seq.to_string(),
                                 c.last_event_id.clone(),
-                                c.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                                c.updated_at
+                                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                                 c.url.clone(),
                             ]
                         })
@@ -240,13 +247,25 @@ fn checkpoints(loaded: &LoadedConfig, cmd: CheckpointsCommand) -> anyhow::Result
         CheckpointsCommand::Set { feed, id } => {
             let url = feed_url(loaded, &feed)?.to_string();
             store.set_checkpoint(&feed, &url, &id)?;
-            store.record_gap(&manual_gap(&feed, &url, &id, format!("checkpoint set to `{id}` by an operator")))?;
+            store.record_gap(&manual_gap(
+                &feed,
+                &url,
+                &id,
+                format!("checkpoint set to `{id}` by an operator"),
+            ))?;
             println!("{feed}: checkpoint set to `{id}`; the next start sends it as Last-Event-ID");
         }
         CheckpointsCommand::Reset { feed } => {
-            let url = feed_url(loaded, &feed).map(str::to_string).unwrap_or_default();
+            let url = feed_url(loaded, &feed)
+                .map(str::to_string)
+                .unwrap_or_default();
             let n = store.reset_checkpoint(&feed)?;
-            store.record_gap(&manual_gap(&feed, &url, "", "checkpoint reset by an operator".into()))?;
+            store.record_gap(&manual_gap(
+                &feed,
+                &url,
+                "",
+                "checkpoint reset by an operator".into(),
+            ))?;
             println!("{feed}: {n} checkpoint(s) removed; the next start begins at the live end of the stream");
         }
     }
@@ -314,4 +333,3 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
         line(row.iter().map(String::as_str).collect());
     }
 }
-

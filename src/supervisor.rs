@@ -160,7 +160,10 @@ pub async fn run(loaded: LoadedConfig, shutdown: CancellationToken) -> anyhow::R
     let mut drained = true;
     for worker in workers {
         let name = worker.name.clone();
-        if tokio::time::timeout_at(deadline, worker.finished()).await.is_err() {
+        if tokio::time::timeout_at(deadline, worker.finished())
+            .await
+            .is_err()
+        {
             drained = false;
             tracing::warn!(sink = %name, "sink did not drain before the shutdown deadline");
         }
@@ -372,7 +375,9 @@ impl FeedTask {
         .await;
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(feed = %self.view.config.name, "recording a gap failed: {e}"),
+            Ok(Err(e)) => {
+                tracing::error!(feed = %self.view.config.name, "recording a gap failed: {e}")
+            }
             Err(e) => tracing::error!(feed = %self.view.config.name, "recording a gap failed: {e}"),
         }
     }

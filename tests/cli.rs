@@ -47,7 +47,10 @@ fn assert_config_error(text: &str, key: &str, words: &str) {
         stderr.contains(&path.display().to_string()),
         "error names the file: {stderr}"
     );
-    assert!(stderr.contains(&format!("`{key}`")), "error names key `{key}`: {stderr}");
+    assert!(
+        stderr.contains(&format!("`{key}`")),
+        "error names key `{key}`: {stderr}"
+    );
     assert!(stderr.contains(words), "error says `{words}`: {stderr}");
 }
 
@@ -56,7 +59,11 @@ fn a_good_config_validates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_file(dir.path(), "good.toml", GOOD);
     let out = validate(&path);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK (1 feed(s), 1 sink(s), 1 route(s))"));
 }
 
@@ -67,7 +74,11 @@ fn the_built_in_default_config_validates() {
         .env_remove("SSE_BRIDGE_CONFIG")
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("built-in default config"));
 }
 
@@ -108,7 +119,10 @@ fn a_missing_file_is_a_clear_error() {
     let out = validate(Path::new("/nonexistent/sse-bridge.toml"));
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/nonexistent/sse-bridge.toml") && stderr.contains("cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/sse-bridge.toml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -123,7 +137,10 @@ fn an_environment_override_is_applied_and_named_when_bad() {
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("SSE_BRIDGE_STATE__COMMIT_INTERVAL"), "{stderr}");
+    assert!(
+        stderr.contains("SSE_BRIDGE_STATE__COMMIT_INTERVAL"),
+        "{stderr}"
+    );
     // Unrelated SSE_BRIDGE_* variables (a token, say) are not config keys.
     let out = Command::new(bin())
         .args(["validate", "-c"])
@@ -131,7 +148,11 @@ fn an_environment_override_is_applied_and_named_when_bad() {
         .env("SSE_BRIDGE_TOKEN", "secret")
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -140,7 +161,11 @@ fn a_missing_token_variable_is_named_without_leaking_anything() {
         "url = \"http://127.0.0.1:9/stream\"",
         "url = \"http://127.0.0.1:9/stream\"\nbearer_token_env = \"SSE_BRIDGE_TEST_NO_SUCH_TOKEN\"",
     );
-    assert_config_error(&text, "feed[0].bearer_token_env", "SSE_BRIDGE_TEST_NO_SUCH_TOKEN");
+    assert_config_error(
+        &text,
+        "feed[0].bearer_token_env",
+        "SSE_BRIDGE_TEST_NO_SUCH_TOKEN",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -241,14 +266,19 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
         .and_then(|s| s.parse().ok())
         .expect("last id");
     let cp_n: u64 = cp_id.parse().expect("numeric checkpoint");
-    assert!(cp_n <= last_stored, "checkpoint {cp_n} ran ahead of storage {last_stored}");
+    assert!(
+        cp_n <= last_stored,
+        "checkpoint {cp_n} ran ahead of storage {last_stored}"
+    );
     assert_eq!(cp_seq, cp_n, "seq and id advance together in this stream");
 
     // Run 2: resumes from the committed checkpoint.
     let mut child = spawn_bridge(&config, &dir.path().join("run2.log"));
     let expected_lines = TOTAL as usize + (last_stored - cp_n) as usize;
     assert!(
-        wait_for(Duration::from_secs(120), || line_count(&out) >= expected_lines).await,
+        wait_for(Duration::from_secs(120), || line_count(&out)
+            >= expected_lines)
+        .await,
         "stored {} lines, expected {expected_lines}",
         line_count(&out)
     );
@@ -272,7 +302,10 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(25), "no exit after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "no exit after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(exit.code(), Some(0), "exit status after SIGTERM");
@@ -291,23 +324,36 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     let mut duplicates = 0u64;
     for v in &lines {
         let id: u64 = v["id"].as_str().and_then(|s| s.parse().ok()).expect("id");
-        assert_eq!(v["seq"].as_u64(), Some(id), "a re-fetched event keeps its seq");
+        assert_eq!(
+            v["seq"].as_u64(),
+            Some(id),
+            "a re-fetched event keeps its seq"
+        );
         assert_eq!(v["feed"], "wiki");
         assert_eq!(v["type"], support::event_type(id));
         assert_eq!(
             v["data"].as_str(),
-            Some(format!("{{\"n\":{id},\"title\":\"Page {id}\",\"comment\":\"résumé ✓\"}}").as_str())
+            Some(
+                format!("{{\"n\":{id},\"title\":\"Page {id}\",\"comment\":\"résumé ✓\"}}").as_str()
+            )
         );
         if seen.insert(id) {
             assert_eq!(id, next_new, "events are in order per feed");
             next_new += 1;
         } else {
             duplicates += 1;
-            assert!(id > cp_n && id <= last_stored, "duplicate {id} outside the uncommitted window");
+            assert!(
+                id > cp_n && id <= last_stored,
+                "duplicate {id} outside the uncommitted window"
+            );
         }
     }
     assert_eq!(seen.len() as u64, TOTAL, "no event lost");
-    assert_eq!(duplicates, last_stored - cp_n, "duplicates are exactly the uncommitted window");
+    assert_eq!(
+        duplicates,
+        last_stored - cp_n,
+        "duplicates are exactly the uncommitted window"
+    );
     // The commit interval is 200 ms and the server sends about 25 000 events/s: the window
     // holds at most a few commit intervals' worth.
     assert!(duplicates <= 20_000, "{duplicates} duplicates");

@@ -243,9 +243,10 @@ impl LoadedConfig {
         let env = Env::prefixed(ENV_PREFIX)
             .filter(|key| {
                 let key = key.as_str().to_ascii_lowercase();
-                ENV_SECTIONS
-                    .iter()
-                    .any(|s| key.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
+                ENV_SECTIONS.iter().any(|s| {
+                    key.strip_prefix(s)
+                        .is_some_and(|rest| rest.starts_with("__"))
+                })
             })
             .split("__");
         let figment = figment.merge(env);
@@ -253,7 +254,7 @@ impl LoadedConfig {
             Ok(config) => Ok(LoadedConfig { config, source }),
             Err(err) => Err(ConfigError {
                 source: source.clone(),
-                issues: err.into_iter().map(|e| figment_issue(e)).collect(),
+                issues: err.into_iter().map(figment_issue).collect(),
             }),
         }
     }
@@ -268,7 +269,10 @@ fn figment_issue(e: figment::Error) -> ConfigIssue {
         Kind::UnknownField(field, expected) => {
             path.push(field.clone());
             let expected: Vec<String> = expected.iter().map(|s| format!("`{s}`")).collect();
-            format!("unknown key `{field}`; expected one of {}", expected.join(", "))
+            format!(
+                "unknown key `{field}`; expected one of {}",
+                expected.join(", ")
+            )
         }
         Kind::MissingField(field) => {
             path.push(field.to_string());
@@ -276,17 +280,17 @@ fn figment_issue(e: figment::Error) -> ConfigIssue {
         }
         Kind::UnknownVariant(v, expected) => {
             let expected: Vec<String> = expected.iter().map(|s| format!("`{s}`")).collect();
-            format!("unknown value `{v}`; expected one of {}", expected.join(", "))
+            format!(
+                "unknown value `{v}`; expected one of {}",
+                expected.join(", ")
+            )
         }
         other => other.to_string(),
     };
     let mut key = display_key(&path);
     if let Some(meta) = &e.metadata {
         if meta.name.contains("environment") {
-            let var = format!(
-                "{ENV_PREFIX}{}",
-                e.path.join("__").to_ascii_uppercase()
-            );
+            let var = format!("{ENV_PREFIX}{}", e.path.join("__").to_ascii_uppercase());
             key = format!("{key}` (from environment variable `{var}");
         }
     }
@@ -321,7 +325,7 @@ impl Config {
             .extract::<Config>()
             .map_err(|err| ConfigError {
                 source: "<string>".into(),
-                issues: err.into_iter().map(|e| figment_issue(e)).collect(),
+                issues: err.into_iter().map(figment_issue).collect(),
             })
     }
 

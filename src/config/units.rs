@@ -30,13 +30,11 @@ impl fmt::Display for ByteSize {
 /// Parses `"64 KiB"`, `"1MiB"`, `"500kb"`, `"42"`.
 pub fn parse_byte_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size: expected a number such as 1048576 or \"1 MiB\""))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a size: expected a number such as 1048576 or \"1 MiB\"")
+    })?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1000,
@@ -95,7 +93,9 @@ mod tests {
         assert_eq!(parse_byte_size("1 MiB"), Ok(1024 * 1024));
         assert_eq!(parse_byte_size("2kb"), Ok(2000));
         assert_eq!(parse_byte_size("3 GiB"), Ok(3 * 1024 * 1024 * 1024));
-        assert!(parse_byte_size("1 parsec").unwrap_err().contains("unknown size unit"));
+        assert!(parse_byte_size("1 parsec")
+            .unwrap_err()
+            .contains("unknown size unit"));
         assert!(parse_byte_size("lots").is_err());
     }
 }

@@ -41,7 +41,11 @@ pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
     if cfg.state.path.as_os_str().is_empty() {
         issues.add("state.path", "must not be empty");
     }
-    positive(&mut issues, "state.commit_interval", cfg.state.commit_interval);
+    positive(
+        &mut issues,
+        "state.commit_interval",
+        cfg.state.commit_interval,
+    );
     if cfg.state.commit_interval > Duration::from_secs(3600) {
         issues.add(
             "state.commit_interval",
@@ -65,7 +69,10 @@ pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
         if !names.insert(feed.name.as_str()) {
             issues.add(
                 format!("feed[{i}].name"),
-                format!("feed name `{}` is used twice; names must be unique", feed.name),
+                format!(
+                    "feed name `{}` is used twice; names must be unique",
+                    feed.name
+                ),
             );
         }
     }
@@ -84,7 +91,10 @@ pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
             );
         }
         if sink.buffer().max_events == 0 {
-            issues.add(format!("sink.{name}.buffer.max_events"), "must be at least 1");
+            issues.add(
+                format!("sink.{name}.buffer.max_events"),
+                "must be at least 1",
+            );
         }
         for (key, message) in sink.validate() {
             issues.add(format!("sink.{name}.{key}"), message);
@@ -122,7 +132,10 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
         Ok(u) => issues.add(
             key("url"),
-            format!("`{}` must be an http:// or https:// URL with a host", u.scheme()),
+            format!(
+                "`{}` must be an http:// or https:// URL with a host",
+                u.scheme()
+            ),
         ),
         Err(e) => issues.add(key("url"), format!("not a valid URL: {e}")),
     }
@@ -187,10 +200,16 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
     let b = &feed.backoff;
     positive(issues, &key("backoff.initial"), b.initial);
     if b.max < b.initial {
-        issues.add(key("backoff.max"), "must not be smaller than backoff.initial");
+        issues.add(
+            key("backoff.max"),
+            "must not be smaller than backoff.initial",
+        );
     }
     if !(b.multiplier.is_finite() && b.multiplier >= 1.0) {
-        issues.add(key("backoff.multiplier"), "must be a number of at least 1.0");
+        issues.add(
+            key("backoff.multiplier"),
+            "must be a number of at least 1.0",
+        );
     }
     if !(0.0..=1.0).contains(&b.jitter) {
         issues.add(key("backoff.jitter"), "must be between 0.0 and 1.0");

@@ -164,7 +164,13 @@ pub fn spawn(
             runtime.block_on(run(thread_name, sink, rx, health, give_up));
             let _ = done_tx.send(());
         })?;
-    Ok((handle, SinkWorker { name, done: done_rx }))
+    Ok((
+        handle,
+        SinkWorker {
+            name,
+            done: done_rx,
+        },
+    ))
 }
 
 async fn run(

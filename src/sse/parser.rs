@@ -337,20 +337,16 @@ impl Parser {
                 self.event_type.clear();
                 push_lossy(&mut self.event_type, value);
             }
-            b"id" => {
-                // U+0000 is encoded as the byte 0 and nothing else decodes to it.
-                if memchr(0, value).is_none() {
-                    self.id_buffer.clear();
-                    push_lossy(&mut self.id_buffer, value);
-                }
+            // U+0000 is encoded as the byte 0 and nothing else decodes to it.
+            b"id" if memchr(0, value).is_none() => {
+                self.id_buffer.clear();
+                push_lossy(&mut self.id_buffer, value);
             }
-            b"retry" => {
-                if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
-                    self.retry = Some(value.iter().fold(0u64, |ms, &digit| {
-                        ms.saturating_mul(10)
-                            .saturating_add(u64::from(digit - b'0'))
-                    }));
-                }
+            b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                self.retry = Some(value.iter().fold(0u64, |ms, &digit| {
+                    ms.saturating_mul(10)
+                        .saturating_add(u64::from(digit - b'0'))
+                }));
             }
             _ => {}
         }

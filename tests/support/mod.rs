@@ -92,7 +92,11 @@ async fn serve_log(State(state): State<LogState>, headers: HeaderMap) -> Respons
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
     tokio::spawn(async move {
         let mut n = start;
-        if tx.send(Ok(Bytes::from_static(b": hello\nretry: 100\n\n"))).await.is_err() {
+        if tx
+            .send(Ok(Bytes::from_static(b": hello\nretry: 100\n\n")))
+            .await
+            .is_err()
+        {
             return;
         }
         while n <= state.total {
@@ -109,7 +113,11 @@ async fn serve_log(State(state): State<LogState>, headers: HeaderMap) -> Respons
         }
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if tx.send(Ok(Bytes::from_static(b": heartbeat\n"))).await.is_err() {
+            if tx
+                .send(Ok(Bytes::from_static(b": heartbeat\n")))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
