@@ -267,7 +267,10 @@ fn figment_issue(e: figment::Error) -> ConfigIssue {
     let mut path: Vec<String> = e.path.clone();
     let message = match &e.kind {
         Kind::UnknownField(field, expected) => {
-            path.push(field.clone());
+            // figment's path already ends with the unknown field in most cases.
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
             let expected: Vec<String> = expected.iter().map(|s| format!("`{s}`")).collect();
             format!(
                 "unknown key `{field}`; expected one of {}",
@@ -275,7 +278,9 @@ fn figment_issue(e: figment::Error) -> ConfigIssue {
             )
         }
         Kind::MissingField(field) => {
-            path.push(field.to_string());
+            if path.last().map(String::as_str) != Some(field.as_ref()) {
+                path.push(field.to_string());
+            }
             format!("missing required key `{field}`")
         }
         Kind::UnknownVariant(v, expected) => {

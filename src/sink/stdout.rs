@@ -134,24 +134,17 @@ mod tests {
 
     #[test]
     fn write_errors_name_the_sink() {
-        struct Broken;
-        impl Write for Broken {
-            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::BrokenPipe,
-                    "closed",
-                ))
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
+        // A real file opened read-only: writing to it fails for every user, root included.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro");
+        std::fs::write(&path, "").unwrap();
+        let mut read_only = std::fs::File::open(&path).unwrap();
         let cfg = StdoutSinkConfig {
             buffer: BufferConfig::default(),
         };
         let mut sink = StdoutSink::build("out", &cfg).unwrap();
         let err = sink
-            .write_to(&[event(1)], &mut Broken)
+            .write_to(&[event(1)], &mut read_only)
             .unwrap_err()
             .to_string();
         assert!(

@@ -1,29 +1,433 @@
-//! EventSource loop (TEMPORARY STUB so the crate compiles; the client helper replaces this whole file).
-#![allow(dead_code, unused_variables)]
-use std::sync::Arc;
+//! The reconnecting EventSource of one feed: [`Connector`] (transport), [`Parser`] (the stream
+//! format) and [`Backoff`] (delays) tied into one loop, keeping the feed's [`StatusHandle`]
+//! current (DESIGN.md §3).
+//!
+//! The loop is a small state machine stored in the struct ([`Phase`]), never in the future of
+//! [`EventSource::next`]: the connection attempt in flight is a boxed future kept across calls,
+//! the backoff wait is a deadline, the idle timeout is a deadline in the [`Connection`], and
+//! every state change happens between awaits. So a caller may drop `next()` at any await
+//! (shutdown, `select!`) and call it again later: nothing is lost or done twice.
 
-use crate::config::FeedConfig;
-use crate::sse::parser::Item;
-use crate::sse::status::StatusHandle;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::connection::{
+    is_sendable_last_event_id, Attempt, Connection, Connector, Failure, FailureKind,
+};
+use super::parser::{Item, Limits, Parser};
+use super::retry::{Backoff, FailureClass, MAX_SERVER_DELAY};
+use super::status::{ReadyState, StatusHandle};
+use crate::config::{FeedConfig, OnClientError, Policy};
 use crate::state::GapReason;
 
+pub use super::connection::ClientError;
+
+/// What [`EventSource::next`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
+    /// Items were appended to `out` (at least one).
     Items,
+    /// The feed could not resume faithfully; record it. Returned before any item of the
+    /// connection it concerns.
     Gap { reason: GapReason, detail: String },
+    /// The feed stopped for good (204, or the policy failed the connection); `next` keeps
+    /// returning this without connecting again. The status handle says `Stopped`.
     Stopped { reason: String },
 }
-pub struct EventSource;
-#[derive(Debug, thiserror::Error)]
-#[error("stub")]
-pub struct ClientError;
+
+/// Where the loop stands between two calls of `next`.
+enum Phase {
+    /// Connect now (the first connection).
+    Start,
+    /// Wait until the deadline, then connect.
+    Waiting { until: Instant },
+    /// A connection attempt in flight.
+    Connecting { attempt: Attempt },
+    /// Reading an accepted response.
+    Open {
+        conn: Connection,
+        opened_at: Instant,
+    },
+    /// Stopped for good.
+    Stopped { reason: String },
+}
+
+/// How loudly [`EventSource::failed`] logs a failure it retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    /// Client and local errors at error level (an operator must act), others at warn.
+    ByKind,
+    /// Error: the stream broke a limit (`max_event_size`).
+    Error,
+    /// Info: the server ended the stream, which servers do routinely (e.g. to rebalance).
+    Info,
+}
+
+/// A reconnecting EventSource for one feed.
+pub struct EventSource {
+    feed: Arc<FeedConfig>,
+    connector: Connector,
+    parser: Parser,
+    backoff: Backoff,
+    status: StatusHandle,
+    phase: Phase,
+    /// Connection attempts started so far.
+    attempts: u64,
+    /// Events dispatched by this EventSource so far.
+    events_seen: u64,
+    /// A gap (ID rejected or unsendable) was already reported for the next connection to open,
+    /// so that opening it without an ID is not reported a second time.
+    gap_reported: bool,
+    /// The last event ID last published to the status handle.
+    shown_id: String,
+}
+
+impl std::fmt::Debug for EventSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSource")
+            .field("feed", &self.feed.name)
+            .field("last_event_id", &self.parser.last_event_id())
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
 impl EventSource {
-    pub fn new(feed: Arc<FeedConfig>, start: String, status: StatusHandle) -> Result<Self, ClientError> {
-        todo!()
+    /// A client for `feed`, resuming from `start_last_event_id` (the checkpoint; may be empty).
+    /// Fails on what can never work: a bad URL or header, a missing token variable. Nothing is
+    /// connected until [`EventSource::next`] is polled.
+    pub fn new(
+        feed: Arc<FeedConfig>,
+        start_last_event_id: String,
+        status: StatusHandle,
+    ) -> Result<Self, ClientError> {
+        let connector = Connector::new(&feed)?;
+        let size = feed.max_event_size.as_usize();
+        let mut parser = Parser::new(Limits {
+            max_line_bytes: size,
+            max_event_bytes: size,
+        });
+        parser.start_stream(&start_last_event_id);
+        status.update(|s| {
+            s.state = ReadyState::Connecting;
+            s.last_event_id.clone_from(&start_last_event_id);
+            s.current_backoff = None;
+            s.open_since = None;
+        });
+        Ok(EventSource {
+            backoff: Backoff::for_feed(&feed),
+            feed,
+            connector,
+            parser,
+            status,
+            phase: Phase::Start,
+            attempts: 0,
+            events_seen: 0,
+            gap_reported: false,
+            shown_id: start_last_event_id,
+        })
     }
-    pub async fn next(&mut self, out: &mut Vec<Item>) -> Next {
-        todo!()
-    }
+
+    /// The last event ID the next reconnection would send (empty: none).
     pub fn last_event_id(&self) -> &str {
-        todo!()
+        self.parser.last_event_id()
+    }
+
+    /// The status handle this client keeps current.
+    pub fn status(&self) -> &StatusHandle {
+        &self.status
+    }
+
+    /// Waits for the next items (appended to `out`, at least one when [`Next::Items`]),
+    /// connecting and reconnecting as needed.
+    ///
+    /// Cancel-safe: the caller may drop the future at any await (shutdown) without corrupting
+    /// state or losing parsed items (items are appended and returned without an await between).
+    pub async fn next(&mut self, out: &mut Vec<Item>) -> Next {
+        loop {
+            match &mut self.phase {
+                Phase::Stopped { reason } => {
+                    return Next::Stopped {
+                        reason: reason.clone(),
+                    }
+                }
+                Phase::Start => {
+                    if let Some(gap) = self.start_attempt() {
+                        return gap;
+                    }
+                }
+                Phase::Waiting { until } => {
+                    tokio::time::sleep_until(*until).await;
+                    if let Some(gap) = self.start_attempt() {
+                        return gap;
+                    }
+                }
+                Phase::Connecting { attempt } => {
+                    let result = attempt.outcome().await;
+                    let next = match result {
+                        Ok(conn) => self.opened(conn),
+                        Err(failure) => self.failed(failure, None, Level::ByKind),
+                    };
+                    if let Some(next) = next {
+                        return next;
+                    }
+                }
+                Phase::Open { conn, opened_at } => {
+                    let opened_at = *opened_at;
+                    let chunk = match conn.next_chunk().await {
+                        Ok(Some(bytes)) => bytes,
+                        Ok(None) => {
+                            // The unfinished event (if any) is discarded, as the standard says.
+                            let eof = conn.eof_failure();
+                            self.parser.finish();
+                            self.failed(eof, Some(opened_at.elapsed()), Level::Info);
+                            continue;
+                        }
+                        Err(failure) => {
+                            self.failed(failure, Some(opened_at.elapsed()), Level::ByKind);
+                            continue;
+                        }
+                    };
+                    let before = out.len();
+                    let result = self.parser.push(&chunk, out);
+                    self.after_push(before, out);
+                    if let Err(e) = result {
+                        let failure = Failure {
+                            kind: FailureKind::Network,
+                            status: None,
+                            retry_after: None,
+                            message: format!(
+                                "feed `{}`: GET {}: {e}; dropping the connection and reconnecting from last event ID `{}`",
+                                self.feed.name,
+                                self.connector.shown_url(),
+                                self.parser.last_event_id()
+                            ),
+                        };
+                        // Read-phase failures reconnect under every policy: never a Gap or a
+                        // stop here, so the items dispatched before the error still go out.
+                        self.failed(failure, Some(opened_at.elapsed()), Level::Error);
+                    }
+                    if out.len() > before {
+                        return Next::Items;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a connection attempt with the current last event ID. Returns a gap when that ID
+    /// cannot be sent as a header (it is then dropped, like a rejected one).
+    fn start_attempt(&mut self) -> Option<Next> {
+        let mut gap = None;
+        let id = self.parser.last_event_id();
+        if !id.is_empty() && !is_sendable_last_event_id(id) {
+            let detail = format!(
+                "the last event ID {id:?} is not a valid HTTP header value, so it cannot be sent as Last-Event-ID; connecting without it, events since then may be lost"
+            );
+            let message = format!("feed `{}`: {detail}", self.feed.name);
+            tracing::warn!(feed = %self.feed.name, "{message}");
+            self.parser.start_stream("");
+            self.gap_reported = true;
+            self.status.update(|s| {
+                s.last_error = Some(message);
+                s.last_error_at = Some(SystemTime::now());
+            });
+            gap = Some(Next::Gap {
+                reason: GapReason::IdRejected,
+                detail,
+            });
+        }
+        let reconnect = self.attempts > 0;
+        self.attempts += 1;
+        let id = self.parser.last_event_id().to_owned();
+        tracing::debug!(
+            feed = %self.feed.name,
+            attempt = self.attempts,
+            last_event_id = %id,
+            "connecting to {}",
+            self.connector.shown_url()
+        );
+        self.status.update(|s| {
+            s.state = ReadyState::Connecting;
+            s.current_backoff = None;
+            s.open_since = None;
+            if reconnect {
+                s.reconnects += 1;
+            }
+            s.last_event_id.clone_from(&id);
+        });
+        self.shown_id = id;
+        self.phase = Phase::Connecting {
+            attempt: self.connector.connect(&self.shown_id),
+        };
+        gap
+    }
+
+    /// The response was accepted: start a new stream in the parser, publish `Open`, and report a
+    /// gap if this reconnection cannot resume (no ID although events were received before).
+    fn opened(&mut self, conn: Connection) -> Option<Next> {
+        let id = self.parser.last_event_id().to_owned();
+        self.parser.start_stream(&id);
+        tracing::info!(
+            feed = %self.feed.name,
+            status = conn.status(),
+            last_event_id = %id,
+            reconnects = self.attempts.saturating_sub(1),
+            "connected to {}",
+            self.connector.shown_url()
+        );
+        self.status.update(|s| {
+            s.state = ReadyState::Open;
+            s.current_backoff = None;
+            s.open_since = Some(SystemTime::now());
+        });
+        let gap = (id.is_empty() && self.events_seen > 0 && !self.gap_reported).then(|| {
+            Next::Gap {
+                reason: GapReason::ReconnectWithoutId,
+                detail: format!(
+                    "reconnected without a Last-Event-ID after {} events (the stream carries no ids): events sent while disconnected are lost",
+                    self.events_seen
+                ),
+            }
+        });
+        self.gap_reported = false;
+        self.phase = Phase::Open {
+            conn,
+            opened_at: Instant::now(),
+        };
+        gap
+    }
+
+    /// Bookkeeping after the parser appended `out[before..]`: count events, take a new `retry:`
+    /// value, publish a changed last event ID.
+    fn after_push(&mut self, before: usize, out: &[Item]) {
+        self.events_seen += out[before..]
+            .iter()
+            .filter(|i| matches!(i, Item::Event(_)))
+            .count() as u64;
+        if let Some(ms) = self.parser.take_retry() {
+            self.backoff.set_reconnection_time_ms(ms);
+            tracing::debug!(
+                feed = %self.feed.name,
+                "reconnection time set to {} by the stream",
+                humantime::format_duration(self.backoff.reconnection_time())
+            );
+        }
+        if self.parser.last_event_id() != self.shown_id {
+            self.shown_id = self.parser.last_event_id().to_owned();
+            let id = &self.shown_id;
+            self.status.update(|s| s.last_event_id.clone_from(id));
+        }
+    }
+
+    /// A connection attempt failed, or an open connection ended (`open_for` set). Applies the
+    /// policy: stop (returns `Stopped`), or schedule the next attempt after the backoff delay
+    /// (returns a `Gap` when the server rejected the ID, else nothing), logging at `level`.
+    fn failed(
+        &mut self,
+        failure: Failure,
+        open_for: Option<Duration>,
+        level: Level,
+    ) -> Option<Next> {
+        if let Some(open_for) = open_for {
+            self.backoff.connection_closed(open_for);
+        }
+        let kind = failure.kind;
+        let browser = self.feed.policy == Policy::Browser;
+        match kind {
+            FailureKind::NoContent => return Some(self.stop(failure.message)),
+            FailureKind::Unavailable | FailureKind::IdRejected | FailureKind::Client if browser => {
+                return Some(self.stop(format!(
+                    "{}; the browser policy does not reconnect after this",
+                    failure.message
+                )))
+            }
+            FailureKind::Client if self.feed.on_client_error == OnClientError::Stop => {
+                return Some(self.stop(format!("{}; on_client_error = \"stop\"", failure.message)))
+            }
+            _ => {}
+        }
+
+        let class = if kind == FailureKind::Client {
+            FailureClass::ClientError
+        } else {
+            FailureClass::Transient
+        };
+        let delay = self.backoff.next_delay(class, failure.retry_after);
+        let shown_delay = humantime::format_duration(delay);
+        let failures = self.backoff.failures();
+        let name = &self.feed.name;
+        let message = &failure.message;
+        match kind {
+            FailureKind::Client => tracing::error!(
+                feed = %name, delay_ms = delay.as_millis() as u64, failures,
+                "{message}; retrying in {shown_delay} (on_client_error = \"retry\")"
+            ),
+            FailureKind::Local => tracing::error!(
+                feed = %name, delay_ms = delay.as_millis() as u64, failures,
+                "{message}; retrying in {shown_delay}"
+            ),
+            _ if level == Level::Error => tracing::error!(
+                feed = %name, delay_ms = delay.as_millis() as u64, failures,
+                "{message}; reconnecting in {shown_delay}"
+            ),
+            _ if level == Level::Info => tracing::info!(
+                feed = %name, delay_ms = delay.as_millis() as u64, failures,
+                "{message}; reconnecting in {shown_delay}"
+            ),
+            _ => tracing::warn!(
+                feed = %name, delay_ms = delay.as_millis() as u64, failures,
+                "{message}; reconnecting in {shown_delay}"
+            ),
+        }
+
+        let gap = (kind == FailureKind::IdRejected).then(|| {
+            let id = self.parser.last_event_id().to_owned();
+            self.parser.start_stream("");
+            self.gap_reported = true;
+            Next::Gap {
+                reason: GapReason::IdRejected,
+                detail: format!(
+                    "the server answered HTTP {} to Last-Event-ID `{id}`; reconnecting without an ID, events since then may be lost",
+                    failure.status.unwrap_or_default()
+                ),
+            }
+        });
+
+        let id = self.parser.last_event_id().to_owned();
+        self.status.update(|s| {
+            s.state = ReadyState::Connecting;
+            s.last_error = Some(failure.message);
+            s.last_error_at = Some(SystemTime::now());
+            s.current_backoff = Some(delay);
+            s.open_since = None;
+            s.last_event_id.clone_from(&id);
+        });
+        self.shown_id = id;
+        let now = Instant::now();
+        let until = now
+            .checked_add(delay)
+            .or_else(|| now.checked_add(MAX_SERVER_DELAY))
+            .unwrap_or(now);
+        self.phase = Phase::Waiting { until };
+        gap
+    }
+
+    /// Stops the feed for good and publishes it.
+    fn stop(&mut self, reason: String) -> Next {
+        tracing::error!(feed = %self.feed.name, "{reason}; the feed is stopped until restarted");
+        self.status.update(|s| {
+            s.state = ReadyState::Stopped;
+            s.last_error = Some(reason.clone());
+            s.last_error_at = Some(SystemTime::now());
+            s.current_backoff = None;
+            s.open_since = None;
+        });
+        self.phase = Phase::Stopped {
+            reason: reason.clone(),
+        };
+        Next::Stopped { reason }
     }
 }

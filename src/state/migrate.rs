@@ -282,7 +282,9 @@ mod tests {
         assert!(run(&mut conn, "s.db", LIST).is_err());
         assert_eq!(tables(&conn), ["one", "schema_migrations"]);
         let max: u32 = conn
-            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))
+            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(max, 1);
     }
@@ -309,7 +311,11 @@ mod tests {
     fn garbage_file_is_refused_naming_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notes.txt");
-        std::fs::write(&path, "this is not a database, just some text\n".repeat(200)).unwrap();
+        std::fs::write(
+            &path,
+            "this is not a database, just some text\n".repeat(200),
+        )
+        .unwrap();
         let mut conn = open(&path);
         let shown = path.display().to_string();
         let err = migrate(&mut conn, &shown).unwrap_err().to_string();

@@ -98,7 +98,6 @@ pub enum StateError {
     Db { path: String, message: String },
 }
 
-
 /// The open state database. Not shared between threads: one owner commits checkpoints and
 /// records gaps (SQLite's own locking protects against a second process).
 pub struct StateStore {
@@ -214,7 +213,13 @@ impl StateStore {
         // Convert first, so that a bad value fails before anything is written.
         let rows = cps
             .iter()
-            .map(|cp| Ok((cp, self.seq_to_sql(cp.seq, &cp.feed)?, timestamp(cp.updated_at))))
+            .map(|cp| {
+                Ok((
+                    cp,
+                    self.seq_to_sql(cp.seq, &cp.feed)?,
+                    timestamp(cp.updated_at),
+                ))
+            })
             .collect::<Result<Vec<_>, StateError>>()?;
         let path = self.path.clone();
         let tx = self
@@ -307,9 +312,7 @@ impl StateStore {
                 ))
             })
             .map(|_| ())
-            .map_err(|e| {
-                self.sql_error(&format!("cannot record a gap of feed `{}`", gap.feed), &e)
-            })
+            .map_err(|e| self.sql_error(&format!("cannot record a gap of feed `{}`", gap.feed), &e))
     }
 
     /// The recorded gaps, of one feed or of all, in the order they were recorded.
@@ -389,7 +392,13 @@ impl StateStore {
 }
 
 fn checkpoint_row(row: &Row<'_>) -> rusqlite::Result<CheckpointRow> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
 }
 
 fn gap_row(row: &Row<'_>) -> rusqlite::Result<GapRow> {
@@ -500,7 +509,7 @@ mod tests {
         let (_dir, path, mut store) = store();
         assert_eq!(store.checkpoint("a", "u1").unwrap(), None);
         let a = cp("a", "u1", "id-1", 1);
-        store.save_checkpoints(&[a.clone()]).unwrap();
+        store.save_checkpoints(std::slice::from_ref(&a)).unwrap();
         assert_eq!(store.checkpoint("a", "u1").unwrap(), Some(a.clone()));
         assert_eq!(store.checkpoint("a", "u2").unwrap(), None);
         assert_eq!(store.checkpoint("b", "u1").unwrap(), None);
@@ -528,7 +537,10 @@ mod tests {
         let mut a2 = cp("a", "u", "2", 2);
         a2.updated_at = at(1_790_000_100, 999_999);
         store
-            .save_checkpoints(&[a2.clone(), cp("c", "u", "9", u64::try_from(i64::MAX).unwrap())])
+            .save_checkpoints(&[
+                a2.clone(),
+                cp("c", "u", "9", u64::try_from(i64::MAX).unwrap()),
+            ])
             .unwrap();
         store.save_checkpoints(&[]).unwrap();
         let all = store.list_checkpoints().unwrap();
@@ -551,7 +563,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("too large") && err.contains("`b`"), "{err}");
-        assert_eq!(store.list_checkpoints().unwrap(), vec![cp("a", "u", "1", 1)]);
+        assert_eq!(
+            store.list_checkpoints().unwrap(),
+            vec![cp("a", "u", "1", 1)]
+        );
     }
 
     #[test]
@@ -570,8 +585,14 @@ mod tests {
             .save_checkpoints(&[cp("a", "u", "2", 2), cp("bad", "u", "x", 1)])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("refused by test") && err.contains("`bad`"), "{err}");
-        assert_eq!(store.list_checkpoints().unwrap(), vec![cp("a", "u", "1", 1)]);
+        assert!(
+            err.contains("refused by test") && err.contains("`bad`"),
+            "{err}"
+        );
+        assert_eq!(
+            store.list_checkpoints().unwrap(),
+            vec![cp("a", "u", "1", 1)]
+        );
     }
 
     #[test]
@@ -593,7 +614,11 @@ mod tests {
         let (_dir, _path, mut store) = store();
         assert!(store.list_checkpoints().unwrap().is_empty());
         store
-            .save_checkpoints(&[cp("b", "u", "1", 1), cp("a", "v", "2", 2), cp("a", "u", "3", 3)])
+            .save_checkpoints(&[
+                cp("b", "u", "1", 1),
+                cp("a", "v", "2", 2),
+                cp("a", "u", "3", 3),
+            ])
             .unwrap();
         let keys: Vec<(String, String)> = store
             .list_checkpoints()
@@ -611,12 +636,19 @@ mod tests {
     fn reset_checkpoint_deletes_all_urls_of_the_feed() {
         let (_dir, _path, mut store) = store();
         store
-            .save_checkpoints(&[cp("a", "u", "1", 1), cp("a", "v", "2", 2), cp("b", "u", "3", 3)])
+            .save_checkpoints(&[
+                cp("a", "u", "1", 1),
+                cp("a", "v", "2", 2),
+                cp("b", "u", "3", 3),
+            ])
             .unwrap();
         assert_eq!(store.reset_checkpoint("a").unwrap(), 2);
         assert_eq!(store.reset_checkpoint("a").unwrap(), 0);
         assert_eq!(store.reset_checkpoint("nope").unwrap(), 0);
-        assert_eq!(store.list_checkpoints().unwrap(), vec![cp("b", "u", "3", 3)]);
+        assert_eq!(
+            store.list_checkpoints().unwrap(),
+            vec![cp("b", "u", "3", 3)]
+        );
     }
 
     #[test]
@@ -626,7 +658,13 @@ mod tests {
         let gaps: Vec<Gap> = GapReason::ALL
             .iter()
             .enumerate()
-            .map(|(i, r)| gap(if i % 2 == 0 { "a" } else { "b" }, *r, 1_800_000_000 - i as i64))
+            .map(|(i, r)| {
+                gap(
+                    if i % 2 == 0 { "a" } else { "b" },
+                    *r,
+                    1_800_000_000 - i as i64,
+                )
+            })
             .collect();
         for g in &gaps {
             store.record_gap(g).unwrap();

@@ -1,0 +1,920 @@
+//! The EventSource client against a real HTTP server on 127.0.0.1 (DESIGN.md §3): what it
+//! sends, what it produces, and when it reconnects. Delays are measured at the server, from the
+//! end of one response to the arrival of the next request, so they are lower bounds the client
+//! must respect whatever the scheduling noise. Nothing waits by sleeping and hoping: every wait
+//! is on an observable condition with a deadline (the only sleeps are windows in which something
+//! must NOT happen).
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use common::{gap, Reply, TestServer};
+use sse_bridge::config::units::ByteSize;
+use sse_bridge::config::{BackoffConfig, FeedConfig, OnClientError, Policy};
+use sse_bridge::sse::client::{EventSource, Next};
+use sse_bridge::sse::parser::{Item, SseEvent};
+use sse_bridge::sse::status::{FeedStatus, ReadyState, StatusHandle};
+use sse_bridge::state::GapReason;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Deadline for anything that should happen promptly.
+const WAIT: Duration = Duration::from_secs(5);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A feed tuned for fast tests: 150 ms reconnection time, backoff 150 ms doubling to 1 s, no
+/// jitter (so the delays are exact lower bounds), client errors wait 400 ms.
+fn feed(url: String) -> FeedConfig {
+    let mut f = FeedConfig::new("test-feed", url);
+    f.default_retry = ms(150);
+    f.backoff = BackoffConfig {
+        initial: ms(150),
+        max: ms(1000),
+        multiplier: 2.0,
+        jitter: 0.0,
+        reset_after: Duration::from_secs(60),
+    };
+    f.client_error_delay = ms(400);
+    f.connect_timeout = ms(1000);
+    f.response_timeout = ms(2000);
+    f.idle_timeout = Duration::from_secs(10);
+    f
+}
+
+fn ev(event_type: &str, data: &str, id: &str) -> SseEvent {
+    SseEvent {
+        event_type: event_type.into(),
+        data: data.into(),
+        id: id.into(),
+    }
+}
+
+/// What the EventSource produced, forwarded by the driver task.
+#[derive(Debug)]
+enum Out {
+    Items(Vec<Item>),
+    Gap(GapReason, String),
+    Stopped(String),
+}
+
+/// Polls an EventSource in a task (as the supervisor does) and forwards what it produces. After
+/// a `Stopped` it calls `next` once more and forwards that too, then ends.
+struct Driver {
+    rx: mpsc::UnboundedReceiver<Out>,
+    status: StatusHandle,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn drive(feed: FeedConfig, start_id: &str) -> Driver {
+    let status = StatusHandle::new();
+    let mut es =
+        EventSource::new(Arc::new(feed), start_id.to_string(), status.clone()).expect("valid feed");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut stops = 0;
+        loop {
+            let mut items = Vec::new();
+            let out = match es.next(&mut items).await {
+                Next::Items => {
+                    assert!(!items.is_empty(), "Next::Items without items");
+                    Out::Items(items)
+                }
+                Next::Gap { reason, detail } => Out::Gap(reason, detail),
+                Next::Stopped { reason } => {
+                    stops += 1;
+                    Out::Stopped(reason)
+                }
+            };
+            if tx.send(out).is_err() || stops == 2 {
+                return;
+            }
+        }
+    });
+    Driver { rx, status, task }
+}
+
+impl Driver {
+    async fn next(&mut self) -> Out {
+        tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("timed out waiting for the EventSource")
+            .expect("the driver task ended")
+    }
+
+    /// The next `n` events (LastEventId items skipped); panics on a gap or a stop.
+    async fn events(&mut self, n: usize) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while events.len() < n {
+            match self.next().await {
+                Out::Items(items) => events.extend(items.into_iter().filter_map(|i| match i {
+                    Item::Event(e) => Some(e),
+                    Item::LastEventId(_) => None,
+                })),
+                other => panic!("expected events, got {other:?} after {events:?}"),
+            }
+        }
+        assert_eq!(events.len(), n, "more events than expected: {events:?}");
+        events
+    }
+
+    async fn stopped(&mut self) -> String {
+        match self.next().await {
+            Out::Stopped(reason) => reason,
+            other => panic!("expected Stopped, got {other:?}"),
+        }
+    }
+
+    /// Waits until the status satisfies `pred`.
+    async fn status_until(&self, what: &str, pred: impl FnMut(&FeedStatus) -> bool) -> FeedStatus {
+        let mut rx = self.status.subscribe();
+        let result = match tokio::time::timeout(WAIT, rx.wait_for(pred)).await {
+            Ok(Ok(s)) => Some(s.clone()),
+            _ => None,
+        };
+        result.unwrap_or_else(|| {
+            panic!(
+                "timed out waiting for status: {what}; now {:?}",
+                self.status.get()
+            )
+        })
+    }
+
+    /// Asserts nothing was produced.
+    fn assert_nothing_produced(&mut self) {
+        if let Ok(out) = self.rx.try_recv() {
+            panic!("expected nothing from the EventSource, got {out:?}");
+        }
+    }
+}
+
+fn last_error(d: &Driver) -> String {
+    d.status.get().last_error.unwrap_or_default()
+}
+
+#[tokio::test]
+async fn multi_event_stream_with_standard_and_custom_headers() {
+    let server = TestServer::scripted(vec![Reply::sse()
+        .send("event: greet\nid: 1\ndata: hello\n\n")
+        .send("data: line1\ndata: line2\n\n")
+        .send("id: 3\nevent: bye\ndata: x\n\n")
+        .hang()])
+    .await;
+    let mut f = feed(server.url("/stream"));
+    f.headers.insert("X-Custom".into(), "yes".into());
+    let mut d = drive(f, "");
+    assert_eq!(
+        d.events(3).await,
+        vec![
+            ev("greet", "hello", "1"),
+            ev("message", "line1\nline2", "1"),
+            ev("bye", "x", "3"),
+        ]
+    );
+    let req = &server.requests()[0];
+    assert_eq!(req.method, "GET");
+    assert_eq!(req.uri, "/stream");
+    assert_eq!(req.header("accept").as_deref(), Some("text/event-stream"));
+    assert_eq!(req.header("cache-control").as_deref(), Some("no-cache"));
+    assert_eq!(req.header("x-custom").as_deref(), Some("yes"));
+    assert_eq!(
+        req.header("last-event-id"),
+        None,
+        "empty ID must not be sent"
+    );
+    assert_eq!(req.header("authorization"), None);
+    assert!(req
+        .header("user-agent")
+        .is_some_and(|ua| ua.starts_with("sse-bridge/")));
+    let s = d
+        .status_until("last event id 3", |s| s.last_event_id == "3")
+        .await;
+    assert_eq!(s.state, ReadyState::Open);
+    assert!(s.open_since.is_some());
+    assert_eq!(s.reconnects, 0);
+    assert_eq!(s.last_error, None);
+}
+
+#[tokio::test]
+async fn comments_produce_nothing() {
+    let server = TestServer::scripted(vec![Reply::sse()
+        .send(": hello\n\n:\ndata: a\n\n: between\n")
+        .wait(ms(50))
+        .send(":x\n\ndata: b\n\n")
+        .hang()])
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    assert_eq!(
+        d.events(2).await,
+        vec![ev("message", "a", ""), ev("message", "b", "")]
+    );
+    d.assert_nothing_produced();
+}
+
+#[tokio::test]
+async fn retry_field_sets_the_next_delays() {
+    let server = TestServer::scripted(vec![
+        Reply::sse().send("retry: 400\ndata: a\n\n"),
+        Reply::sse().send("retry: 100\ndata: b\n\n"),
+        Reply::sse().send("data: c\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url("/"));
+    // No growth, so each delay is exactly the reconnection time in force.
+    f.backoff.multiplier = 1.0;
+    f.backoff.initial = ms(50);
+    let mut d = drive(f, "");
+    assert_eq!(d.events(3).await.len(), 3);
+    let r = server.requests();
+    assert!(gap(&r[0], &r[1]) >= ms(400), "{:?}", gap(&r[0], &r[1]));
+    let g2 = gap(&r[1], &r[2]);
+    assert!(
+        g2 >= ms(100) && g2 < ms(400),
+        "retry: 100 should shorten the delay: {g2:?}"
+    );
+}
+
+#[tokio::test]
+async fn disconnect_mid_event_discards_it_and_resumes_from_last_id() {
+    let server = TestServer::scripted(vec![
+        Reply::sse().send("id: 1\ndata: a\n\nid: 2\ndata: partial"),
+        Reply::sse().send("data: b\n\n").hang(),
+    ])
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    // "partial" is never dispatched; the ID persists onto b.
+    assert_eq!(
+        d.events(2).await,
+        vec![ev("message", "a", "1"), ev("message", "b", "1")]
+    );
+    let r = server.requests();
+    assert_eq!(r[1].header("last-event-id").as_deref(), Some("1"));
+    assert!(gap(&r[0], &r[1]) >= ms(150));
+    assert!(last_error(&d).contains("EOF"), "{}", last_error(&d));
+}
+
+#[tokio::test]
+async fn aborted_connection_reconnects() {
+    let server = TestServer::scripted(vec![
+        Reply::sse().send("id: 7\ndata: a\n\n").abort(),
+        Reply::sse().send("data: b\n\n").hang(),
+    ])
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    assert_eq!(d.events(2).await.len(), 2);
+    assert_eq!(
+        server.requests()[1].header("last-event-id").as_deref(),
+        Some("7")
+    );
+}
+
+#[tokio::test]
+async fn no_content_stops_the_feed_for_good() {
+    let server = TestServer::scripted(vec![
+        Reply::sse().send("id: 5\ndata: a\n\n"),
+        Reply::status(204),
+    ])
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    assert_eq!(d.events(1).await, vec![ev("message", "a", "5")]);
+    let reason = d.stopped().await;
+    assert!(reason.contains("204"), "{reason}");
+    // Called again: still stopped, without connecting.
+    assert_eq!(d.stopped().await, reason);
+    let s = d.status.get();
+    assert_eq!(s.state, ReadyState::Stopped);
+    assert!(s.last_error.as_deref().is_some_and(|e| e.contains("204")));
+    assert_eq!(
+        server.requests()[1].header("last-event-id").as_deref(),
+        Some("5")
+    );
+    // Longer than any delay the feed could use: no further request.
+    tokio::time::sleep(ms(600)).await;
+    assert_eq!(server.count(), 2);
+}
+
+#[tokio::test]
+async fn server_errors_back_off_exponentially_then_recover() {
+    let server = TestServer::scripted(vec![
+        Reply::status(500),
+        Reply::status(500),
+        Reply::status(500),
+        Reply::sse().send("data: ok\n\n").hang(),
+    ])
+    .await;
+    let mut d = drive(feed(server.url("/events")), "");
+    // While waiting after the second failure: connecting, backing off 300 ms.
+    let s = d
+        .status_until("second backoff", |s| s.current_backoff == Some(ms(300)))
+        .await;
+    assert_eq!(s.state, ReadyState::Connecting);
+    assert_eq!(s.reconnects, 1);
+    let err = s.last_error.unwrap_or_default();
+    assert!(
+        err.contains("test-feed") && err.contains("HTTP 500"),
+        "{err}"
+    );
+    assert!(err.contains(&server.url("/events")), "{err}");
+
+    assert_eq!(d.events(1).await, vec![ev("message", "ok", "")]);
+    let r = server.requests();
+    for (i, want) in [150, 300, 600].into_iter().enumerate() {
+        let g = gap(&r[i], &r[i + 1]);
+        assert!(
+            g >= ms(want),
+            "delay {} was {g:?}, want >= {want} ms",
+            i + 1
+        );
+    }
+    let s = d
+        .status_until("open", |s| s.state == ReadyState::Open)
+        .await;
+    assert_eq!(s.reconnects, 3);
+    assert_eq!(s.current_backoff, None);
+}
+
+#[tokio::test]
+async fn a_storm_of_server_errors_is_not_a_hot_loop() {
+    let server = TestServer::start(|_| Reply::status(500)).await;
+    let mut f = feed(server.url("/"));
+    f.default_retry = ms(50);
+    f.backoff.initial = ms(50);
+    f.backoff.max = ms(400);
+    let _d = drive(f, "");
+    server.wait_for_requests(1, WAIT).await;
+    // Attempts at about 0, 50, 150, 350, 750, 1150, 1550, 1950 ms: at most 8 in 2 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = server.requests();
+    assert!((4..=8).contains(&r.len()), "{} requests in 2 s", r.len());
+    for i in 1..r.len() {
+        let want = ms((50u64 << (i - 1)).min(400));
+        assert!(
+            gap(&r[i - 1], &r[i]) >= want,
+            "delay {i}: {:?}",
+            gap(&r[i - 1], &r[i])
+        );
+    }
+}
+
+#[tokio::test]
+async fn retry_after_seconds_is_honoured_on_503() {
+    let server = TestServer::scripted(vec![
+        Reply::status(503).header("retry-after", "1"),
+        Reply::sse().send("data: a\n\n").hang(),
+    ])
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let r = server.requests();
+    assert!(gap(&r[0], &r[1]) >= ms(1000), "{:?}", gap(&r[0], &r[1]));
+    assert!(last_error(&d).contains("Retry-After"), "{}", last_error(&d));
+}
+
+#[tokio::test]
+async fn retry_after_http_date_is_honoured_on_429() {
+    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
+    let server = TestServer::scripted(vec![
+        Reply::status(429).header("retry-after", &date),
+        Reply::sse().send("data: a\n\n").hang(),
+    ])
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let r = server.requests();
+    // The date has whole seconds: at least 1 s of the 2 s remain.
+    assert!(gap(&r[0], &r[1]) >= ms(900), "{:?}", gap(&r[0], &r[1]));
+    assert!(last_error(&d).contains("429"), "{}", last_error(&d));
+}
+
+#[tokio::test]
+async fn redirects_are_followed_keeping_last_event_id() {
+    let stream_visits = Arc::new(AtomicUsize::new(0));
+    let visits = stream_visits.clone();
+    let server = TestServer::start(move |r| match r.path.as_str() {
+        "/start" => Reply::redirect(301, "/moved"),
+        "/moved" => Reply::redirect(307, "/stream"),
+        "/stream" if visits.fetch_add(1, Ordering::SeqCst) == 0 => {
+            Reply::sse().send("id: 2\ndata: a\n\n")
+        }
+        "/stream" => Reply::sse().send("data: b\n\n").hang(),
+        _ => Reply::status(404),
+    })
+    .await;
+    let mut d = drive(feed(server.url("/start")), "1");
+    assert_eq!(
+        d.events(2).await,
+        vec![ev("message", "a", "2"), ev("message", "b", "2")]
+    );
+    let r = server.requests();
+    let seen: Vec<(String, Option<String>)> = r
+        .iter()
+        .map(|r| (r.path.clone(), r.header("last-event-id")))
+        .collect();
+    let want = |id: &str| {
+        ["/start", "/moved", "/stream"]
+            .map(|p| (p.to_string(), Some(id.to_string())))
+            .to_vec()
+    };
+    assert_eq!(seen, [want("1"), want("2")].concat());
+    assert!(r
+        .iter()
+        .all(|r| r.header("accept").as_deref() == Some("text/event-stream")));
+}
+
+#[tokio::test]
+async fn redirect_loop_is_a_client_error_retried_slowly() {
+    let server = TestServer::start(|_| Reply::redirect(302, "/loop")).await;
+    let mut f = feed(server.url("/loop"));
+    f.max_redirects = 3;
+    let d = drive(f, "");
+    // Two attempts of 1 + 3 requests each.
+    let r = server.wait_for_requests(8, WAIT).await;
+    assert!(
+        gap(&r[3], &r[4]) >= ms(400),
+        "client errors wait client_error_delay: {:?}",
+        gap(&r[3], &r[4])
+    );
+    for burst in [&r[0..4], &r[4..8]] {
+        let span = burst[3].at - burst[0].at;
+        assert!(
+            span < ms(400),
+            "one attempt follows its redirects at once: {span:?}"
+        );
+    }
+    let s = d.status.get();
+    assert_eq!(s.state, ReadyState::Connecting);
+    let err = s.last_error.unwrap_or_default();
+    assert!(
+        err.contains("too many redirects") && err.contains("test-feed"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_content_type_is_a_client_error_retried_slowly() {
+    let server = TestServer::start(|_| {
+        Reply::status(200)
+            .header("content-type", "text/plain")
+            .send("data: not an event stream\n\n")
+    })
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    let r = server.wait_for_requests(2, WAIT).await;
+    assert!(gap(&r[0], &r[1]) >= ms(400), "{:?}", gap(&r[0], &r[1]));
+    let err = last_error(&d);
+    assert!(
+        err.contains("text/plain") && err.contains("text/event-stream"),
+        "{err}"
+    );
+    assert_eq!(d.status.state(), ReadyState::Connecting);
+    d.assert_nothing_produced();
+}
+
+#[tokio::test]
+async fn content_type_parameters_and_case_are_accepted() {
+    let server = TestServer::scripted(vec![Reply::sse()
+        .header("content-type", "Text/Event-Stream; charset=UTF-8")
+        .send("data: a\n\n")
+        .hang()])
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    assert_eq!(d.events(1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn wrong_content_type_with_stop_policy_stops() {
+    let server =
+        TestServer::start(|_| Reply::status(200).header("content-type", "application/json")).await;
+    let mut f = feed(server.url("/"));
+    f.on_client_error = OnClientError::Stop;
+    let mut d = drive(f, "");
+    let reason = d.stopped().await;
+    assert!(
+        reason.contains("application/json") && reason.contains("stop"),
+        "{reason}"
+    );
+    assert_eq!(d.status.state(), ReadyState::Stopped);
+    tokio::time::sleep(ms(600)).await;
+    assert_eq!(server.count(), 1);
+}
+
+#[tokio::test]
+async fn client_error_status_retries_slowly_and_stops_with_stop_policy() {
+    let server = TestServer::start(|_| Reply::status(404)).await;
+    let d = drive(feed(server.url("/")), "");
+    let r = server.wait_for_requests(2, WAIT).await;
+    assert!(gap(&r[0], &r[1]) >= ms(400));
+    assert!(last_error(&d).contains("HTTP 404"), "{}", last_error(&d));
+    drop(d);
+
+    let server = TestServer::start(|_| Reply::status(401)).await;
+    let mut f = feed(server.url("/"));
+    f.on_client_error = OnClientError::Stop;
+    let mut d = drive(f, "");
+    assert!(d.stopped().await.contains("401"));
+}
+
+#[tokio::test]
+async fn browser_policy_stops_on_a_server_error() {
+    let server = TestServer::start(|_| Reply::status(500)).await;
+    let mut f = feed(server.url("/"));
+    f.policy = Policy::Browser;
+    let mut d = drive(f, "");
+    let reason = d.stopped().await;
+    assert!(
+        reason.contains("500") && reason.contains("browser"),
+        "{reason}"
+    );
+    assert_eq!(d.status.state(), ReadyState::Stopped);
+    tokio::time::sleep(ms(400)).await;
+    assert_eq!(server.count(), 1);
+}
+
+#[tokio::test]
+async fn browser_policy_reconnects_after_exactly_the_reconnection_time() {
+    let server = TestServer::scripted(vec![
+        Reply::sse().send("data: 1\n\n"),
+        Reply::sse().send("data: 2\n\n"),
+        Reply::sse().send("data: 3\n\n"),
+        Reply::sse().send("data: 4\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url("/"));
+    f.policy = Policy::Browser;
+    // Ignored by the browser policy; the daemon policy would wait 150, 600, 2400 ms + jitter.
+    f.backoff.multiplier = 4.0;
+    f.backoff.max = Duration::from_secs(10);
+    f.backoff.jitter = 1.0;
+    let mut d = drive(f, "");
+    let mut gaps_seen = 0;
+    while gaps_seen < 3 {
+        match d.next().await {
+            Out::Items(_) => {}
+            // An id-less stream reconnecting: the browser policy reports it like the daemon one.
+            Out::Gap(GapReason::ReconnectWithoutId, _) => gaps_seen += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let r = server.wait_for_requests(4, WAIT).await;
+    for i in 1..4 {
+        let g = gap(&r[i - 1], &r[i]);
+        assert!(g >= ms(150) && g < ms(500), "delay {i}: {g:?}");
+    }
+}
+
+#[tokio::test]
+async fn silent_connection_hits_the_idle_timeout() {
+    let server = TestServer::scripted(vec![
+        Reply::sse().send("id: 1\ndata: a\n\n").hang(),
+        Reply::sse().send("data: b\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url("/"));
+    f.idle_timeout = ms(300);
+    let mut d = drive(f, "");
+    assert_eq!(d.events(2).await.len(), 2);
+    let r = server.requests();
+    assert_eq!(r[1].header("last-event-id").as_deref(), Some("1"));
+    assert!(
+        r[1].at - r[0].at >= ms(300 + 150),
+        "{:?}",
+        r[1].at - r[0].at
+    );
+    let err = last_error(&d);
+    assert!(err.contains("idle") && err.contains("test-feed"), "{err}");
+}
+
+#[tokio::test]
+async fn slow_drip_of_comments_keeps_the_connection_alive() {
+    let mut reply = Reply::sse();
+    for _ in 0..12 {
+        reply = reply.send(":\n").wait(ms(100));
+    }
+    let server = TestServer::scripted(vec![reply.send("data: done\n\n").hang()]).await;
+    let mut f = feed(server.url("/"));
+    f.idle_timeout = ms(300);
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await, vec![ev("message", "done", "")]);
+    assert_eq!(server.count(), 1);
+    assert_eq!(d.status.get().last_error, None);
+}
+
+#[tokio::test]
+async fn response_timeout_when_headers_never_come() {
+    let server = TestServer::scripted(vec![
+        Reply::sse().delay_headers(Duration::from_secs(3)),
+        Reply::sse().send("data: a\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url("/"));
+    f.connect_timeout = ms(200);
+    f.response_timeout = ms(300);
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let r = server.requests();
+    assert!(
+        r[1].at - r[0].at >= ms(500 + 150),
+        "{:?}",
+        r[1].at - r[0].at
+    );
+    let err = last_error(&d);
+    assert!(err.contains("no response headers"), "{err}");
+}
+
+#[tokio::test]
+async fn oversized_event_is_an_error_naming_feed_and_size_then_reconnects() {
+    let big = format!("data: {}\n\n", "x".repeat(200));
+    let server = TestServer::scripted(vec![
+        Reply::sse().send("id: 1\ndata: ok\n\n").send(big).hang(),
+        Reply::sse().send("data: after\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url("/"));
+    f.max_event_size = ByteSize(64);
+    let mut d = drive(f, "");
+    assert_eq!(
+        d.events(2).await,
+        vec![ev("message", "ok", "1"), ev("message", "after", "1")]
+    );
+    let r = server.requests();
+    assert_eq!(r[1].header("last-event-id").as_deref(), Some("1"));
+    assert!(r[1].at - r[0].at >= ms(150), "{:?}", r[1].at - r[0].at);
+    let err = last_error(&d);
+    assert!(
+        err.contains("test-feed") && err.contains("limit of 64 bytes"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn rejected_id_records_a_gap_and_reconnects_without_it() {
+    let server = TestServer::start(|r| {
+        if r.header("last-event-id").is_some() {
+            Reply::status(410)
+        } else {
+            Reply::sse().send("id: 10\ndata: fresh\n\n").hang()
+        }
+    })
+    .await;
+    let mut d = drive(feed(server.url("/")), "stale");
+    match d.next().await {
+        Out::Gap(GapReason::IdRejected, detail) => {
+            assert!(
+                detail.contains("410") && detail.contains("stale"),
+                "{detail}"
+            )
+        }
+        other => panic!("expected an id-rejected gap, got {other:?}"),
+    }
+    assert_eq!(d.events(1).await, vec![ev("message", "fresh", "10")]);
+    let r = server.requests();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].header("last-event-id").as_deref(), Some("stale"));
+    assert_eq!(r[1].header("last-event-id"), None);
+    assert!(
+        gap(&r[0], &r[1]) >= ms(150),
+        "through the backoff, not a hot loop"
+    );
+    d.status_until("new id", |s| s.last_event_id == "10").await;
+    d.assert_nothing_produced();
+}
+
+#[tokio::test]
+async fn an_id_that_cannot_be_a_header_is_not_sent_and_reported() {
+    let server = TestServer::scripted(vec![Reply::sse().send("data: a\n\n").hang()]).await;
+    let mut d = drive(feed(server.url("/")), "bad\u{1}id");
+    match d.next().await {
+        Out::Gap(GapReason::IdRejected, detail) => {
+            assert!(detail.contains("not a valid HTTP header value"), "{detail}")
+        }
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    assert_eq!(d.events(1).await.len(), 1);
+    assert_eq!(server.requests()[0].header("last-event-id"), None);
+}
+
+#[tokio::test]
+async fn reconnecting_without_an_id_after_events_is_a_gap() {
+    let server = TestServer::scripted(vec![
+        Reply::sse().send("data: a\n\n"),
+        Reply::sse().send("data: b\n\n").hang(),
+    ])
+    .await;
+    let mut d = drive(feed(server.url("/")), "");
+    assert_eq!(d.events(1).await, vec![ev("message", "a", "")]);
+    match d.next().await {
+        Out::Gap(GapReason::ReconnectWithoutId, detail) => {
+            assert!(detail.contains("1 events"), "{detail}")
+        }
+        other => panic!("expected a reconnect-without-id gap, got {other:?}"),
+    }
+    assert_eq!(d.events(1).await, vec![ev("message", "b", "")]);
+    assert_eq!(server.requests()[1].header("last-event-id"), None);
+}
+
+#[tokio::test]
+async fn bearer_token_from_env() {
+    // A variable every test process has: setting one would race with other threads reading
+    // the environment. The value is just an opaque token here.
+    let token = std::env::var("PATH").expect("PATH is set");
+    let server = TestServer::scripted(vec![
+        Reply::status(500),
+        Reply::sse().send("data: a\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url("/"));
+    f.bearer_token_env = Some("PATH".into());
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let want = format!("Bearer {}", token.trim());
+    for r in server.requests() {
+        assert_eq!(r.header("authorization").as_deref(), Some(want.as_str()));
+    }
+    assert!(!last_error(&d).contains(token.trim()));
+}
+
+#[tokio::test]
+async fn missing_token_variable_fails_at_creation() {
+    let mut f = feed("http://127.0.0.1:9/".into());
+    f.bearer_token_env = Some("SSE_BRIDGE_TEST_NO_SUCH_TOKEN_VARIABLE".into());
+    let err = EventSource::new(Arc::new(f), String::new(), StatusHandle::new())
+        .expect_err("missing variable");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("test-feed") && msg.contains("SSE_BRIDGE_TEST_NO_SUCH_TOKEN_VARIABLE"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn bearer_token_file_is_reread_at_every_attempt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("token");
+    std::fs::write(&path, "tok-one\n").expect("write token");
+    let file = path.clone();
+    let server = TestServer::start(move |r| {
+        if r.index == 0 {
+            // Rotate the token before the client's next attempt.
+            std::fs::write(&file, "  tok-two  \n").expect("rewrite token");
+            Reply::status(503)
+        } else {
+            Reply::sse().send("data: a\n\n").hang()
+        }
+    })
+    .await;
+    let mut f = feed(server.url("/"));
+    f.bearer_token_file = Some(path);
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let r = server.requests();
+    assert_eq!(
+        r[0].header("authorization").as_deref(),
+        Some("Bearer tok-one")
+    );
+    assert_eq!(
+        r[1].header("authorization").as_deref(),
+        Some("Bearer tok-two")
+    );
+    assert!(!last_error(&d).contains("tok-"), "{}", last_error(&d));
+}
+
+/// Collects everything the `tracing` macros write, for one current-thread test.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn secrets_never_appear_in_errors_or_logs() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // Current-thread runtime: every task of this test logs through this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "t0ken-s3cret-value").expect("write token");
+    let server = TestServer::scripted(vec![
+        Reply::status(500),
+        Reply::status(403),
+        Reply::sse().send("data: a\n\n"),
+    ])
+    .await;
+    let url = format!(
+        "http://user:pa55word@{}/path?apikey=qu3ry-s3cret",
+        server.addr
+    );
+    let mut f = feed(url);
+    f.bearer_token_file = Some(token_file);
+    f.client_error_delay = ms(150);
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let err = last_error(&d);
+    let shown = server.url("/path");
+    assert!(err.contains(&shown), "{err}");
+    let logs = logs.text();
+    assert!(
+        logs.contains("HTTP 500") && logs.contains("HTTP 403"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("test-feed") && logs.contains(&shown),
+        "{logs}"
+    );
+    for secret in ["pa55word", "qu3ry-s3cret", "t0ken-s3cret-value", "apikey"] {
+        assert!(!err.contains(secret), "{secret} in {err}");
+        assert!(!logs.contains(secret), "{secret} in logs:\n{logs}");
+    }
+    assert_eq!(
+        server.requests()[0].header("authorization").as_deref(),
+        Some("Bearer t0ken-s3cret-value")
+    );
+}
+
+#[tokio::test]
+async fn tls_failure_says_tls_and_never_falls_back_to_plain_http() {
+    // A plain-HTTP server behind an https:// URL: the TLS handshake cannot succeed.
+    let server = TestServer::start(|_| Reply::sse().send("data: insecure\n\n").hang()).await;
+    let d = drive(feed(format!("https://{}/", server.addr)), "");
+    let s = d.status_until("an error", |s| s.last_error.is_some()).await;
+    let err = s.last_error.unwrap_or_default();
+    assert!(err.contains("TLS") && err.contains("test-feed"), "{err}");
+    assert_eq!(s.state, ReadyState::Connecting);
+    assert_eq!(server.count(), 0, "no plain HTTP request may be made");
+}
+
+#[tokio::test]
+async fn next_is_cancel_safe() {
+    // Events every 20 ms after a failed first attempt: the caller drops `next()` every 7 ms,
+    // during the backoff wait, the connection attempt and the reads. Every event must still
+    // arrive exactly once, in order.
+    let mut reply = Reply::sse();
+    for i in 0..20 {
+        reply = reply.send(format!("id: {i}\ndata: {i}\n\n")).wait(ms(20));
+    }
+    let server = TestServer::scripted(vec![Reply::status(500), reply.hang()]).await;
+    let status = StatusHandle::new();
+    let mut es = EventSource::new(Arc::new(feed(server.url("/"))), String::new(), status)
+        .expect("valid feed");
+    let mut got = Vec::new();
+    let mut cancelled = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.len() < 20 {
+        assert!(tokio::time::Instant::now() < deadline, "only {got:?}");
+        let mut out = Vec::new();
+        match tokio::time::timeout(ms(7), es.next(&mut out)).await {
+            Err(_) => {
+                assert!(out.is_empty());
+                cancelled += 1;
+            }
+            Ok(Next::Items) => got.extend(out.into_iter().filter_map(|i| match i {
+                Item::Event(e) => Some(e.data),
+                Item::LastEventId(_) => None,
+            })),
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    let want: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    assert_eq!(got, want);
+    assert!(cancelled > 20, "the test should cancel often: {cancelled}");
+    assert_eq!(
+        server.count(),
+        2,
+        "cancelling must not start extra attempts"
+    );
+    assert_eq!(es.last_event_id(), "19");
+}
