@@ -226,8 +226,8 @@ async fn comments_produce_nothing() {
 #[tokio::test]
 async fn retry_field_sets_the_next_delays() {
     let server = TestServer::scripted(vec![
-        Reply::sse().send("retry: 400\ndata: a\n\n"),
-        Reply::sse().send("retry: 100\ndata: b\n\n"),
+        Reply::sse().send("retry: 400\nid: 1\ndata: a\n\n"),
+        Reply::sse().send("retry: 100\nid: 2\ndata: b\n\n"),
         Reply::sse().send("data: c\n\n").hang(),
     ])
     .await;
@@ -268,16 +268,22 @@ async fn disconnect_mid_event_discards_it_and_resumes_from_last_id() {
 #[tokio::test]
 async fn aborted_connection_reconnects() {
     let server = TestServer::scripted(vec![
-        Reply::sse().send("id: 7\ndata: a\n\n").abort(),
+        // The wait lets the server flush the event before it breaks the connection.
+        Reply::sse().send("id: 7\ndata: a\n\n").wait(ms(50)).abort(),
         Reply::sse().send("data: b\n\n").hang(),
     ])
     .await;
     let mut d = drive(feed(server.url("/")), "");
-    assert_eq!(d.events(2).await.len(), 2);
+    assert_eq!(
+        d.events(2).await,
+        vec![ev("message", "a", "7"), ev("message", "b", "7")]
+    );
     assert_eq!(
         server.requests()[1].header("last-event-id").as_deref(),
         Some("7")
     );
+    let err = last_error(&d);
+    assert!(err.contains("connection broken"), "{err}");
 }
 
 #[tokio::test]

@@ -290,15 +290,19 @@ fn figment_issue(e: figment::Error) -> ConfigIssue {
                 expected.join(", ")
             )
         }
+        Kind::InvalidType(_, expected) if expected.contains("duration") => {
+            format!("{}; write durations as strings such as \"500ms\", \"30s\" or \"5m\"", e.kind)
+        }
         other => other.to_string(),
     };
-    let mut key = display_key(&path);
-    if let Some(meta) = &e.metadata {
-        if meta.name.contains("environment") {
-            let var = format!("{ENV_PREFIX}{}", e.path.join("__").to_ascii_uppercase());
-            key = format!("{key}` (from environment variable `{var}");
-        }
-    }
+    let key = display_key(&path);
+    let message = match &e.metadata {
+        Some(meta) if meta.name.contains("environment") => format!(
+            "{message} (set by environment variable {ENV_PREFIX}{})",
+            e.path.join("__").to_ascii_uppercase()
+        ),
+        _ => message,
+    };
     ConfigIssue { key, message }
 }
 
