@@ -1,5 +1,7 @@
 //! Logging through tracing-subscriber, to standard error (standard output may be a sink).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -15,8 +17,11 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
             .parse(level)
             .map_err(|e| anyhow::anyhow!("log level `{level}` is not a valid log filter: {e}"))?,
     };
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Human => builder.with_target(false).try_init(),

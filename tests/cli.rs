@@ -363,3 +363,124 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
         lines.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Isolation and accounting: a broken feed beside a good one; drop and unrouted events counted.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_feed_does_not_affect_a_good_one_and_every_event_is_accounted_for() {
+    const N: u64 = 3000;
+    let server = LogServer::start(N, 300, Duration::from_millis(5)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Port 9 (discard) on loopback: nothing listens, every attempt is refused.
+    let text = format!(
+        r#"
+[state]
+path = "{dir}/state.db"
+commit_interval = "100ms"
+
+[[feed]]
+name = "good"
+url = "{url}"
+
+[[feed]]
+name = "bad"
+url = "http://127.0.0.1:9/stream"
+default_retry = "100ms"
+
+[sink.archive]
+type = "file"
+path = "{dir}/events/{{feed}}-{{type}}.jsonl"
+
+[sink.out]
+type = "stdout"
+
+[[route]]
+feed = "good"
+event = "edit"
+sinks = ["archive", "out"]
+
+[[route]]
+feed = "good"
+event = "log"
+drop = true
+"#,
+        dir = dir.path().display(),
+        url = server.url()
+    );
+    let config = write_file(dir.path(), "bridge.toml", &text);
+    let mut child = Command::new(bin())
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let err_reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+
+    let edits = dir.path().join("events/good-edit.jsonl");
+    assert!(
+        wait_for(Duration::from_secs(60), || line_count(&edits) >= (N / 3) as usize).await,
+        "the good feed delivered {} of {} edits while the bad feed failed",
+        line_count(&edits),
+        N / 3
+    );
+    // Let the committer see the trailing dropped/unrouted events too.
+    let state = dir.path().join("state.db");
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let conn = rusqlite::Connection::open(&state).ok();
+            conn.and_then(|c| {
+                c.query_row("SELECT seq FROM checkpoints WHERE feed='good'", [], |r| r.get::<_, i64>(0))
+                    .ok()
+            }) == Some(N as i64)
+        })
+        .await,
+        "checkpoint reaches the last event: dropped and unrouted events count as acknowledged"
+    );
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let stdout = out_reader.join().expect("stdout reader");
+    let stderr = err_reader.join().expect("stderr reader");
+
+    // stdout carries exactly the routed edits, the same lines as the file.
+    let file_text = std::fs::read_to_string(&edits).expect("edits file");
+    assert_eq!(stdout, file_text, "stdout and file sinks got the same JSONL");
+    assert_eq!(stdout.lines().count() as u64, N / 3);
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSONL");
+        assert_eq!(v["type"], "edit");
+    }
+    assert!(!dir.path().join("events/good-log.jsonl").exists(), "dropped events are not stored");
+
+    // Logs are JSON lines; the closing summary counts every event of the good feed.
+    let mut summary = None;
+    let mut bad_errors = 0;
+    for line in stderr.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        let fields = &v["fields"];
+        if fields["message"] == "feed closed" && fields["feed"] == "good" {
+            summary = Some(fields.clone());
+        }
+        if fields["feed"] == "bad" && v["level"] == "WARN" {
+            bad_errors += 1;
+        }
+    }
+    let s = summary.unwrap_or_else(|| panic!("no summary for feed `good` in logs:\n{stderr}"));
+    assert_eq!(s["received"], N);
+    assert_eq!(s["routed"], N / 3);
+    assert_eq!(s["dropped"], N / 3);
+    assert_eq!(s["unrouted"], N / 3);
+    assert_eq!(s["checkpoint"], N.to_string());
+    assert!(bad_errors >= 1, "the bad feed's failures are logged as warnings:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
