@@ -199,7 +199,7 @@ impl EventSource {
                             status: None,
                             retry_after: None,
                             message: format!(
-                                "feed `{}`: GET {}: {e}; dropping the connection and reconnecting from last event ID `{}`",
+                                "feed `{}`: GET {}: {e}; dropping the connection (the next one resumes from last event ID `{}`)",
                                 self.feed.name,
                                 self.connector.shown_url(),
                                 self.parser.last_event_id()
@@ -429,5 +429,39 @@ impl EventSource {
             reason: reason.clone(),
         };
         Next::Stopped { reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The supervisor holds an `EventSource` across awaits in a spawned task and shares
+    /// `&FeedTask` across them: it must be `Send + Sync` (hence the attempt runs as a task
+    /// rather than a stored boxed reqwest future, which is not `Sync`).
+    #[test]
+    fn event_source_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<EventSource>();
+    }
+
+    #[tokio::test]
+    async fn new_publishes_connecting_and_the_start_id_without_connecting() {
+        let status = StatusHandle::new();
+        let feed = Arc::new(FeedConfig::new("f", "http://127.0.0.1:9/"));
+        let es = EventSource::new(feed, "41".into(), status.clone()).unwrap();
+        assert_eq!(es.last_event_id(), "41");
+        let s = status.get();
+        assert_eq!(s.state, ReadyState::Connecting);
+        assert_eq!(s.last_event_id, "41");
+        assert_eq!(s.reconnects, 0);
+        assert_eq!(es.attempts, 0);
+    }
+
+    #[test]
+    fn new_rejects_a_bad_url() {
+        let feed = Arc::new(FeedConfig::new("f", "nope"));
+        let err = EventSource::new(feed, String::new(), StatusHandle::new()).unwrap_err();
+        assert!(err.to_string().starts_with("feed `f`:"), "{err}");
     }
 }
