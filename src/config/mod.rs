@@ -291,7 +291,10 @@ fn figment_issue(e: figment::Error) -> ConfigIssue {
             )
         }
         Kind::InvalidType(_, expected) if expected.contains("duration") => {
-            format!("{}; write durations as strings such as \"500ms\", \"30s\" or \"5m\"", e.kind)
+            format!(
+                "{}; write durations as strings such as \"500ms\", \"30s\" or \"5m\"",
+                e.kind
+            )
         }
         other => other.to_string(),
     };

@@ -356,7 +356,9 @@ impl EventSource {
             FailureClass::Transient
         };
         let delay = self.backoff.next_delay(class, failure.retry_after);
-        let shown_delay = humantime::format_duration(delay);
+        // Rounded to milliseconds: nobody needs nanoseconds in a log line.
+        let shown_delay =
+            humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
         let failures = self.backoff.failures();
         let name = &self.feed.name;
         let message = &failure.message;
