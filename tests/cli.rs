@@ -419,12 +419,16 @@ drop = true
         .expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
-    let out_reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let err_reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let out_reader =
+        std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let err_reader =
+        std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
 
     let edits = dir.path().join("events/good-edit.jsonl");
     assert!(
-        wait_for(Duration::from_secs(60), || line_count(&edits) >= (N / 3) as usize).await,
+        wait_for(Duration::from_secs(60), || line_count(&edits)
+            >= (N / 3) as usize)
+        .await,
         "the good feed delivered {} of {} edits while the bad feed failed",
         line_count(&edits),
         N / 3
@@ -435,8 +439,10 @@ drop = true
         wait_for(Duration::from_secs(10), || {
             let conn = rusqlite::Connection::open(&state).ok();
             conn.and_then(|c| {
-                c.query_row("SELECT seq FROM checkpoints WHERE feed='good'", [], |r| r.get::<_, i64>(0))
-                    .ok()
+                c.query_row("SELECT seq FROM checkpoints WHERE feed='good'", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .ok()
             }) == Some(N as i64)
         })
         .await,
@@ -453,20 +459,26 @@ drop = true
 
     // stdout carries exactly the routed edits, the same lines as the file.
     let file_text = std::fs::read_to_string(&edits).expect("edits file");
-    assert_eq!(stdout, file_text, "stdout and file sinks got the same JSONL");
+    assert_eq!(
+        stdout, file_text,
+        "stdout and file sinks got the same JSONL"
+    );
     assert_eq!(stdout.lines().count() as u64, N / 3);
     for line in stdout.lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("JSONL");
         assert_eq!(v["type"], "edit");
     }
-    assert!(!dir.path().join("events/good-log.jsonl").exists(), "dropped events are not stored");
+    assert!(
+        !dir.path().join("events/good-log.jsonl").exists(),
+        "dropped events are not stored"
+    );
 
     // Logs are JSON lines; the closing summary counts every event of the good feed.
     let mut summary = None;
     let mut bad_errors = 0;
     for line in stderr.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
         let fields = &v["fields"];
         if fields["message"] == "feed closed" && fields["feed"] == "good" {
             summary = Some(fields.clone());
@@ -481,6 +493,9 @@ drop = true
     assert_eq!(s["dropped"], N / 3);
     assert_eq!(s["unrouted"], N / 3);
     assert_eq!(s["checkpoint"], N.to_string());
-    assert!(bad_errors >= 1, "the bad feed's failures are logged as warnings:\n{stderr}");
+    assert!(
+        bad_errors >= 1,
+        "the bad feed's failures are logged as warnings:\n{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
