@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod event;
 pub mod logging;
+pub mod notify;
 pub mod route;
 pub mod sink;
 pub mod sse;

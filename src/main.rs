@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use sse_bridge::config::{LoadedConfig, LogFormat};
+use sse_bridge::notify::Notifier;
 use sse_bridge::state::{Gap, GapReason, StateStore};
+use sse_bridge::supervisor::Registry;
 
 /// Exit status for a configuration that cannot be used (as distinct from a runtime failure).
 const EXIT_CONFIG: u8 = 2;
@@ -65,7 +67,17 @@ enum Command {
     /// the sinks store what they hold, commits the checkpoints and exits 0 (within
     /// `shutdown.timeout`). A second signal exits at once; nothing is lost either way, the
     /// checkpoint only covers stored events.
-    Run,
+    ///
+    /// SIGHUP reloads the configuration file: a configuration that does not validate is
+    /// rejected (logged) and the running one stays; feeds whose settings did not change keep
+    /// their connection; changed feeds drain, commit and reconnect from their checkpoint;
+    /// removed feeds drain and stop; new feeds start. Under systemd (`Type=notify`) it reports
+    /// readiness, status, reloads and shutdown, and pets the watchdog.
+    Run {
+        /// Also reload when the configuration file changes on disk (checked every 2 s).
+        #[arg(long)]
+        watch_config: bool,
+    },
 
     /// Check a configuration without running it.
     ///
@@ -144,7 +156,7 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     let result = match cli.command {
-        Command::Run => run(loaded),
+        Command::Run { watch_config } => run(loaded, watch_config),
         Command::Validate => Ok(()),
         Command::Checkpoints(cmd) => checkpoints(&loaded, cmd),
         Command::Gaps { feed, json } => gaps(&loaded, feed.as_deref(), json),
@@ -158,42 +170,89 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(loaded: LoadedConfig) -> anyhow::Result<()> {
+fn run(loaded: LoadedConfig, watch_config: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sse-bridge")
         .build()?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(watch_signals(shutdown.clone()));
-        let result = sse_bridge::supervisor::run(loaded, shutdown).await;
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let signals = tokio::spawn(watch_signals(shutdown.clone(), reload_tx.clone()));
+        let watcher = match (&loaded.path, watch_config) {
+            (Some(path), true) => Some(tokio::spawn(watch_file(path.clone(), reload_tx))),
+            (None, true) => {
+                tracing::warn!(
+                    "--watch-config needs -c FILE; the built-in configuration is not watched"
+                );
+                None
+            }
+            _ => None,
+        };
+        let registry = std::sync::Arc::new(Registry::default());
+        let notifier = std::sync::Arc::new(Notifier::from_env());
+        let result =
+            sse_bridge::supervisor::run(loaded, registry, shutdown, reload_rx, notifier).await;
         signals.abort();
+        if let Some(w) = watcher {
+            w.abort();
+        }
         result
     })
 }
 
-/// First SIGTERM/SIGINT: drain. Second: exit at once (the checkpoint only covers stored
-/// events, so nothing is lost; the rest is fetched again at the next start).
-async fn watch_signals(shutdown: CancellationToken) {
+/// SIGHUP: reload. First SIGTERM/SIGINT: drain. Second: exit at once (the checkpoint only
+/// covers stored events, so nothing is lost; the rest is fetched again at the next start).
+async fn watch_signals(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<()>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop the bridge with SIGKILL");
         return;
     };
-    for round in 0..2 {
+    let mut draining = false;
+    loop {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                // A reload already pending covers this one too.
+                let _ = reload.try_send(());
+                continue;
+            }
         };
-        if round == 0 {
+        if !draining {
             tracing::info!("{name} received: draining (send again to exit at once)");
             shutdown.cancel();
+            draining = true;
         } else {
             tracing::warn!("{name} received again: exiting without draining");
             std::process::exit(1);
+        }
+    }
+}
+
+/// `--watch-config`: reload when the file's modification time or size changes (polled every
+/// 2 s, which also works for editors that replace the file and for network file systems).
+async fn watch_file(path: PathBuf, reload: tokio::sync::mpsc::Sender<()>) {
+    let stamp = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&path);
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        ticker.tick().await;
+        let now = stamp(&path);
+        if now != last {
+            last = now;
+            tracing::info!(file = %path.display(), "configuration file changed: reloading");
+            let _ = reload.try_send(());
         }
     }
 }

@@ -250,6 +250,15 @@ fn indices(
 }
 
 impl Router {
+    /// Routes nothing anywhere (used while shutting down).
+    pub fn empty() -> Router {
+        Router {
+            routes: Vec::new(),
+            default: Vec::new(),
+            sinks: Arc::from(Vec::new()),
+        }
+    }
+
     /// Compiles the routes. Sink indices in decisions are positions in `sinks`. Fails on what
     /// [`validate_routes`] reports as unknown sinks or bad globs.
     pub fn new(

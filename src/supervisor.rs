@@ -1,35 +1,44 @@
 //! The supervisor: one task per feed, one runner thread per sink, a checkpoint committer,
-//! and the drain on shutdown.
+//! reload (SIGHUP) and the drain on shutdown.
 //!
 //! Data flows one way: feed task (socket -> parser -> event) -> router -> sink buffers ->
 //! runner threads -> acknowledgements -> [`FeedTracker`] -> committer -> state store.
 //! One feed's failure never touches another: each feed owns its connection, parser, router
 //! cache and tracker; they share only the sinks' bounded buffers.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use chrono::Utc;
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{FeedTracker, Position};
-use crate::config::{FeedConfig, LoadedConfig};
+use crate::config::{Config, FeedConfig, LoadedConfig};
 use crate::event::Event;
+use crate::notify::Notifier;
 use crate::route::{Outcome, Router};
-use crate::sink::runner::{self, SendOutcome, SinkHandle, SinkWorker};
+use crate::sink::runner::{self, SendOutcome, SinkGauge, SinkHandle, SinkWorker};
+use crate::sink::SinkConfig;
 use crate::sse::client::{EventSource, Next};
 use crate::sse::parser::Item;
 use crate::sse::status::{ReadyState, StatusHandle};
 use crate::state::{Checkpoint, Gap, GapReason, StateStore};
+
+/// Events kept for live observers (`tap`) that fall behind before they miss some.
+const TAP_CAPACITY: usize = 4096;
 
 /// Counters of one feed (DESIGN.md §5: nothing is lost silently, everything is counted).
 #[derive(Debug, Default)]
 pub struct FeedStats {
     /// Events dispatched by the parser.
     pub received: AtomicU64,
+    /// Bytes of event data received.
+    pub data_bytes: AtomicU64,
     /// Events handed to at least one sink.
     pub routed: AtomicU64,
     /// Events whose type did not fit the matched route's sinks and went to the default route.
@@ -38,9 +47,11 @@ pub struct FeedStats {
     pub dropped: AtomicU64,
     /// Events that matched no route and had no default route.
     pub unrouted: AtomicU64,
+    /// Unix time (ms) of the last event received; 0 before the first.
+    pub last_event_at_ms: AtomicU64,
 }
 
-/// What the rest of the process (and later the admin endpoint) can see of a running feed.
+/// What the rest of the process (admin endpoint, status, committer) can see of a running feed.
 #[derive(Clone)]
 pub struct FeedView {
     pub config: Arc<FeedConfig>,
@@ -49,50 +60,194 @@ pub struct FeedView {
     pub stats: Arc<FeedStats>,
 }
 
+/// What observers can see of a running sink.
+#[derive(Clone)]
+pub struct SinkView {
+    pub kind: &'static str,
+    pub gauge: SinkGauge,
+}
+
+/// The live view of the bridge: feeds and sinks as they are after the last (re)load, and the
+/// stream of routed events for live observers. Shared with the admin endpoint.
+pub struct Registry {
+    feeds: RwLock<BTreeMap<String, FeedView>>,
+    sinks: RwLock<BTreeMap<String, SinkView>>,
+    tap: broadcast::Sender<Arc<Event>>,
+    pub started_at: SystemTime,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            feeds: RwLock::new(BTreeMap::new()),
+            sinks: RwLock::new(BTreeMap::new()),
+            tap: broadcast::channel(TAP_CAPACITY).0,
+            started_at: SystemTime::now(),
+        }
+    }
+}
+
+impl Registry {
+    /// The running feeds, by name.
+    pub fn feeds(&self) -> Vec<FeedView> {
+        self.feeds
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The running sinks, by name.
+    pub fn sinks(&self) -> Vec<(String, SinkView)> {
+        self.sinks
+            .read()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Receives every routed event from now on. A receiver that falls more than a few
+    /// thousand events behind misses events (it gets `Lagged`); the bridge never waits for it.
+    pub fn tap(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.tap.subscribe()
+    }
+
+    fn set_feed(&self, view: FeedView) {
+        if let Ok(mut m) = self.feeds.write() {
+            m.insert(view.config.name.clone(), view);
+        }
+    }
+
+    fn remove_feed(&self, name: &str) {
+        if let Ok(mut m) = self.feeds.write() {
+            m.remove(name);
+        }
+    }
+
+    fn set_sinks(&self, sinks: BTreeMap<String, SinkView>) {
+        if let Ok(mut m) = self.sinks.write() {
+            *m = sinks;
+        }
+    }
+}
+
+/// The router and the sinks its indices refer to; swapped as a whole on reload.
+struct Routing {
+    router: Router,
+    sinks: Vec<SinkHandle>,
+}
+
 type SharedState = Arc<Mutex<StateStore>>;
 
-/// Runs the bridge until `shutdown` is cancelled, then drains within the configured deadline.
-pub async fn run(loaded: LoadedConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let cfg = &loaded.config;
-    let state_path = cfg.state.path.clone();
-    let store = tokio::task::spawn_blocking(move || StateStore::open(&state_path))
-        .await
-        .context("opening the state database")??;
-    let state: SharedState = Arc::new(Mutex::new(store));
+struct RunningSink {
+    config: SinkConfig,
+    handle: SinkHandle,
+    worker: SinkWorker,
+}
 
-    // Sinks, in the order the router numbers them.
-    let sink_configs: Vec<(String, crate::sink::SinkConfig)> = cfg
-        .sink
-        .iter()
-        .map(|(n, c)| (n.clone(), c.clone()))
-        .collect();
-    let router = Router::new(&cfg.route, &cfg.routing, &sink_configs)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.source))?;
-    let give_up = CancellationToken::new();
-    let mut handles: Vec<SinkHandle> = Vec::new();
-    let mut workers: Vec<SinkWorker> = Vec::new();
-    for (name, sink_cfg) in &sink_configs {
-        let sink = sink_cfg
-            .build(name)
-            .with_context(|| format!("starting sink `{name}`"))?;
-        let (handle, worker) = runner::spawn(name, sink, sink_cfg.buffer(), give_up.clone())
-            .with_context(|| format!("starting the thread of sink `{name}`"))?;
-        handles.push(handle);
-        workers.push(worker);
+struct RunningFeed {
+    view: FeedView,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A running bridge.
+pub struct Supervisor {
+    loaded: LoadedConfig,
+    state: SharedState,
+    registry: Arc<Registry>,
+    sinks: BTreeMap<String, RunningSink>,
+    feeds: BTreeMap<String, RunningFeed>,
+    routing: watch::Sender<Arc<Routing>>,
+    give_up: CancellationToken,
+    stop_committer: CancellationToken,
+    committer: Option<JoinHandle<()>>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub feeds_kept: Vec<String>,
+    pub feeds_restarted: Vec<String>,
+    pub feeds_removed: Vec<String>,
+    pub feeds_added: Vec<String>,
+    pub sinks_replaced: Vec<String>,
+}
+
+impl Supervisor {
+    /// Opens the state store, starts every sink and every enabled feed.
+    pub async fn start(loaded: LoadedConfig, registry: Arc<Registry>) -> anyhow::Result<Self> {
+        let state_path = loaded.config.state.path.clone();
+        let store = tokio::task::spawn_blocking(move || StateStore::open(&state_path))
+            .await
+            .context("opening the state database")??;
+        let state: SharedState = Arc::new(Mutex::new(store));
+        let give_up = CancellationToken::new();
+        let mut sinks = BTreeMap::new();
+        for (name, config) in &loaded.config.sink {
+            sinks.insert(name.clone(), start_sink(name, config, &give_up, None)?);
+        }
+        let routing = build_routing(&loaded, &sinks)?;
+        let (routing, _) = watch::channel(Arc::new(routing));
+        let mut supervisor = Supervisor {
+            loaded,
+            state,
+            registry,
+            sinks,
+            feeds: BTreeMap::new(),
+            routing,
+            give_up,
+            stop_committer: CancellationToken::new(),
+            committer: None,
+        };
+        supervisor.publish_sinks();
+        let feeds: Vec<FeedConfig> = supervisor.loaded.config.enabled_feeds().cloned().collect();
+        for feed in feeds {
+            supervisor.start_feed(feed).await?;
+        }
+        supervisor.committer = Some(tokio::spawn(commit_loop(
+            supervisor.registry.clone(),
+            supervisor.state.clone(),
+            supervisor.loaded.config.state.commit_interval,
+            supervisor.stop_committer.clone(),
+        )));
+        tracing::info!(
+            feeds = supervisor.feeds.len(),
+            sinks = supervisor.sinks.len(),
+            config = %supervisor.loaded.source,
+            "sse-bridge running"
+        );
+        Ok(supervisor)
     }
-    let handles = Arc::new(handles);
-    let router = Arc::new(router);
 
-    // Feeds.
-    let stop_feeds = CancellationToken::new();
-    let mut views = Vec::new();
-    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
-    for feed in cfg.enabled_feeds() {
-        let feed = Arc::new(feed.clone());
-        let start = start_position(&state, &feed).await?;
+    pub fn config(&self) -> &Config {
+        &self.loaded.config
+    }
+
+    pub fn loaded(&self) -> &LoadedConfig {
+        &self.loaded
+    }
+
+    fn publish_sinks(&self) {
+        self.registry.set_sinks(
+            self.sinks
+                .iter()
+                .map(|(name, s)| {
+                    (
+                        name.clone(),
+                        SinkView {
+                            kind: s.config.kind(),
+                            gauge: s.handle.gauge(),
+                        },
+                    )
+                })
+                .collect(),
+        );
+    }
+
+    async fn start_feed(&mut self, feed: FeedConfig) -> anyhow::Result<()> {
+        let feed = Arc::new(feed);
+        let start = start_position(&self.state, &feed).await?;
         let tracker = Arc::new(FeedTracker::new(start.clone()));
         let status = StatusHandle::new();
-        let stats = Arc::new(FeedStats::default());
         let source = EventSource::new(
             feed.clone(),
             start.last_event_id.to_string(),
@@ -107,92 +262,337 @@ pub async fn run(loaded: LoadedConfig, shutdown: CancellationToken) -> anyhow::R
         );
         let view = FeedView {
             config: feed.clone(),
-            status: status.clone(),
-            tracker: tracker.clone(),
-            stats: stats.clone(),
+            status,
+            tracker,
+            stats: Arc::new(FeedStats::default()),
         };
+        let stop = CancellationToken::new();
         let task = FeedTask {
             view: view.clone(),
             source,
-            router: router.clone(),
-            sinks: handles.clone(),
-            state: state.clone(),
+            routing: self.routing.subscribe(),
+            state: self.state.clone(),
+            tap: self.registry.tap.clone(),
             next_seq: start.seq + 1,
         };
-        tasks.push(tokio::spawn(task.run(stop_feeds.clone())));
-        views.push(view);
+        let task = tokio::spawn(task.run(stop.clone()));
+        self.registry.set_feed(view.clone());
+        self.feeds
+            .insert(feed.name.clone(), RunningFeed { view, stop, task });
+        Ok(())
     }
-    drop(handles);
 
-    // Checkpoint committer.
-    let stop_committer = CancellationToken::new();
-    let committer = tokio::spawn(commit_loop(
-        views.clone(),
-        state.clone(),
-        cfg.state.commit_interval,
-        stop_committer.clone(),
-    ));
-
-    tracing::info!(
-        feeds = views.len(),
-        sinks = workers.len(),
-        config = %loaded.source,
-        "sse-bridge running"
-    );
-    shutdown.cancelled().await;
-
-    // Drain: stop reading, let the sinks store what they hold, commit, exit.
-    let deadline = tokio::time::Instant::now() + cfg.shutdown.timeout;
-    tracing::info!(timeout = ?cfg.shutdown.timeout, "shutting down: draining feeds and sinks");
-    stop_feeds.cancel();
-    for task in tasks {
-        if tokio::time::timeout_at(deadline, task).await.is_err() {
-            tracing::warn!("a feed task did not stop before the shutdown deadline");
+    /// Stops a feed: stop reading, wait (up to the shutdown timeout) until the sinks stored
+    /// what it sent, commit its checkpoint.
+    async fn stop_feed(&mut self, name: &str) {
+        let Some(feed) = self.feeds.remove(name) else {
+            return;
+        };
+        feed.stop.cancel();
+        let timeout = self.loaded.config.shutdown.timeout;
+        if tokio::time::timeout(timeout, feed.task).await.is_err() {
+            tracing::warn!(feed = %name, "feed task did not stop in time");
         }
-    }
-    for view in &views {
-        view.status.update(|s| {
+        let tracker = feed.view.tracker.clone();
+        let drained = tokio::time::timeout(timeout, async move {
+            while tracker.pending() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_ok();
+        if !drained {
+            tracing::warn!(feed = %name, pending = feed.view.tracker.pending(), "sinks did not store everything this feed sent in time; the rest is fetched again");
+        }
+        feed.view.status.update(|s| {
             if s.state != ReadyState::Stopped {
                 s.state = ReadyState::Closed;
             }
         });
+        commit(std::slice::from_ref(&feed.view), &self.state).await;
+        self.registry.remove_feed(name);
+        log_feed_summary(&feed.view);
     }
-    let mut drained = true;
-    for worker in workers {
-        let name = worker.name.clone();
-        if tokio::time::timeout_at(deadline, worker.finished())
-            .await
-            .is_err()
-        {
-            drained = false;
-            tracing::warn!(sink = %name, "sink did not drain before the shutdown deadline");
+
+    /// Applies a new, already validated configuration. Feeds whose config did not change keep
+    /// their connection; changed feeds drain, commit and reconnect from their checkpoint;
+    /// removed feeds drain and stop; new feeds start. Changed sinks are replaced once the old
+    /// instance has stored what it holds. `[state]` cannot change without a restart.
+    pub async fn reload(&mut self, new: LoadedConfig) -> anyhow::Result<ReloadSummary> {
+        if new.config.state.path != self.loaded.config.state.path {
+            anyhow::bail!(
+                "{}: key `state.path` cannot change while running (restart sse-bridge to move the state database)",
+                new.source
+            );
+        }
+        let mut summary = ReloadSummary::default();
+
+        // Sinks: keep unchanged ones, start replacements (which wait for the old instance).
+        let mut sinks = BTreeMap::new();
+        let mut old_sinks = std::mem::take(&mut self.sinks);
+        for (name, config) in &new.config.sink {
+            match old_sinks.remove(name) {
+                Some(old) if &old.config == config => {
+                    sinks.insert(name.clone(), old);
+                }
+                previous => {
+                    let after = previous.map(|p| {
+                        summary.sinks_replaced.push(name.clone());
+                        p.worker
+                    });
+                    match start_sink(name, config, &self.give_up, after) {
+                        Ok(s) => {
+                            sinks.insert(name.clone(), s);
+                        }
+                        Err(e) => {
+                            // Building failed after validation (e.g. a directory cannot be
+                            // created): keep everything as it was is no longer possible for
+                            // this sink, so report and carry on without it.
+                            tracing::error!(sink = %name, "cannot start sink after reload: {e:#}");
+                        }
+                    }
+                }
+            }
+        }
+        // Removed sinks: their handles go away with the old routing; they drain and close.
+        drop(old_sinks);
+        let routing = build_routing(&new, &sinks)?;
+        self.sinks = sinks;
+        self.routing.send_replace(Arc::new(routing));
+        self.publish_sinks();
+
+        // Feeds.
+        let new_feeds: BTreeMap<String, FeedConfig> = new
+            .config
+            .enabled_feeds()
+            .map(|f| (f.name.clone(), f.clone()))
+            .collect();
+        let old_names: Vec<String> = self.feeds.keys().cloned().collect();
+        for name in old_names {
+            match new_feeds.get(&name) {
+                Some(cfg)
+                    if self
+                        .feeds
+                        .get(&name)
+                        .is_some_and(|f| *f.view.config == *cfg) =>
+                {
+                    summary.feeds_kept.push(name);
+                }
+                Some(_) => {
+                    self.stop_feed(&name).await;
+                    summary.feeds_restarted.push(name);
+                }
+                None => {
+                    self.stop_feed(&name).await;
+                    summary.feeds_removed.push(name);
+                }
+            }
+        }
+        self.loaded = new;
+        for (name, cfg) in new_feeds {
+            if !self.feeds.contains_key(&name) {
+                if !summary.feeds_restarted.contains(&name) {
+                    summary.feeds_added.push(name.clone());
+                }
+                if let Err(e) = self.start_feed(cfg).await {
+                    tracing::error!(feed = %name, "cannot start feed after reload: {e:#}");
+                }
+            }
+        }
+        tracing::info!(
+            kept = ?summary.feeds_kept,
+            restarted = ?summary.feeds_restarted,
+            removed = ?summary.feeds_removed,
+            added = ?summary.feeds_added,
+            sinks_replaced = ?summary.sinks_replaced,
+            "configuration reloaded"
+        );
+        Ok(summary)
+    }
+
+    /// Drain and stop: stop reading, let the sinks store what they hold, commit, within the
+    /// configured deadline. Returns whether everything drained in time.
+    pub async fn shutdown(mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + self.loaded.config.shutdown.timeout;
+        tracing::info!(timeout = ?self.loaded.config.shutdown.timeout, "shutting down: draining feeds and sinks");
+        let feeds = std::mem::take(&mut self.feeds);
+        for feed in feeds.values() {
+            feed.stop.cancel();
+        }
+        let mut views = Vec::new();
+        for (name, feed) in feeds {
+            if tokio::time::timeout_at(deadline, feed.task).await.is_err() {
+                tracing::warn!(feed = %name, "feed task did not stop before the shutdown deadline");
+            }
+            feed.view.status.update(|s| {
+                if s.state != ReadyState::Stopped {
+                    s.state = ReadyState::Closed;
+                }
+            });
+            views.push(feed.view);
+        }
+        // Let go of every sink handle so the runners drain and end.
+        self.routing.send_replace(Arc::new(Routing {
+            router: Router::empty(),
+            sinks: Vec::new(),
+        }));
+        let mut drained = true;
+        for (name, sink) in std::mem::take(&mut self.sinks) {
+            drop(sink.handle);
+            if tokio::time::timeout_at(deadline, sink.worker.finished())
+                .await
+                .is_err()
+            {
+                drained = false;
+                tracing::warn!(sink = %name, "sink did not drain before the shutdown deadline");
+            }
+        }
+        self.give_up.cancel();
+        self.stop_committer.cancel();
+        if let Some(c) = self.committer.take() {
+            let _ = c.await;
+        }
+        commit(&views, &self.state).await;
+        for view in &views {
+            log_feed_summary(view);
+        }
+        if drained {
+            tracing::info!("shutdown complete");
+        } else {
+            tracing::warn!("shutdown deadline reached; unstored events stay behind the checkpoint and will be fetched again");
+        }
+        drained
+    }
+}
+
+fn log_feed_summary(view: &FeedView) {
+    let p = view.tracker.acked();
+    let s = &view.stats;
+    tracing::info!(
+        feed = %view.config.name,
+        checkpoint = %p.last_event_id,
+        seq = p.seq,
+        received = s.received.load(Ordering::Relaxed),
+        routed = s.routed.load(Ordering::Relaxed),
+        dropped = s.dropped.load(Ordering::Relaxed),
+        unrouted = s.unrouted.load(Ordering::Relaxed),
+        misfit = s.misfit.load(Ordering::Relaxed),
+        "feed closed"
+    );
+}
+
+fn start_sink(
+    name: &str,
+    config: &SinkConfig,
+    give_up: &CancellationToken,
+    after: Option<SinkWorker>,
+) -> anyhow::Result<RunningSink> {
+    let sink = config
+        .build(name)
+        .with_context(|| format!("starting sink `{name}`"))?;
+    let (handle, worker) = runner::spawn(name, sink, config.buffer(), give_up.clone(), after)
+        .with_context(|| format!("starting the thread of sink `{name}`"))?;
+    Ok(RunningSink {
+        config: config.clone(),
+        handle,
+        worker,
+    })
+}
+
+fn build_routing(
+    loaded: &LoadedConfig,
+    sinks: &BTreeMap<String, RunningSink>,
+) -> anyhow::Result<Routing> {
+    let configs: Vec<(String, SinkConfig)> = sinks
+        .iter()
+        .map(|(n, s)| (n.clone(), s.config.clone()))
+        .collect();
+    let router = Router::new(&loaded.config.route, &loaded.config.routing, &configs)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.source))?;
+    Ok(Routing {
+        router,
+        sinks: sinks.values().map(|s| s.handle.clone()).collect(),
+    })
+}
+
+/// Runs the bridge until `shutdown` is cancelled, reloading the configuration whenever
+/// `reload` yields, then drains within the configured deadline.
+pub async fn run(
+    loaded: LoadedConfig,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    mut reload: mpsc::Receiver<()>,
+    notifier: Arc<Notifier>,
+) -> anyhow::Result<()> {
+    let mut supervisor = Supervisor::start(loaded, registry.clone()).await?;
+    notifier.ready();
+    let watchdog = crate::notify::watchdog_interval().map(|every| {
+        let notifier = notifier.clone();
+        // Runs on the same runtime as the feeds: if the runtime is wedged, the petting stops
+        // and systemd restarts the service.
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                notifier.watchdog();
+            }
+        })
+    });
+    let status = tokio::spawn(status_loop(registry.clone(), notifier.clone()));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(()) = reload.recv() => {
+                notifier.reloading();
+                match supervisor.loaded().reload() {
+                    Ok(new) => {
+                        if let Err(e) = supervisor.reload(new).await {
+                            tracing::error!("reload rejected, the running configuration stays: {e:#}");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("reload rejected, the running configuration stays: invalid configuration: {e}");
+                    }
+                }
+                notifier.ready();
+            }
         }
     }
-    give_up.cancel();
-    stop_committer.cancel();
-    let _ = committer.await;
-    commit(&views, &state).await;
-    for view in &views {
-        let p = view.tracker.acked();
-        let s = &view.stats;
-        tracing::info!(
-            feed = %view.config.name,
-            checkpoint = %p.last_event_id,
-            seq = p.seq,
-            received = s.received.load(Ordering::Relaxed),
-            routed = s.routed.load(Ordering::Relaxed),
-            dropped = s.dropped.load(Ordering::Relaxed),
-            unrouted = s.unrouted.load(Ordering::Relaxed),
-            misfit = s.misfit.load(Ordering::Relaxed),
-            "feed closed"
-        );
-    }
-    if drained {
-        tracing::info!("shutdown complete");
-    } else {
-        tracing::warn!("shutdown deadline reached; unstored events stay behind the checkpoint and will be fetched again");
+    notifier.stopping();
+    status.abort();
+    supervisor.shutdown().await;
+    if let Some(w) = watchdog {
+        w.abort();
     }
     Ok(())
+}
+
+/// Tells systemd how the bridge is doing, every few seconds: feeds open and events/s.
+async fn status_loop(registry: Arc<Registry>, notifier: Arc<Notifier>) {
+    if !notifier.enabled() {
+        return;
+    }
+    const EVERY: Duration = Duration::from_secs(5);
+    let mut last_total = 0u64;
+    let mut ticker = tokio::time::interval(EVERY);
+    loop {
+        ticker.tick().await;
+        let feeds = registry.feeds();
+        let open = feeds
+            .iter()
+            .filter(|f| f.status.state() == ReadyState::Open)
+            .count();
+        let total: u64 = feeds
+            .iter()
+            .map(|f| f.stats.received.load(Ordering::Relaxed))
+            .sum();
+        let rate = total.saturating_sub(last_total) as f64 / EVERY.as_secs_f64();
+        last_total = total;
+        notifier.status(&format!(
+            "{open}/{} feeds open, {rate:.0} events/s, {total} events",
+            feeds.len()
+        ));
+    }
 }
 
 /// Where a feed resumes, recording the gaps a restart implies.
@@ -251,19 +651,20 @@ async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Resul
 struct FeedTask {
     view: FeedView,
     source: EventSource,
-    router: Arc<Router>,
-    sinks: Arc<Vec<SinkHandle>>,
+    routing: watch::Receiver<Arc<Routing>>,
     state: SharedState,
+    tap: broadcast::Sender<Arc<Event>>,
     next_seq: u64,
 }
 
 impl FeedTask {
     async fn run(mut self, stop: CancellationToken) {
         let name: Arc<str> = Arc::from(self.view.config.name.as_str());
-        let mut router = self.router.for_feed(&name);
+        let mut routing = self.routing.borrow_and_update().clone();
+        let mut router = routing.router.for_feed(&name);
         let mut items: Vec<Item> = Vec::with_capacity(256);
         let mut events: Vec<(Arc<Event>, Vec<usize>)> = Vec::with_capacity(256);
-        let mut per_sink: Vec<Vec<Arc<Event>>> = vec![Vec::new(); self.sinks.len()];
+        let mut per_sink: Vec<Vec<Arc<Event>>> = vec![Vec::new(); routing.sinks.len()];
         let tracker = self.view.tracker.clone();
         let stats = self.view.stats.clone();
         loop {
@@ -271,8 +672,21 @@ impl FeedTask {
             let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
+                // A reload swapped the routing: let go of the old sinks at once, even when
+                // this feed is idle, so replaced sinks can drain and close.
+                changed = self.routing.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 n = self.source.next(&mut items) => n,
             };
+            if self.routing.has_changed().unwrap_or(false) {
+                routing = self.routing.borrow_and_update().clone();
+                router = routing.router.for_feed(&name);
+                per_sink = vec![Vec::new(); routing.sinks.len()];
+            }
             match next {
                 Next::Items => {}
                 Next::Gap { reason, detail } => {
@@ -281,17 +695,22 @@ impl FeedTask {
                 }
                 Next::Stopped { reason } => {
                     tracing::error!(feed = %name, "feed stopped: {reason}");
+                    drop(routing);
                     stop.cancelled().await;
-                    break;
+                    return;
                 }
             }
             let received_at = Utc::now();
+            let tapped = self.tap.receiver_count() > 0;
             for item in items.drain(..) {
                 match item {
                     Item::Event(e) => {
                         let seq = self.next_seq;
                         self.next_seq += 1;
                         stats.received.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .data_bytes
+                            .fetch_add(e.data.len() as u64, Ordering::Relaxed);
                         let decision = router.route(&e.event_type);
                         match decision.outcome {
                             Outcome::Routed => {}
@@ -318,6 +737,9 @@ impl FeedTask {
                             received_at,
                             seq,
                         });
+                        if tapped {
+                            let _ = self.tap.send(event.clone());
+                        }
                         events.push((event, sinks));
                     }
                     Item::LastEventId(id) => {
@@ -327,6 +749,13 @@ impl FeedTask {
                     }
                 }
             }
+            if !events.is_empty() {
+                let millis = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                stats.last_event_at_ms.store(millis, Ordering::Relaxed);
+            }
             register(&tracker, &events);
             distribute(&mut events, &mut per_sink);
             for (index, batch) in per_sink.iter_mut().enumerate() {
@@ -334,7 +763,7 @@ impl FeedTask {
                     continue;
                 }
                 let batch = std::mem::take(batch);
-                let sink = &self.sinks[index];
+                let sink = &routing.sinks[index];
                 let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
                 let outcome = tokio::select! {
                     biased;
@@ -378,7 +807,9 @@ impl FeedTask {
             Ok(Err(e)) => {
                 tracing::error!(feed = %self.view.config.name, "recording a gap failed: {e}")
             }
-            Err(e) => tracing::error!(feed = %self.view.config.name, "recording a gap failed: {e}"),
+            Err(e) => {
+                tracing::error!(feed = %self.view.config.name, "recording a gap failed: {e}")
+            }
         }
     }
 }
@@ -405,7 +836,7 @@ fn distribute(events: &mut Vec<(Arc<Event>, Vec<usize>)>, per_sink: &mut [Vec<Ar
 }
 
 async fn commit_loop(
-    views: Vec<FeedView>,
+    registry: Arc<Registry>,
     state: SharedState,
     interval: Duration,
     stop: CancellationToken,
@@ -414,7 +845,7 @@ async fn commit_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => commit(&views, &state).await,
+            _ = ticker.tick() => commit(&registry.feeds(), &state).await,
             _ = stop.cancelled() => return,
         }
     }

@@ -159,6 +159,8 @@ pub struct LoadedConfig {
     pub config: Config,
     /// The file it was read from, or [`DEFAULT_CONFIG_NAME`].
     pub source: String,
+    /// The file, for reloading; `None` for the built-in default.
+    pub path: Option<PathBuf>,
 }
 
 /// One problem with the configuration, naming the key.
@@ -219,6 +221,11 @@ impl LoadedConfig {
         }
     }
 
+    /// Loads the same source again (for a reload).
+    pub fn reload(&self) -> Result<LoadedConfig, ConfigError> {
+        Self::load(self.path.as_deref())
+    }
+
     /// Loads without the semantic validation: syntax, types and unknown keys only.
     pub fn parse(path: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
         let (figment, source) = match path {
@@ -251,7 +258,11 @@ impl LoadedConfig {
             .split("__");
         let figment = figment.merge(env);
         match figment.extract::<Config>() {
-            Ok(config) => Ok(LoadedConfig { config, source }),
+            Ok(config) => Ok(LoadedConfig {
+                config,
+                source,
+                path: path.map(Path::to_path_buf),
+            }),
             Err(err) => Err(ConfigError {
                 source: source.clone(),
                 issues: err.into_iter().map(figment_issue).collect(),

@@ -112,6 +112,32 @@ impl SinkHandle {
 
     /// Events queued and not yet stored.
     pub fn queued(&self) -> usize {
+        self.gauge().queued()
+    }
+
+    /// A read-only view of the buffer and health that does not keep the sink open.
+    pub fn gauge(&self) -> SinkGauge {
+        SinkGauge {
+            name: self.name.clone(),
+            permits: self.permits.clone(),
+            max_events: self.max_events,
+            health: self.health.clone(),
+        }
+    }
+}
+
+/// What observers (status, metrics) see of a sink, without holding it open.
+#[derive(Clone)]
+pub struct SinkGauge {
+    pub name: Arc<str>,
+    permits: Arc<Semaphore>,
+    pub max_events: usize,
+    pub health: Arc<SinkHealth>,
+}
+
+impl SinkGauge {
+    /// Events queued and not yet stored.
+    pub fn queued(&self) -> usize {
         self.max_events
             .saturating_sub(self.permits.available_permits())
     }
@@ -132,11 +158,16 @@ impl SinkWorker {
 
 /// Starts the runner thread for `sink`. `give_up` stops retrying a failing write (at the end
 /// of the shutdown deadline): whatever was not stored stays unacknowledged.
+///
+/// `after`: a previous instance of the same sink (replaced by a reload). The new runner
+/// starts writing only once that one has drained and closed, so two instances never write
+/// the same files at once; meanwhile events queue in the new buffer.
 pub fn spawn(
     name: &str,
     sink: Box<dyn Sink>,
     buffer: &BufferConfig,
     give_up: CancellationToken,
+    after: Option<SinkWorker>,
 ) -> std::io::Result<(SinkHandle, SinkWorker)> {
     let name: Arc<str> = Arc::from(name);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -161,7 +192,12 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("sink-{name}"))
         .spawn(move || {
-            runtime.block_on(run(thread_name, sink, rx, health, give_up));
+            runtime.block_on(async move {
+                if let Some(previous) = after {
+                    previous.finished().await;
+                }
+                run(thread_name, sink, rx, health, give_up).await
+            });
             let _ = done_tx.send(());
         })?;
     Ok((
