@@ -28,6 +28,8 @@ pub struct SeenRequest {
 pub struct LogServer {
     pub addr: SocketAddr,
     pub requests: Arc<Mutex<Vec<SeenRequest>>>,
+    /// Responses still streaming (the client has not gone away).
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Clone)]
@@ -36,6 +38,7 @@ struct LogState {
     chunk: u64,
     pause: Duration,
     requests: Arc<Mutex<Vec<SeenRequest>>>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The event with id `n`: a few types, JSON data, about 100 bytes.
@@ -51,11 +54,13 @@ pub fn event_type(n: u64) -> &'static str {
 impl LogServer {
     pub async fn start(total: u64, chunk: u64, pause: Duration) -> LogServer {
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let state = LogState {
             total,
             chunk,
             pause,
             requests: requests.clone(),
+            open: open.clone(),
         };
         let app = axum::Router::new()
             .route("/stream", axum::routing::get(serve_log))
@@ -67,7 +72,15 @@ impl LogServer {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        LogServer { addr, requests }
+        LogServer {
+            addr,
+            requests,
+            open,
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
@@ -90,7 +103,16 @@ async fn serve_log(State(state): State<LogState>, headers: HeaderMap) -> Respons
     });
     let start = last.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
+    state.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     tokio::spawn(async move {
+        // Counts the response as open until the generator ends (the client went away).
+        struct Open(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _open = Open(state.open.clone());
         let mut n = start;
         if tx
             .send(Ok(Bytes::from_static(b": hello\nretry: 100\n\n")))
