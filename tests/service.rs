@@ -284,3 +284,65 @@ async fn systemd_notifications_arrive_in_order() {
     let pets = messages.iter().filter(|m| *m == "WATCHDOG=1").count();
     assert!(pets >= 1, "{messages:?}");
 }
+
+/// The shipped unit parses, names executables that exist, and stays well hardened
+/// (`systemd-analyze security` exposure of 2.0 or less). Runs where systemd-analyze exists.
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze is not installed: unit not checked");
+        return;
+    };
+    assert!(out.status.success());
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/sse-bridge.service"
+    ))
+    .expect("unit file");
+    for key in [
+        "Type=notify",
+        "ExecStartPre=",
+        "ExecReload=",
+        "WatchdogSec=",
+        "StateDirectory=",
+        "ConfigurationDirectory=",
+        "User=sse-bridge",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "RestrictAddressFamilies=",
+        "SystemCallFilter=@system-service",
+        "CapabilityBoundingSet=\n",
+    ] {
+        assert!(unit.contains(key), "unit lacks {key:?}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("sse-bridge.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/sse-bridge", &bin().display().to_string()),
+    )
+    .expect("write unit");
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze verify");
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=20", "--no-pager"])
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze security");
+    let text = String::from_utf8_lossy(&security.stdout);
+    assert!(
+        security.status.success(),
+        "exposure above 2.0:\n{text}{}",
+        String::from_utf8_lossy(&security.stderr)
+    );
+}
