@@ -40,13 +40,24 @@ struct Inner {
 /// Tracks one feed. Shared by the feed task (register) and the sink runners (ack).
 #[derive(Debug)]
 pub struct FeedTracker {
+    /// The feed's name and URL: the key of its checkpoint (empty for an anonymous tracker).
+    feed: Arc<str>,
+    url: Arc<str>,
     inner: Mutex<Inner>,
 }
 
 impl FeedTracker {
     /// Starts from the committed checkpoint: the next event will have sequence `start.seq + 1`.
     pub fn new(start: Position) -> Self {
+        Self::for_feed("", "", start)
+    }
+
+    /// [`FeedTracker::new`] for the feed `feed` at `url`, so that a sink storing checkpoints
+    /// itself knows which checkpoint row is this feed's.
+    pub fn for_feed(feed: &str, url: &str, start: Position) -> Self {
         FeedTracker {
+            feed: Arc::from(feed),
+            url: Arc::from(url),
             inner: Mutex::new(Inner {
                 pending: VecDeque::new(),
                 front_seq: start.seq + 1,
@@ -54,6 +65,16 @@ impl FeedTracker {
                 changed: false,
             }),
         }
+    }
+
+    /// The feed's name ("" for an anonymous tracker).
+    pub fn feed(&self) -> &str {
+        &self.feed
+    }
+
+    /// The feed's URL ("" for an anonymous tracker).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -114,6 +135,40 @@ impl FeedTracker {
             }
         }
         advance(&mut inner);
+    }
+
+    /// The position the checkpoint would reach if one sink acknowledged `seqs` now, given
+    /// what the other sinks have acknowledged so far. Changes nothing. The real position after
+    /// that sink's [`FeedTracker::ack`] is this one or later (other sinks only add acks), so a
+    /// sink may store it atomically with the events as a checkpoint that never runs ahead of
+    /// storage.
+    pub fn position_if_acked(&self, seqs: &[u64]) -> Position {
+        let mut sorted;
+        let seqs = if seqs.windows(2).all(|w| w[0] <= w[1]) {
+            seqs
+        } else {
+            sorted = seqs.to_vec();
+            sorted.sort_unstable();
+            &sorted[..]
+        };
+        let inner = self.lock();
+        let mut position = inner.acked.clone();
+        let mut next = 0usize;
+        for (offset, entry) in inner.pending.iter().enumerate() {
+            let seq = inner.front_seq + offset as u64;
+            while seqs.get(next).is_some_and(|&s| s < seq) {
+                next += 1;
+            }
+            let mine = u32::from(seqs.get(next) == Some(&seq));
+            if entry.remaining.saturating_sub(mine) > 0 {
+                break;
+            }
+            position = Position {
+                seq,
+                last_event_id: entry.id.clone(),
+            };
+        }
+        position
     }
 
     /// The acknowledged position, if it changed since the last call.
@@ -205,6 +260,40 @@ mod tests {
         assert_eq!((p.seq, &*p.last_event_id), (11, "z"));
         t.id_only("y");
         assert_eq!(&*t.acked().last_event_id, "y");
+    }
+
+    #[test]
+    fn position_if_acked_previews_without_changing_anything() {
+        let t = FeedTracker::for_feed(
+            "f",
+            "http://x",
+            Position {
+                seq: 10,
+                last_event_id: Arc::from("a"),
+            },
+        );
+        assert_eq!((t.feed(), t.url()), ("f", "http://x"));
+        t.register([(11, "b", 2), (12, "c", 1), (13, "d", 0), (14, "e", 1)]);
+        // 11 still waits for another sink: no movement.
+        assert_eq!(t.position_if_acked(&[11, 12]).seq, 10);
+        t.ack([11]); // the other sink
+        let p = t.position_if_acked(&[11, 12]);
+        assert_eq!(
+            (p.seq, &*p.last_event_id),
+            (13, "d"),
+            "through the unrouted 13"
+        );
+        assert_eq!(
+            t.position_if_acked(&[12, 11, 14]).seq,
+            14,
+            "order does not matter"
+        );
+        assert_eq!(t.position_if_acked(&[14]).seq, 10, "a gap stops it");
+        assert_eq!(t.acked().seq, 10, "nothing changed");
+        assert_eq!(t.pending(), 4);
+        t.ack([11, 12]);
+        assert_eq!(t.acked().seq, 13);
+        assert_eq!(t.position_if_acked(&[]).seq, 13);
     }
 
     #[test]

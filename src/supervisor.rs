@@ -183,7 +183,7 @@ impl Supervisor {
         let give_up = CancellationToken::new();
         let mut sinks = BTreeMap::new();
         for (name, config) in &loaded.config.sink {
-            sinks.insert(name.clone(), start_sink(name, config, &give_up, None)?);
+            sinks.insert(name.clone(), start_sink(name, config, &loaded.config.state.path, &give_up, None)?);
         }
         let routing = build_routing(&loaded, &sinks)?;
         let (routing, _) = watch::channel(Arc::new(routing));
@@ -246,7 +246,11 @@ impl Supervisor {
     async fn start_feed(&mut self, feed: FeedConfig) -> anyhow::Result<()> {
         let feed = Arc::new(feed);
         let start = start_position(&self.state, &feed).await?;
-        let tracker = Arc::new(FeedTracker::new(start.clone()));
+        let tracker = Arc::new(FeedTracker::for_feed(
+            &feed.name,
+            &feed.url,
+            start.clone(),
+        ));
         let status = StatusHandle::new();
         let source = EventSource::new(
             feed.clone(),
@@ -340,7 +344,7 @@ impl Supervisor {
                         summary.sinks_replaced.push(name.clone());
                         p.worker
                     });
-                    match start_sink(name, config, &self.give_up, after) {
+                    match start_sink(name, config, &self.loaded.config.state.path, &self.give_up, after) {
                         Ok(s) => {
                             sinks.insert(name.clone(), s);
                         }
@@ -484,11 +488,12 @@ fn log_feed_summary(view: &FeedView) {
 fn start_sink(
     name: &str,
     config: &SinkConfig,
+    state_path: &std::path::Path,
     give_up: &CancellationToken,
     after: Option<SinkWorker>,
 ) -> anyhow::Result<RunningSink> {
     let sink = config
-        .build(name)
+        .build_with_state(name, Some(state_path))
         .with_context(|| format!("starting sink `{name}`"))?;
     let (handle, worker) = runner::spawn(name, sink, config.buffer(), give_up.clone(), after)
         .with_context(|| format!("starting the thread of sink `{name}`"))?;

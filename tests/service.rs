@@ -218,7 +218,7 @@ async fn systemd_notifications_arrive_in_order() {
         .spawn()
         .expect("spawn");
     let mut messages: Vec<String> = Vec::new();
-    let mut receive_until = |messages: &mut Vec<String>, what: &str, within: Duration| {
+    let receive_until = |messages: &mut Vec<String>, what: &str, within: Duration| {
         let end = std::time::Instant::now() + within;
         let mut buf = [0u8; 4096];
         while std::time::Instant::now() < end {

@@ -5,13 +5,17 @@
 pub mod file;
 pub mod jsonl;
 pub mod runner;
+pub mod sqlite;
 pub mod stdout;
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::Event;
+use crate::state::Checkpoint;
 
 /// `[sink.NAME]`: one sink, chosen by `type`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -21,6 +25,8 @@ pub enum SinkConfig {
     File(file::FileSinkConfig),
     /// JSON Lines on the bridge's standard output.
     Stdout(stdout::StdoutSinkConfig),
+    /// Rows of an SQLite database, stored exactly once.
+    Sqlite(sqlite::SqliteSinkConfig),
 }
 
 impl SinkConfig {
@@ -29,6 +35,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(_) => "file",
             SinkConfig::Stdout(_) => "stdout",
+            SinkConfig::Sqlite(_) => "sqlite",
         }
     }
 
@@ -38,14 +45,26 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Stdout(c) => c.validate(),
+            SinkConfig::Sqlite(c) => c.validate(),
         }
     }
 
-    /// Opens the sink.
+    /// Opens the sink outside a running bridge (no state database: `replay --to`).
     pub fn build(&self, name: &str) -> Result<Box<dyn Sink>, SinkError> {
+        self.build_with_state(name, None)
+    }
+
+    /// Opens the sink of a bridge whose state database is `state_path`: an SQLite sink that
+    /// writes to that same file commits the checkpoints with its events.
+    pub fn build_with_state(
+        &self,
+        name: &str,
+        state_path: Option<&Path>,
+    ) -> Result<Box<dyn Sink>, SinkError> {
         match self {
             SinkConfig::File(c) => Ok(Box::new(file::FileSink::build(name, c)?)),
             SinkConfig::Stdout(c) => Ok(Box::new(stdout::StdoutSink::build(name, c)?)),
+            SinkConfig::Sqlite(c) => Ok(Box::new(sqlite::SqliteSink::build(name, c, state_path)?)),
         }
     }
 
@@ -54,6 +73,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => &c.buffer,
             SinkConfig::Stdout(c) => &c.buffer,
+            SinkConfig::Sqlite(c) => &c.buffer,
         }
     }
 
@@ -63,7 +83,7 @@ impl SinkConfig {
     pub fn accepts_type(&self, event_type: &str) -> bool {
         match self {
             SinkConfig::File(c) => c.accepts_type(event_type),
-            SinkConfig::Stdout(_) => true,
+            SinkConfig::Stdout(_) | SinkConfig::Sqlite(_) => true,
         }
     }
 }
@@ -117,6 +137,31 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    #[error("sink `{sink}`: {message}")]
+    Db { sink: String, message: String },
+}
+
+/// How the runner drives a sink. The defaults suit most sinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Most events handed to one `write` call (queued batches are merged up to this).
+    pub max_batch_events: usize,
+    /// How long the runner waits for more events before writing a smaller batch.
+    pub max_batch_wait: Duration,
+    /// Whether the sink wants [`Sink::write_with_checkpoints`]: it stores each feed's
+    /// checkpoint in the same transaction as the events (an SQLite sink in the state
+    /// database). Only such sinks pay for computing them.
+    pub checkpoints: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            max_batch_events: 8192,
+            max_batch_wait: Duration::ZERO,
+            checkpoints: false,
+        }
+    }
 }
 
 /// The one small trait every sink implements. Calls come from one thread, in order.
@@ -125,6 +170,24 @@ pub trait Sink: Send {
     /// stored as durably as the sink's policy promises; the runner then acknowledges them.
     /// On `Err` the runner retries the same batch, so a write must be safe to repeat.
     fn write(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError>;
+
+    /// Batching and checkpoint needs; asked once, when the runner starts.
+    fn options(&self) -> WriteOptions {
+        WriteOptions::default()
+    }
+
+    /// Called instead of `write` when `options().checkpoints` is set. `checkpoints` holds,
+    /// for each feed in the batch, the checkpoint that holds once this batch is acknowledged
+    /// (every earlier event of the feed is stored by every sink it was routed to); the sink
+    /// stores them atomically with the events.
+    fn write_with_checkpoints(
+        &mut self,
+        events: &[Arc<Event>],
+        checkpoints: &[Checkpoint],
+    ) -> Result<(), SinkError> {
+        let _ = checkpoints;
+        self.write(events)
+    }
 
     /// Called about once a second, and when no events are arriving: time-based work such as
     /// an `fsync` interval.

@@ -15,10 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{BufferConfig, Sink, WhenFull};
 use crate::checkpoint::FeedTracker;
 use crate::event::Event;
-
-/// How many events one `Sink::write` call receives at most: queued batches are merged so an
-/// fsync or a transaction covers many events (group commit).
-const MAX_WRITE_EVENTS: usize = 8192;
+use crate::state::Checkpoint;
 /// How often `Sink::tick` runs.
 const TICK: Duration = Duration::from_secs(1);
 /// Retry delays after a failed write: doubling from the first to the second.
@@ -218,7 +215,12 @@ async fn run(
 ) {
     let mut batch: Vec<Arc<Event>> = Vec::new();
     let mut envelopes: Vec<Envelope> = Vec::new();
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut next_tick = tokio::time::Instant::now() + TICK;
+    // How many events one write receives at most (queued batches are merged so an fsync or a
+    // transaction covers many events: group commit), and how long to wait for more.
+    let options = sink.options();
+    let max_events = options.max_batch_events.max(1);
     loop {
         let first = tokio::select! {
             m = rx.recv() => m,
@@ -234,16 +236,32 @@ async fn run(
         batch.clear();
         batch.extend(first.events.iter().cloned());
         envelopes.push(first);
-        while batch.len() < MAX_WRITE_EVENTS {
-            match rx.try_recv() {
-                Ok(more) => {
-                    batch.extend(more.events.iter().cloned());
-                    envelopes.push(more);
-                }
-                Err(_) => break,
-            }
+        let wait_until = tokio::time::Instant::now() + options.max_batch_wait;
+        while batch.len() < max_events {
+            let more = match rx.try_recv() {
+                Ok(more) => more,
+                Err(_) if options.max_batch_wait.is_zero() => break,
+                Err(_) => match tokio::time::timeout_at(wait_until, rx.recv()).await {
+                    Ok(Some(more)) => more,
+                    Ok(None) | Err(_) => break,
+                },
+            };
+            batch.extend(more.events.iter().cloned());
+            envelopes.push(more);
         }
-        if !write_with_retry(&name, sink.as_mut(), &batch, &health, &give_up).await {
+        if options.checkpoints {
+            checkpoints_after(&envelopes, &mut checkpoints);
+        }
+        if !write_with_retry(
+            &name,
+            sink.as_mut(),
+            &batch,
+            options.checkpoints.then_some(&checkpoints[..]),
+            &health,
+            &give_up,
+        )
+        .await
+        {
             // Giving up at the end of the shutdown deadline: nothing here is acknowledged,
             // so the checkpoints stay behind these events and they are fetched again.
             return;
@@ -267,11 +285,44 @@ async fn run(
     }
 }
 
-/// Writes until it succeeds; false if told to give up first.
+/// For each feed in the batch, the checkpoint that holds once the batch is acknowledged
+/// (a non-mutating preview on the feed's tracker).
+fn checkpoints_after(envelopes: &[Envelope], out: &mut Vec<Checkpoint>) {
+    out.clear();
+    let now = chrono::Utc::now();
+    let mut done: Vec<&Arc<FeedTracker>> = Vec::new();
+    let mut seqs: Vec<u64> = Vec::new();
+    for envelope in envelopes {
+        let tracker = &envelope.tracker;
+        if tracker.feed().is_empty() || done.iter().any(|t| Arc::ptr_eq(t, tracker)) {
+            continue;
+        }
+        done.push(tracker);
+        seqs.clear();
+        for same in envelopes
+            .iter()
+            .filter(|e| Arc::ptr_eq(&e.tracker, tracker))
+        {
+            seqs.extend(same.events.iter().map(|e| e.seq));
+        }
+        let p = tracker.position_if_acked(&seqs);
+        out.push(Checkpoint {
+            feed: tracker.feed().to_string(),
+            url: tracker.url().to_string(),
+            last_event_id: p.last_event_id.to_string(),
+            seq: p.seq,
+            updated_at: now,
+        });
+    }
+}
+
+/// Writes until it succeeds; false if told to give up first. With `checkpoints`, the sink
+/// stores them in the same transaction.
 async fn write_with_retry(
     name: &str,
     sink: &mut dyn Sink,
     batch: &[Arc<Event>],
+    checkpoints: Option<&[Checkpoint]>,
     health: &SinkHealth,
     give_up: &CancellationToken,
 ) -> bool {
@@ -279,7 +330,11 @@ async fn write_with_retry(
     let mut last_logged: Option<Instant> = None;
     let mut failures = 0u64;
     loop {
-        match sink.write(batch) {
+        let result = match checkpoints {
+            Some(cps) => sink.write_with_checkpoints(batch, cps),
+            None => sink.write(batch),
+        };
+        match result {
             Ok(()) => {
                 if failures > 0 {
                     tracing::info!(sink = %name, failures, "sink recovered; held-back events stored");

@@ -1,7 +1,7 @@
 //! The migration runner: brings an SQLite database to the schema this sse-bridge knows.
 //!
 //! Migrations are the numbered files in `migrations/` (`0001_state.sql`, …), embedded in the
-//! binary. They are shared by the state store and (later) the SQLite sink, so a database used
+//! binary. They are shared by the state store and the SQLite sink, so a database used
 //! by both has one schema history. The runner:
 //!
 //! - creates `schema_migrations(version, name, applied_at)` if missing;
@@ -29,11 +29,18 @@ pub struct Migration {
 }
 
 /// Every migration this sse-bridge knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "state",
-    sql: include_str!("../../migrations/0001_state.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "state",
+        sql: include_str!("../../migrations/0001_state.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "events",
+        sql: include_str!("../../migrations/0002_events.sql"),
+    },
+];
 
 /// The highest schema version this sse-bridge knows.
 pub fn latest_version() -> u32 {
@@ -191,11 +198,21 @@ mod tests {
         assert_eq!(migrate(&mut conn, "s.db").unwrap(), latest_version());
         assert_eq!(
             tables(&conn),
-            ["checkpoints", "gaps", "gaps_feed_at", "schema_migrations"]
+            [
+                "checkpoints",
+                "events",
+                "events_feed_seq",
+                "events_feed_type",
+                "events_identity",
+                "events_received_at",
+                "gaps",
+                "gaps_feed_at",
+                "schema_migrations"
+            ]
         );
         let (v, name, at): (u32, String, String) = conn
             .query_row(
-                "SELECT version, name, applied_at FROM schema_migrations",
+                "SELECT version, name, applied_at FROM schema_migrations ORDER BY version",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
