@@ -196,6 +196,12 @@ impl FeedTracker {
     pub fn pending(&self) -> usize {
         self.lock().pending.len()
     }
+
+    /// The sequence number of the last event registered (the start position's before any).
+    pub fn head_seq(&self) -> u64 {
+        let inner = self.lock();
+        (inner.front_seq + inner.pending.len() as u64).saturating_sub(1)
+    }
 }
 
 fn advance(inner: &mut Inner) {

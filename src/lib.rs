@@ -5,12 +5,15 @@
 //! -> [`checkpoint`] -> [`state`].
 //! Nothing downstream reaches back upstream except the acknowledgement.
 
+pub mod admin;
 pub mod checkpoint;
 pub mod config;
 pub mod event;
 pub mod logging;
 pub mod notify;
+pub mod replay;
 pub mod route;
+pub mod serve;
 pub mod sink;
 pub mod sse;
 pub mod state;

@@ -29,7 +29,7 @@ Try it: `sse-bridge run` runs the built-in configuration (Wikimedia's recentchan
 data/events/recentchange.jsonl, state in data/state.db).",
     after_help = "Configuration: a TOML file (see README.md, \"Configuration reference\"). \
 Environment variables SSE_BRIDGE_<SECTION>__<KEY> override keys of the [state], [log], \
-[shutdown] and [routing] sections, e.g. SSE_BRIDGE_STATE__PATH=/var/lib/sse-bridge/state.db.\n\
+[shutdown], [routing] and [admin] sections, e.g. SSE_BRIDGE_STATE__PATH=/var/lib/sse-bridge/state.db.\n\
 Exit status: 0 success, 1 runtime failure, 2 unusable configuration or arguments."
 )]
 struct Cli {
@@ -102,6 +102,98 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+
+    /// Play a stored log back: to the terminal, to another sink, at a chosen pace.
+    ///
+    /// Reads an SQLite database written by a `sqlite` sink, or a JSON Lines file written by a
+    /// `file` sink, and writes the events it selects, in the order they were stored, as JSON
+    /// Lines (the file sink's format, byte for byte) or as `text/event-stream` on standard
+    /// output, or through a sink of the configuration given with -c (`--to NAME`): that is how
+    /// a Kafka topic or a file is backfilled from last week's log. Events keep their feed, id,
+    /// seq and receive time.
+    ///
+    /// Filters combine: --feed, --type (a glob), --after-id or --after-seq, --since and
+    /// --until. The whole selection is checked before anything is written, so a corrupt
+    /// database or a broken line stops the replay with the file and the row or line named, and
+    /// the target untouched. A progress bar with rate and ETA is shown on a terminal (plain
+    /// counts every 5 s otherwise); the closing summary (events read, written, skipped) goes to
+    /// standard error.
+    #[command(after_long_help = "Examples:\n  \
+        sse-bridge replay data/state.db --feed recentchange --type edit --since 2h\n  \
+        sse-bridge replay data/events/recentchange.jsonl --format sse --rate 50/s\n  \
+        sse-bridge replay data/state.db --since 7d -c backfill.toml --to kafka\n\n\
+        Exit status: 0 replayed, 1 the source, the output or the sink failed (nothing is \
+        written when the source is broken), 2 unusable arguments.")]
+    Replay(sse_bridge::replay::ReplayArgs),
+
+    /// Serve stored events as Server-Sent Events, live, to browsers and other clients.
+    ///
+    /// Opens an SQLite database written by a `sqlite` sink (read-only) and answers
+    /// `GET /feeds/FEED/events` with a `text/event-stream` of the feed's stored events, then
+    /// the new ones as they are stored (by a bridge in another process, or any writer of the
+    /// same database). `?type=GLOB` keeps only matching event types.
+    ///
+    /// Each event carries its original id; an event stored without one carries `@POS`. A
+    /// client that reconnects with `Last-Event-ID` (or `?last_event_id=` on the first request)
+    /// gets exactly the events after that one; an id that is not in the log is answered 410.
+    /// Without one, the stream starts at the beginning of the stored log.
+    ///
+    /// Streams set `retry:`, send a `: heartbeat` comment every --heartbeat, and carry
+    /// `Content-Type: text/event-stream`, `Cache-Control: no-cache` and `X-Accel-Buffering: no`.
+    /// Every client has a bounded buffer: a slow client never holds back the others or the
+    /// bridge; one that falls more than --max-lag events behind is disconnected and resumes
+    /// with its Last-Event-ID. Listens on 127.0.0.1:8080 unless --listen says otherwise.
+    /// SIGTERM or SIGINT closes the streams and exits 0.
+    #[command(after_long_help = "Example:\n  \
+        sse-bridge serve data/state.db --listen 127.0.0.1:8090 &\n  \
+        curl -N 'http://127.0.0.1:8090/feeds/recentchange/events?type=edit'\n  \
+        curl -N -H 'Last-Event-ID: 1234' http://127.0.0.1:8090/feeds/recentchange/events")]
+    Serve(sse_bridge::serve::ServeArgs),
+
+    /// Show the running bridge's feeds and sinks, read from its admin endpoint.
+    ///
+    /// One row per feed: state (connecting, open, closed, stopped), last event ID, age of the
+    /// last event, events received, reconnections, the backoff being waited out, checkpoint
+    /// lag and the last error; one row per sink: health, queue, events stored and dropped,
+    /// write errors; then whether the bridge is ready (as `/readyz` says). The endpoint is the
+    /// configuration's `[admin] listen` (-c), or --admin.
+    Status {
+        /// The admin endpoint, such as `http://127.0.0.1:9187` or `127.0.0.1:9187`.
+        /// Default: `[admin] listen` of the configuration.
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// Print one JSON object (`feeds`, `sinks`, `ready`) instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Print events live as the running bridge routes them.
+    ///
+    /// Reads the admin endpoint's `/tap`: every event routed from now on (whether stored,
+    /// dropped or unrouted), as JSON Lines in the file sink's format, or --pretty for people.
+    /// The bridge never waits for a tap: when this command (or what reads its output) falls
+    /// too far behind, events are skipped and a note saying how many goes to standard error.
+    /// Runs until interrupted or until the bridge stops.
+    #[command(after_long_help = "Examples:\n  \
+        sse-bridge tap -c /etc/sse-bridge/sse-bridge.toml --feed recentchange --type edit\n  \
+        sse-bridge tap --admin 127.0.0.1:9187 --pretty\n  \
+        sse-bridge tap -c bridge.toml | jq -r .data")]
+    Tap {
+        /// The admin endpoint, such as `http://127.0.0.1:9187` or `127.0.0.1:9187`.
+        /// Default: `[admin] listen` of the configuration.
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// Only feeds matching this name or glob.
+        #[arg(long, value_name = "GLOB")]
+        feed: Option<String>,
+        /// Only event types matching this name or glob (such as `page.*` or `{edit,log}`).
+        #[arg(long = "type", value_name = "GLOB")]
+        event_type: Option<String>,
+        /// A readable format: a header line per event, the data (indented JSON when it is
+        /// JSON) below it.
+        #[arg(long)]
+        pretty: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,6 +220,9 @@ enum CheckpointsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Status { .. } | Command::Tap { .. } = &cli.command {
+        return admin_command(&cli);
+    }
     let loaded = match LoadedConfig::load(cli.config.as_deref()) {
         Ok(l) => l,
         Err(e) => {
@@ -160,6 +255,10 @@ fn main() -> ExitCode {
         Command::Validate => Ok(()),
         Command::Checkpoints(cmd) => checkpoints(&loaded, cmd),
         Command::Gaps { feed, json } => gaps(&loaded, feed.as_deref(), json),
+        Command::Replay(args) => sse_bridge::replay::run(&args, &loaded).map(|_| ()),
+        Command::Serve(args) => sse_bridge::serve::run(&args),
+        // Handled before the configuration is validated (see `admin_command`).
+        Command::Status { .. } | Command::Tap { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -390,5 +489,68 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     line(header.to_vec());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// `status` and `tap`: clients of a running bridge. The configuration is only read for
+/// `[admin] listen` (not validated: an operator's shell may lack the feeds' token variables).
+fn admin_command(cli: &Cli) -> ExitCode {
+    let admin = match &cli.command {
+        Command::Status { admin, .. } | Command::Tap { admin, .. } => admin.as_deref(),
+        _ => None,
+    };
+    let config = match admin {
+        Some(_) => None,
+        None => match LoadedConfig::parse(cli.config.as_deref()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("error: invalid configuration\n{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let base = match sse_bridge::admin::client::endpoint(
+        admin,
+        config.as_ref().and_then(|l| l.config.admin.as_ref()),
+    ) {
+        Ok(url) => url,
+        Err(e) => {
+            let source = config
+                .map(|l| format!("{}: ", l.source))
+                .unwrap_or_default();
+            eprintln!("error: {source}{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Command::Tap {
+        feed, event_type, ..
+    } = &cli.command
+    {
+        for (flag, pattern) in [("--feed", feed), ("--type", event_type)] {
+            if let Some(Err(e)) = pattern
+                .as_deref()
+                .map(sse_bridge::admin::client::check_glob)
+            {
+                eprintln!("error: {flag}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let result = match &cli.command {
+        Command::Status { json, .. } => sse_bridge::admin::client::status(&base, *json),
+        Command::Tap {
+            feed,
+            event_type,
+            pretty,
+            ..
+        } => sse_bridge::admin::client::tap(&base, feed.as_deref(), event_type.as_deref(), *pretty),
+        _ => Ok(()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

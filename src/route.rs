@@ -392,10 +392,8 @@ mod tests {
 
     fn file(path: &str) -> SinkConfig {
         SinkConfig::File(FileSinkConfig {
-            path: path.into(),
             fsync: FsyncPolicy::Always,
-            fsync_interval: std::time::Duration::from_secs(1),
-            buffer: BufferConfig::default(),
+            ..FileSinkConfig::new(path)
         })
     }
 

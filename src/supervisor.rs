@@ -49,6 +49,10 @@ pub struct FeedStats {
     pub unrouted: AtomicU64,
     /// Unix time (ms) of the last event received; 0 before the first.
     pub last_event_at_ms: AtomicU64,
+    /// The same counts per event type (bounded: see [`crate::admin::stats::MAX_TYPES`]).
+    pub types: crate::admin::stats::TypeTable,
+    /// The sequence number the last committed checkpoint covers.
+    pub committed_seq: AtomicU64,
 }
 
 /// What the rest of the process (admin endpoint, status, committer) can see of a running feed.
@@ -183,7 +187,10 @@ impl Supervisor {
         let give_up = CancellationToken::new();
         let mut sinks = BTreeMap::new();
         for (name, config) in &loaded.config.sink {
-            sinks.insert(name.clone(), start_sink(name, config, &loaded.config.state.path, &give_up, None)?);
+            sinks.insert(
+                name.clone(),
+                start_sink(name, config, &loaded.config.state.path, &give_up, None)?,
+            );
         }
         let routing = build_routing(&loaded, &sinks)?;
         let (routing, _) = watch::channel(Arc::new(routing));
@@ -246,11 +253,7 @@ impl Supervisor {
     async fn start_feed(&mut self, feed: FeedConfig) -> anyhow::Result<()> {
         let feed = Arc::new(feed);
         let start = start_position(&self.state, &feed).await?;
-        let tracker = Arc::new(FeedTracker::for_feed(
-            &feed.name,
-            &feed.url,
-            start.clone(),
-        ));
+        let tracker = Arc::new(FeedTracker::for_feed(&feed.name, &feed.url, start.clone()));
         let status = StatusHandle::new();
         let source = EventSource::new(
             feed.clone(),
@@ -268,7 +271,10 @@ impl Supervisor {
             config: feed.clone(),
             status,
             tracker,
-            stats: Arc::new(FeedStats::default()),
+            stats: Arc::new(FeedStats {
+                committed_seq: AtomicU64::new(start.seq),
+                ..FeedStats::default()
+            }),
         };
         let stop = CancellationToken::new();
         let task = FeedTask {
@@ -344,7 +350,13 @@ impl Supervisor {
                         summary.sinks_replaced.push(name.clone());
                         p.worker
                     });
-                    match start_sink(name, config, &self.loaded.config.state.path, &self.give_up, after) {
+                    match start_sink(
+                        name,
+                        config,
+                        &self.loaded.config.state.path,
+                        &self.give_up,
+                        after,
+                    ) {
                         Ok(s) => {
                             sinks.insert(name.clone(), s);
                         }
@@ -529,8 +541,16 @@ pub async fn run(
     mut reload: mpsc::Receiver<()>,
     notifier: Arc<Notifier>,
 ) -> anyhow::Result<()> {
+    // Bound before the feeds start: a port in use fails the start instead of going unnoticed.
+    let admin = match &loaded.config.admin {
+        Some(config) => Some(crate::admin::AdminServer::start(config, registry.clone()).await?),
+        None => None,
+    };
     let mut supervisor = Supervisor::start(loaded, registry.clone()).await?;
     notifier.ready();
+    if let Some(admin) = &admin {
+        admin.set_running(true);
+    }
     let watchdog = crate::notify::watchdog_interval().map(|every| {
         let notifier = notifier.clone();
         // Runs on the same runtime as the feeds: if the runtime is wedged, the petting stops
@@ -551,6 +571,9 @@ pub async fn run(
                 notifier.reloading();
                 match supervisor.loaded().reload() {
                     Ok(new) => {
+                        if new.config.admin != supervisor.config().admin {
+                            tracing::warn!("`[admin]` changed: the admin endpoint keeps its settings until the bridge restarts");
+                        }
                         if let Err(e) = supervisor.reload(new).await {
                             tracing::error!("reload rejected, the running configuration stays: {e:#}");
                         }
@@ -564,8 +587,14 @@ pub async fn run(
         }
     }
     notifier.stopping();
+    if let Some(admin) = &admin {
+        admin.set_running(false);
+    }
     status.abort();
     supervisor.shutdown().await;
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -672,6 +701,7 @@ impl FeedTask {
         let mut per_sink: Vec<Vec<Arc<Event>>> = vec![Vec::new(); routing.sinks.len()];
         let tracker = self.view.tracker.clone();
         let stats = self.view.stats.clone();
+        let mut types = crate::admin::stats::TypeCache::default();
         loop {
             items.clear();
             let next = tokio::select! {
@@ -733,6 +763,11 @@ impl FeedTask {
                         if !decision.sinks.is_empty() {
                             stats.routed.fetch_add(1, Ordering::Relaxed);
                         }
+                        types.get(&stats.types, &e.event_type).record(
+                            e.data.len(),
+                            decision.outcome,
+                            !decision.sinks.is_empty(),
+                        );
                         let sinks = decision.sinks.clone();
                         let event = Arc::new(Event {
                             feed: name.clone(),
@@ -890,6 +925,10 @@ async fn commit(views: &[FeedView], state: &SharedState) {
         tracing::error!("committing checkpoints failed (will retry): {e}");
         for (i, _) in changed {
             views[i].tracker.mark_changed();
+        }
+    } else {
+        for (i, c) in changed {
+            views[i].stats.committed_seq.store(c.seq, Ordering::Relaxed);
         }
     }
 }

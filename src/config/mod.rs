@@ -6,6 +6,9 @@ pub mod feed;
 pub mod units;
 mod validate;
 
+#[cfg(test)]
+mod proptests;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -33,7 +36,7 @@ pub const ENV_PREFIX: &str = "SSE_BRIDGE_";
 
 /// Top-level sections that environment variables may override. Other `SSE_BRIDGE_*` variables
 /// (such as a token named in `bearer_token_env`) are left alone.
-const ENV_SECTIONS: &[&str] = &["state", "log", "shutdown", "routing"];
+const ENV_SECTIONS: &[&str] = &["state", "log", "shutdown", "routing", "admin"];
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -60,6 +63,9 @@ pub struct Config {
     /// `[routing]`: the default route for events no `[[route]]` matches.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// `[admin]`: the admin HTTP endpoint (metrics, health, status, tap); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<crate::admin::AdminConfig>,
 }
 
 /// `[state]`

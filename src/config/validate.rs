@@ -108,6 +108,11 @@ pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
     {
         issues.add(key, message);
     }
+    if let Some(admin) = &cfg.admin {
+        for (key, message) in admin.validate() {
+            issues.add(format!("admin.{key}"), message);
+        }
+    }
     issues.0
 }
 

@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod jsonl;
+pub mod kafka;
 pub mod runner;
 pub mod sqlite;
 pub mod stdout;
@@ -27,6 +28,8 @@ pub enum SinkConfig {
     Stdout(stdout::StdoutSinkConfig),
     /// Rows of an SQLite database, stored exactly once.
     Sqlite(sqlite::SqliteSinkConfig),
+    /// Kafka records, confirmed by the broker before they are acknowledged.
+    Kafka(kafka::KafkaSinkConfig),
 }
 
 impl SinkConfig {
@@ -36,6 +39,7 @@ impl SinkConfig {
             SinkConfig::File(_) => "file",
             SinkConfig::Stdout(_) => "stdout",
             SinkConfig::Sqlite(_) => "sqlite",
+            SinkConfig::Kafka(_) => "kafka",
         }
     }
 
@@ -46,6 +50,7 @@ impl SinkConfig {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Stdout(c) => c.validate(),
             SinkConfig::Sqlite(c) => c.validate(),
+            SinkConfig::Kafka(c) => c.validate(),
         }
     }
 
@@ -65,6 +70,7 @@ impl SinkConfig {
             SinkConfig::File(c) => Ok(Box::new(file::FileSink::build(name, c)?)),
             SinkConfig::Stdout(c) => Ok(Box::new(stdout::StdoutSink::build(name, c)?)),
             SinkConfig::Sqlite(c) => Ok(Box::new(sqlite::SqliteSink::build(name, c, state_path)?)),
+            SinkConfig::Kafka(c) => Ok(Box::new(kafka::KafkaSink::build(name, c)?)),
         }
     }
 
@@ -74,6 +80,7 @@ impl SinkConfig {
             SinkConfig::File(c) => &c.buffer,
             SinkConfig::Stdout(c) => &c.buffer,
             SinkConfig::Sqlite(c) => &c.buffer,
+            SinkConfig::Kafka(c) => &c.buffer,
         }
     }
 
@@ -83,6 +90,7 @@ impl SinkConfig {
     pub fn accepts_type(&self, event_type: &str) -> bool {
         match self {
             SinkConfig::File(c) => c.accepts_type(event_type),
+            SinkConfig::Kafka(c) => c.accepts_type(event_type),
             SinkConfig::Stdout(_) | SinkConfig::Sqlite(_) => true,
         }
     }
@@ -139,6 +147,9 @@ pub enum SinkError {
     },
     #[error("sink `{sink}`: {message}")]
     Db { sink: String, message: String },
+    /// Records a broker did not confirm (Kafka).
+    #[error("sink `{sink}`: {message}")]
+    Delivery { sink: String, message: String },
 }
 
 /// How the runner drives a sink. The defaults suit most sinks.
@@ -197,4 +208,11 @@ pub trait Sink: Send {
 
     /// Makes everything written so far durable; called at shutdown.
     fn flush(&mut self) -> Result<(), SinkError>;
+
+    /// Closes and reopens what the sink writes to, between writes (SIGHUP), so that files
+    /// renamed away by an external tool such as logrotate are left alone and new ones are
+    /// started at the configured paths. Everything written so far stays stored.
+    fn reopen(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }

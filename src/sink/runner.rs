@@ -43,6 +43,8 @@ pub struct SinkHealth {
     pub dropped: AtomicU64,
     /// Failed write attempts.
     pub errors: AtomicU64,
+    /// How long `Sink::write` calls take, failed ones included.
+    pub write_seconds: crate::admin::stats::Histogram,
 }
 
 impl SinkHealth {
@@ -330,10 +332,12 @@ async fn write_with_retry(
     let mut last_logged: Option<Instant> = None;
     let mut failures = 0u64;
     loop {
+        let started = Instant::now();
         let result = match checkpoints {
             Some(cps) => sink.write_with_checkpoints(batch, cps),
             None => sink.write(batch),
         };
+        health.write_seconds.observe(started.elapsed());
         match result {
             Ok(()) => {
                 if failures > 0 {

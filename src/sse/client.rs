@@ -177,7 +177,10 @@ impl EventSource {
                 Phase::Open { conn, opened_at } => {
                     let opened_at = *opened_at;
                     let chunk = match conn.next_chunk().await {
-                        Ok(Some(bytes)) => bytes,
+                        Ok(Some(bytes)) => {
+                            self.status.add_received_bytes(bytes.len());
+                            bytes
+                        }
                         Ok(None) => {
                             // The unfinished event (if any) is discarded, as the standard says.
                             let eof = conn.eof_failure();
@@ -335,6 +338,9 @@ impl EventSource {
             self.backoff.connection_closed(open_for);
         }
         let kind = failure.kind;
+        let class = error_class(kind, level);
+        self.status
+            .update(|s| *s.errors.entry(class).or_default() += 1);
         let browser = self.feed.policy == Policy::Browser;
         match kind {
             FailureKind::NoContent => return Some(self.stop(failure.message)),
@@ -431,6 +437,20 @@ impl EventSource {
             reason: reason.clone(),
         };
         Next::Stopped { reason }
+    }
+}
+
+/// The class a failure is counted under (see [`super::status::ERROR_CLASSES`]).
+fn error_class(kind: FailureKind, level: Level) -> &'static str {
+    match (kind, level) {
+        (FailureKind::Network, Level::Info) => "eof",
+        (FailureKind::Network, Level::Error) => "too_large",
+        (FailureKind::Network, Level::ByKind) => "network",
+        (FailureKind::Unavailable, _) => "unavailable",
+        (FailureKind::Client, _) => "client",
+        (FailureKind::IdRejected, _) => "id_rejected",
+        (FailureKind::NoContent, _) => "no_content",
+        (FailureKind::Local, _) => "local",
     }
 }
 

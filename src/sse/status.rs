@@ -1,5 +1,7 @@
 //! The observable state of a feed, mirroring the EventSource `readyState`.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +23,22 @@ pub enum ReadyState {
     Stopped,
 }
 
+/// The classes of failures counted in [`FeedStatus::errors`]: `network` (connect, DNS, TLS,
+/// timeouts, a broken connection), `eof` (the server ended the stream), `too_large` (a line or
+/// event over `max_event_size`), `unavailable` (5xx, 408, 429), `client` (other 4xx, a wrong
+/// content type, redirect trouble), `id_rejected` (the server refused the Last-Event-ID),
+/// `no_content` (204: stop), `local` (the bearer token is unreadable).
+pub const ERROR_CLASSES: [&str; 8] = [
+    "network",
+    "eof",
+    "too_large",
+    "unavailable",
+    "client",
+    "id_rejected",
+    "no_content",
+    "local",
+];
+
 /// A snapshot of one feed's health, kept current by the client.
 #[derive(Debug, Clone, Serialize)]
 pub struct FeedStatus {
@@ -37,6 +55,8 @@ pub struct FeedStatus {
     pub current_backoff: Option<Duration>,
     /// When the current connection opened.
     pub open_since: Option<SystemTime>,
+    /// Failures so far, by class (one of [`ERROR_CLASSES`]).
+    pub errors: BTreeMap<&'static str, u64>,
 }
 
 impl Default for FeedStatus {
@@ -49,13 +69,18 @@ impl Default for FeedStatus {
             reconnects: 0,
             current_backoff: None,
             open_since: None,
+            errors: BTreeMap::new(),
         }
     }
 }
 
 /// The writer's end: the client updates it, anyone may subscribe to it.
 #[derive(Debug, Clone)]
-pub struct StatusHandle(Arc<watch::Sender<FeedStatus>>);
+pub struct StatusHandle {
+    tx: Arc<watch::Sender<FeedStatus>>,
+    /// Bytes read from response bodies: counted per read, so kept out of the watched status.
+    bytes: Arc<AtomicU64>,
+}
 
 impl Default for StatusHandle {
     fn default() -> Self {
@@ -65,23 +90,36 @@ impl Default for StatusHandle {
 
 impl StatusHandle {
     pub fn new() -> Self {
-        StatusHandle(Arc::new(watch::channel(FeedStatus::default()).0))
+        StatusHandle {
+            tx: Arc::new(watch::channel(FeedStatus::default()).0),
+            bytes: Arc::default(),
+        }
     }
 
     /// Changes the status in place and notifies subscribers.
     pub fn update(&self, f: impl FnOnce(&mut FeedStatus)) {
-        self.0.send_modify(f);
+        self.tx.send_modify(f);
     }
 
     pub fn get(&self) -> FeedStatus {
-        self.0.borrow().clone()
+        self.tx.borrow().clone()
     }
 
     pub fn state(&self) -> ReadyState {
-        self.0.borrow().state
+        self.tx.borrow().state
     }
 
     pub fn subscribe(&self) -> watch::Receiver<FeedStatus> {
-        self.0.subscribe()
+        self.tx.subscribe()
+    }
+
+    /// Counts a chunk read from the response body.
+    pub fn add_received_bytes(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes read from response bodies so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 }

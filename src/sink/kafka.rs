@@ -1,0 +1,1330 @@
+//! `type = "kafka"`: every event becomes one Kafka record, produced with librdkafka (through
+//! rdkafka, with the bundled library).
+//!
+//! - **Acknowledged after the broker confirmed.** `write` enqueues the whole batch, then waits
+//!   for the delivery report of every record before it returns `Ok`; only then does the runner
+//!   acknowledge the events and may the checkpoint move past them (DESIGN.md §4). So the
+//!   records in flight are bounded by one batch (the runner merges at most 8192 events), and
+//!   a slow or unreachable broker fills the sink's buffer and holds the feeds back.
+//! - **Nothing is lost on a timeout.** A record that librdkafka could not deliver within
+//!   `delivery_timeout` fails the batch: the runner retries it, and this sink then sends again
+//!   only the records of that batch that were not confirmed. A record that timed out may still
+//!   have been written (the answer was lost), so a retry can duplicate it; every copy carries
+//!   the same `sse-id` and `sse-seq` headers, so consumers can drop duplicates.
+//! - **Permanent errors** (the topic does not exist, authorization, a record too large)
+//!   hold the batch back too (`on_error = "block"`, the default) until the operator fixes the
+//!   cause, or are counted and skipped (`on_error = "skip"`).
+//! - **Names built from event data are checked** (DESIGN.md §7): a topic rendered from
+//!   `{type}` is 1 to 249 characters of `A-Z a-z 0-9 . _ -`; other types are refused at
+//!   routing time ([`KafkaSinkConfig::accepts_type`]) and never sent.
+//! - **Secrets** in `options` can come from the environment or a file; option values never
+//!   appear in logs or error messages for keys that look secret, nor for values read from the
+//!   environment or a file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::SecondsFormat;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{BufferConfig, SinkError};
+use crate::event::Event;
+
+/// Kafka's limit on topic names.
+pub const MAX_TOPIC_LEN: usize = 249;
+/// Longest feed name (the config loader enforces it); bounds topics rendered from `{feed}`.
+const MAX_FEED_LEN: usize = 100;
+/// How long `write` waits for delivery reports beyond `delivery_timeout` before it gives up
+/// on a batch (librdkafka reports every record within `delivery_timeout`; this is a backstop).
+const REPORT_GRACE: Duration = Duration::from_secs(10);
+/// A sink that skips records logs at most this often.
+const SKIP_LOG_EVERY: Duration = Duration::from_secs(30);
+/// librdkafka's own errors (connection refused, ...) are logged at most this often.
+const CLIENT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Options that have their own key in `[sink.NAME]`, or that the sink cannot honour.
+const RESERVED_OPTIONS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set `brokers` instead"),
+    ("metadata.broker.list", "set `brokers` instead"),
+    ("compression.type", "set `compression` instead"),
+    ("compression.codec", "set `compression` instead"),
+    ("enable.idempotence", "set `idempotence` instead"),
+    ("acks", "set `acks` instead"),
+    ("request.required.acks", "set `acks` instead"),
+    ("message.timeout.ms", "set `delivery_timeout` instead"),
+    ("delivery.timeout.ms", "set `delivery_timeout` instead"),
+    (
+        "transactional.id",
+        "transactions are not used: records are confirmed one batch at a time",
+    ),
+];
+
+/// `[sink.NAME]` with `type = "kafka"`: produces every event as one Kafka record.
+///
+/// ```toml
+/// [sink.kafka]
+/// type = "kafka"
+/// brokers = "kafka1:9092,kafka2:9092"
+/// topic = "sse.{feed}.{type}"
+/// key = "id"
+/// compression = "zstd"
+///
+/// [sink.kafka.options]
+/// "security.protocol" = "SASL_SSL"
+/// "sasl.mechanism" = "SCRAM-SHA-512"
+/// "sasl.username" = "bridge"
+/// "sasl.password" = { env = "KAFKA_PASSWORD" }
+/// ```
+///
+/// A record's value is the event's `data`, byte for byte (UTF-8). Its headers are `sse-feed`,
+/// `sse-type`, `sse-id` (the last event ID, possibly empty), `sse-seq` (the bridge's per-feed
+/// sequence number, in decimal) and `received-at` (RFC 3339, UTC, microseconds, `Z`); its
+/// timestamp is `received-at` in milliseconds.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// The bootstrap brokers, `host:port` separated by commas (librdkafka's
+    /// `bootstrap.servers`).
+    pub brokers: String,
+    /// The topic: a fixed name, or a template in which `{feed}` is replaced by the feed name
+    /// and `{type}` by the event type, e.g. `sse.{feed}.{type}`. A topic name is 1 to 249
+    /// characters of `A-Z a-z 0-9 . _ -` and not `.` or `..`; the fixed parts are checked when
+    /// the configuration is loaded. With `{type}`, event types that would make an invalid name
+    /// (other characters, or longer than 249 characters with a feed name of 100) are never
+    /// sent: such events go to the default route (`[routing] default`) and are counted as
+    /// misfits. Topics are not created by the bridge: create them first (or let the broker
+    /// create them automatically, if it does).
+    pub topic: String,
+    /// The record key: `feed` (default: the feed name, so each feed's events stay in one
+    /// partition, in order), `id` (the event's last event ID; no key when it is empty),
+    /// `none` (no key: librdkafka spreads records over partitions), or a JSON pointer into
+    /// `data` such as `/meta/id` (a string value is used as is, any other value as its JSON
+    /// text; when `data` is not JSON or has no such value, the record has no key and the
+    /// event is counted in the `keys_missing` figure logged at shutdown).
+    #[serde(default)]
+    pub key: KeySource,
+    /// `none`, `gzip`, `lz4` (default) or `zstd`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// The idempotent producer (default `true`): librdkafka's own retries never duplicate or
+    /// reorder records. Requires `acks = "all"`.
+    #[serde(default = "default_true")]
+    pub idempotence: bool,
+    /// `all` (default): a record is confirmed once every in-sync replica has it. `leader`:
+    /// once the partition leader has it (a leader failure can then lose confirmed records;
+    /// only with `idempotence = false`).
+    #[serde(default)]
+    pub acks: Acks,
+    /// How long librdkafka tries to deliver a record (its `message.timeout.ms`). When it
+    /// expires the record is not lost: the batch fails and is retried, holding the feeds back.
+    /// Default `30s`.
+    #[serde(default = "default_delivery_timeout", with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// What a permanent delivery error (the topic does not exist, authorization failed, a
+    /// record too large for the broker) does. `block` (default): the batch is retried with
+    /// backoff, the feeds routed here are held back and the error is logged, until the cause
+    /// is fixed. `skip`: the records are dropped, counted (`skipped`, logged at shutdown) and
+    /// treated as stored, so the checkpoint moves past them. Transient errors (broker down,
+    /// timeouts) always hold the feeds back.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Extra librdkafka settings, passed as is: TLS, SASL, batching, `client.id`, ...
+    /// (<https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md>). A value is
+    /// a string, number or boolean, or `{ env = "VAR" }` (read from the environment variable
+    /// at start) or `{ file = "/run/secrets/x" }` (the file's content, without its trailing
+    /// line break). Values of keys containing `password`, `secret`, `key`, `token` or
+    /// `credential`, and values read from the environment or a file, never appear in logs or
+    /// error messages. Keys that have their own setting here (`bootstrap.servers`, `acks`,
+    /// `compression.type`, `enable.idempotence`, `message.timeout.ms`) are refused, and so is
+    /// `transactional.id`.
+    #[serde(default)]
+    pub options: BTreeMap<String, OptionValue>,
+    /// The in-memory queue in front of the sink (`max_events`, `when_full`).
+    #[serde(default)]
+    pub buffer: BufferConfig,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_delivery_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// See [`KafkaSinkConfig::key`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum KeySource {
+    #[default]
+    Feed,
+    Id,
+    None,
+    /// A JSON pointer (RFC 6901) into `data`.
+    Pointer(String),
+}
+
+impl Serialize for KeySource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            KeySource::Feed => "feed",
+            KeySource::Id => "id",
+            KeySource::None => "none",
+            KeySource::Pointer(p) => p,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for KeySource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "feed" => Ok(KeySource::Feed),
+            "id" => Ok(KeySource::Id),
+            "none" => Ok(KeySource::None),
+            p if p.starts_with('/') => match pointer_problem(p) {
+                None => Ok(KeySource::Pointer(s)),
+                Some(problem) => Err(de::Error::custom(format!(
+                    "`{p}` is not a valid JSON pointer: {problem}"
+                ))),
+            },
+            other => Err(de::Error::custom(format!(
+                "unknown key source `{other}`: expected `feed`, `id`, `none`, or a JSON pointer \
+                 into the data such as `/meta/id`"
+            ))),
+        }
+    }
+}
+
+/// What is wrong with a JSON pointer, if anything: `~` must be followed by `0` or `1`.
+fn pointer_problem(p: &str) -> Option<&'static str> {
+    let mut chars = p.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return Some("`~` must be followed by `0` (for `~`) or `1` (for `/`)");
+        }
+    }
+    None
+}
+
+/// See [`KafkaSinkConfig::compression`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    #[default]
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// See [`KafkaSinkConfig::acks`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Acks {
+    #[default]
+    All,
+    Leader,
+}
+
+/// See [`KafkaSinkConfig::on_error`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Block,
+    Skip,
+}
+
+/// One value of `options`: plain text, or a secret read at start. `Debug` never shows a
+/// plain value (it may be a password written in the file).
+#[derive(Clone, PartialEq, Eq)]
+pub enum OptionValue {
+    /// Passed as is (numbers and booleans as written in TOML).
+    Plain(String),
+    /// The content of this environment variable.
+    Env(String),
+    /// The content of this file, without its trailing line break.
+    File(PathBuf),
+}
+
+impl fmt::Debug for OptionValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OptionValue::Plain(_) => f.write_str("Plain(***)"),
+            OptionValue::Env(var) => f.debug_tuple("Env").field(var).finish(),
+            OptionValue::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+impl Serialize for OptionValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            OptionValue::Plain(v) => s.serialize_str(v),
+            OptionValue::Env(var) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("env", var)?;
+                m.end()
+            }
+            OptionValue::File(path) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("file", path)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OptionValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OptionValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a string, number or boolean, or a table { env = \"VAR\" } or \
+                     { file = \"/path\" }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OptionValue, E> {
+                Ok(OptionValue::Plain(v.to_string()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<OptionValue, E> {
+                Ok(OptionValue::Plain(v))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<OptionValue, E> {
+                Ok(OptionValue::Plain(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<OptionValue, E> {
+                Ok(OptionValue::Plain(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<OptionValue, E> {
+                Ok(OptionValue::Plain(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<OptionValue, E> {
+                Ok(OptionValue::Plain(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OptionValue, A::Error> {
+                let Some(k) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(
+                        "an empty table: expected { env = \"VAR\" } or { file = \"/path\" }",
+                    ));
+                };
+                let value = match k.as_str() {
+                    "env" => OptionValue::Env(map.next_value()?),
+                    "file" => OptionValue::File(map.next_value()?),
+                    other => {
+                        return Err(de::Error::custom(format!(
+                            "unknown key `{other}`: expected {{ env = \"VAR\" }} or \
+                             {{ file = \"/path\" }}"
+                        )))
+                    }
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "unexpected key `{extra}`: give either `env` or `file`, alone"
+                    )));
+                }
+                Ok(value)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Whether the value of option `key` must never be shown.
+fn is_sensitive_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "key", "token", "credential", "jaas"]
+        .iter()
+        .any(|w| k.contains(w))
+        || k == "sasl.oauthbearer.config"
+}
+
+/// An option value resolved for librdkafka, with whether it may be shown.
+struct Resolved {
+    value: String,
+    secret: bool,
+}
+
+/// Reads an option's value. Errors name the key (and the variable or file), never the value.
+fn resolve_option(key: &str, value: &OptionValue) -> Result<Resolved, String> {
+    match value {
+        OptionValue::Plain(v) => Ok(Resolved {
+            value: v.clone(),
+            secret: is_sensitive_key(key),
+        }),
+        OptionValue::Env(var) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(Resolved {
+                value: v,
+                secret: true,
+            }),
+            Ok(_) => Err(format!("environment variable `{var}` is empty")),
+            Err(_) => Err(format!(
+                "environment variable `{var}` is not set (or not UTF-8)"
+            )),
+        },
+        OptionValue::File(path) => match std::fs::read_to_string(path) {
+            Ok(v) => {
+                let v = v.strip_suffix('\n').unwrap_or(&v);
+                let v = v.strip_suffix('\r').unwrap_or(v);
+                Ok(Resolved {
+                    value: v.to_string(),
+                    secret: true,
+                })
+            }
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        },
+    }
+}
+
+impl KafkaSinkConfig {
+    /// Offline checks; keys are relative to `[sink.NAME]`.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        if self.brokers.split(',').all(|b| b.trim().is_empty()) {
+            issues.push((
+                "brokers".to_string(),
+                "must name at least one broker, e.g. `localhost:9092`".to_string(),
+            ));
+        }
+        if let Err(errors) = TopicTemplate::parse(&self.topic) {
+            issues.extend(errors.into_iter().map(|m| ("topic".to_string(), m)));
+        }
+        if let KeySource::Pointer(p) = &self.key {
+            if let Some(problem) = pointer_problem(p) {
+                issues.push(("key".to_string(), problem.to_string()));
+            }
+        }
+        if self.idempotence && self.acks != Acks::All {
+            issues.push((
+                "acks".to_string(),
+                "the idempotent producer needs `acks = \"all\"` (or set `idempotence = false`)"
+                    .to_string(),
+            ));
+        }
+        if self.delivery_timeout < Duration::from_millis(1)
+            || self.delivery_timeout.as_millis() > i32::MAX as u128
+        {
+            issues.push((
+                "delivery_timeout".to_string(),
+                "must be between 1ms and 24 days".to_string(),
+            ));
+        }
+        match self.client_config() {
+            Ok(config) => {
+                // librdkafka checks every key and value without connecting anywhere.
+                if let Err(e) = config.check() {
+                    issues.push(e);
+                }
+            }
+            Err(errors) => issues.extend(errors),
+        }
+        issues
+    }
+
+    /// Whether events of this type can be sent: always, unless the topic uses `{type}` and the
+    /// type would not make a valid topic name.
+    pub fn accepts_type(&self, t: &str) -> bool {
+        if !self.topic.contains("{type}") {
+            return true;
+        }
+        TopicTemplate::parse(&self.topic).is_ok_and(|tpl| tpl.accepts_type(t))
+    }
+
+    /// The librdkafka settings: the sink's own, then `options` (secrets resolved).
+    fn client_config(&self) -> Result<Settings, Vec<(String, String)>> {
+        let mut settings = Settings::default();
+        let mut set = |k: &str, v: String| {
+            settings.entries.push((k.to_string(), v, false, None));
+        };
+        set("bootstrap.servers", self.brokers.clone());
+        set("compression.type", self.compression.as_str().to_string());
+        set("enable.idempotence", self.idempotence.to_string());
+        set(
+            "acks",
+            match self.acks {
+                Acks::All => "all".to_string(),
+                Acks::Leader => "1".to_string(),
+            },
+        );
+        set(
+            "message.timeout.ms",
+            self.delivery_timeout
+                .as_millis()
+                .min(i32::MAX as u128)
+                .to_string(),
+        );
+        set("client.id", "sse-bridge".to_string());
+        let mut errors = Vec::new();
+        for (key, value) in &self.options {
+            let okey = format!("options.{key}");
+            if let Some((_, why)) = RESERVED_OPTIONS
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            {
+                errors.push((okey, format!("cannot be set here: {why}")));
+                continue;
+            }
+            match resolve_option(key, value) {
+                Ok(r) => {
+                    // An option given here replaces the sink's default (`client.id`).
+                    settings.entries.retain(|(k, ..)| k != key);
+                    settings
+                        .entries
+                        .push((key.clone(), r.value, r.secret, Some(okey)));
+                }
+                Err(e) => errors.push((okey, e)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(settings)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Resolved librdkafka settings: `(key, value, secret, config key)`.
+#[derive(Default)]
+struct Settings {
+    entries: Vec<(String, String, bool, Option<String>)>,
+}
+
+impl Settings {
+    fn to_client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        for (k, v, ..) in &self.entries {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// Lets librdkafka check every setting; the error names the config key and never shows a
+    /// secret value.
+    fn check(&self) -> Result<(), (String, String)> {
+        match self.to_client_config().create_native_config() {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.describe(&e)),
+        }
+    }
+
+    /// `(config key, message)` for an error from librdkafka about these settings.
+    fn describe(&self, e: &KafkaError) -> (String, String) {
+        if let KafkaError::ClientConfig(_, desc, key, _) = e {
+            if let Some((_, value, secret, okey)) = self.entries.iter().find(|(k, ..)| k == key) {
+                let mut message = desc.clone();
+                if *secret && !value.is_empty() {
+                    message = message.replace(value.as_str(), "***");
+                }
+                let okey = okey.clone().unwrap_or_else(|| "options".to_string());
+                return (okey, message);
+            }
+        }
+        ("options".to_string(), redact_all(&e.to_string(), self))
+    }
+}
+
+/// `message` with every secret value of `settings` replaced by `***`.
+fn redact_all(message: &str, settings: &Settings) -> String {
+    let mut out = message.to_string();
+    for (_, value, secret, _) in &settings.entries {
+        if *secret && !value.is_empty() {
+            out = out.replace(value.as_str(), "***");
+        }
+    }
+    out
+}
+
+/// Whether `c` may appear in a topic name.
+fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Kafka's rules for a topic name.
+pub fn is_valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= MAX_TOPIC_LEN
+        && t != "."
+        && t != ".."
+        && t.chars().all(is_topic_char)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Lit(String),
+    Feed,
+    Type,
+}
+
+/// A parsed `topic`.
+#[derive(Debug, Clone)]
+struct TopicTemplate {
+    pieces: Vec<Piece>,
+    literal_len: usize,
+    feeds: usize,
+    types: usize,
+}
+
+impl TopicTemplate {
+    /// Parses and checks a template; the errors are complete sentences for `topic`.
+    fn parse(s: &str) -> Result<TopicTemplate, Vec<String>> {
+        if s.is_empty() {
+            return Err(vec![
+                "must not be empty; for example `sse.{feed}` or `events`".into(),
+            ]);
+        }
+        let mut pieces = Vec::new();
+        let mut rest = s;
+        let unbalanced = |brace: &str| {
+            format!(
+                "unbalanced `{brace}` in `{s}`: braces are only allowed around the placeholders \
+                 {{feed}} and {{type}}"
+            )
+        };
+        loop {
+            let Some(open) = rest.find(['{', '}']) else {
+                if !rest.is_empty() {
+                    pieces.push(Piece::Lit(rest.to_string()));
+                }
+                break;
+            };
+            if rest[open..].starts_with('}') {
+                return Err(vec![unbalanced("}")]);
+            }
+            if open > 0 {
+                pieces.push(Piece::Lit(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = match after.find(['{', '}']) {
+                Some(close) if after[close..].starts_with('}') => close,
+                _ => return Err(vec![unbalanced("{")]),
+            };
+            match &after[..close] {
+                "feed" => pieces.push(Piece::Feed),
+                "type" => pieces.push(Piece::Type),
+                other => {
+                    return Err(vec![format!(
+                        "unknown placeholder `{{{other}}}`: only {{feed}} and {{type}} are allowed"
+                    )])
+                }
+            }
+            rest = &after[close + 1..];
+        }
+        let mut errors = Vec::new();
+        let mut literal_len = 0;
+        for piece in &pieces {
+            if let Piece::Lit(l) = piece {
+                literal_len += l.len();
+                if let Some(bad) = l.chars().find(|c| !is_topic_char(*c)) {
+                    errors.push(format!(
+                        "{bad:?} cannot be part of a Kafka topic name: only A-Z a-z 0-9 . _ - \
+                         are allowed"
+                    ));
+                }
+            }
+        }
+        let feeds = pieces.iter().filter(|p| **p == Piece::Feed).count();
+        let types = pieces.iter().filter(|p| **p == Piece::Type).count();
+        if feeds == 0 && types == 0 && (s == "." || s == "..") {
+            errors.push(format!("`{s}` is not a valid Kafka topic name"));
+        }
+        let longest = literal_len + feeds * MAX_FEED_LEN + types;
+        if longest > MAX_TOPIC_LEN {
+            errors.push(format!(
+                "too long: Kafka topic names have at most {MAX_TOPIC_LEN} characters, and this \
+                 one can reach {longest} (counting {MAX_FEED_LEN} for a feed name and at least \
+                 1 for a type)"
+            ));
+        }
+        if errors.is_empty() {
+            Ok(TopicTemplate {
+                pieces,
+                literal_len,
+                feeds,
+                types,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Whether `t` can be rendered into this template: see [`KafkaSinkConfig::accepts_type`].
+    fn accepts_type(&self, t: &str) -> bool {
+        if self.types == 0 {
+            return true;
+        }
+        let fits = !t.is_empty()
+            && t.chars().all(is_topic_char)
+            && self.literal_len + self.feeds * MAX_FEED_LEN + self.types * t.len() <= MAX_TOPIC_LEN;
+        if !fits {
+            return false;
+        }
+        if self.feeds == 0 {
+            // A name made of the type alone must not be `.` or `..`.
+            let mut out = String::new();
+            self.render("", t, &mut out);
+            return is_valid_topic(&out);
+        }
+        true
+    }
+
+    /// Renders the topic for (`feed`, `event_type`) into `out` (unchecked).
+    fn render(&self, feed: &str, event_type: &str, out: &mut String) {
+        out.clear();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Lit(l) => out.push_str(l),
+                Piece::Feed => out.push_str(feed),
+                Piece::Type => out.push_str(event_type),
+            }
+        }
+    }
+}
+
+/// Figures of a Kafka sink, logged when it closes.
+#[derive(Debug, Default)]
+pub struct KafkaCounters {
+    /// Records confirmed by the broker.
+    pub delivered: AtomicU64,
+    /// Records given up on a permanent error with `on_error = "skip"`.
+    pub skipped: AtomicU64,
+    /// Delivery failures (each failed record of each attempt).
+    pub failed: AtomicU64,
+    /// Records sent again after a failed batch.
+    pub resent: AtomicU64,
+    /// Records sent without a key because the JSON pointer found nothing.
+    pub keys_missing: AtomicU64,
+}
+
+/// A delivery report as the sink thread sees it.
+struct Report {
+    tag: usize,
+    result: Result<(), RDKafkaErrorCode>,
+}
+
+/// Delivery reports handed from librdkafka's polling thread to the sink thread.
+#[derive(Default)]
+struct Reports {
+    list: Mutex<Vec<Report>>,
+    ready: Condvar,
+}
+
+impl Reports {
+    fn lock(&self) -> MutexGuard<'_, Vec<Report>> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The producer's context: receives delivery reports, logs librdkafka through tracing.
+struct Context {
+    sink: String,
+    reports: Arc<Reports>,
+    last_error_log: Mutex<Option<Instant>>,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let sink = &self.sink;
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", sink = %sink, "librdkafka {fac}: {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", sink = %sink, "librdkafka {fac}: {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", sink = %sink, "librdkafka {fac}: {message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", sink = %sink, "librdkafka {fac}: {message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Connection problems repeat at every reconnection attempt: log them now and then.
+        let mut last = self
+            .last_error_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= CLIENT_ERROR_LOG_EVERY) {
+            *last = Some(Instant::now());
+            let code = error
+                .rdkafka_error_code()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| error.to_string());
+            tracing::warn!(sink = %self.sink, "Kafka client: {code}: {reason}");
+        }
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail)),
+        };
+        self.reports.lock().push(Report { tag, result });
+        self.reports.ready.notify_one();
+    }
+}
+
+/// Whether a delivery error will not go away by itself.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::UnknownTopicOrPartition
+            | C::UnknownTopic
+            | C::UnknownPartition
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::MessageBatchTooLarge
+            | C::InvalidTopic
+            | C::InvalidRecord
+            | C::InvalidRequiredAcks
+            | C::InvalidTimestamp
+            | C::PolicyViolation
+            | C::UnsupportedForMessageFormat
+            | C::UnsupportedCompressionType
+            | C::InvalidArgument
+            | C::BadMessage
+    )
+}
+
+/// Why a record of the current batch was not delivered.
+#[derive(Debug, Clone, PartialEq)]
+enum Failure {
+    /// librdkafka's error code.
+    Code(RDKafkaErrorCode),
+    /// The rendered topic name breaks Kafka's rules: never sent.
+    InvalidTopic,
+    /// No delivery report arrived in time.
+    NoReport,
+}
+
+impl Failure {
+    fn is_permanent(&self) -> bool {
+        match self {
+            Failure::Code(c) => is_permanent(*c),
+            Failure::InvalidTopic => true,
+            Failure::NoReport => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Failure::Code(c) => format!("{c}"),
+            Failure::InvalidTopic => "the rendered name is not a valid Kafka topic name".into(),
+            Failure::NoReport => "no delivery report in time".into(),
+        }
+    }
+}
+
+/// State of one record of the batch being written.
+#[derive(Debug, Clone, PartialEq)]
+enum Slot {
+    /// Confirmed by the broker (or skipped): not sent again on a retry.
+    Done,
+    /// Enqueued, waiting for its delivery report.
+    InFlight,
+    /// Failed in this attempt.
+    Failed(Failure),
+}
+
+/// The last batch that failed: when the runner retries it, only the records not confirmed
+/// are sent again.
+struct Retry {
+    events: Vec<Arc<Event>>,
+    done: Vec<bool>,
+}
+
+impl Retry {
+    fn matches(&self, events: &[Arc<Event>]) -> bool {
+        self.events.len() == events.len()
+            && self
+                .events
+                .iter()
+                .zip(events)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+/// A built Kafka sink.
+pub struct KafkaSink {
+    name: String,
+    settings: Settings,
+    producer: ThreadedProducer<Context>,
+    reports: Arc<Reports>,
+    template: TopicTemplate,
+    key: KeySource,
+    on_error: OnError,
+    delivery_timeout: Duration,
+    retry: Option<Retry>,
+    /// Tag of the next record produced; reports with older tags belong to earlier attempts.
+    next_tag: usize,
+    counters: Arc<KafkaCounters>,
+    last_skip_log: Option<Instant>,
+    /// Reused buffers.
+    topic: String,
+    key_buf: String,
+}
+
+impl KafkaSink {
+    pub fn build(name: &str, c: &KafkaSinkConfig) -> Result<Self, SinkError> {
+        let config_error = |message: String| SinkError::Config {
+            sink: name.to_string(),
+            message,
+        };
+        let template = TopicTemplate::parse(&c.topic).map_err(|errors| {
+            config_error(format!("topic `{}`: {}", c.topic, errors.join("; ")))
+        })?;
+        let settings = c.client_config().map_err(|errors| {
+            config_error(
+                errors
+                    .iter()
+                    .map(|(k, m)| format!("{k}: {m}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        let reports = Arc::new(Reports::default());
+        let producer = create_producer(name, &settings, &reports)?;
+        Ok(KafkaSink {
+            name: name.to_string(),
+            settings,
+            producer,
+            reports,
+            template,
+            key: c.key.clone(),
+            on_error: c.on_error,
+            delivery_timeout: c.delivery_timeout,
+            retry: None,
+            next_tag: 0,
+            counters: Arc::new(KafkaCounters::default()),
+            last_skip_log: None,
+            topic: String::new(),
+            key_buf: String::new(),
+        })
+    }
+
+    /// The sink's figures.
+    pub fn counters(&self) -> Arc<KafkaCounters> {
+        self.counters.clone()
+    }
+
+    fn error(&self, message: String) -> SinkError {
+        SinkError::Delivery {
+            sink: self.name.clone(),
+            message,
+        }
+    }
+
+    /// The key of `event`'s record, in `self.key_buf`; false for no key.
+    fn render_key(&mut self, event: &Event) -> bool {
+        self.key_buf.clear();
+        match &self.key {
+            KeySource::Feed => self.key_buf.push_str(&event.feed),
+            KeySource::Id if event.id.is_empty() => return false,
+            KeySource::Id => self.key_buf.push_str(&event.id),
+            KeySource::None => return false,
+            KeySource::Pointer(p) => {
+                let found = serde_json::from_str::<serde_json::Value>(&event.data)
+                    .ok()
+                    .and_then(|v| match v.pointer(p) {
+                        Some(serde_json::Value::String(s)) => Some(s.clone()),
+                        Some(other) => Some(other.to_string()),
+                        None => None,
+                    });
+                match found {
+                    Some(k) => self.key_buf = k,
+                    None => {
+                        self.counters.keys_missing.fetch_add(1, Ordering::Relaxed);
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Enqueues `events[i]` tagged `tag`; `Err` when it cannot be sent at all. Waits while
+    /// librdkafka's queue is full, collecting reports meanwhile.
+    fn enqueue(
+        &mut self,
+        event: &Event,
+        tag: usize,
+        on_report: &mut dyn FnMut(Report),
+    ) -> Result<(), Failure> {
+        self.template
+            .render(&event.feed, &event.event_type, &mut self.topic);
+        if !is_valid_topic(&self.topic) {
+            return Err(Failure::InvalidTopic);
+        }
+        let has_key = self.render_key(event);
+        let seq = event.seq.to_string();
+        let received_at = event
+            .received_at
+            .to_rfc3339_opts(SecondsFormat::Micros, true);
+        let headers = OwnedHeaders::new_with_capacity(5)
+            .insert(Header {
+                key: "sse-feed",
+                value: Some(&*event.feed),
+            })
+            .insert(Header {
+                key: "sse-type",
+                value: Some(event.event_type.as_str()),
+            })
+            .insert(Header {
+                key: "sse-id",
+                value: Some(event.id.as_str()),
+            })
+            .insert(Header {
+                key: "sse-seq",
+                value: Some(seq.as_str()),
+            })
+            .insert(Header {
+                key: "received-at",
+                value: Some(received_at.as_str()),
+            });
+        let mut record = BaseRecord::with_opaque_to(&self.topic, tag)
+            .payload(event.data.as_bytes())
+            .headers(headers)
+            .timestamp(event.received_at.timestamp_millis());
+        if has_key {
+            record = record.key(self.key_buf.as_bytes());
+        }
+        let started = Instant::now();
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if started.elapsed() < self.delivery_timeout =>
+                {
+                    // librdkafka's queue is full (`queue.buffering.max.*`): wait for reports.
+                    record = back;
+                    let mut list = self.reports.lock();
+                    if list.is_empty() {
+                        list = self
+                            .reports
+                            .ready
+                            .wait_timeout(list, Duration::from_millis(50))
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                    let drained: Vec<Report> = list.drain(..).collect();
+                    drop(list);
+                    drained.into_iter().for_each(&mut *on_report);
+                }
+                Err((e, _)) => {
+                    return Err(Failure::Code(
+                        e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Looks up topics whose records timed out: a topic the broker does not know is a
+    /// permanent error (some brokers let records for unknown topics time out).
+    fn missing_topics(&self, topics: &[String]) -> Vec<String> {
+        let mut missing = Vec::new();
+        for topic in topics {
+            let Ok(metadata) = self
+                .producer
+                .client()
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+            else {
+                break; // the broker does not answer: nothing to learn now
+            };
+            let unknown = metadata.topics().iter().any(|t| {
+                t.name() == topic
+                    && (t.partitions().is_empty()
+                        || t.error().is_some_and(|e| {
+                            RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition
+                        }))
+            });
+            if unknown {
+                missing.push(topic.clone());
+            }
+        }
+        missing
+    }
+
+    /// Replaces a producer that hit a fatal error (it refuses every record afterwards).
+    fn recover_from_fatal(&mut self) {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::error!(sink = %self.name, "the Kafka producer hit a fatal error ({code}: {}); starting a new one", redact_all(&reason, &self.settings));
+            match create_producer(&self.name, &self.settings, &self.reports) {
+                Ok(p) => self.producer = p,
+                Err(e) => {
+                    tracing::error!(sink = %self.name, "cannot start a new Kafka producer: {e}")
+                }
+            }
+        }
+    }
+
+    fn write_batch(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError> {
+        // A retry of the batch that failed last time sends only what was not confirmed.
+        let retry = self.retry.take().filter(|r| r.matches(events));
+        let mut slots: Vec<Slot> = match &retry {
+            Some(r) => r
+                .done
+                .iter()
+                .map(|&d| if d { Slot::Done } else { Slot::InFlight })
+                .collect(),
+            None => vec![Slot::InFlight; events.len()],
+        };
+        let attempt: Vec<usize> = (0..events.len())
+            .filter(|&i| slots[i] == Slot::InFlight)
+            .collect();
+        if retry.is_some() {
+            self.counters
+                .resent
+                .fetch_add(attempt.len() as u64, Ordering::Relaxed);
+        }
+        // Stale reports (of an attempt given up on) are dropped by their tag.
+        self.reports.lock().clear();
+        let base = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(attempt.len());
+        let mut in_flight = 0usize;
+        let apply = |slots: &mut [Slot], in_flight: &mut usize, r: Report| {
+            let Some(j) = r.tag.checked_sub(base).filter(|j| *j < attempt.len()) else {
+                return;
+            };
+            let i = attempt[j];
+            if slots[i] != Slot::InFlight {
+                return;
+            }
+            slots[i] = match r.result {
+                Ok(()) => Slot::Done,
+                Err(code) => Slot::Failed(Failure::Code(code)),
+            };
+            *in_flight = in_flight.saturating_sub(1);
+        };
+        for (j, &i) in attempt.iter().enumerate() {
+            let mut early = Vec::new();
+            let sent = self.enqueue(&events[i], base.wrapping_add(j), &mut |r| early.push(r));
+            for r in early {
+                apply(&mut slots, &mut in_flight, r);
+            }
+            match sent {
+                Ok(()) => in_flight += 1,
+                Err(f) => slots[i] = Slot::Failed(f),
+            }
+        }
+        // Wait for every report of this attempt.
+        let deadline = Instant::now() + self.delivery_timeout + REPORT_GRACE;
+        while in_flight > 0 {
+            let mut list = self.reports.lock();
+            while list.is_empty() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                list = self
+                    .reports
+                    .ready
+                    .wait_timeout(list, left.min(Duration::from_secs(1)))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            if list.is_empty() {
+                break;
+            }
+            let drained: Vec<Report> = list.drain(..).collect();
+            drop(list);
+            for r in drained {
+                apply(&mut slots, &mut in_flight, r);
+            }
+        }
+        for slot in &mut slots {
+            if *slot == Slot::InFlight {
+                *slot = Slot::Failed(Failure::NoReport);
+            }
+        }
+        let delivered = attempt.iter().filter(|&&i| slots[i] == Slot::Done).count();
+        self.counters
+            .delivered
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        if slots.iter().all(|s| *s == Slot::Done) {
+            return Ok(());
+        }
+
+        // Some records failed. Timed-out records of a topic the broker does not know are a
+        // permanent error.
+        let mut timed_out_topics: Vec<String> = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            if *slot == Slot::Failed(Failure::Code(RDKafkaErrorCode::MessageTimedOut)) {
+                self.template
+                    .render(&events[i].feed, &events[i].event_type, &mut self.topic);
+                if !timed_out_topics.contains(&self.topic) && timed_out_topics.len() < 16 {
+                    timed_out_topics.push(self.topic.clone());
+                }
+            }
+        }
+        let missing = self.missing_topics(&timed_out_topics);
+        // Group the failures by (topic, error) for one readable message.
+        let mut groups: BTreeMap<(String, String), (usize, bool)> = BTreeMap::new();
+        let mut skipped = 0usize;
+        let mut failed = 0usize;
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Slot::Failed(f) = slot else { continue };
+            self.template
+                .render(&events[i].feed, &events[i].event_type, &mut self.topic);
+            let topic_missing = *f == Failure::Code(RDKafkaErrorCode::MessageTimedOut)
+                && missing.contains(&self.topic);
+            let permanent = f.is_permanent() || topic_missing;
+            let what = if topic_missing {
+                "the topic does not exist (records timed out)".to_string()
+            } else {
+                f.describe()
+            };
+            failed += 1;
+            let entry = groups
+                .entry((self.topic.clone(), what))
+                .or_insert((0, permanent));
+            entry.0 += 1;
+            if permanent && self.on_error == OnError::Skip {
+                skipped += 1;
+                *slot = Slot::Done;
+            }
+        }
+        self.counters
+            .failed
+            .fetch_add(failed as u64, Ordering::Relaxed);
+        self.recover_from_fatal();
+        let summary = groups
+            .iter()
+            .map(|((topic, what), (n, permanent))| {
+                let kind = if *permanent { "permanent" } else { "transient" };
+                format!("{n} to topic `{topic}`: {what} ({kind})")
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if skipped > 0 {
+            let total = self
+                .counters
+                .skipped
+                .fetch_add(skipped as u64, Ordering::Relaxed)
+                + skipped as u64;
+            if self
+                .last_skip_log
+                .is_none_or(|t| t.elapsed() >= SKIP_LOG_EVERY)
+            {
+                self.last_skip_log = Some(Instant::now());
+                tracing::warn!(
+                    sink = %self.name,
+                    skipped,
+                    skipped_total = total,
+                    "on_error = \"skip\": records dropped after a permanent delivery error: {summary}"
+                );
+            }
+        }
+        if slots.iter().all(|s| *s == Slot::Done) {
+            return Ok(());
+        }
+        let pending = slots.iter().filter(|s| **s != Slot::Done).count();
+        let advice = if groups.values().any(|(_, permanent)| *permanent) {
+            if self.on_error == OnError::Block {
+                " A permanent error holds the feeds back until it is fixed (or set on_error = \"skip\")."
+            } else {
+                ""
+            }
+        } else {
+            " Retrying; the feeds are held back meanwhile."
+        };
+        self.retry = Some(Retry {
+            events: events.to_vec(),
+            done: slots.iter().map(|s| *s == Slot::Done).collect(),
+        });
+        Err(self.error(format!(
+            "{pending} of {} records not delivered: {summary}.{advice}",
+            events.len()
+        )))
+    }
+}
+
+/// Starts a producer for `settings` whose reports go to `reports`.
+fn create_producer(
+    name: &str,
+    settings: &Settings,
+    reports: &Arc<Reports>,
+) -> Result<ThreadedProducer<Context>, SinkError> {
+    let mut config = settings.to_client_config();
+    config.set_log_level(
+        if tracing::enabled!(target: "librdkafka", tracing::Level::DEBUG) {
+            RDKafkaLogLevel::Debug
+        } else {
+            RDKafkaLogLevel::Warning
+        },
+    );
+    let context = Context {
+        sink: name.to_string(),
+        reports: reports.clone(),
+        last_error_log: Mutex::new(None),
+    };
+    config.create_with_context(context).map_err(|e| {
+        let (key, message) = settings.describe(&e);
+        SinkError::Config {
+            sink: name.to_string(),
+            message: format!("{key}: {message}"),
+        }
+    })
+}
+
+impl super::Sink for KafkaSink {
+    fn write(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.write_batch(events)
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        // Every `write` waited for its reports: nothing is in flight here.
+        let c = &self.counters;
+        tracing::info!(
+            sink = %self.name,
+            delivered = c.delivered.load(Ordering::Relaxed),
+            skipped = c.skipped.load(Ordering::Relaxed),
+            failed = c.failed.load(Ordering::Relaxed),
+            resent = c.resent.load(Ordering::Relaxed),
+            keys_missing = c.keys_missing.load(Ordering::Relaxed),
+            "kafka sink closed"
+        );
+        Ok(())
+    }
+}

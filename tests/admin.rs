@@ -1,0 +1,1138 @@
+//! The admin endpoint of the real binary against real SSE servers on 127.0.0.1: `/metrics`
+//! parses as Prometheus text and counts exactly the events sent, `/readyz` follows a feed's
+//! server going down and coming back, `/feeds` and `/sinks` as JSON, and the `status` and
+//! `tap` commands.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{bin, write_file, LogServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The bridge as a child process, killed if a test fails before stopping it.
+struct Bridge {
+    child: Child,
+    log: PathBuf,
+    admin: String,
+}
+
+impl Bridge {
+    fn start(config: &Path, dir: &Path, admin_port: u16) -> Bridge {
+        let log = dir.join("bridge.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn sse-bridge");
+        Bridge {
+            child,
+            log,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit code.
+    async fn stop(mut self) -> Option<i32> {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok);
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET, returning the status and body; `None` while the endpoint does not answer.
+async fn get(url: &str) -> Option<(u16, String)> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let resp = client.get(url).send().await.ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn admin_section(port: u16) -> String {
+    format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Prometheus text format (0.0.4) parser that insists on well-formedness.
+
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Metrics {
+    types: HashMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+fn valid_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn valid_label_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn parse_value(s: &str) -> Result<f64, String> {
+    match s {
+        "+Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        "NaN" => Ok(f64::NAN),
+        _ => s
+            .parse::<f64>()
+            .map_err(|e| format!("bad value `{s}`: {e}")),
+    }
+}
+
+/// `{a="x",b="y"}` (after the name) -> labels and the rest of the line.
+fn parse_labels(mut rest: &str) -> Result<(BTreeMap<String, String>, &str), String> {
+    let mut labels = BTreeMap::new();
+    if !rest.starts_with('{') {
+        return Ok((labels, rest));
+    }
+    rest = &rest[1..];
+    loop {
+        if let Some(r) = rest.strip_prefix('}') {
+            return Ok((labels, r));
+        }
+        let eq = rest.find('=').ok_or("label without `=`")?;
+        let name = &rest[..eq];
+        if !valid_label_name(name) {
+            return Err(format!("bad label name `{name}`"));
+        }
+        rest = rest[eq + 1..]
+            .strip_prefix('"')
+            .ok_or("label value not quoted")?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            let (i, c) = chars.next().ok_or("unterminated label value")?;
+            match c {
+                '"' => break i,
+                '\\' => match chars.next() {
+                    Some((_, '\\')) => value.push('\\'),
+                    Some((_, '"')) => value.push('"'),
+                    Some((_, 'n')) => value.push('\n'),
+                    other => return Err(format!("bad escape {other:?}")),
+                },
+                '\n' => return Err("raw newline in label value".into()),
+                c => value.push(c),
+            }
+        };
+        rest = &rest[end + 1..];
+        if labels.insert(name.to_string(), value).is_some() {
+            return Err(format!("label `{name}` twice"));
+        }
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r;
+        } else if !rest.starts_with('}') {
+            return Err("expected `,` or `}` after a label".into());
+        }
+    }
+}
+
+/// The family a sample belongs to (histogram and summary samples carry suffixes).
+fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
+    if types.contains_key(name) {
+        return name;
+    }
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = name.strip_suffix(suffix) {
+            if matches!(
+                types.get(base).map(String::as_str),
+                Some("histogram" | "summary")
+            ) {
+                return base;
+            }
+        }
+    }
+    name
+}
+
+fn parse_prometheus(text: &str) -> Result<Metrics, String> {
+    let mut m = Metrics::default();
+    let mut helps = HashSet::new();
+    let mut finished_families: HashSet<String> = HashSet::new();
+    let mut current: Option<String> = None;
+    let mut series = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let at = |e: String| format!("line {}: {e}: {line:?}", n + 1);
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            let mut parts = comment.trim_start().splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("HELP"), Some(name), _)
+                    if !valid_metric_name(name) || !helps.insert(name.to_string()) =>
+                {
+                    return Err(at("bad or repeated HELP".into()));
+                }
+                (Some("TYPE"), Some(name), Some(kind)) => {
+                    if !valid_metric_name(name) {
+                        return Err(at("bad metric name".into()));
+                    }
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                        return Err(at(format!("unknown type `{kind}`")));
+                    }
+                    if m.types.insert(name.to_string(), kind.to_string()).is_some() {
+                        return Err(at("TYPE given twice".into()));
+                    }
+                    if kind == "counter" && !name.ends_with("_total") {
+                        return Err(at("counter names end in _total".into()));
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
+        let name = &line[..name_end];
+        if !valid_metric_name(name) {
+            return Err(at(format!("bad metric name `{name}`")));
+        }
+        let (labels, rest) = parse_labels(&line[name_end..]).map_err(at)?;
+        let mut fields = rest
+            .strip_prefix(' ')
+            .ok_or_else(|| at("no space before the value".into()))?
+            .split(' ');
+        let value = parse_value(fields.next().unwrap_or_default()).map_err(at)?;
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>()
+                .map_err(|e| at(format!("bad timestamp: {e}")))?;
+        }
+        if fields.next().is_some() {
+            return Err(at("trailing fields".into()));
+        }
+        let family = family_of(name, &m.types).to_string();
+        if !m.types.contains_key(&family) {
+            return Err(at(format!("sample of `{family}` before its TYPE")));
+        }
+        if current.as_deref() != Some(family.as_str()) {
+            if finished_families.contains(&family) {
+                return Err(at(format!("samples of `{family}` are not contiguous")));
+            }
+            if let Some(previous) = current.replace(family.clone()) {
+                finished_families.insert(previous);
+            }
+        }
+        if !series.insert((name.to_string(), labels.clone())) {
+            return Err(at("duplicate series".into()));
+        }
+        m.samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    check_histograms(&m)?;
+    Ok(m)
+}
+
+/// Buckets sorted by `le`, cumulative, ending in `+Inf` equal to `_count`.
+fn check_histograms(m: &Metrics) -> Result<(), String> {
+    for (family, kind) in &m.types {
+        if kind != "histogram" {
+            continue;
+        }
+        let mut by_series: BTreeMap<BTreeMap<String, String>, Vec<(f64, f64)>> = BTreeMap::new();
+        for s in m
+            .samples
+            .iter()
+            .filter(|s| s.name == format!("{family}_bucket"))
+        {
+            let mut labels = s.labels.clone();
+            let le = labels.remove("le").ok_or("bucket without le")?;
+            by_series
+                .entry(labels)
+                .or_default()
+                .push((parse_value(&le)?, s.value));
+        }
+        for (labels, buckets) in by_series {
+            if !buckets
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1)
+            {
+                return Err(format!("{family}{labels:?}: buckets not cumulative"));
+            }
+            let last = buckets.last().ok_or("no buckets")?;
+            if last.0 != f64::INFINITY {
+                return Err(format!("{family}{labels:?}: no +Inf bucket"));
+            }
+            let count = m
+                .samples
+                .iter()
+                .find(|s| s.name == format!("{family}_count") && s.labels == labels)
+                .ok_or(format!("{family}{labels:?}: no _count"))?;
+            if count.value != last.1 {
+                return Err(format!("{family}{labels:?}: +Inf bucket != _count"));
+            }
+            if !m
+                .samples
+                .iter()
+                .any(|s| s.name == format!("{family}_sum") && s.labels == labels)
+            {
+                return Err(format!("{family}{labels:?}: no _sum"));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Metrics {
+    /// The value of the one sample of `name` whose labels include `labels`.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let matching: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect();
+        match matching.as_slice() {
+            [one] => Some(one.value),
+            _ => None,
+        }
+    }
+
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels)
+            .unwrap_or_else(|| panic!("no single sample {name} {labels:?}"))
+    }
+
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+}
+
+async fn scrape(admin: &str) -> Option<Metrics> {
+    let (status, text) = get(&format!("{admin}/metrics")).await?;
+    assert_eq!(status, 200);
+    Some(parse_prometheus(&text).unwrap_or_else(|e| panic!("{e}\n{text}")))
+}
+
+#[test]
+fn the_test_parser_rejects_malformed_text() {
+    let good = "# HELP a_total x\n# TYPE a_total counter\na_total{f=\"\\\"q\\\\\"} 1\n";
+    let m = parse_prometheus(good).expect("good");
+    assert_eq!(m.value("a_total", &[("f", "\"q\\")]), 1.0);
+    for bad in [
+        "a_total 1\n",                                              // no TYPE
+        "# TYPE a_total counter\na_total{f=\"x} 1\n",               // unterminated
+        "# TYPE a_total counter\na_total{f=\"x\"}1\n",              // no space
+        "# TYPE a counter\na 1\n",                                  // counter name
+        "# TYPE a_total counter\na_total 1\na_total 2\n",           // duplicate
+        "# TYPE a gauge\n# TYPE b gauge\na 1\nb 1\na{x=\"1\"} 1\n", // not contiguous
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\nh_sum 0\n",
+    ] {
+        assert!(parse_prometheus(bad).is_err(), "accepted: {bad}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An SSE server the test controls: pushes what it is told to every client, can be stopped
+// (listener closed, connections dropped) and started again on the same port.
+
+struct PushServer {
+    addr: SocketAddr,
+    tx: broadcast::Sender<String>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl PushServer {
+    async fn start() -> PushServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut server = PushServer {
+            addr,
+            tx: broadcast::channel(1024).0,
+            tasks: Arc::default(),
+            accept: None,
+        };
+        server.serve(listener);
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/stream", self.addr)
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let tx = self.tx.clone();
+        let tasks = self.tasks.clone();
+        self.accept = Some(tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut rx = tx.subscribe();
+                let task = tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let start = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n: hello\nretry: 100\n\n";
+                    if sock.write_all(start.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        let text = tokio::select! {
+                            m = rx.recv() => match m {
+                                Ok(t) => t,
+                                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                                Err(_) => return,
+                            },
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => ": heartbeat\n".to_string(),
+                        };
+                        if sock.write_all(text.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tasks.lock().expect("lock").push(task);
+            }
+        }));
+    }
+
+    /// Clients connected now.
+    fn clients(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    fn push(&self, text: &str) {
+        let _ = self.tx.send(text.to_string());
+    }
+
+    /// Closes the listener and every connection: the port refuses connections.
+    fn stop(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+        }
+        for t in self.tasks.lock().expect("lock").drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Listens on the same port again.
+    async fn restart(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("rebind the same port");
+        self.serve(listener);
+    }
+}
+
+/// Answers every request with 204 No Content: "stop reconnecting".
+async fn no_content_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route(
+        "/stream",
+        axum::routing::get(|| async { axum::http::StatusCode::NO_CONTENT }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+/// The data of `support::event_text(n)`.
+fn event_data(n: u64) -> String {
+    format!("{{\"n\":{n},\"title\":\"Page {n}\",\"comment\":\"résumé ✓\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_count_the_events_sent() {
+    const N: u64 = 300;
+    let server = LogServer::start(N, 100, Duration::from_millis(10)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    // edit -> stored, log -> dropped by a route, new -> unrouted (no default route).
+    let text = format!(
+        r#"
+[state]
+path = "{dir}/state.db"
+commit_interval = "100ms"
+
+[[feed]]
+name = "wiki"
+url = "{url}"
+
+[sink.archive]
+type = "file"
+path = "{dir}/events/{{feed}}.jsonl"
+fsync = "never"
+
+[[route]]
+event = "edit"
+sinks = ["archive"]
+
+[[route]]
+event = "log"
+drop = true
+
+{admin}"#,
+        dir = dir.path().display(),
+        url = server.url(),
+        admin = admin_section(port),
+    );
+    let config = write_file(dir.path(), "bridge.toml", &text);
+    let bridge = Bridge::start(&config, dir.path(), port);
+    let admin = bridge.admin.clone();
+
+    // Everything received, stored and committed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = scrape(&admin).await;
+        if let Some(m) = &m {
+            if m.sum("sse_bridge_events_received_total", &[("feed", "wiki")]) == N as f64
+                && m.get("sse_bridge_checkpoint_lag_events", &[("feed", "wiki")]) == Some(0.0)
+                && m.get(
+                    "sse_bridge_sink_events_stored_total",
+                    &[("sink", "archive")],
+                ) == Some((N / 3) as f64)
+            {
+                break m.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never settled: {m:?}\n{}",
+            bridge.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let feed = |ty: &'static str| [("feed", "wiki"), ("type", ty)];
+    // event_type(n): n % 3 == 0 edit, 1 log, 2 new; 100 of each.
+    for ty in ["edit", "log", "new"] {
+        assert_eq!(
+            m.value("sse_bridge_events_received_total", &feed(ty)),
+            100.0
+        );
+    }
+    assert_eq!(
+        m.value("sse_bridge_events_routed_total", &feed("edit")),
+        100.0
+    );
+    assert_eq!(m.value("sse_bridge_events_routed_total", &feed("log")), 0.0);
+    assert_eq!(
+        m.value("sse_bridge_events_dropped_total", &feed("log")),
+        100.0
+    );
+    assert_eq!(
+        m.value("sse_bridge_events_unrouted_total", &feed("new")),
+        100.0
+    );
+    assert_eq!(
+        m.value("sse_bridge_events_unrouted_total", &feed("edit")),
+        0.0
+    );
+    assert_eq!(m.sum("sse_bridge_events_misfit_total", &[]), 0.0);
+    let data_bytes: usize = (1..=N).map(|n| event_data(n).len()).sum();
+    assert_eq!(
+        m.sum("sse_bridge_event_data_bytes_total", &[("feed", "wiki")]),
+        data_bytes as f64
+    );
+    let edit_bytes: usize = (1..=N)
+        .filter(|n| n % 3 == 0)
+        .map(|n| event_data(n).len())
+        .sum();
+    assert_eq!(
+        m.value("sse_bridge_event_data_bytes_total", &feed("edit")),
+        edit_bytes as f64
+    );
+    assert!(
+        m.value("sse_bridge_feed_received_bytes_total", &[("feed", "wiki")]) > data_bytes as f64,
+        "the wire carries the data and the field names"
+    );
+    assert_eq!(
+        m.value(
+            "sse_bridge_sink_events_stored_total",
+            &[("sink", "archive")]
+        ),
+        100.0
+    );
+    assert_eq!(
+        m.value(
+            "sse_bridge_sink_events_dropped_total",
+            &[("sink", "archive")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m.value("sse_bridge_sink_write_errors_total", &[("sink", "archive")]),
+        0.0
+    );
+    assert_eq!(
+        m.value("sse_bridge_sink_healthy", &[("sink", "archive")]),
+        1.0
+    );
+    assert_eq!(
+        m.value("sse_bridge_sink_queue_events", &[("sink", "archive")]),
+        0.0
+    );
+    assert_eq!(
+        m.value(
+            "sse_bridge_sink_info",
+            &[("sink", "archive"), ("kind", "file")]
+        ),
+        1.0
+    );
+    let writes = m.value(
+        "sse_bridge_sink_write_duration_seconds_count",
+        &[("sink", "archive")],
+    );
+    assert!(writes >= 1.0, "at least one write observed");
+    for (state, v) in [
+        ("open", 1.0),
+        ("connecting", 0.0),
+        ("closed", 0.0),
+        ("stopped", 0.0),
+    ] {
+        assert_eq!(
+            m.value(
+                "sse_bridge_feed_state",
+                &[("feed", "wiki"), ("state", state)]
+            ),
+            v,
+            "state {state}"
+        );
+    }
+    assert_eq!(
+        m.value("sse_bridge_feed_reconnects_total", &[("feed", "wiki")]),
+        0.0
+    );
+    assert_eq!(
+        m.sum("sse_bridge_feed_errors_total", &[("feed", "wiki")]),
+        0.0
+    );
+    assert!(m
+        .get(
+            "sse_bridge_feed_errors_total",
+            &[("feed", "wiki"), ("class", "network")]
+        )
+        .is_some());
+    assert_eq!(
+        m.value("sse_bridge_feed_backoff_seconds", &[("feed", "wiki")]),
+        0.0
+    );
+    assert_eq!(
+        m.value("sse_bridge_feed_pending_events", &[("feed", "wiki")]),
+        0.0
+    );
+    assert_eq!(
+        m.value("sse_bridge_checkpoint_lag_seconds", &[("feed", "wiki")]),
+        0.0
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let last_event = m.value(
+        "sse_bridge_feed_last_event_timestamp_seconds",
+        &[("feed", "wiki")],
+    );
+    assert!((now - last_event).abs() < 60.0, "{now} vs {last_event}");
+    assert_eq!(m.value("sse_bridge_tap_clients", &[]), 0.0);
+    assert!(m.get("sse_bridge_build_info", &[]).is_some());
+
+    // /feeds
+    let (status, body) = get(&format!("{admin}/feeds")).await.expect("feeds");
+    assert_eq!(status, 200);
+    let feeds: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let f = &feeds[0];
+    assert_eq!(feeds.as_array().map(Vec::len), Some(1), "{feeds}");
+    assert_eq!(f["name"], "wiki");
+    assert_eq!(f["url"], server.url());
+    assert_eq!(f["state"], "open");
+    assert_eq!(f["last_event_id"], N.to_string());
+    assert!(f["last_event_age_seconds"]
+        .as_f64()
+        .is_some_and(|a| (0.0..60.0).contains(&a)));
+    assert!(f["last_event_at"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(f["reconnects"], 0);
+    assert!(f["current_backoff_seconds"].is_null());
+    assert!(f["last_error"].is_null());
+    assert!(f["open_since"].is_string());
+    assert_eq!(f["events"]["received"], N);
+    assert_eq!(f["events"]["routed"], N / 3);
+    assert_eq!(f["events"]["dropped"], N / 3);
+    assert_eq!(f["events"]["unrouted"], N / 3);
+    assert_eq!(f["seq"], N);
+    assert_eq!(f["checkpoint"]["seq"], N);
+    assert_eq!(f["checkpoint"]["lag_events"], 0);
+
+    // /sinks, /healthz, /readyz, an unknown path.
+    let (status, body) = get(&format!("{admin}/sinks")).await.expect("sinks");
+    assert_eq!(status, 200);
+    let sinks: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(sinks[0]["name"], "archive");
+    assert_eq!(sinks[0]["type"], "file");
+    assert_eq!(sinks[0]["healthy"], true);
+    assert_eq!(sinks[0]["stored"], N / 3);
+    assert_eq!(
+        get(&format!("{admin}/healthz")).await,
+        Some((200, "ok\n".to_string()))
+    );
+    let (status, body) = get(&format!("{admin}/readyz")).await.expect("readyz");
+    assert_eq!((status, body.trim()), (200, r#"{"ready":true}"#));
+    assert_eq!(get(&format!("{admin}/nope")).await.map(|r| r.0), Some(404));
+
+    // `sse-bridge status -c` finds the endpoint in the configuration.
+    let out = Command::new(bin())
+        .args(["status", "-c"])
+        .arg(&config)
+        .output()
+        .expect("status");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("wiki "))
+        .unwrap_or_else(|| panic!("no row for the feed:\n{stdout}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cells[..3], ["wiki", "open", "300"], "{stdout}");
+    assert!(row.contains(" ago "), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("archive ") && l.contains(" file ")),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("ready"), "{stdout}");
+
+    assert_eq!(bridge.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_not_ready_while_a_feeds_server_is_down() {
+    let mut server = PushServer::start().await;
+    let gone = no_content_server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let text = format!(
+        r#"
+[state]
+path = "{dir}/state.db"
+commit_interval = "100ms"
+
+[[feed]]
+name = "flaky"
+url = "{url}"
+default_retry = "100ms"
+backoff = {{ initial = "100ms", max = "200ms", jitter = 0.0 }}
+
+[[feed]]
+name = "retired"
+url = "http://{gone}/stream"
+
+[sink.archive]
+type = "file"
+path = "{dir}/events/{{feed}}.jsonl"
+fsync = "never"
+
+[routing]
+default = ["archive"]
+
+{admin}"#,
+        dir = dir.path().display(),
+        url = server.url(),
+        admin = admin_section(port),
+    );
+    let config = write_file(dir.path(), "bridge.toml", &text);
+    let bridge = Bridge::start(&config, dir.path(), port);
+    let readyz = format!("{}/readyz", bridge.admin);
+
+    // Open, and the feed whose server said 204 is stopped on purpose: ready.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            get(&readyz).await.is_some_and(|(s, _)| s == 200)
+        })
+        .await,
+        "never ready: {:?}\n{}",
+        get(&readyz).await,
+        bridge.log()
+    );
+    let m = scrape(&bridge.admin).await.expect("metrics");
+    assert_eq!(
+        m.value(
+            "sse_bridge_feed_state",
+            &[("feed", "retired"), ("state", "stopped")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "sse_bridge_feed_errors_total",
+            &[("feed", "retired"), ("class", "no_content")]
+        ),
+        1.0
+    );
+
+    // The server goes away: the feed reconnects, is refused, and the bridge is not ready.
+    server.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        if let Some((503, body)) = get(&readyz).await {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready with the server down\n{}",
+            bridge.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["ready"], false);
+    let reasons = v["reasons"].as_array().expect("reasons");
+    assert_eq!(reasons.len(), 1, "{v}");
+    let reason = reasons[0].as_str().unwrap_or_default();
+    assert!(reason.contains("feed `flaky` is connecting"), "{reason}");
+    assert!(!reason.contains("retired"), "{reason}");
+
+    // It keeps failing while down; failures are counted by class.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let Some(m) = scrape(&bridge.admin).await else {
+                return false;
+            };
+            m.value(
+                "sse_bridge_feed_state",
+                &[("feed", "flaky"), ("state", "connecting")],
+            ) == 1.0
+                && m.value(
+                    "sse_bridge_feed_errors_total",
+                    &[("feed", "flaky"), ("class", "eof")],
+                ) >= 1.0
+                && m.value(
+                    "sse_bridge_feed_errors_total",
+                    &[("feed", "flaky"), ("class", "network")],
+                ) >= 1.0
+                && m.value("sse_bridge_feed_reconnects_total", &[("feed", "flaky")]) >= 2.0
+        })
+        .await,
+        "{:?}",
+        get(&format!("{}/feeds", bridge.admin)).await
+    );
+    let (_, feeds) = get(&format!("{}/feeds", bridge.admin))
+        .await
+        .expect("feeds");
+    let feeds: serde_json::Value = serde_json::from_str(&feeds).expect("JSON");
+    let flaky = feeds
+        .as_array()
+        .and_then(|a| a.iter().find(|f| f["name"] == "flaky"))
+        .expect("flaky");
+    assert_eq!(flaky["state"], "connecting");
+    assert!(flaky["last_error"].is_string(), "{flaky}");
+
+    // Back up: ready again.
+    server.restart().await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get(&readyz).await.is_some_and(|(s, _)| s == 200)
+        })
+        .await,
+        "not ready again after the server came back: {:?}\n{}",
+        get(&readyz).await,
+        bridge.log()
+    );
+    assert_eq!(bridge.stop().await, Some(0));
+}
+
+/// Reads a child's stdout lines into a shared vector.
+fn collect_lines(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let out = child.stdout.take().expect("stdout");
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            match line {
+                Ok(l) => sink.lock().expect("lock").push(l),
+                Err(_) => return,
+            }
+        }
+    });
+    lines
+}
+
+async fn wait_child(child: &mut Child, within: Duration) -> Option<i32> {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s.code();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_prints_events_live_and_status_lists_the_feeds() {
+    let server = PushServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let text = format!(
+        r#"
+[state]
+path = "{dir}/state.db"
+
+[[feed]]
+name = "live"
+url = "{url}"
+
+[sink.archive]
+type = "file"
+path = "{dir}/events/{{feed}}.jsonl"
+fsync = "never"
+
+[routing]
+default = ["archive"]
+
+{admin}"#,
+        dir = dir.path().display(),
+        url = server.url(),
+        admin = admin_section(port),
+    );
+    let config = write_file(dir.path(), "bridge.toml", &text);
+    let bridge = Bridge::start(&config, dir.path(), port);
+    let admin = bridge.admin.clone();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            server.clients() == 1
+                && get(&format!("{admin}/readyz"))
+                    .await
+                    .is_some_and(|(s, _)| s == 200)
+        })
+        .await,
+        "{}",
+        bridge.log()
+    );
+
+    // `status --admin URL` lists the feed without a configuration.
+    let out = Command::new(bin())
+        .args(["status", "--admin", &format!("127.0.0.1:{port}")])
+        .env_remove("SSE_BRIDGE_CONFIG")
+        .output()
+        .expect("status");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.lines().next().is_some_and(|h| h.starts_with("FEED")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("live ") && l.contains(" open ")),
+        "{stdout}"
+    );
+
+    // Two taps: JSON Lines of `edit` events by --admin, everything pretty by -c.
+    let spawn_tap = |args: &[&str]| {
+        Command::new(bin())
+            .arg("tap")
+            .args(args)
+            .env_remove("SSE_BRIDGE_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tap")
+    };
+    let mut jsonl_tap = spawn_tap(&["--admin", &admin, "--feed", "l*", "--type", "edit"]);
+    let config_arg = config.display().to_string();
+    let mut pretty_tap = spawn_tap(&["-c", &config_arg, "--pretty"]);
+    let jsonl = collect_lines(&mut jsonl_tap);
+    let pretty = collect_lines(&mut pretty_tap);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            scrape(&admin)
+                .await
+                .is_some_and(|m| m.value("sse_bridge_tap_clients", &[]) == 2.0)
+        })
+        .await,
+        "the taps did not connect"
+    );
+
+    server.push("event: edit\nid: 1\ndata: one\n\n");
+    server.push("event: log\nid: 2\ndata: two\n\n");
+    server.push("event: edit\nid: 3\ndata: {\"x\":3}\n\n");
+    let stored = dir.path().join("events/live.jsonl");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            jsonl.lock().expect("lock").len() >= 2
+                && pretty
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .any(|l| l.contains("id=3"))
+                && std::fs::read_to_string(&stored).is_ok_and(|s| s.lines().count() == 3)
+        })
+        .await,
+        "jsonl: {:?}\npretty: {:?}\n{}",
+        jsonl.lock().expect("lock"),
+        pretty.lock().expect("lock"),
+        bridge.log()
+    );
+
+    // The JSONL tap prints exactly the file sink's lines for the matching events.
+    let file = std::fs::read_to_string(&stored).expect("stored");
+    let file_edits: Vec<&str> = file
+        .lines()
+        .filter(|l| l.contains("\"type\":\"edit\""))
+        .collect();
+    let tapped = jsonl.lock().expect("lock").clone();
+    assert_eq!(tapped, file_edits);
+    let first: serde_json::Value = serde_json::from_str(&tapped[0]).expect("JSON line");
+    assert_eq!(
+        (
+            &first["feed"],
+            &first["type"],
+            &first["id"],
+            &first["data"],
+            &first["seq"]
+        ),
+        (
+            &serde_json::json!("live"),
+            &serde_json::json!("edit"),
+            &serde_json::json!("1"),
+            &serde_json::json!("one"),
+            &serde_json::json!(1)
+        )
+    );
+    let pretty_text = pretty.lock().expect("lock").join("\n");
+    assert!(
+        pretty_text.contains("  live  edit  id=1  seq=1"),
+        "{pretty_text}"
+    );
+    assert!(
+        pretty_text.contains("  live  log  id=2  seq=2"),
+        "{pretty_text}"
+    );
+    assert!(pretty_text.contains("    \"x\": 3"), "{pretty_text}");
+
+    // The bridge stops: the taps end cleanly.
+    assert_eq!(bridge.stop().await, Some(0));
+    for tap in [&mut jsonl_tap, &mut pretty_tap] {
+        let code = wait_child(tap, Duration::from_secs(10)).await;
+        let mut stderr = String::new();
+        if let Some(mut e) = tap.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        assert_eq!(code, Some(0), "tap exit; stderr: {stderr}");
+        assert!(stderr.contains("closed"), "{stderr}");
+    }
+}
