@@ -19,6 +19,7 @@
 //! Sizes can be changed with environment variables: `BENCH_EVENTS` (file, default 2 000 000),
 //! `BENCH_SQLITE_EVENTS` (default 500 000), `BENCH_IDLE_FEEDS` (10 000), `BENCH_IDLE_SECS`
 //! (30), `BENCH_RECONNECT_FEEDS` (1 000). Each scenario is a function; a new sink adds one.
+//! `BENCH_WRAP="perf record -o bridge.perf --"` runs the bridge under a profiler.
 //!
 //! The bridge needs one file descriptor per feed: this process raises its soft
 //! `RLIMIT_NOFILE` to the hard limit, and the bridge inherits it.
@@ -231,7 +232,7 @@ fn event_text(n: usize, out: &mut Vec<u8>) {
     let _ = write!(
         out,
         "id: {n}\nevent: {EVENT_TYPE}\ndata: {{\"symbol\":\"ACME\",\"seq\":{n},\"price\":123.45,\"volume\":100000,\
-\"ts\":\"2026-11-24T08:00:00.000Z\",\"exchange\":\"XNAS\",\"flags\":[\"a\",\"b\",\"c\"],\"note\":\"lorem ipsum dolor sit\"}}\n\n"
+\"ts\":\"2026-11-24T08:00:00.000Z\",\"exchange\":\"XNAS\",\"flags\":[\"a\",\"b\",\"c\"],\"note\":\"lorem ipsum dolor sit amet, consectetur adipiscing\"}}\n\n"
     );
 }
 
@@ -490,7 +491,19 @@ impl Bridge {
         let config_path = dir.join("bridge.toml");
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.join("bridge.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sse-bridge"))
+        // BENCH_WRAP="perf record -g -o bridge.perf --" (or valgrind ...) runs the bridge under
+        // a profiler; CPU and RSS figures are then the wrapper's.
+        let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(env!("CARGO_BIN_EXE_sse-bridge"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_sse-bridge")),
+        };
+        let child = command
             .args(["run", "--log-format", "json", "-c"])
             .arg(&config_path)
             .current_dir(dir)
@@ -864,9 +877,9 @@ fn run_one_feed(
         "the bridge stored {} of {events} events in 600 s",
         stored()
     );
-    generator.stop(ctx);
     let complaints = bridge.complaints();
     bridge.stop();
+    generator.stop(ctx);
     if !complaints.is_empty() {
         println!(
             "the bridge logged {} warnings/errors, first: {}",

@@ -225,6 +225,13 @@ impl Supervisor {
         Ok(supervisor)
     }
 
+    /// Asks every sink to close and reopen its files (after an external logrotate).
+    pub fn reopen_sinks(&self) {
+        for sink in self.sinks.values() {
+            sink.handle.reopen();
+        }
+    }
+
     pub fn config(&self) -> &Config {
         &self.loaded.config
     }
@@ -582,6 +589,9 @@ pub async fn run(
                         tracing::error!("reload rejected, the running configuration stays: invalid configuration: {e}");
                     }
                 }
+                // SIGHUP is also logrotate's signal: sinks close and reopen their files,
+                // whether or not the configuration changed.
+                supervisor.reopen_sinks();
                 notifier.ready();
             }
         }
@@ -697,7 +707,10 @@ impl FeedTask {
         let mut routing = self.routing.borrow_and_update().clone();
         let mut router = routing.router.for_feed(&name);
         let mut items: Vec<Item> = Vec::with_capacity(256);
-        let mut events: Vec<(Arc<Event>, Vec<usize>)> = Vec::with_capacity(256);
+        // Events of the current read, with the number of sinks each went to, until they are
+        // registered with the tracker. Each event goes straight into the batches of its sinks
+        // (`per_sink`): the batches are sent only after registration, below.
+        let mut events: Vec<(Arc<Event>, u32)> = Vec::with_capacity(256);
         let mut per_sink: Vec<Vec<Arc<Event>>> = vec![Vec::new(); routing.sinks.len()];
         let tracker = self.view.tracker.clone();
         let stats = self.view.stats.clone();
@@ -768,7 +781,6 @@ impl FeedTask {
                             decision.outcome,
                             !decision.sinks.is_empty(),
                         );
-                        let sinks = decision.sinks.clone();
                         let event = Arc::new(Event {
                             feed: name.clone(),
                             event_type: e.event_type,
@@ -780,11 +792,13 @@ impl FeedTask {
                         if tapped {
                             let _ = self.tap.send(event.clone());
                         }
-                        events.push((event, sinks));
+                        for &index in &decision.sinks {
+                            per_sink[index].push(event.clone());
+                        }
+                        events.push((event, decision.sinks.len() as u32));
                     }
                     Item::LastEventId(id) => {
-                        register(&tracker, &events);
-                        distribute(&mut events, &mut per_sink);
+                        register(&tracker, &mut events);
                         tracker.id_only(&id);
                     }
                 }
@@ -796,8 +810,7 @@ impl FeedTask {
                     .unwrap_or(0);
                 stats.last_event_at_ms.store(millis, Ordering::Relaxed);
             }
-            register(&tracker, &events);
-            distribute(&mut events, &mut per_sink);
+            register(&tracker, &mut events);
             for (index, batch) in per_sink.iter_mut().enumerate() {
                 if batch.is_empty() {
                     continue;
@@ -854,25 +867,18 @@ impl FeedTask {
     }
 }
 
-/// Registers the pending events with the tracker (before any sink can see them).
-fn register(tracker: &FeedTracker, events: &[(Arc<Event>, Vec<usize>)]) {
+/// Registers the events of the current read with the tracker, with the number of sinks each
+/// went to, before any sink can see them, and forgets them.
+fn register(tracker: &FeedTracker, events: &mut Vec<(Arc<Event>, u32)>) {
     if events.is_empty() {
         return;
     }
     tracker.register(
         events
             .iter()
-            .map(|(e, sinks)| (e.seq, e.id.as_str(), sinks.len() as u32)),
+            .map(|(e, sinks)| (e.seq, e.id.as_str(), *sinks)),
     );
-}
-
-/// Moves registered events into per-sink batches.
-fn distribute(events: &mut Vec<(Arc<Event>, Vec<usize>)>, per_sink: &mut [Vec<Arc<Event>>]) {
-    for (event, sinks) in events.drain(..) {
-        for index in sinks {
-            per_sink[index].push(event.clone());
-        }
-    }
+    events.clear();
 }
 
 async fn commit_loop(

@@ -1,27 +1,32 @@
 //! Crash loop: 1 000 000 events with ids from a local resumable SSE server, through the real
-//! binary into every sink type there is (a JSON Lines file; SQLite both in the state database,
-//! where events and checkpoints commit together, and in a database of its own), killed with
-//! SIGKILL at random moments at least 20 times and restarted each time. Then:
+//! binary into every storage sink type there is (a JSON Lines file; SQLite both in the state
+//! database, where events and checkpoints commit together, and in a database of its own; a
+//! Kafka topic on a tansu broker), killed with SIGKILL at random moments at least 20 times and
+//! restarted each time. Then:
 //!
 //! - zero events lost, in every sink;
 //! - zero duplicates in SQLite, by (feed, id) and not only by its unique key;
-//! - in the file, every duplicate is identifiable (same id => same seq, type and data) and the
-//!   duplicates are exactly the events stored after the last committed checkpoint of each
-//!   kill, each such window a commit interval or so of stream;
-//! - after every kill, the committed checkpoint covers only events every sink holds, and every
-//!   restart resumed from a committed checkpoint;
+//! - in the file and in Kafka, every duplicate is identifiable (same id => same seq, type and
+//!   data), each run of the bridge wrote consecutive events starting right after a committed
+//!   checkpoint, and the duplicates are the re-fetched parts of the uncommitted windows, each
+//!   bounded by what one commit interval (plus a second) of stream can hold;
+//! - after every kill, the committed checkpoint covers only events the file and both SQLite
+//!   databases hold (Kafka is read once, at the end: a checkpoint ahead of it would show there
+//!   as a lost event), and every restart resumed from a committed checkpoint;
 //! - every line of the file is whole.
 //!
 //! The figures (events, kills, duplicates per sink) are printed: `cargo test --test crash_loop
 //! -- --nocapture`. `CRASH_LOOP_SEED=n` replays a sequence of kill moments;
-//! `CRASH_LOOP_EVENTS` and `CRASH_LOOP_KILLS` scale it.
-//!
-//! The Kafka sink is not part of it: there is no Kafka sink in this tree yet.
+//! `CRASH_LOOP_EVENTS` and `CRASH_LOOP_KILLS` scale it. Without tansu (see
+//! `support/kafka.rs`) the Kafka sink is left out with a loud note, unless a broker is
+//! required (CI).
 
 mod support;
 
 #[path = "support/bridge.rs"]
 mod bridge;
+#[path = "support/kafka.rs"]
+mod kafka;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +38,12 @@ use support::{event_type, write_file, LogServer};
 
 const FEED: &str = "wiki";
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// The server's pace: `CHUNK` events every `PAUSE`, i.e. `RATE` events/s at most.
+const CHUNK: u64 = 1000;
+const PAUSE: Duration = Duration::from_millis(25);
+const RATE: u64 = 40_000;
+/// The Kafka topic (one partition: the feed's records in one order).
+const TOPIC: &str = "wiki-events";
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -45,7 +56,18 @@ fn log_data(n: u64) -> String {
     format!("{{\"n\":{n},\"title\":\"Page {n}\",\"comment\":\"résumé ✓\"}}")
 }
 
-fn config(dir: &Path, url: &str) -> PathBuf {
+fn config(dir: &Path, url: &str, brokers: Option<&str>) -> PathBuf {
+    let kafka = match brokers {
+        Some(b) => {
+            format!("[sink.stream]\ntype = \"kafka\"\nbrokers = \"{b}\"\ntopic = \"{TOPIC}\"\n")
+        }
+        None => String::new(),
+    };
+    let sinks = if brokers.is_some() {
+        r#""archive", "state_db", "own_db", "stream""#
+    } else {
+        r#""archive", "state_db", "own_db""#
+    };
     let text = format!(
         r#"
 [state]
@@ -79,9 +101,10 @@ type = "sqlite"
 path = "{d}/events.db"
 synchronous = "normal"
 
+{kafka}
 [[route]]
 event = "*"
-sinks = ["archive", "state_db", "own_db"]
+sinks = [{sinks}]
 "#,
         d = dir.display(),
         commit = COMMIT_INTERVAL.as_millis(),
@@ -92,27 +115,35 @@ sinks = ["archive", "state_db", "own_db"]
 /// What the file sink holds so far, read incrementally.
 struct FileView {
     tail: Tail,
-    /// `first_at[seq]`: when the first copy of the event was received (µs since the epoch;
-    /// 0: not stored yet).
-    first_at: Vec<i64>,
+    /// `seen[seq]`: the event is stored.
+    seen: Vec<bool>,
     /// Every seq in `1..=prefix` is stored.
     prefix: u64,
     lines: u64,
     duplicates: u64,
     /// Highest seq stored.
     max_seq: u64,
+    /// The lines of the current run: first seq, last seq, count (each run of the bridge
+    /// appends consecutive seqs from its checkpoint on).
+    run: Option<(u64, u64, u64)>,
 }
 
 impl FileView {
     fn new(path: &Path, total: u64) -> FileView {
         FileView {
             tail: Tail::new(path),
-            first_at: vec![0; total as usize + 1],
+            seen: vec![false; total as usize + 1],
             prefix: 0,
             lines: 0,
             duplicates: 0,
             max_seq: 0,
+            run: None,
         }
+    }
+
+    /// A new run of the bridge starts appending.
+    fn begin_run(&mut self) {
+        self.run = None;
     }
 
     /// Reads the lines appended since the last call; every one must be a whole, valid event.
@@ -132,7 +163,7 @@ impl FileView {
             assert_eq!(e.event_type, event_type(n), "{when}: type of {n}");
             assert_eq!(e.data, log_data(n), "{when}: data of {n}");
             let i = n as usize;
-            if self.first_at[i] != 0 {
+            if self.seen[i] {
                 self.duplicates += 1;
             } else {
                 // First copies arrive in order: nothing skipped, nothing reordered.
@@ -143,9 +174,16 @@ impl FileView {
                     self.prefix + 1
                 );
                 self.prefix = n;
-                self.first_at[i] = micros(&e.received_at).max(1);
+                self.seen[i] = true;
             }
             self.max_seq = self.max_seq.max(n);
+            self.run = match self.run {
+                None => Some((n, n, 1)),
+                Some((first, last, count)) => {
+                    assert_eq!(n, last + 1, "{when}: seq {n} written after {last}");
+                    Some((first, n, count + 1))
+                }
+            };
         }
     }
 }
@@ -153,8 +191,23 @@ impl FileView {
 /// Opens an SQLite database written by a killed bridge (recovering its WAL like a restart).
 fn open_db(path: &Path) -> rusqlite::Connection {
     let c = rusqlite::Connection::open(path).expect("open database");
-    c.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    c.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
     c
+}
+
+/// `(rows, highest seq)` of the feed in an events database.
+fn db_extent(path: &Path) -> (u64, u64) {
+    if !path.exists() {
+        return (0, 0);
+    }
+    let c = open_db(path);
+    c.query_row(
+        "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM events WHERE feed = ?1",
+        [FEED],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+    .unwrap_or((0, 0))
 }
 
 /// Rows of the feed in an events database with `seq <= upto`.
@@ -208,10 +261,104 @@ fn check_db(path: &Path, total: u64, what: &str) -> u64 {
     rows as u64
 }
 
-fn micros(received_at: &str) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(received_at)
-        .expect("received_at")
-        .timestamp_micros()
+/// Checks the lines one run appended: consecutive seqs from exactly the committed checkpoint
+/// it started from. Returns how many of them were already stored (the duplicates it made).
+fn run_duplicates(view: &FileView, resume_at: u64, stored_before: u64, when: &str) -> u64 {
+    match view.run {
+        None => 0,
+        Some((first, last, count)) => {
+            assert_eq!(
+                first,
+                resume_at + 1,
+                "{when}: the run resumed at seq {first}, not after the committed checkpoint {resume_at}"
+            );
+            assert_eq!(count, last - first + 1);
+            last.min(stored_before).saturating_sub(resume_at)
+        }
+    }
+}
+
+/// Reads the whole topic back: every event `1..=total` present, every copy identical to the
+/// first (content from its id), and the records are runs of consecutive seqs, each starting
+/// right after a committed checkpoint (a restart), re-sending at most `bound` events already
+/// there. Returns (records, duplicates, largest re-sent window).
+fn check_kafka(
+    broker: &kafka::Broker,
+    total: u64,
+    checkpoints: &[String],
+    bound: u64,
+) -> (u64, u64, u64) {
+    let records = broker.read_topic(TOPIC, total as usize, Duration::from_secs(2));
+    let mut seen = vec![false; total as usize + 1];
+    let mut distinct = 0u64;
+    let mut max_seen = 0u64;
+    let mut prev: Option<u64> = None;
+    let mut run_start = 0u64;
+    let mut largest = 0u64;
+    let starts: std::collections::HashSet<u64> = std::iter::once(0)
+        .chain(
+            checkpoints
+                .iter()
+                .map(|c| c.parse::<u64>().expect("numeric checkpoint")),
+        )
+        .collect();
+    let mut max_before_run = 0u64;
+    for r in &records {
+        let id = r.header("sse-id").expect("sse-id");
+        let n: u64 = id.parse().unwrap_or_else(|_| panic!("sse-id {id:?}"));
+        assert!((1..=total).contains(&n), "kafka: id out of range: {r:?}");
+        assert_eq!(r.header("sse-seq"), Some(id.clone()), "kafka: seq of {n}");
+        assert_eq!(r.header("sse-feed").as_deref(), Some(FEED));
+        assert_eq!(
+            r.header("sse-type").as_deref(),
+            Some(event_type(n)),
+            "kafka: type of {n}"
+        );
+        assert_eq!(r.payload, log_data(n).into_bytes(), "kafka: data of {n}");
+        if prev != Some(n - 1) {
+            // A new run: a restart, resuming right after a committed checkpoint.
+            assert!(
+                starts.contains(&(n - 1)),
+                "kafka: records resume at {n} (offset {}) after {prev:?}, but {} was never a \
+                 committed checkpoint",
+                r.offset,
+                n - 1
+            );
+            if prev.is_some() {
+                largest = largest.max(
+                    max_before_run
+                        .min(prev.unwrap_or(0))
+                        .saturating_sub(run_start - 1),
+                );
+            }
+            run_start = n;
+            max_before_run = max_seen;
+        }
+        if !seen[n as usize] {
+            assert_eq!(
+                n,
+                distinct + 1,
+                "kafka: event {n} first written while {} was due",
+                distinct + 1
+            );
+            seen[n as usize] = true;
+            distinct += 1;
+        }
+        max_seen = max_seen.max(n);
+        prev = Some(n);
+    }
+    largest = largest.max(
+        max_before_run
+            .min(prev.unwrap_or(0))
+            .saturating_sub(run_start.saturating_sub(1)),
+    );
+    assert_eq!(distinct, total, "kafka: events present");
+    assert!(
+        largest <= bound,
+        "kafka: a restart re-sent {largest} events (bound {bound})"
+    );
+    let n = records.len() as u64;
+    (n, n - total, largest)
 }
 
 /// What each kill left behind.
@@ -220,6 +367,8 @@ struct Kill {
     after: Duration,
     /// The committed checkpoint's seq (0: none yet).
     checkpoint: u64,
+    /// The highest seq every sink held.
+    everywhere: u64,
     /// The highest seq in the file.
     stored: u64,
     /// Bytes of a torn last line in the file (a write cut by the kill).
@@ -235,10 +384,14 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
     let started = Instant::now();
 
     // 1 000 events every 25 ms: 40 000 events/s, 25 s of stream if nothing stopped it.
-    let server = LogServer::start(total, 1000, Duration::from_millis(25)).await;
+    let server = LogServer::start(total, CHUNK, PAUSE).await;
+    let broker = kafka::Broker::start().await;
+    if let Some(b) = &broker {
+        b.create_topics(&[(TOPIC, 1)]).await;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let config = config(d, &server.url());
+    let config = config(d, &server.url(), broker.as_ref().map(|b| b.addr.as_str()));
     let file = d.join(format!("events/{FEED}.jsonl"));
     let state = d.join("state.db");
     let own_db = d.join("events.db");
@@ -246,7 +399,13 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
     let mut view = FileView::new(&file, total);
     let mut kills: Vec<Kill> = Vec::new();
     let mut checkpoints_seen: Vec<String> = Vec::new();
+    // Where the next run resumes (the committed checkpoint) and what the file held then.
+    let mut resume_at = 0u64;
+    let mut stored_before = 0u64;
+    let mut expected_dups = 0u64;
+    let mut problems: Vec<String> = Vec::new();
     while kills.len() < min_kills {
+        view.begin_run();
         let bridge = Bridge::spawn(&config);
         // A random moment: sometimes during the start, mostly while events stream.
         let after = if rng.gen_bool(0.15) {
@@ -256,6 +415,11 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
         };
         tokio::time::sleep(after).await;
         let logs = bridge.kill9();
+        problems.extend(
+            logs.iter()
+                .filter(|l| l.level == "WARN" || l.level == "ERROR")
+                .map(|l| l.show()),
+        );
         assert!(
             !logs.iter().any(|l| l.message.contains("panicked")),
             "a panic before kill {}: {logs:#?}",
@@ -263,19 +427,22 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
         );
         let when = format!("after kill {}", kills.len() + 1);
         view.update(total, &when);
+        expected_dups += run_duplicates(&view, resume_at, stored_before, &when);
         let torn = view.tail.partial().len();
         let cp = checkpoint(&state, FEED);
         let cp_seq = cp.as_ref().map_or(0, |c| c.1);
-        if let Some((id, seq)) = &cp {
+        if let Some((id, seq)) = cp.as_ref().filter(|c| c.1 > 0) {
             assert_eq!(id, &seq.to_string(), "{when}: checkpoint id and seq");
             checkpoints_seen.push(id.clone());
         }
+        assert!(cp_seq >= resume_at, "{when}: the checkpoint went back");
         // The committed checkpoint never covers an event a sink does not hold.
         assert!(
             view.prefix >= cp_seq,
             "{when}: checkpoint {cp_seq} but the file holds only 1..={}",
             view.prefix
         );
+        let mut everywhere = view.prefix;
         for db in [&state, &own_db] {
             let n = db_count_upto(db, cp_seq);
             assert_eq!(
@@ -284,17 +451,30 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
                 "{when}: checkpoint {cp_seq} but {} holds {n} of those events",
                 db.display()
             );
+            // Each database holds a prefix of the stream, once.
+            let (rows, max) = db_extent(db);
+            assert_eq!(
+                rows,
+                max,
+                "{when}: {} holds {rows} rows up to seq {max}",
+                db.display()
+            );
+            everywhere = everywhere.min(max);
         }
         kills.push(Kill {
             after,
             checkpoint: cp_seq,
+            everywhere,
             stored: view.max_seq,
             torn,
         });
+        resume_at = cp_seq;
+        stored_before = view.max_seq;
     }
     let kill_phase = started.elapsed();
 
     // The last run: no kill; everything arrives; SIGTERM drains.
+    view.begin_run();
     let bridge = Bridge::spawn(&config);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -312,8 +492,17 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (status, logs) = bridge.terminate(Duration::from_secs(60)).await;
+    problems.extend(
+        logs.iter()
+            .filter(|l| l.level == "WARN" || l.level == "ERROR")
+            .map(|l| l.show()),
+    );
+    for p in &problems {
+        eprintln!("  logged: {p}");
+    }
     assert_eq!(status.code(), Some(0), "exit after SIGTERM: {logs:#?}");
     view.update(total, "after the last run");
+    expected_dups += run_duplicates(&view, resume_at, stored_before, "the last run");
     assert!(
         view.tail.partial().is_empty(),
         "the file ends with a torn line after a clean stop"
@@ -340,31 +529,43 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
         );
     }
 
-    // File duplicates: exactly the events stored after the committed checkpoint at each
-    // kill, and each such window spans about a commit interval of stream.
-    let expected_dups: u64 = kills.iter().map(|k| k.stored - k.checkpoint).sum();
+    // File duplicates: exactly the re-fetched parts of the uncommitted windows (the events
+    // stored after the committed checkpoint at each kill), and each window spans about a
+    // commit interval of stream.
     assert_eq!(
         view.duplicates, expected_dups,
-        "duplicates in the file vs the uncommitted windows at the kills: {kills:?}"
+        "duplicates in the file: {kills:?}"
     );
-    let mut widest = Duration::ZERO;
+    // The uncommitted window at a kill is (checkpoint, stored]: what the file held beyond the
+    // committed checkpoint. It is bounded by the commit interval: at most what the server
+    // streams (RATE events/s at most) in one interval plus a second for the batch in flight
+    // and the commit itself. Within it, the file can run ahead of the slowest sink by at most
+    // that sink's buffer (`buffer.max_events`, 10 000) and the batch it is writing (8192).
+    let bound = (RATE as f64 * (COMMIT_INTERVAL + Duration::from_secs(1)).as_secs_f64()) as u64;
     let mut largest = 0;
+    let mut uncommitted_everywhere = 0;
+    let mut ahead = 0;
     for (i, k) in kills.iter().enumerate() {
-        if k.stored <= k.checkpoint {
-            continue;
-        }
-        largest = largest.max(k.stored - k.checkpoint);
-        let first = view.first_at[k.checkpoint as usize + 1];
-        let last = view.first_at[k.stored as usize];
-        let span = Duration::from_micros((last - first).max(0) as u64);
-        widest = widest.max(span);
+        let window = k.stored - k.checkpoint;
+        largest = largest.max(window);
+        ahead = ahead.max(k.stored - k.everywhere);
+        uncommitted_everywhere =
+            uncommitted_everywhere.max(k.everywhere.saturating_sub(k.checkpoint));
         assert!(
-            span <= COMMIT_INTERVAL * 10,
-            "kill {}: {} uncommitted events received over {span:?}",
+            window <= bound,
+            "kill {}: {window} events stored beyond the committed checkpoint (bound {bound})",
+            i + 1
+        );
+        assert!(
+            k.stored - k.everywhere <= 10_000 + 8192,
+            "kill {}: the file ran {} events ahead of the slowest sink",
             i + 1,
-            k.stored - k.checkpoint
+            k.stored - k.everywhere
         );
     }
+    let kafka_dups = broker
+        .as_ref()
+        .map(|b| check_kafka(b, total, &checkpoints_seen, bound));
     let torn = kills.iter().filter(|k| k.torn > 0).count();
     let early = kills
         .iter()
@@ -383,14 +584,32 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
         started.elapsed()
     );
     eprintln!(
-        "  file: {} lines, {} duplicates (largest window {largest} events, widest {widest:.0?} of stream), \
-         {torn} kills left a torn last line",
+        "  file: {} lines, {} duplicates, all identified by id (largest uncommitted window at a \
+         kill: {largest} events, bound {bound}; of which stored by every sink: at most \
+         {uncommitted_everywhere}; file ahead of the slowest sink: at most {ahead}); {torn} \
+         kills left a torn last line",
         view.lines, view.duplicates
     );
     eprintln!("  sqlite (state db): {state_rows} rows, 0 duplicates");
     eprintln!("  sqlite (own db):   {own_rows} rows, 0 duplicates");
-    eprintln!("  {} connections; kills: {:?}", requests.len(), kills
-        .iter()
-        .map(|k| (k.after.as_millis() as u64, k.checkpoint, k.stored))
-        .collect::<Vec<_>>());
+    match kafka_dups {
+        Some((records, dups, largest)) => eprintln!(
+            "  kafka: {records} records, {dups} duplicates, all identified by id (largest \
+             re-fetched window {largest} events, bound {bound})"
+        ),
+        None => eprintln!("  kafka: not run (no tansu broker)"),
+    }
+    eprintln!(
+        "  {} connections; kills: {:?}",
+        requests.len(),
+        kills
+            .iter()
+            .map(|k| (
+                k.after.as_millis() as u64,
+                k.checkpoint,
+                k.everywhere,
+                k.stored
+            ))
+            .collect::<Vec<_>>()
+    );
 }

@@ -23,7 +23,7 @@ mod bridge;
 mod faults;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -53,7 +53,6 @@ fn log_data(n: u64) -> String {
 /// A bridge configuration in a temporary directory.
 struct Setup {
     _dir: tempfile::TempDir,
-    dir: PathBuf,
     config: PathBuf,
     out: PathBuf,
     state: PathBuf,
@@ -108,7 +107,6 @@ sinks = ["archive"]
         out: d.join(format!("events/{FEED}.jsonl")),
         state: d.join("state.db"),
         config,
-        dir: d,
         _dir: dir,
     }
 }
@@ -175,7 +173,11 @@ async fn wait_stored(s: &Setup, bridge: &Bridge, lines: usize, seq: u64) {
 async fn stop(bridge: Bridge) -> Vec<LogLine> {
     let (status, logs) = bridge.terminate(Duration::from_secs(15)).await;
     let text: Vec<String> = logs.iter().map(LogLine::show).collect();
-    assert_eq!(status.code(), Some(0), "exit after SIGTERM; log:\n{text:#?}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM; log:\n{text:#?}"
+    );
     assert!(
         !logs.iter().any(|l| l.message.contains("panicked")),
         "a panic in the log:\n{text:#?}"
@@ -193,11 +195,10 @@ fn assert_delivered(s: &Setup) -> Vec<Stored> {
     for (i, e) in stored.iter().enumerate() {
         assert_eq!(e.seq, i as u64 + 1, "seq of line {}: {e:?}", i + 1);
         assert_eq!(e.feed, FEED);
-        let is_log = e
-            .id
-            .parse::<u64>()
-            .ok()
-            .is_some_and(|n| e.data == log_data(n));
+        let is_log =
+            e.id.parse::<u64>()
+                .ok()
+                .is_some_and(|n| e.data == log_data(n));
         if is_log {
             let n: u64 = e.id.parse().expect("numeric id");
             assert_eq!(
@@ -231,7 +232,10 @@ fn assert_final_checkpoint(s: &Setup, seq: u64) {
 }
 
 fn ids(requests: &[Record]) -> Vec<Option<&str>> {
-    requests.iter().map(|r| r.last_event_id.as_deref()).collect()
+    requests
+        .iter()
+        .map(|r| r.last_event_id.as_deref())
+        .collect()
 }
 
 /// The feed's failure lines (WARN/ERROR and the INFO of an EOF), in order.
@@ -288,7 +292,10 @@ async fn run_to_completion(server: &FaultServer, s: &Setup, extra: u64) -> Outco
 }
 
 fn show(logs: &[LogLine]) -> String {
-    logs.iter().map(LogLine::show).collect::<Vec<_>>().join("\n")
+    logs.iter()
+        .map(LogLine::show)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,7 +346,10 @@ async fn clean_eof_mid_event_discards_the_half_event_and_resumes() {
         "{}",
         f[0].message
     );
-    assert!(o.logs.iter().all(|l| l.level != "WARN" && l.level != "ERROR"));
+    assert!(o
+        .logs
+        .iter()
+        .all(|l| l.level != "WARN" && l.level != "ERROR"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,7 +404,9 @@ async fn garbage_and_nul_bytes_are_parsed_as_the_standard_says_without_a_reconne
     assert_eq!(o.requests.len(), 1, "{:?}", o.requests);
     assert_eq!(states(&o.logs), [Seen::Open, Seen::Closed]);
     assert!(
-        o.logs.iter().all(|l| l.level != "WARN" && l.level != "ERROR"),
+        o.logs
+            .iter()
+            .all(|l| l.level != "WARN" && l.level != "ERROR"),
         "{}",
         show(&o.logs)
     );
@@ -402,11 +414,21 @@ async fn garbage_and_nul_bytes_are_parsed_as_the_standard_says_without_a_reconne
     // last event ID unchanged (the `id:` with a NUL is ignored).
     let e = &o.extras;
     assert_eq!(
-        (e[0].event_type.as_str(), e[0].data.as_str(), e[0].id.as_str(), e[0].seq),
+        (
+            e[0].event_type.as_str(),
+            e[0].data.as_str(),
+            e[0].id.as_str(),
+            e[0].seq
+        ),
         ("message", "nul\u{0}inside", "120", K + 1)
     );
     assert_eq!(
-        (e[1].event_type.as_str(), e[1].data.as_str(), e[1].id.as_str(), e[1].seq),
+        (
+            e[1].event_type.as_str(),
+            e[1].data.as_str(),
+            e[1].id.as_str(),
+            e[1].seq
+        ),
         ("message", "lone\ncrs", "120", K + 2)
     );
 }
@@ -426,21 +448,34 @@ async fn invalid_utf8_is_replaced_even_when_split_across_reads() {
 
     assert_eq!(o.requests.len(), 1, "{:?}", o.requests);
     assert!(
-        o.logs.iter().all(|l| l.level != "WARN" && l.level != "ERROR"),
+        o.logs
+            .iter()
+            .all(|l| l.level != "WARN" && l.level != "ERROR"),
         "{}",
         show(&o.logs)
     );
     let e = &o.extras[0];
     assert_eq!(e.event_type, "bad\u{FFFD}utf");
     assert_eq!(e.data, String::from_utf8_lossy(data_bytes));
-    assert!(e.data.starts_with("café split bad \u{FFFD}( "), "{:?}", e.data);
+    assert!(
+        e.data.starts_with("café split bad \u{FFFD}( "),
+        "{:?}",
+        e.data
+    );
     assert_eq!((e.id.as_str(), e.seq), ("120", K + 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mb_line_is_refused_with_its_size_and_memory_stays_bounded() {
     const SIZE: usize = 100 * 1024 * 1024;
-    let server = FaultServer::scripted(N, vec![Fault::GiantLine { after: K, size: SIZE }]).await;
+    let server = FaultServer::scripted(
+        N,
+        vec![Fault::GiantLine {
+            after: K,
+            size: SIZE,
+        }],
+    )
+    .await;
     let s = setup(&server.url(), &[]);
     let o = run_to_completion(&server, &s, 0).await;
 
@@ -503,7 +538,9 @@ async fn a_drip_of_one_byte_per_second_never_trips_the_idle_timeout() {
     assert_eq!(o.requests.len(), 1, "{:?}", o.requests);
     assert_eq!(states(&o.logs), [Seen::Open, Seen::Closed]);
     assert!(
-        o.logs.iter().all(|l| l.level != "WARN" && l.level != "ERROR"),
+        o.logs
+            .iter()
+            .all(|l| l.level != "WARN" && l.level != "ERROR"),
         "{}",
         show(&o.logs)
     );
@@ -559,11 +596,7 @@ async fn headers_then_silence_trips_the_idle_timeout_and_the_feed_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_accepts_and_never_answers_hits_the_header_timeout() {
-    let server = FaultServer::scripted(
-        N,
-        vec![Fault::Eof { after: K }, Fault::NeverAnswer],
-    )
-    .await;
+    let server = FaultServer::scripted(N, vec![Fault::Eof { after: K }, Fault::NeverAnswer]).await;
     let s = setup(&server.url(), &[]);
     let o = run_to_completion(&server, &s, 0).await;
 
@@ -604,7 +637,9 @@ async fn a_storm_of_500s_backs_off_to_the_cap_without_a_hot_loop() {
     let r = &o.requests;
     assert_eq!(r.len(), STORM + 2, "{r:?}");
     assert!(
-        r[1..].iter().all(|x| x.last_event_id.as_deref() == Some("120")),
+        r[1..]
+            .iter()
+            .all(|x| x.last_event_id.as_deref() == Some("120")),
         "{r:?}"
     );
     // Delays measured at the server: at least 100, 200, then the 300 ms cap (the EOF counts as
@@ -615,7 +650,10 @@ async fn a_storm_of_500s_backs_off_to_the_cap_without_a_hot_loop() {
         assert!(gap >= want, "delay before request {i}: {gap:?} < {want:?}");
         if i >= 5 {
             // Uncapped, this one would wait 1.6 s or more.
-            assert!(gap < ms(1100), "delay before request {i}: {gap:?}: not capped");
+            assert!(
+                gap < ms(1100),
+                "delay before request {i}: {gap:?}: not capped"
+            );
         }
     }
     let storm = r[STORM + 1].at - r[1].at;
@@ -630,7 +668,8 @@ async fn a_storm_of_500s_backs_off_to_the_cap_without_a_hot_loop() {
     for (i, l) in f[1..].iter().enumerate() {
         assert_eq!(l.level, "WARN");
         assert!(
-            l.message.contains("HTTP 500 Internal Server Error; reconnecting in"),
+            l.message
+                .contains("HTTP 500 Internal Server Error; reconnecting in"),
             "{}",
             l.message
         );
@@ -638,7 +677,10 @@ async fn a_storm_of_500s_backs_off_to_the_cap_without_a_hot_loop() {
     }
     assert!(delays.iter().all(|&d| d <= 360), "{delays:?}");
     assert!(delays[3..].iter().all(|&d| d >= 300), "{delays:?}");
-    eprintln!("500 storm: {} requests; delays chosen {delays:?} ms", r.len());
+    eprintln!(
+        "500 storm: {} requests; delays chosen {delays:?} ms",
+        r.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,9 +735,12 @@ async fn service_unavailable_with_a_retry_after_date_is_honoured() {
     assert!(
         f[1].message
             .contains("HTTP 503 Service Unavailable, Retry-After 1s")
-            || f[1].message
+            || f[1]
+                .message
                 .contains("HTTP 503 Service Unavailable, Retry-After 2s")
-            || f[1].message.contains("HTTP 503 Service Unavailable, Retry-After 1s "),
+            || f[1]
+                .message
+                .contains("HTTP 503 Service Unavailable, Retry-After 1s "),
         "{}",
         f[1].message
     );
@@ -720,9 +765,9 @@ async fn no_content_stops_the_feed_until_a_restart_resumes_it() {
     assert_eq!(stopped.level, "ERROR");
     assert!(
         stopped.message.contains(&format!("feed `{FEED}`"))
-            && stopped.message.contains(
-                "HTTP 204 No Content: the server asks the client to stop reconnecting"
-            ),
+            && stopped
+                .message
+                .contains("HTTP 204 No Content: the server asks the client to stop reconnecting"),
         "{}",
         stopped.message
     );
@@ -830,9 +875,8 @@ async fn a_redirect_loop_is_refused_and_retried_slowly() {
         assert!(
             l.message.contains(&format!("feed `{FEED}`"))
                 && l.message.contains("redirect refused: ")
-                && l.message.contains(
-                    "too many redirects (more than max_redirects = 3; a redirect loop?)"
-                ),
+                && l.message
+                    .contains("too many redirects (more than max_redirects = 3; a redirect loop?)"),
             "{}",
             l.message
         );
@@ -862,7 +906,11 @@ async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
         .add_root_certificate(reqwest::Certificate::from_der(&der).expect("DER"))
         .build()
         .expect("client");
-    let mut resp = trusting.get(&url).send().await.expect("trusted TLS request");
+    let mut resp = trusting
+        .get(&url)
+        .send()
+        .await
+        .expect("trusted TLS request");
     assert_eq!(resp.status(), 200);
     let first = resp.chunk().await.expect("body").expect("a chunk");
     assert!(
@@ -886,7 +934,11 @@ async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
         .await;
     let logs = stop(bridge).await;
     assert_eq!(stats.completed, 1, "only the trusting client got through");
-    assert_eq!(server.requests().len(), before, "no HTTP request from the bridge");
+    assert_eq!(
+        server.requests().len(),
+        before,
+        "no HTTP request from the bridge"
+    );
     for e in &stats.errors {
         assert!(
             e.contains("received fatal alert"),
@@ -898,7 +950,8 @@ async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
     for l in &f {
         assert_eq!(l.level, "WARN");
         assert!(
-            l.message.contains(&format!("feed `{FEED}`: GET https://127.0.0.1:"))
+            l.message
+                .contains(&format!("feed `{FEED}`: GET https://127.0.0.1:"))
                 && l.message.contains(
                     "TLS handshake failed (the connection is not retried without TLS verification)"
                 )
@@ -913,8 +966,53 @@ async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
     eprintln!("untrusted TLS: {}", f[0].message);
 }
 
-/// Keeps `Path` in use for helpers shared with other files.
-#[allow(dead_code)]
-fn _unused(_: &Path, s: &Setup) -> PathBuf {
-    s.dir.clone()
+// ---------------------------------------------------------------------------------------------
+// What a crash leaves behind.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_line_left_by_a_crash_is_cut_before_the_next_event() {
+    // kill -9 can stop the file sink between two writes of one batch (its buffer is flushed
+    // in 64 KiB pieces): the file then ends inside a line. That batch was never acknowledged,
+    // so the checkpoint is before it and its events come again; the fragment must not be
+    // glued to the first of them.
+    let server = FaultServer::scripted(N, vec![Fault::Silence { after: K }]).await;
+    let s = setup(&server.url(), &[("idle_timeout", "\"30s\"")]);
+    let bridge = Bridge::spawn(&s.config);
+    wait_stored(&s, &bridge, K as usize, K).await;
+    stop(bridge).await;
+    assert_eq!(checkpoint(&s.state, FEED), Some((K.to_string(), K)));
+    let fragment = format!(
+        "{{\"feed\":\"{FEED}\",\"type\":\"{}\",\"id\":\"{}\",\"data\":\"{{\\\"n\\\":1",
+        event_type(K + 1),
+        K + 1
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&s.out)
+        .expect("open the file");
+    std::io::Write::write_all(&mut f, fragment.as_bytes()).expect("append");
+    drop(f);
+
+    let monitor = Monitor::start(&s);
+    let bridge = Bridge::spawn(&s.config);
+    wait_stored(&s, &bridge, N as usize, N).await;
+    let logs = stop(bridge).await;
+    monitor.finish();
+    assert_eq!(
+        ids(&server.requests()),
+        [None, Some("120")],
+        "{:?}",
+        server.requests()
+    );
+    // Every line whole, every event once and in order.
+    assert!(assert_delivered(&s).is_empty());
+    assert_final_checkpoint(&s, N);
+    eprintln!(
+        "torn line: {}",
+        logs.iter()
+            .filter(|l| l.level == "WARN")
+            .map(LogLine::show)
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{BufferConfig, Sink, WhenFull};
@@ -63,6 +63,8 @@ pub struct SinkHandle {
     max_events: usize,
     when_full: WhenFull,
     pub health: Arc<SinkHealth>,
+    /// Asks the runner to call [`Sink::reopen`] between writes.
+    reopen: Arc<Notify>,
 }
 
 /// What happened to a batch handed to [`SinkHandle::send`].
@@ -107,6 +109,13 @@ impl SinkHandle {
             Ok(()) => SendOutcome::Queued,
             Err(_) => SendOutcome::Closed,
         }
+    }
+
+    /// Has the runner call [`Sink::reopen`] (file sink: close the files, so that the next
+    /// write opens the paths again, for logrotate) between two writes. Requests made before
+    /// the runner gets to it are merged into one.
+    pub fn reopen(&self) {
+        self.reopen.notify_one();
     }
 
     /// Events queued and not yet stored.
@@ -183,7 +192,9 @@ pub fn spawn(
         max_events,
         when_full: buffer.when_full,
         health: health.clone(),
+        reopen: Arc::new(Notify::new()),
     };
+    let reopen = handle.reopen.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()?;
@@ -195,7 +206,7 @@ pub fn spawn(
                 if let Some(previous) = after {
                     previous.finished().await;
                 }
-                run(thread_name, sink, rx, health, give_up).await
+                run(thread_name, sink, rx, health, give_up, reopen).await
             });
             let _ = done_tx.send(());
         })?;
@@ -214,6 +225,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Envelope>,
     health: Arc<SinkHealth>,
     give_up: CancellationToken,
+    reopen: Arc<Notify>,
 ) {
     let mut batch: Vec<Arc<Event>> = Vec::new();
     let mut envelopes: Vec<Envelope> = Vec::new();
@@ -226,6 +238,13 @@ async fn run(
     loop {
         let first = tokio::select! {
             m = rx.recv() => m,
+            _ = reopen.notified() => {
+                match sink.reopen() {
+                    Ok(()) => tracing::info!(sink = %name, "reopened"),
+                    Err(e) => tracing::error!(sink = %name, "reopen failed: {e}"),
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(next_tick) => {
                 next_tick = tokio::time::Instant::now() + TICK;
                 if let Err(e) = sink.tick() {
@@ -376,5 +395,54 @@ async fn write_with_retry(
                 delay = (delay * 2).min(RETRY_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::SinkError;
+
+    /// Counts `reopen` calls.
+    struct Reopens(Arc<AtomicU64>);
+
+    impl Sink for Reopens {
+        fn write(&mut self, _events: &[Arc<Event>]) -> Result<(), SinkError> {
+            Ok(())
+        }
+
+        fn flush(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
+
+        fn reopen(&mut self) -> Result<(), SinkError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn reopen_reaches_the_sink() {
+        let count = Arc::new(AtomicU64::new(0));
+        let sink = Box::new(Reopens(count.clone()));
+        let (handle, worker) = spawn(
+            "s",
+            sink,
+            &BufferConfig::default(),
+            CancellationToken::new(),
+            None,
+        )
+        .unwrap();
+        for expected in [1, 2] {
+            handle.reopen();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while count.load(Ordering::SeqCst) < expected {
+                assert!(Instant::now() < deadline, "reopen not called");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        drop(handle);
+        worker.finished().await;
+        assert_eq!(count.load(Ordering::SeqCst), 2);
     }
 }

@@ -150,7 +150,10 @@ impl Bridge {
                         let text = String::from_utf8_lossy(&buf);
                         let line = LogLine::parse(text.trim_end());
                         let (lock, cv) = &*sink;
-                        lock.lock().unwrap_or_else(|e| e.into_inner()).lines.push(line);
+                        lock.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .lines
+                            .push(line);
                         cv.notify_all();
                     }
                 }
@@ -249,7 +252,9 @@ impl Bridge {
     pub fn problems(&self, feed: &str) -> Vec<LogLine> {
         self.logs()
             .into_iter()
-            .filter(|l| l.feed.as_deref() == Some(feed) && (l.level == "WARN" || l.level == "ERROR"))
+            .filter(|l| {
+                l.feed.as_deref() == Some(feed) && (l.level == "WARN" || l.level == "ERROR")
+            })
             .collect()
     }
 
@@ -373,8 +378,8 @@ pub fn read_jsonl(path: &Path) -> Vec<Stored> {
             path.display()
         );
     }
-    let text = String::from_utf8(bytes)
-        .unwrap_or_else(|e| panic!("{} is not UTF-8: {e}", path.display()));
+    let text =
+        String::from_utf8(bytes).unwrap_or_else(|e| panic!("{} is not UTF-8: {e}", path.display()));
     text.lines()
         .enumerate()
         .map(|(i, l)| parse_line(l, &format!("{} line {}", path.display(), i + 1)))

@@ -92,9 +92,15 @@ impl Fault {
             Fault::Normal => "normal".into(),
             Fault::Reset { after } => format!("reset after {after}"),
             Fault::Eof { after } => format!("eof after {after}"),
-            Fault::Inject { after, writes } => format!("inject {} writes after {after}", writes.len()),
+            Fault::Inject { after, writes } => {
+                format!("inject {} writes after {after}", writes.len())
+            }
             Fault::GiantLine { after, size } => format!("{size}-byte line after {after}"),
-            Fault::Drip { after, bytes, every } => {
+            Fault::Drip {
+                after,
+                bytes,
+                every,
+            } => {
                 format!("drip {bytes} bytes every {every:?} after {after}")
             }
             Fault::Silence { after } => format!("silence after {after}"),
@@ -259,11 +265,9 @@ impl FaultServer {
                     match acceptor {
                         None => serve_plain(s, tcp).await,
                         Some(acceptor) => {
-                            let hs = tokio::time::timeout(
-                                Duration::from_secs(10),
-                                acceptor.accept(tcp),
-                            )
-                            .await;
+                            let hs =
+                                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                                    .await;
                             let stream = match hs {
                                 Ok(Ok(stream)) => {
                                     s.tls_stats().completed += 1;
@@ -334,7 +338,10 @@ impl FaultServer {
                     return log.clone();
                 }
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 panic!(
                     "timed out after {within:?} waiting for {what}; requests: {:#?}",
                     self.requests()
@@ -363,7 +370,10 @@ impl FaultServer {
             if pred(&stats) {
                 return stats;
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 panic!("timed out after {within:?} waiting for {what}; TLS: {stats:?}");
             }
         }
@@ -376,9 +386,9 @@ fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, Vec<u8>) {
         rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
             .expect("generate a self-signed certificate");
     let der = cert.der().to_vec();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        rustls::pki_types::PrivatePkcs8KeyDer::from(key_pair.serialize_der()),
-    );
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        key_pair.serialize_der(),
+    ));
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -525,7 +535,10 @@ async fn send_rest<W: AsyncWrite + Unpin>(shared: &Shared, out: &mut Out<W>, fro
 /// The first half of event `n` (cut inside its data line, after its `id:` line).
 fn half_event(n: u64) -> String {
     let text = event_text(n);
-    let cut = text.find("data: ").map(|p| p + 10).unwrap_or(text.len() / 2);
+    let cut = text
+        .find("data: ")
+        .map(|p| p + 10)
+        .unwrap_or(text.len() / 2);
     text[..cut.min(text.len() - 3)].to_string()
 }
 
@@ -613,9 +626,7 @@ where
                 if let Some(next) = send_events(&shared, &mut out, from, Some(after)).await {
                     let mut ok = true;
                     for w in &writes {
-                        ok = ok
-                            && out.send(w).await
-                            && out.pause(Duration::from_millis(30)).await;
+                        ok = ok && out.send(w).await && out.pause(Duration::from_millis(30)).await;
                     }
                     if ok {
                         send_rest(&shared, &mut out, next).await;
