@@ -706,11 +706,13 @@ impl FeedTask {
         let name: Arc<str> = Arc::from(self.view.config.name.as_str());
         let mut routing = self.routing.borrow_and_update().clone();
         let mut router = routing.router.for_feed(&name);
-        let mut items: Vec<Item> = Vec::with_capacity(256);
+        // These buffers start empty and keep the capacity a busy feed gives them: allocated
+        // up front they would cost an idle feed about 24 KiB (10 000 feeds: 240 MiB).
+        let mut items: Vec<Item> = Vec::new();
         // Events of the current read, with the number of sinks each went to, until they are
         // registered with the tracker. Each event goes straight into the batches of its sinks
         // (`per_sink`): the batches are sent only after registration, below.
-        let mut events: Vec<(Arc<Event>, u32)> = Vec::with_capacity(256);
+        let mut events: Vec<(Arc<Event>, u32)> = Vec::new();
         let mut per_sink: Vec<Vec<Arc<Event>>> = vec![Vec::new(); routing.sinks.len()];
         let tracker = self.view.tracker.clone();
         let stats = self.view.stats.clone();
@@ -815,7 +817,9 @@ impl FeedTask {
                 if batch.is_empty() {
                     continue;
                 }
-                let batch = std::mem::take(batch);
+                // The next batch starts with room for as many events as this one had.
+                let capacity = batch.len();
+                let batch = std::mem::replace(batch, Vec::with_capacity(capacity));
                 let sink = &routing.sinks[index];
                 let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
                 let outcome = tokio::select! {

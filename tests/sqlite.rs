@@ -1282,6 +1282,95 @@ fn replay_errors_name_the_file_and_row_or_line_and_write_nothing() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Batching: the runner waits up to batch_max_wait for more events, and never hands over more
+// than batch_max_events at once.
+
+struct Recorder {
+    sizes: Arc<Mutex<Vec<usize>>>,
+    options: sse_bridge::sink::WriteOptions,
+}
+
+impl Sink for Recorder {
+    fn write(&mut self, events: &[Arc<Event>]) -> Result<(), sse_bridge::sink::SinkError> {
+        self.sizes.lock().expect("lock").push(events.len());
+        Ok(())
+    }
+    fn options(&self) -> sse_bridge::sink::WriteOptions {
+        self.options
+    }
+    fn flush(&mut self) -> Result<(), sse_bridge::sink::SinkError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_batches_by_time_and_size() {
+    use sse_bridge::checkpoint::{FeedTracker, Position};
+    use sse_bridge::sink::runner;
+
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let sink = Recorder {
+        sizes: sizes.clone(),
+        options: sse_bridge::sink::WriteOptions {
+            max_batch_events: 25,
+            max_batch_wait: Duration::from_millis(300),
+            checkpoints: false,
+        },
+    };
+    let tracker = Arc::new(FeedTracker::new(Position {
+        seq: 0,
+        last_event_id: Arc::from(""),
+    }));
+    let (handle, worker) = runner::spawn(
+        "rec",
+        Box::new(sink),
+        &BufferConfig::default(),
+        tokio_util::sync::CancellationToken::new(),
+        None,
+    )
+    .expect("spawn");
+    let event = |seq: u64| {
+        Arc::new(Event {
+            feed: Arc::from("f"),
+            event_type: "t".into(),
+            data: String::new(),
+            id: seq.to_string(),
+            received_at: Utc::now(),
+            seq,
+        })
+    };
+    // Three small sends 30 ms apart: one write of all of them (waited for), then the rest.
+    let mut seq = 0;
+    for _ in 0..3 {
+        let batch: Vec<Arc<Event>> = (0..6)
+            .map(|_| {
+                seq += 1;
+                event(seq)
+            })
+            .collect();
+        tracker.register(batch.iter().map(|e| (e.seq, e.id.as_str(), 1)));
+        let _ = handle.send(batch, &tracker).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(wait_for(Duration::from_secs(5), || tracker.acked().seq == 18).await);
+    assert_eq!(
+        *sizes.lock().expect("lock"),
+        [18],
+        "one transaction for the three sends"
+    );
+    // 60 events at once: at most 25 per write.
+    let batch: Vec<Arc<Event>> = (19..=78).map(event).collect();
+    tracker.register(batch.iter().map(|e| (e.seq, e.id.as_str(), 1)));
+    let _ = handle.send(batch, &tracker).await;
+    assert!(wait_for(Duration::from_secs(5), || tracker.acked().seq == 78).await);
+    drop(handle);
+    worker.finished().await;
+    let sizes = sizes.lock().expect("lock").clone();
+    assert!(sizes[1..].iter().all(|&n| n <= 25), "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 78);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Benchmark: `cargo test --release --test sqlite -- --ignored --nocapture bench`
 
 #[test]

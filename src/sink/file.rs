@@ -1407,12 +1407,64 @@ impl FileSink {
                 self.dirs_to_sync.insert(parent.to_path_buf());
                 Ok(f)
             }
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => OpenOptions::new()
-                .append(true)
-                .open(path)
-                .map_err(|e| self.io(format!("cannot open {key}"), e)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| self.io(format!("cannot open {key}"), e))?;
+                self.cut_torn_tail(&file, key)?;
+                Ok(file)
+            }
             Err(e) => Err(self.io(format!("cannot create {key}"), e)),
         }
+    }
+
+    /// A crash can leave a file ending inside a line: kill -9 can cut a large write short
+    /// (Linux stops copying at a page boundary when a fatal signal arrives), a power loss can
+    /// lose the end of what was written. That batch was never acknowledged (a batch is
+    /// acknowledged only once written whole), so its events are fetched again after the
+    /// restart; the unfinished line is cut off here, before anything is appended to it.
+    fn cut_torn_tail(&self, file: &File, key: &str) -> Result<(), SinkError> {
+        use std::os::unix::fs::FileExt;
+        let len = file
+            .metadata()
+            .map_err(|e| self.io(format!("cannot read the length of {key}"), e))?
+            .len();
+        let mut block = vec![0u8; 64 * 1024];
+        let mut end = len;
+        let keep = loop {
+            if end == 0 {
+                break 0;
+            }
+            let start = end.saturating_sub(block.len() as u64);
+            let buf = &mut block[..(end - start) as usize];
+            file.read_exact_at(buf, start)
+                .map_err(|e| self.io(format!("cannot read {key}"), e))?;
+            if end == len && buf.last() == Some(&b'\n') {
+                return Ok(());
+            }
+            if let Some(i) = buf.iter().rposition(|&b| b == b'\n') {
+                break start + i as u64 + 1;
+            }
+            end = start;
+        };
+        file.set_len(keep)
+            .and_then(|()| {
+                if self.policy != FsyncPolicy::Never {
+                    file.sync_data()
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| self.io(format!("cannot cut the unfinished last line of {key}"), e))?;
+        tracing::warn!(
+            sink = %self.name,
+            path = %key,
+            bytes = len - keep,
+            "the file ended inside a line (a write cut short by a crash); cut that unfinished line, whose events are fetched again"
+        );
+        Ok(())
     }
 
     /// A free name to rotate `key` to: its stamp is now, or just after the newest stamp of

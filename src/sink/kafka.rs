@@ -526,10 +526,37 @@ impl Settings {
     /// Lets librdkafka check every setting; the error names the config key and never shows a
     /// secret value.
     fn check(&self) -> Result<(), (String, String)> {
-        match self.to_client_config().create_native_config() {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.describe(&e)),
+        let native = self
+            .to_client_config()
+            .create_native_config()
+            .map_err(|e| self.describe(&e))?;
+        // A SASL mechanism is only checked by librdkafka when the client starts.
+        let builtin = native.get("builtin.features").unwrap_or_default();
+        if let Some((_, mechanism, _, okey)) = self
+            .entries
+            .iter()
+            .find(|(k, ..)| k.eq_ignore_ascii_case("sasl.mechanism") || k == "sasl.mechanisms")
+        {
+            let feature = match mechanism.to_ascii_uppercase().as_str() {
+                m if m.starts_with("SCRAM-") => Some("sasl_scram"),
+                "GSSAPI" => Some("sasl_gssapi"),
+                "OAUTHBEARER" => Some("sasl_oauthbearer"),
+                "PLAIN" => Some("sasl_plain"),
+                _ => None,
+            };
+            if let Some(feature) = feature {
+                if !builtin.split(',').any(|f| f == feature) {
+                    return Err((
+                        okey.clone().unwrap_or_else(|| "options".to_string()),
+                        format!(
+                            "SASL mechanism {mechanism} is not available in this build of \
+                             librdkafka (built in: {builtin})"
+                        ),
+                    ));
+                }
+            }
         }
+        Ok(())
     }
 
     /// `(config key, message)` for an error from librdkafka about these settings.
@@ -748,6 +775,10 @@ struct Context {
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if fac == "FAIL" {
+            // A connection failure: also an error event, logged (rate-limited) by `error`.
+            return;
+        }
         let sink = &self.sink;
         match level {
             RDKafkaLogLevel::Emerg
@@ -1630,6 +1661,15 @@ mod tests {
         assert!(errors(&parse(&base("").replace("topic = \"events\"", &feedy))).is_empty());
         let feedy = format!("topic = \"{}.{{feed}}\"", "x".repeat(149));
         assert!(!errors(&parse(&base("").replace("topic = \"events\"", &feedy))).is_empty());
+        let c = parse(&base("[options]\n\"sasl.mechanism\" = \"SCRAM-SHA-512\""));
+        let errs = errors(&c);
+        assert!(
+            errs.iter()
+                .any(|(k, m)| k == "options.sasl.mechanism" && m.contains("not available")),
+            "{errs:?}"
+        );
+        let c = parse(&base("[options]\n\"sasl.mechanism\" = \"PLAIN\""));
+        assert!(errors(&c).is_empty(), "{:?}", errors(&c));
         let c = parse(&base("acks = \"leader\"\nidempotence = false"));
         assert!(errors(&c).is_empty(), "{:?}", errors(&c));
     }

@@ -270,22 +270,29 @@ async fn run(
             batch.extend(more.events.iter().cloned());
             envelopes.push(more);
         }
-        if options.checkpoints {
-            checkpoints_after(&envelopes, &mut checkpoints);
-        }
-        if !write_with_retry(
-            &name,
-            sink.as_mut(),
-            &batch,
-            options.checkpoints.then_some(&checkpoints[..]),
-            &health,
-            &give_up,
-        )
-        .await
-        {
-            // Giving up at the end of the shutdown deadline: nothing here is acknowledged,
-            // so the checkpoints stay behind these events and they are fetched again.
-            return;
+        // One write per `max_events` (a single send can be larger); acknowledged once all
+        // are stored. The checkpoints handed with a write cover the events written so far.
+        let mut start = 0;
+        while start < batch.len() {
+            let end = (start + max_events).min(batch.len());
+            if options.checkpoints {
+                checkpoints_after(&envelopes, end, &mut checkpoints);
+            }
+            if !write_with_retry(
+                &name,
+                sink.as_mut(),
+                &batch[start..end],
+                options.checkpoints.then_some(&checkpoints[..]),
+                &health,
+                &give_up,
+            )
+            .await
+            {
+                // Giving up at the end of the shutdown deadline: nothing here is acknowledged,
+                // so the checkpoints stay behind these events and they are fetched again.
+                return;
+            }
+            start = end;
         }
         health
             .written
@@ -306,9 +313,9 @@ async fn run(
     }
 }
 
-/// For each feed in the batch, the checkpoint that holds once the batch is acknowledged
-/// (a non-mutating preview on the feed's tracker).
-fn checkpoints_after(envelopes: &[Envelope], out: &mut Vec<Checkpoint>) {
+/// For each feed in the first `upto` events of the batch (the envelopes' events, in order), the
+/// checkpoint that holds once they are acknowledged (a non-mutating preview on the tracker).
+fn checkpoints_after(envelopes: &[Envelope], upto: usize, out: &mut Vec<Checkpoint>) {
     out.clear();
     let now = chrono::Utc::now();
     let mut done: Vec<&Arc<FeedTracker>> = Vec::new();
@@ -320,11 +327,13 @@ fn checkpoints_after(envelopes: &[Envelope], out: &mut Vec<Checkpoint>) {
         }
         done.push(tracker);
         seqs.clear();
-        for same in envelopes
-            .iter()
-            .filter(|e| Arc::ptr_eq(&e.tracker, tracker))
-        {
-            seqs.extend(same.events.iter().map(|e| e.seq));
+        let mut offset = 0;
+        for same in envelopes {
+            let take = same.events.len().min(upto.saturating_sub(offset));
+            offset += same.events.len();
+            if Arc::ptr_eq(&same.tracker, tracker) {
+                seqs.extend(same.events[..take].iter().map(|e| e.seq));
+            }
         }
         let p = tracker.position_if_acked(&seqs);
         out.push(Checkpoint {

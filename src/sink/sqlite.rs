@@ -35,14 +35,16 @@ use crate::state::{migrate, Checkpoint, StateError};
 const INSERT_EVENT: &str = "INSERT OR IGNORE INTO events (feed, seq, id, type, data, received_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
-/// The checkpoint upsert of a sink that shares the state database (same as the state store's).
+/// The checkpoint upsert of a sink that shares the state database (same as the state store's:
+/// a checkpoint never moves back, whichever of the sink and the committer commits last).
 const UPSERT_CHECKPOINT: &str =
     "INSERT INTO checkpoints (feed, url, last_event_id, seq, updated_at)
      VALUES (?1, ?2, ?3, ?4, ?5)
      ON CONFLICT (feed, url) DO UPDATE SET
          last_event_id = excluded.last_event_id,
          seq = excluded.seq,
-         updated_at = excluded.updated_at";
+         updated_at = excluded.updated_at
+     WHERE excluded.seq >= checkpoints.seq";
 
 /// Largest `batch_max_events` accepted.
 const MAX_BATCH_EVENTS: usize = 1_000_000;

@@ -470,7 +470,11 @@ impl Inner {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| parse_retry_after(v, SystemTime::now()));
             let what = match retry_after {
-                Some(d) => format!("{answer}, Retry-After {}", humantime::format_duration(d)),
+                // An HTTP date leaves a remainder down to nanoseconds: shown in milliseconds.
+                Some(d) => format!(
+                    "{answer}, Retry-After {}",
+                    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+                ),
                 None => answer,
             };
             return Err(Failure {

@@ -208,7 +208,10 @@ impl StateStore {
     }
 
     /// Inserts or replaces each checkpoint (keyed by feed and URL), all in one transaction:
-    /// either all are committed or none is.
+    /// either all are committed or none is. A checkpoint never moves back: one with a lower
+    /// seq than the stored one is ignored. (Two writers commit checkpoints when an SQLite sink
+    /// shares the state database, the committer and the sink; each only writes positions that
+    /// are stored, and whichever commits last must not undo the other's progress.)
     pub fn save_checkpoints(&mut self, cps: &[Checkpoint]) -> Result<(), StateError> {
         // Convert first, so that a bad value fails before anything is written.
         let rows = cps
@@ -234,7 +237,8 @@ impl StateStore {
                      ON CONFLICT (feed, url) DO UPDATE SET
                          last_event_id = excluded.last_event_id,
                          seq = excluded.seq,
-                         updated_at = excluded.updated_at",
+                         updated_at = excluded.updated_at
+                     WHERE excluded.seq >= checkpoints.seq",
                 )
                 .map_err(|e| migrate::db_error(&path, "cannot save checkpoints", &e))?;
             for (cp, seq, at) in &rows {
@@ -551,6 +555,29 @@ mod tests {
                 cp("b", "u", "", 0),
                 cp("c", "u", "9", u64::try_from(i64::MAX).unwrap())
             ]
+        );
+    }
+
+    #[test]
+    fn save_checkpoints_never_moves_a_checkpoint_back() {
+        let (_dir, _path, mut store) = store();
+        store.save_checkpoints(&[cp("a", "u", "10", 10)]).unwrap();
+        // A writer that computed its checkpoint earlier commits it later: ignored.
+        store.save_checkpoints(&[cp("a", "u", "7", 7)]).unwrap();
+        assert_eq!(
+            store.list_checkpoints().unwrap(),
+            vec![cp("a", "u", "10", 10)]
+        );
+        // The same seq with another ID (an ID-only dispatch) still moves it.
+        store.save_checkpoints(&[cp("a", "u", "10b", 10)]).unwrap();
+        assert_eq!(
+            store.list_checkpoints().unwrap(),
+            vec![cp("a", "u", "10b", 10)]
+        );
+        store.save_checkpoints(&[cp("a", "u", "12", 12)]).unwrap();
+        assert_eq!(
+            store.list_checkpoints().unwrap(),
+            vec![cp("a", "u", "12", 12)]
         );
     }
 

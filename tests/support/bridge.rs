@@ -90,6 +90,19 @@ impl Seen {
     }
 }
 
+/// The states of `feed` in the order its log lines announced them, repeats collapsed.
+pub fn states(logs: &[LogLine], feed: &str) -> Vec<Seen> {
+    let mut out: Vec<Seen> = Vec::new();
+    for line in logs.iter().filter(|l| l.feed.as_deref() == Some(feed)) {
+        if let Some(s) = Seen::of(line) {
+            if out.last() != Some(&s) {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
 #[derive(Default)]
 struct Logs {
     lines: Vec<LogLine>,
@@ -202,15 +215,33 @@ impl Bridge {
         within: Duration,
         pred: impl Fn(&LogLine) -> bool + Send + 'static,
     ) -> LogLine {
+        let mut lines = self.wait_logs(what, within, 1, pred).await;
+        lines.swap_remove(0)
+    }
+
+    /// Like [`Bridge::wait_log`], until `n` lines satisfy `pred`; returns the first `n`.
+    pub async fn wait_logs(
+        &self,
+        what: &str,
+        within: Duration,
+        n: usize,
+        pred: impl Fn(&LogLine) -> bool + Send + 'static,
+    ) -> Vec<LogLine> {
         let logs = self.logs.clone();
-        let what = what.to_string();
         let found = tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + within;
             let (lock, cv) = &*logs;
             let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
             loop {
-                if let Some(line) = guard.lines.iter().find(|l| pred(l)) {
-                    return Some(line.clone());
+                let matching: Vec<LogLine> = guard
+                    .lines
+                    .iter()
+                    .filter(|l| pred(l))
+                    .take(n)
+                    .cloned()
+                    .collect();
+                if matching.len() >= n {
+                    return Some(matching);
                 }
                 let now = Instant::now();
                 if now >= deadline || guard.ended {
@@ -226,36 +257,10 @@ impl Bridge {
         .expect("log waiter");
         found.unwrap_or_else(|| {
             panic!(
-                "waited {within:?} for a log line: {what}; the log:\n{}",
+                "waited {within:?} for {n} log line(s): {what}; the log:\n{}",
                 self.log_text()
             )
         })
-    }
-
-    /// The states of `feed` in the order the log announced them, repeats collapsed.
-    pub fn states(&self, feed: &str) -> Vec<Seen> {
-        let mut out: Vec<Seen> = Vec::new();
-        for line in self.logs() {
-            if line.feed.as_deref() != Some(feed) {
-                continue;
-            }
-            if let Some(s) = Seen::of(&line) {
-                if out.last() != Some(&s) {
-                    out.push(s);
-                }
-            }
-        }
-        out
-    }
-
-    /// Log lines about `feed` at WARN or ERROR.
-    pub fn problems(&self, feed: &str) -> Vec<LogLine> {
-        self.logs()
-            .into_iter()
-            .filter(|l| {
-                l.feed.as_deref() == Some(feed) && (l.level == "WARN" || l.level == "ERROR")
-            })
-            .collect()
     }
 
     /// The peak resident set size of the process so far (`VmHWM`), in bytes.
@@ -265,11 +270,6 @@ impl Bridge {
             let kib = l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim();
             kib.parse::<u64>().ok().map(|k| k * 1024)
         })
-    }
-
-    /// Whether the process has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
     }
 
     /// SIGTERM, then waits (polling, at most `within`) for the exit; returns its status and the
@@ -408,11 +408,6 @@ impl Tail {
             offset: 0,
             partial: Vec::new(),
         }
-    }
-
-    /// Byte offset read up to (whole lines and the pending partial line).
-    pub fn offset(&self) -> u64 {
-        self.offset
     }
 
     /// Bytes of an unfinished last line seen so far.

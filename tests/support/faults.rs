@@ -129,7 +129,8 @@ pub struct Record {
     pub last_event_id: Option<String>,
     /// When the request arrived.
     pub at: Instant,
-    /// When the server was done with it (the client left, or the server closed or reset).
+    /// When the server was done with it: the response written and closed (or reset), or, for
+    /// a response that stays open, the client gone.
     pub ended: Option<Instant>,
     pub fault: String,
     /// Response bytes written (head and body).
@@ -170,6 +171,11 @@ pub struct Options {
     /// Serve TLS with a freshly generated self-signed certificate (for `localhost` and
     /// `127.0.0.1`) that no client trusts.
     pub tls: bool,
+    /// Start without accepting connections, with a listen backlog of 1: once
+    /// [`FaultServer::fill_accept_queue`] has filled it, the kernel drops new connection
+    /// attempts (SYNs), so clients hit their connect timeout. [`FaultServer::start_accepting`]
+    /// ends that.
+    pub accept_paused: bool,
 }
 
 impl Options {
@@ -178,8 +184,9 @@ impl Options {
             total,
             chunk: 50,
             pause: Duration::from_millis(10),
-            heartbeat: Duration::from_millis(200),
+            heartbeat: Duration::from_millis(100),
             tls: false,
+            accept_paused: false,
         }
     }
 }
@@ -193,6 +200,9 @@ struct Shared {
     log: Mutex<Vec<Record>>,
     tls: Mutex<TlsStats>,
     changed: watch::Sender<()>,
+    accepting: watch::Sender<bool>,
+    /// Connections made by [`FaultServer::fill_accept_queue`], held open.
+    fillers: Mutex<Vec<TcpStream>>,
 }
 
 impl Shared {
@@ -234,7 +244,13 @@ impl FaultServer {
         options: Options,
         plan: impl Fn(&ReqInfo) -> Fault + Send + Sync + 'static,
     ) -> FaultServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind");
+        let listener: TcpListener = socket
+            .listen(if options.accept_paused { 1 } else { 1024 })
+            .expect("listen");
         let addr = listener.local_addr().expect("addr");
         let shared = Arc::new(Shared {
             total: options.total,
@@ -245,6 +261,8 @@ impl FaultServer {
             log: Mutex::new(Vec::new()),
             tls: Mutex::new(TlsStats::default()),
             changed: watch::channel(()).0,
+            accepting: watch::channel(!options.accept_paused).0,
+            fillers: Mutex::new(Vec::new()),
         });
         let (acceptor, cert_der) = if options.tls {
             let (acceptor, der) = tls_acceptor();
@@ -254,7 +272,11 @@ impl FaultServer {
         };
         let s = shared.clone();
         let task = tokio::spawn(async move {
+            let mut accepting = s.accepting.subscribe();
             loop {
+                if accepting.wait_for(|a| *a).await.is_err() {
+                    return;
+                }
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
@@ -312,6 +334,44 @@ impl FaultServer {
         } else {
             format!("http://{}/stream", self.addr)
         }
+    }
+
+    /// With `accept_paused`: connects to the server until the kernel's accept queue is full
+    /// (a connection attempt no longer completes), keeping those connections open. Returns
+    /// how many it took.
+    pub async fn fill_accept_queue(&self) -> usize {
+        for _ in 0..16 {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(self.addr))
+                .await
+            {
+                Ok(Ok(stream)) => self
+                    .shared
+                    .fillers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(stream),
+                Ok(Err(e)) => panic!("cannot connect to fill the accept queue: {e}"),
+                Err(_) => {
+                    return self
+                        .shared
+                        .fillers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .len()
+                }
+            }
+        }
+        panic!("the accept queue of {} never filled up", self.addr);
+    }
+
+    /// Closes the connections that filled the accept queue and starts accepting.
+    pub fn start_accepting(&self) {
+        self.shared
+            .fillers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.shared.accepting.send_replace(true);
     }
 
     pub fn requests(&self) -> Vec<Record> {
@@ -702,8 +762,12 @@ where
             out.send(head.as_bytes()).await;
         }
     }
+    // The response is over as far as the server is concerned (what `ended` records): the
+    // client's reconnection delay starts after this.
+    let mut done_at = Instant::now();
     if close {
         let _ = tokio::time::timeout(Duration::from_secs(1), out.w.shutdown()).await;
+        done_at = Instant::now();
         // Give the client a moment to see the end and leave, rather than racing it.
         let _ = tokio::time::timeout(Duration::from_secs(2), gone.cancelled()).await;
     }
@@ -714,7 +778,7 @@ where
     {
         let mut log = shared.log();
         if let Some(r) = log.get_mut(index) {
-            r.ended = Some(Instant::now());
+            r.ended = Some(done_at);
             r.bytes_sent = sent;
         }
     }
