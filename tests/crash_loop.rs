@@ -146,7 +146,10 @@ impl FileView {
     }
 
     /// Reads the lines appended since the last call; every one must be a whole, valid event.
+    /// Called only while no bridge runs. A torn last line read before is read again from its
+    /// start: the bridge must have cut it before appending (or left it alone).
     fn update(&mut self, total: u64, when: &str) {
+        self.tail.rewind_partial();
         for raw in self.tail.read_new() {
             self.lines += 1;
             let text = String::from_utf8(raw).unwrap_or_else(|e| {
@@ -397,16 +400,16 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
         } else {
             let target = targets[kills.len()];
             let deadline = Instant::now() + Duration::from_secs(180);
-            while view.max_seq < target {
+            // Progress as events.db sees it: the file is read only between runs.
+            while db_extent(&own_db).1 < target {
                 assert!(
                     Instant::now() < deadline,
-                    "run {} did not get to event {target} (stored up to {}); log:\n{}",
+                    "run {} did not get to event {target} (events.db holds up to {}); log:\n{}",
                     kills.len() + 1,
-                    view.max_seq,
+                    db_extent(&own_db).1,
                     bridge.log_text()
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                view.update(total, &format!("during run {}", kills.len() + 1));
             }
             tokio::time::sleep(Duration::from_millis(rng.gen_range(0..300))).await;
         }
@@ -475,14 +478,12 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
     let bridge = Bridge::spawn(&config);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        view.update(total, "during the last run");
-        if view.prefix == total && checkpoint(&state, FEED).is_some_and(|c| c.1 == total) {
+        if checkpoint(&state, FEED).is_some_and(|c| c.1 == total) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the last run stored 1..={} of {total} (checkpoint {:?}); log:\n{}",
-            view.prefix,
+            "the last run did not get to {total} (checkpoint {:?}); log:\n{}",
             checkpoint(&state, FEED),
             bridge.log_text()
         );

@@ -984,12 +984,16 @@ async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
         before,
         "no HTTP request from the bridge"
     );
-    for e in &stats.errors {
-        assert!(
-            e.contains("received fatal alert"),
-            "the bridge aborted each handshake with an alert: {e}"
-        );
-    }
+    // The bridge itself refused: it aborted the handshakes with a TLS alert (a handshake cut
+    // by the connect timeout under load would show as an EOF instead, hence "some").
+    assert!(
+        stats
+            .errors
+            .iter()
+            .any(|e| e.contains("received fatal alert")),
+        "{:?}",
+        stats.errors
+    );
     let f = failures(&logs);
     assert!(f.len() >= 3, "{}", show(&logs));
     for l in &f {

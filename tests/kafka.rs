@@ -9,8 +9,8 @@
 //! The error paths of the sink (produce errors, timeouts, a broker down) are tested in
 //! `src/sink/kafka.rs` against librdkafka's mock cluster, in every `cargo test`.
 //!
-//! Benchmark (not part of the suite):
-//! `cargo test --release --test kafka -- --ignored --nocapture bench`
+//! The benchmark of the sink against a bare rdkafka producer is `cargo bench --bench bridge --
+//! kafka` (benches/bridge.rs).
 
 mod support;
 
@@ -24,7 +24,6 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use support::{bin, event_type, wait_for, write_file, LogServer};
 
@@ -84,7 +83,7 @@ impl Broker {
                     "{message} (a broker is required here: CI or SSE_BRIDGE_REQUIRE_KAFKA is set)"
                 );
             }
-            skip_note(&message);
+            skip_note(message);
             return None;
         };
         let help = Command::new(&tansu).arg("--help").output();
@@ -849,133 +848,4 @@ sinks = ["kafka"]
     let v: serde_json::Value = serde_json::from_str(closed).expect("JSON log line");
     assert_eq!(v["fields"]["skipped"], N, "{closed}");
     assert_eq!(v["fields"]["delivered"], 0, "{closed}");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Benchmark: the sink (the whole bridge, one feed) against a bare rdkafka producer sending
-// the same records to the same broker in the same run.
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: cargo test --release --test kafka -- --ignored --nocapture bench"]
-async fn bench_kafka_sink_vs_bare_producer() {
-    const N: u64 = 1_000_000;
-    let Some(broker) = Broker::start().await else {
-        return;
-    };
-    broker
-        .create_topics(&[("bench-raw", 1), ("bench-sink", 1)])
-        .await;
-
-    // Bare producer: the same records (value, key, headers, timestamp), same settings.
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = broker
-        .client_config()
-        .set("compression.type", "lz4")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()
-        .expect("producer");
-    let received_at = chrono::Utc::now();
-    let at = received_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let started = Instant::now();
-    for n in 1..=N {
-        let data = expected_data(n);
-        let id = n.to_string();
-        let headers = rdkafka::message::OwnedHeaders::new_with_capacity(5)
-            .insert(rdkafka::message::Header {
-                key: "sse-feed",
-                value: Some("wiki"),
-            })
-            .insert(rdkafka::message::Header {
-                key: "sse-type",
-                value: Some(event_type(n)),
-            })
-            .insert(rdkafka::message::Header {
-                key: "sse-id",
-                value: Some(id.as_str()),
-            })
-            .insert(rdkafka::message::Header {
-                key: "sse-seq",
-                value: Some(id.as_str()),
-            })
-            .insert(rdkafka::message::Header {
-                key: "received-at",
-                value: Some(at.as_str()),
-            });
-        let mut record = BaseRecord::to("bench-raw")
-            .payload(data.as_bytes())
-            .key("wiki")
-            .headers(headers)
-            .timestamp(received_at.timestamp_millis());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(120)).expect("flush");
-    let raw_elapsed = started.elapsed();
-    drop(producer);
-
-    // The bridge: one feed from the test server, as fast as it serves.
-    let server = LogServer::start(N, 1000, Duration::ZERO).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(
-        dir.path(),
-        &server.url(),
-        &format!(
-            r#"
-[sink.kafka]
-type = "kafka"
-brokers = "{addr}"
-topic = "bench-sink"
-
-[[route]]
-sinks = ["kafka"]
-"#,
-            addr = broker.addr
-        ),
-    );
-    // Checkpoints every 20 ms: the end is seen within a few milliseconds.
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text.replace("commit_interval = \"200ms\"", "commit_interval = \"20ms\""),
-    )
-    .expect("config");
-    let state = dir.path().join("state.db");
-    let started = Instant::now();
-    let mut bridge = Bridge::start(&config, dir.path().join("bridge.log"));
-    // The first checkpoint: the bridge is up, connected and producing.
-    let mut first = None;
-    let done = wait_for(Duration::from_secs(300), || {
-        let c = checkpoint_seq(&state);
-        if c > 0 && first.is_none() {
-            first = Some((started.elapsed(), c));
-        }
-        c == N
-    })
-    .await;
-    assert!(done, "logs:\n{}", bridge.logs());
-    let sink_elapsed = started.elapsed();
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
-
-    let raw_rate = N as f64 / raw_elapsed.as_secs_f64();
-    let sink_rate = N as f64 / sink_elapsed.as_secs_f64();
-    let (first_at, first_seq) = first.unwrap_or_default();
-    let steady_rate = (N - first_seq) as f64 / (sink_elapsed - first_at).as_secs_f64();
-    eprintln!(
-        "\nKafka benchmark, {N} events of ~60 bytes with 5 headers, lz4, idempotent, acks=all, \
-         one partition, tansu on 127.0.0.1:\n  bare rdkafka producer: {raw_rate:>9.0} records/s \
-         ({raw_elapsed:?}, from creating the producer to the end of flush)\n  sse-bridge, one \
-         feed:  {sink_rate:>9.0} events/s ({sink_elapsed:?} from process start to the last \
-         checkpoint)\n    once running:        {steady_rate:>9.0} events/s (from the first \
-         checkpoint, {first_seq} events after {first_at:?})\n  ratio: {:.0} % ({:.0} % once \
-         running)\n",
-        100.0 * sink_rate / raw_rate,
-        100.0 * steady_rate / raw_rate,
-    );
 }

@@ -296,6 +296,28 @@ fn the_base_configurations_are_valid() {
     }
 }
 
+#[test]
+fn unicode_log_filters_are_errors_not_panics() {
+    // Found by the `config_load` fuzz target: tracing-subscriber sliced these inside a
+    // character (see `logging::parse_filter`).
+    for level in [
+        " é=debug",
+        "info, é=debug",
+        " \u{1F600}[x]",
+        "warn,\tü",
+        " é",
+    ] {
+        let text = format!("[log]\nlevel = {level:?}\n");
+        load(&text);
+        let config = Config::from_toml_str(&text).expect("parses");
+        let _ = config.validate();
+        let _ = crate::logging::parse_filter(level);
+    }
+    // Valid filters stay valid.
+    assert!(crate::logging::parse_filter("info, sse_bridge=debug").is_ok());
+    assert!(crate::logging::parse_filter("info, é=debug").is_ok());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 

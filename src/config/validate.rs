@@ -53,7 +53,7 @@ pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
         );
     }
     positive(&mut issues, "shutdown.timeout", cfg.shutdown.timeout);
-    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&cfg.log.level) {
+    if let Err(e) = crate::logging::parse_filter(&cfg.log.level) {
         issues.add("log.level", format!("not a valid log filter: {e}"));
     }
 

@@ -384,7 +384,7 @@ mod tests {
             micros
         )
         .unwrap();
-        write!(out, "\",\"seq\":{}}}\n", event.seq).unwrap();
+        writeln!(out, "\",\"seq\":{}}}", event.seq).unwrap();
         out
     }
 

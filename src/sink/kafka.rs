@@ -1817,6 +1817,25 @@ mod tests {
     }
 
     #[test]
+    fn every_compression_round_trips() {
+        let mock = mock();
+        mock.create_topic("t-edit", 1, 1).unwrap();
+        let mut expected = Vec::new();
+        for (i, compression) in ["none", "gzip", "lz4", "zstd"].iter().enumerate() {
+            let config = mock_config(&mock, &format!("compression = \"{compression}\""));
+            let mut sink = KafkaSink::build("k", &config).unwrap();
+            let first = 10 * i as u64 + 1;
+            sink.write(&events("wiki", first..=first + 2)).unwrap();
+            expected.extend(first..=first + 2);
+        }
+        let records = read(&mock, "t-edit");
+        assert_eq!(seqs(&records), expected);
+        assert!(records
+            .iter()
+            .all(|m| m.payload().is_some_and(|p| p.starts_with(b"{\"n\":"))));
+    }
+
+    #[test]
     fn keys_by_feed_by_id_or_none() {
         let mock = mock();
         mock.create_topic("t-edit", 1, 1).unwrap();

@@ -395,6 +395,10 @@ pub fn line_count(path: &Path) -> usize {
 
 /// Reads a growing JSON Lines file incrementally: each call returns the whole lines appended
 /// since the previous call (a trailing partial line is left for the next call).
+///
+/// A writer that repairs a torn last line (cuts it, then appends) invalidates the partial line
+/// read so far: read only while no writer runs, and call [`Tail::rewind_partial`] before reading
+/// what the next writer appended.
 pub struct Tail {
     path: PathBuf,
     offset: u64,
@@ -413,6 +417,12 @@ impl Tail {
     /// Bytes of an unfinished last line seen so far.
     pub fn partial(&self) -> &[u8] {
         &self.partial
+    }
+
+    /// Forgets the unfinished last line read so far: the next read starts where it started.
+    pub fn rewind_partial(&mut self) {
+        self.offset -= self.partial.len() as u64;
+        self.partial.clear();
     }
 
     /// The complete lines appended since the last call.
