@@ -374,7 +374,13 @@ async fn kill_9_loop_with_the_sink_in_the_state_database_stores_every_event_exac
     for (run, kill_at) in kills.iter().enumerate() {
         let log = dir.path().join(format!("run{run}.log"));
         let mut child = spawn_bridge(&config, &log);
-        let reached = wait_for(Duration::from_secs(90), || count(&state) >= *kill_at).await;
+        // Kill only once this run has connected and stored something of its own, even when
+        // a slow poll let the previous run overshoot this kill point.
+        let kill_at = (*kill_at).max(last_count + 500);
+        let reached = wait_for(Duration::from_secs(90), || {
+            server.requests().len() > run && count(&state) >= kill_at
+        })
+        .await;
         assert!(
             reached,
             "run {run}: stored {} events, wanted {kill_at}\n{}",
