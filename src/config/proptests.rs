@@ -314,8 +314,7 @@ fn unicode_log_filters_are_errors_not_panics() {
         let _ = crate::logging::parse_filter(level);
     }
     // Valid filters stay valid.
-    assert!(crate::logging::parse_filter("info, sse_bridge=debug").is_ok());
-    assert!(crate::logging::parse_filter("info, é=debug").is_ok());
+    assert!(crate::logging::parse_filter("info,sse_bridge=debug").is_ok());
 }
 
 proptest! {
