@@ -12,6 +12,8 @@
 //! The benchmark of the sink against a bare rdkafka producer is `cargo bench --bench bridge --
 //! kafka` (benches/bridge.rs).
 
+#[path = "support/kafka.rs"]
+mod kafka_broker;
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,268 +21,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use kafka_broker::{Broker, Record};
 use support::{bin, event_type, wait_for, write_file, LogServer};
 
 // ---------------------------------------------------------------------------------------------
-// The broker.
+// The broker: tansu on a free port, shared with the crash loop (tests/support/kafka.rs).
 
-/// Where the tansu binary is, if anywhere: `PATH`, then `$CARGO_HOME/bin`, `~/.cargo/bin`.
-fn find_tansu() -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("tansu")));
-    }
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        candidates.push(PathBuf::from(home).join("bin/tansu"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/tansu"));
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
-
-/// Prints a note that the harness does not capture (`eprintln!` output of a passing test is
-/// hidden), so a skipped Kafka test is seen.
-fn skip_note(message: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {message} ***\n");
-}
-
-/// Whether a missing broker fails the test instead of skipping it.
-fn broker_required() -> bool {
-    let set = |v: &str| {
-        std::env::var(v)
-            .is_ok_and(|s| !s.is_empty() && s != "0" && !s.eq_ignore_ascii_case("false"))
-    };
-    set("CI") || set("SSE_BRIDGE_REQUIRE_KAFKA")
-}
-
-/// A tansu broker on 127.0.0.1 with in-memory storage, killed when dropped.
-struct Broker {
-    child: Child,
-    /// `127.0.0.1:PORT`.
-    addr: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    /// Starts a broker, or returns `None` (after a loud note) when tansu is not installed
-    /// and no broker is required. Panics when one is required and cannot be started.
-    async fn start() -> Option<Broker> {
-        let Some(tansu) = find_tansu() else {
-            let message = "tansu (a Kafka-protocol broker) is not installed: not on PATH, not \
-                           in ~/.cargo/bin. Install it with `cargo install tansu --version 0.6.0 \
-                           --locked --features dynostore`, or run `.ci/run`";
-            if broker_required() {
-                panic!(
-                    "{message} (a broker is required here: CI or SSE_BRIDGE_REQUIRE_KAFKA is set)"
-                );
-            }
-            skip_note(message);
-            return None;
-        };
-        let help = Command::new(&tansu).arg("--help").output();
-        let usable = help
-            .as_ref()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("dynostore"));
-        if !usable {
-            let message = format!(
-                "{} has no storage engine (`tansu --help` does not list dynostore); reinstall \
-                 it with `cargo install tansu --version 0.6.0 --locked --features dynostore`",
-                tansu.display()
-            );
-            if broker_required() {
-                panic!("{message}");
-            }
-            skip_note(&message);
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("tansu.log");
-        // A free port: bound, noted, released; tansu binds it right after.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{addr}");
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(&tansu)
-            .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .env_remove("LISTENER_URL")
-            .env_remove("ADVERTISED_LISTENER_URL")
-            .env_remove("STORAGE_ENGINE")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", tansu.display()));
-        let mut broker = Broker {
-            child,
-            addr,
-            log,
-            _dir: dir,
-        };
-        let ready = wait_for(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(&broker.addr).is_ok()
-        })
-        .await;
-        if !ready || broker.child.try_wait().ok().flatten().is_some() {
-            panic!(
-                "tansu did not start on {}: {}",
-                broker.addr,
-                std::fs::read_to_string(&broker.log).unwrap_or_default()
-            );
-        }
-        Some(broker)
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
-    fn freeze(&self) {
-        signal("-STOP", &self.pid());
-    }
-
-    fn thaw(&self) {
-        signal("-CONT", &self.pid());
-    }
-
-    fn client_config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.addr);
-        c
-    }
-
-    /// Creates topics (tansu creates none by itself).
-    async fn create_topics(&self, topics: &[(&str, i32)]) {
-        let admin: AdminClient<DefaultClientContext> =
-            self.client_config().create().expect("admin client");
-        let new: Vec<NewTopic> = topics
-            .iter()
-            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-            .collect();
-        let results = admin
-            .create_topics(
-                &new,
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            )
-            .await
-            .expect("create topics");
-        for r in results {
-            if let Err((name, e)) = r {
-                panic!("cannot create topic {name}: {e}");
-            }
-        }
-    }
-
-    /// Every record of `topic` up to its current end, partition by partition in offset order.
-    fn read_topic(&self, topic: &str) -> Vec<Record> {
-        let consumer: BaseConsumer = self
-            .client_config()
-            .set("group.id", "sse-bridge-tests")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "50")
-            .create()
-            .expect("consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("metadata");
-        let partitions = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map(|t| t.partitions().len())
-            .unwrap_or(0) as i32;
-        assert!(partitions > 0, "topic {topic} has no partitions");
-        let mut list = TopicPartitionList::new();
-        for p in 0..partitions {
-            list.add_partition_offset(topic, p, Offset::Beginning)
-                .expect("assign");
-        }
-        consumer.assign(&list).expect("assign");
-        // Read until nothing new arrives for a while. (tansu's high watermarks can lag behind
-        // the last records, so they cannot tell where a partition ends.)
-        let mut records = Vec::new();
-        let started = Instant::now();
-        let mut last_record = Instant::now();
-        while last_record.elapsed() < Duration::from_secs(2) {
-            assert!(
-                started.elapsed() < Duration::from_secs(180),
-                "reading {topic} took too long: {} records so far",
-                records.len()
-            );
-            let Some(m) = consumer.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let m = m.expect("consume");
-            last_record = Instant::now();
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            records.push(Record {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().unwrap_or_default().to_vec(),
-                headers,
-            });
-        }
-        records.sort_by_key(|r| (r.partition, r.offset));
-        if std::env::var_os("KAFKA_TEST_DEBUG").is_some() {
-            let mut per: BTreeMap<i32, (usize, i64, i64)> = BTreeMap::new();
-            for r in &records {
-                let e = per.entry(r.partition).or_insert((0, i64::MAX, 0));
-                e.0 += 1;
-                e.1 = e.1.min(r.offset);
-                e.2 = e.2.max(r.offset);
-            }
-            eprintln!("{topic}: read (count, min, max) {per:?}");
-        }
-        records
-    }
-
-    /// Records in `topic` now (sum of the high watermarks).
-    fn count(&self, topic: &str, partitions: i32) -> i64 {
-        let consumer: BaseConsumer = self
-            .client_config()
-            .set("group.id", "sse-bridge-tests")
-            .create()
-            .expect("consumer");
-        (0..partitions)
-            .map(|p| {
-                consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(5))
-                    .map(|(_, high)| high)
-                    .unwrap_or(0)
-            })
-            .sum()
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// How long the topic must stay quiet before reading it back is done.
+const QUIET: Duration = Duration::from_secs(2);
 
 fn signal(sig: &str, pid: &str) {
     let status = Command::new("kill")
@@ -290,24 +38,7 @@ fn signal(sig: &str, pid: &str) {
     assert!(status.success(), "kill {sig} {pid}");
 }
 
-/// One consumed record.
-#[derive(Debug, Clone)]
-struct Record {
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    headers: Vec<(String, Vec<u8>)>,
-}
-
 impl Record {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    }
-
     /// The event number, from the `sse-id` header.
     fn id(&self) -> u64 {
         self.header("sse-id")
@@ -511,8 +242,8 @@ sinks = ["rest"]
     assert_eq!(checkpoint(&state), Some((TOTAL.to_string(), TOTAL)));
 
     let read_started = Instant::now();
-    let edits = broker.read_topic("wiki-edits");
-    let rest = broker.read_topic("wiki-rest");
+    let edits = broker.read_topic("wiki-edits", 0, QUIET);
+    let rest = broker.read_topic("wiki-rest", 0, QUIET);
     eprintln!(
         "100 000 events through the bridge into Kafka in {elapsed:?}; read back in {:?}",
         read_started.elapsed()
@@ -632,7 +363,7 @@ sinks = ["kafka"]
     );
     assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
 
-    let records = broker.read_topic("wiki");
+    let records = broker.read_topic("wiki", 0, QUIET);
     let mut next = 1u64;
     let mut duplicates = 0;
     let mut first: HashMap<u64, &Record> = HashMap::new();
@@ -715,7 +446,7 @@ sinks = ["kafka"]
 
     // One partition, one producer at a time: the topic holds run 1's records 1..=L, then
     // run 2's from the committed checkpoint on: (committed+1)..=TOTAL.
-    let records = broker.read_topic("wiki");
+    let records = broker.read_topic("wiki", 0, QUIET);
     let ids: Vec<u64> = records.iter().map(Record::id).collect();
     let restart = ids
         .windows(2)
@@ -816,7 +547,7 @@ sinks = ["kafka"]
         bridge.logs()
     );
     assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
-    let records = broker.read_topic("late");
+    let records = broker.read_topic("late", 0, QUIET);
     let mut ids: Vec<u64> = records.iter().map(Record::id).collect();
     ids.dedup();
     assert_eq!(ids, (1..=N).collect::<Vec<_>>());

@@ -1,6 +1,6 @@
 //! A Kafka-protocol broker for process-level tests: tansu (<https://crates.io/crates/tansu>)
 //! on a free port of 127.0.0.1 with in-memory storage, one per test, and a consumer that reads
-//! a topic back. The same broker setup as tests/kafka.rs.
+//! a topic back. Used by tests/kafka.rs and tests/crash_loop.rs.
 //!
 //! tansu is found on `PATH` or in `~/.cargo/bin` (`.ci/run` installs it). Without it
 //! [`Broker::start`] prints a loud note and returns `None`, unless a broker is required (`CI`
@@ -154,6 +154,45 @@ impl Broker {
             );
         }
         Some(broker)
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a frozen broker (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {}", self.pid());
+    }
+
+    /// Records in `topic` now (sum of the high watermarks, which tansu may report late).
+    pub fn count(&self, topic: &str, partitions: i32) -> i64 {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", "sse-bridge-tests")
+            .create()
+            .expect("consumer");
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(5))
+                    .map(|(_, high)| high)
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 
     /// The broker's own log so far.
