@@ -37,6 +37,30 @@ struct Inner {
     changed: bool,
 }
 
+/// An event ID as [`FeedTracker::register`] takes it: borrowed (copied when kept) or shared.
+pub trait EventId {
+    /// The ID as the tracker keeps it, given the ID of the entry before it.
+    fn into_shared(self, previous: &Arc<str>) -> Arc<str>;
+}
+
+impl EventId for &str {
+    /// Shares the previous entry's ID when unchanged, to avoid an allocation per event.
+    fn into_shared(self, previous: &Arc<str>) -> Arc<str> {
+        if **previous == *self {
+            previous.clone()
+        } else {
+            Arc::from(self)
+        }
+    }
+}
+
+impl EventId for &Arc<str> {
+    /// The event's own ID, shared: no comparison, no allocation.
+    fn into_shared(self, _previous: &Arc<str>) -> Arc<str> {
+        self.clone()
+    }
+}
+
 /// Tracks one feed. Shared by the feed task (register) and the sink runners (ack).
 #[derive(Debug)]
 pub struct FeedTracker {
@@ -85,20 +109,18 @@ impl FeedTracker {
     }
 
     /// Registers events in sequence order: `(seq, last event id, number of sinks)`. Must be
-    /// called before the events are handed to any sink.
-    pub fn register<'a>(&self, events: impl IntoIterator<Item = (u64, &'a str, u32)>) {
+    /// called before the events are handed to any sink. An ID given as `&Arc<str>` (the
+    /// event's own) is shared, not copied.
+    pub fn register<I: EventId>(&self, events: impl IntoIterator<Item = (u64, I, u32)>) {
         let mut inner = self.lock();
         for (seq, id, sinks) in events {
             let expected = inner.front_seq + inner.pending.len() as u64;
             debug_assert_eq!(seq, expected, "events must be registered in sequence order");
-            // Share the previous entry's ID when unchanged, to avoid an allocation per event.
-            let id: Arc<str> = match inner.pending.back() {
-                Some(prev) if &*prev.id == id => prev.id.clone(),
-                _ if inner.pending.is_empty() && &*inner.acked.last_event_id == id => {
-                    inner.acked.last_event_id.clone()
-                }
-                _ => Arc::from(id),
+            let previous = match inner.pending.back() {
+                Some(prev) => &prev.id,
+                None => &inner.acked.last_event_id,
             };
+            let id = id.into_shared(previous);
             inner.pending.push_back(Entry {
                 remaining: sinks,
                 id,

@@ -9,12 +9,14 @@ use chrono::{DateTime, Utc};
 pub struct Event {
     /// The configured feed name.
     pub feed: Arc<str>,
-    /// The SSE event type; `message` when the stream named none.
-    pub event_type: String,
+    /// The SSE event type; `message` when the stream named none. Shared between the events
+    /// of a feed that have the same type.
+    pub event_type: Arc<str>,
     /// The data buffer as the standard builds it (lines joined by LF, one trailing LF removed).
     pub data: String,
     /// The stream's last event ID as of this event (persists across events without `id:`).
-    pub id: String,
+    /// Shared between the events dispatched under the same ID.
+    pub id: Arc<str>,
     /// Wall clock time at which the bridge parsed the event.
     pub received_at: DateTime<Utc>,
     /// Per-feed monotonic sequence number assigned by the bridge, starting at 1.

@@ -12,6 +12,9 @@ use sse_bridge::notify::Notifier;
 use sse_bridge::state::{Gap, GapReason, StateStore};
 use sse_bridge::supervisor::Registry;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a configuration that cannot be used (as distinct from a runtime failure).
 const EXIT_CONFIG: u8 = 2;
 

@@ -171,7 +171,7 @@ impl Filter {
             && self
                 .event_type
                 .as_ref()
-                .is_none_or(|g| g.is_match(&e.event_type))
+                .is_none_or(|g| g.is_match(&*e.event_type))
             && self.after_seq.is_none_or(|n| e.seq > n)
             && self.since.is_none_or(|t| e.received_at >= t)
             && self.until.is_none_or(|t| e.received_at < t)
@@ -533,9 +533,9 @@ pub fn decode_row(row: &rusqlite::Row<'_>) -> Result<(i64, Event), String> {
         pos,
         Event {
             feed: Arc::from(feed),
-            event_type,
+            event_type: event_type.into(),
             data,
-            id,
+            id: id.into(),
             received_at,
             seq,
         },
@@ -597,7 +597,7 @@ impl JsonlLog {
             let event = jsonl::decode(text).map_err(|e| anyhow!("{}: {e}", at()))?;
             if !found_after {
                 if filter.feed.as_deref() == Some(&*event.feed)
-                    && filter.after_id.as_deref() == Some(event.id.as_str())
+                    && filter.after_id.as_deref() == Some(&*event.id)
                 {
                     found_after = true;
                 }
@@ -954,7 +954,7 @@ mod tests {
         items
             .into_iter()
             .filter_map(|i| match i {
-                Item::Event(e) => Some((e.id, e.event_type, e.data)),
+                Item::Event(e) => Some((e.id.to_string(), e.event_type.to_string(), e.data)),
                 Item::LastEventId(_) => None,
             })
             .collect()

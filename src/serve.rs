@@ -222,7 +222,7 @@ fn poll_loop(shared: Shared, mut last: i64) {
                                 pos,
                                 bytes: render(pos, &event),
                                 feed: event.feed,
-                                event_type: event.event_type,
+                                event_type: event.event_type.to_string(),
                             }));
                         }
                         if n < PAGE {

@@ -21,7 +21,7 @@ use crate::checkpoint::{FeedTracker, Position};
 use crate::config::{Config, FeedConfig, LoadedConfig};
 use crate::event::Event;
 use crate::notify::Notifier;
-use crate::route::{Outcome, Router};
+use crate::route::{Decision, Outcome, Router};
 use crate::sink::runner::{self, SendOutcome, SinkGauge, SinkHandle, SinkWorker};
 use crate::sink::SinkConfig;
 use crate::sse::client::{EventSource, Next};
@@ -752,37 +752,27 @@ impl FeedTask {
             }
             let received_at = Utc::now();
             let tapped = self.tap.receiver_count() > 0;
+            // Consecutive events of one type are routed and counted once per run.
+            let mut run: Option<TypeRun> = None;
             for item in items.drain(..) {
                 match item {
                     Item::Event(e) => {
                         let seq = self.next_seq;
                         self.next_seq += 1;
-                        stats.received.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .data_bytes
-                            .fetch_add(e.data.len() as u64, Ordering::Relaxed);
-                        let decision = router.route(&e.event_type);
-                        match decision.outcome {
-                            Outcome::Routed => {}
-                            Outcome::Misfit => {
-                                stats.misfit.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Outcome::Dropped => {
-                                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Outcome::Unrouted => {
-                                stats.unrouted.fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(feed = %name, event_type = %e.event_type, "event matches no route and there is no default route");
+                        if !run.as_ref().is_some_and(|r| r.is(&e.event_type)) {
+                            if let Some(done) = run.take() {
+                                done.count(&name, &stats, &mut types);
                             }
                         }
-                        if !decision.sinks.is_empty() {
-                            stats.routed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        types.get(&stats.types, &e.event_type).record(
-                            e.data.len(),
-                            decision.outcome,
-                            !decision.sinks.is_empty(),
-                        );
+                        let current = run.get_or_insert_with(|| TypeRun {
+                            decision: router.route(&e.event_type).clone(),
+                            event_type: e.event_type.clone(),
+                            events: 0,
+                            bytes: 0,
+                        });
+                        current.events += 1;
+                        current.bytes += e.data.len() as u64;
+                        let decision = &current.decision;
                         let event = Arc::new(Event {
                             feed: name.clone(),
                             event_type: e.event_type,
@@ -804,6 +794,9 @@ impl FeedTask {
                         tracker.id_only(&id);
                     }
                 }
+            }
+            if let Some(done) = run.take() {
+                done.count(&name, &stats, &mut types);
             }
             if !events.is_empty() {
                 let millis = SystemTime::now()
@@ -871,17 +864,59 @@ impl FeedTask {
     }
 }
 
+/// A run of consecutive events of one type within a read, with the router's decision for
+/// them: the router and the counters are consulted once per run rather than once per event
+/// (streams mostly repeat a type; per-event lookups were a visible share of the feed task).
+struct TypeRun {
+    event_type: Arc<str>,
+    decision: Decision,
+    events: u64,
+    bytes: u64,
+}
+
+impl TypeRun {
+    fn is(&self, event_type: &Arc<str>) -> bool {
+        Arc::ptr_eq(&self.event_type, event_type) || *self.event_type == **event_type
+    }
+
+    /// Adds the run to the feed's counters and to its type's.
+    fn count(self, feed: &str, stats: &FeedStats, types: &mut crate::admin::stats::TypeCache) {
+        let n = self.events;
+        stats.received.fetch_add(n, Ordering::Relaxed);
+        stats.data_bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        match self.decision.outcome {
+            Outcome::Routed => {}
+            Outcome::Misfit => {
+                stats.misfit.fetch_add(n, Ordering::Relaxed);
+            }
+            Outcome::Dropped => {
+                stats.dropped.fetch_add(n, Ordering::Relaxed);
+            }
+            Outcome::Unrouted => {
+                stats.unrouted.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!(feed = %feed, event_type = %self.event_type, events = n, "events match no route and there is no default route");
+            }
+        }
+        let routed = !self.decision.sinks.is_empty();
+        if routed {
+            stats.routed.fetch_add(n, Ordering::Relaxed);
+        }
+        types.get(&stats.types, &self.event_type).record_many(
+            n,
+            self.bytes,
+            self.decision.outcome,
+            routed,
+        );
+    }
+}
+
 /// Registers the events of the current read with the tracker, with the number of sinks each
 /// went to, before any sink can see them, and forgets them.
 fn register(tracker: &FeedTracker, events: &mut Vec<(Arc<Event>, u32)>) {
     if events.is_empty() {
         return;
     }
-    tracker.register(
-        events
-            .iter()
-            .map(|(e, sinks)| (e.seq, e.id.as_str(), *sinks)),
-    );
+    tracker.register(events.iter().map(|(e, sinks)| (e.seq, &e.id, *sinks)));
     events.clear();
 }
 

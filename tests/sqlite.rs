@@ -129,7 +129,7 @@ fn parse_sse(bytes: &[u8]) -> Vec<(String, String, String)> {
     items
         .into_iter()
         .filter_map(|i| match i {
-            Item::Event(e) => Some((e.id, e.event_type, e.data)),
+            Item::Event(e) => Some((e.id.to_string(), e.event_type.to_string(), e.data)),
             Item::LastEventId(_) => None,
         })
         .collect()
@@ -224,7 +224,7 @@ async fn read_events(
         parser.push(&chunk, &mut items).expect("parse");
         for item in items.drain(..) {
             if let Item::Event(e) = item {
-                events.push((e.id, e.event_type, e.data));
+                events.push((e.id.to_string(), e.event_type.to_string(), e.data));
             }
         }
     }
@@ -756,7 +756,7 @@ async fn a_slow_client_is_cut_off_without_holding_back_the_others() {
                     feed: Arc::from("f"),
                     event_type: "t".into(),
                     data: format!("{seq} {big}"),
-                    id: seq.to_string(),
+                    id: seq.to_string().into(),
                     received_at: Utc::now(),
                     seq,
                 })
@@ -875,7 +875,7 @@ impl Fixture {
                 feed: Arc::from(feed),
                 event_type: event_type.into(),
                 data,
-                id,
+                id: id.into(),
                 received_at: t0 + chrono::Duration::milliseconds(n as i64 * 10),
                 seq,
             });
@@ -961,7 +961,7 @@ fn replay_to_stdout_in_both_formats_from_both_sources() {
         let want: Vec<(String, String, String)> = fx
             .events
             .iter()
-            .map(|e| (e.id.clone(), e.event_type.clone(), e.data.clone()))
+            .map(|e| (e.id.to_string(), e.event_type.to_string(), e.data.clone()))
             .collect();
         assert_eq!(
             parsed, want,
@@ -978,13 +978,13 @@ fn replay_filters_select_the_same_events_from_both_sources() {
     let first_w501 = fx
         .events
         .iter()
-        .position(|e| &*e.feed == "wiki" && e.id == "w501")
+        .position(|e| &*e.feed == "wiki" && &*e.id == "w501")
         .expect("w501");
     // The 10th wiki events carry the previous id: after-id takes the first event with it.
     let first_w9 = fx
         .events
         .iter()
-        .position(|e| &*e.feed == "wiki" && e.id == "w9")
+        .position(|e| &*e.feed == "wiki" && &*e.id == "w9")
         .expect("w9");
     type Pick = Box<dyn Fn(usize, &Event) -> bool>;
     let cases: Vec<(Vec<String>, Pick)> = vec![
@@ -994,11 +994,11 @@ fn replay_filters_select_the_same_events_from_both_sources() {
         ),
         (
             vec!["--type".into(), "e*".into()],
-            Box::new(|_, e| e.event_type == "edit"),
+            Box::new(|_, e| &*e.event_type == "edit"),
         ),
         (
             vec!["--type".into(), "{log,page.*}".into()],
-            Box::new(|_, e| e.event_type == "log" || e.event_type == "page.move"),
+            Box::new(|_, e| &*e.event_type == "log" || &*e.event_type == "page.move"),
         ),
         (
             vec![
@@ -1040,7 +1040,7 @@ fn replay_filters_select_the_same_events_from_both_sources() {
                 "--since".into(),
                 since.clone(),
             ],
-            Box::new(|i, e| &*e.feed == "wiki" && e.event_type == "edit" && i + 1 >= 300),
+            Box::new(|i, e| &*e.feed == "wiki" && &*e.event_type == "edit" && i + 1 >= 300),
         ),
     ];
     for (args, pick) in &cases {
@@ -1340,7 +1340,7 @@ async fn the_runner_batches_by_time_and_size() {
             feed: Arc::from("f"),
             event_type: "t".into(),
             data: String::new(),
-            id: seq.to_string(),
+            id: seq.to_string().into(),
             received_at: Utc::now(),
             seq,
         })
@@ -1354,7 +1354,7 @@ async fn the_runner_batches_by_time_and_size() {
                 event(seq)
             })
             .collect();
-        tracker.register(batch.iter().map(|e| (e.seq, e.id.as_str(), 1)));
+        tracker.register(batch.iter().map(|e| (e.seq, &e.id, 1)));
         let _ = handle.send(batch, &tracker).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
@@ -1366,7 +1366,7 @@ async fn the_runner_batches_by_time_and_size() {
     );
     // 60 events at once: at most 25 per write.
     let batch: Vec<Arc<Event>> = (19..=78).map(event).collect();
-    tracker.register(batch.iter().map(|e| (e.seq, e.id.as_str(), 1)));
+    tracker.register(batch.iter().map(|e| (e.seq, &e.id, 1)));
     let _ = handle.send(batch, &tracker).await;
     assert!(wait_for(Duration::from_secs(5), || tracker.acked().seq == 78).await);
     drop(handle);
@@ -1397,7 +1397,7 @@ fn bench_sqlite_sink_vs_raw_batched_insert() {
                 data: format!(
                     "{{\"$schema\":\"/mediawiki/recentchange/1.0.0\",\"n\":{n},\"title\":\"Page {n}\",\"comment\":\"résumé ✓\"}}"
                 ),
-                id: format!("[{{\"topic\":\"eqiad.mediawiki.recentchange\",\"partition\":0,\"offset\":{}}}]", 5_371_062_829u64 + n),
+                id: format!("[{{\"topic\":\"eqiad.mediawiki.recentchange\",\"partition\":0,\"offset\":{}}}]", 5_371_062_829u64 + n).into(),
                 received_at: t0 + chrono::Duration::microseconds(n as i64),
                 seq: n,
             })
@@ -1435,7 +1435,7 @@ fn bench_sqlite_sink_vs_raw_batched_insert() {
         .expect("spawn");
         let start = Instant::now();
         for chunk in events.chunks(FEED_BATCH) {
-            tracker.register(chunk.iter().map(|e| (e.seq, e.id.as_str(), 1)));
+            tracker.register(chunk.iter().map(|e| (e.seq, &e.id, 1)));
             let _ = handle.send(chunk.to_vec(), &tracker).await;
         }
         while tracker.acked().seq < N {

@@ -359,7 +359,7 @@ impl Tap {
             && self
                 .event_type
                 .as_ref()
-                .is_none_or(|m| m.is_match(&event.event_type));
+                .is_none_or(|m| m.is_match(&*event.event_type));
         if wanted {
             jsonl::encode(event, buf);
         }
@@ -461,9 +461,9 @@ mod tests {
     fn event(seq: u64, event_type: &str) -> Arc<Event> {
         Arc::new(Event {
             feed: Arc::from("f"),
-            event_type: event_type.to_string(),
+            event_type: event_type.into(),
             data: format!("d{seq}"),
-            id: seq.to_string(),
+            id: seq.to_string().into(),
             received_at: Utc::now(),
             seq,
         })

@@ -40,10 +40,17 @@ impl TypeStats {
     /// Counts one event with `bytes` of data and the router's decision about it.
     #[inline]
     pub fn record(&self, bytes: usize, outcome: Outcome, routed: bool) {
-        self.received.fetch_add(1, Ordering::Relaxed);
-        self.data_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.record_many(1, bytes as u64, outcome, routed);
+    }
+
+    /// Counts `events` events of this type, with `bytes` of data in all, that got the same
+    /// decision (the feed task counts a run of same-type events at once).
+    #[inline]
+    pub fn record_many(&self, events: u64, bytes: u64, outcome: Outcome, routed: bool) {
+        self.received.fetch_add(events, Ordering::Relaxed);
+        self.data_bytes.fetch_add(bytes, Ordering::Relaxed);
         if routed {
-            self.routed.fetch_add(1, Ordering::Relaxed);
+            self.routed.fetch_add(events, Ordering::Relaxed);
         }
         let counter = match outcome {
             Outcome::Routed => return,
@@ -51,7 +58,7 @@ impl TypeStats {
             Outcome::Dropped => &self.dropped,
             Outcome::Unrouted => &self.unrouted,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(events, Ordering::Relaxed);
     }
 }
 

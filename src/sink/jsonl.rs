@@ -67,83 +67,135 @@ pub fn encode(event: &Event, out: &mut Vec<u8>) {
     out.extend_from_slice(b"}\n");
 }
 
-/// `0x01` in every byte of a word, and `0x80` in every byte.
-const ONES: u64 = 0x0101_0101_0101_0101;
+/// `0x7F` and `0x80` in every byte of a word.
+const LOWS: u64 = 0x7F7F_7F7F_7F7F_7F7F;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-/// Flags (bit 7 of the byte) the bytes of `w` that JSON must escape: `"`, `\` and controls
-/// below 0x20. The classic "has zero byte" trick: a borrow can set flags only above a byte
-/// that really matches, so the LOWEST flag is always exact, which is all [`push_str`] uses.
-fn escape_flags(w: u64) -> u64 {
-    let quote = w ^ (ONES * u64::from(b'"'));
-    let backslash = w ^ (ONES * u64::from(b'\\'));
-    let quote = quote.wrapping_sub(ONES) & !quote;
-    let backslash = backslash.wrapping_sub(ONES) & !backslash;
-    let control = w.wrapping_sub(ONES * 0x20) & !w;
-    (quote | backslash | control) & HIGHS
+/// A byte value in every byte of a word.
+const fn splat(b: u8) -> u64 {
+    0x0101_0101_0101_0101 * b as u64
 }
+
+/// Bit 7 set in each byte of `x` that is zero, and only there. Exact: `(x & 0x7F) + 0x7F`
+/// never carries into the next byte, unlike the shorter "has a zero byte" trick.
+#[inline(always)]
+fn zero_bytes(x: u64) -> u64 {
+    !(((x & LOWS) + LOWS) | x) & HIGHS
+}
+
+/// Bit 7 set in each byte of `w` that JSON must escape: `"`, `\` and controls below 0x20
+/// (exactly the bytes whose top three bits are clear).
+#[inline(always)]
+fn escape_flags(w: u64) -> u64 {
+    zero_bytes(w ^ splat(b'"')) | zero_bytes(w ^ splat(b'\\')) | zero_bytes(w & splat(0xE0))
+}
+
+/// For each byte: 0 when it is written as is, else the letter of its escape (`u` for `\u00XX`).
+static ESCAPES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = b'u';
+        b += 1;
+    }
+    table[0x08] = b'b';
+    table[0x09] = b't';
+    table[0x0A] = b'n';
+    table[0x0C] = b'f';
+    table[0x0D] = b'r';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
 
 /// Appends `s` as a JSON string literal with exactly `serde_json`'s escapes: `\"`, `\\`,
 /// `\b \t \n \f \r`, `\u00xx` (lower-case hex) for other controls below 0x20; everything else,
 /// non-ASCII and DEL included, as is.
 ///
-/// Works 8 bytes at a time (SWAR): each word is copied whole (a fixed-size copy, one store),
-/// and when it holds a byte to escape, the copy is cut back to just before that byte, the
-/// escape appended, and the scan resumes after it. JSON data has a quote every few bytes, so
-/// this avoids a `memcpy` call per short run between escapes.
+/// This is the file sink's hottest code: JSON data has a quote every few bytes. It works 8
+/// bytes at a time (SWAR) on a zero-filled stretch of `out` with a local write index, so no
+/// write checks capacity or calls `memcpy`: each word is stored whole; in a word with bytes to
+/// escape, each is found with `trailing_zeros`, its escape written over it, and the rest of
+/// the word stored again after the escape. `out` is cut back to what was written at the end.
 fn push_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
-    let mut i = 0;
-    while let Some(word) = bytes
-        .get(i..i + 8)
-        .and_then(|w| <[u8; 8]>::try_from(w).ok())
-    {
-        out.extend_from_slice(&word);
-        let flags = escape_flags(u64::from_le_bytes(word));
+    let mut at = out.len();
+    // Room for the quotes and typical escaping; more is added below if a word needs it.
+    out.resize(at + bytes.len() + bytes.len() / 2 + SLACK, 0);
+    out[at] = b'"';
+    at += 1;
+    let mut words = bytes.chunks_exact(8);
+    let mut left = bytes.len();
+    for chunk in &mut words {
+        left -= 8;
+        // A word needs at most 8 * 6 bytes, plus the 8 of a whole-word store.
+        if at + SLACK > out.len() {
+            let more = out.len() + left + left / 2 + SLACK;
+            out.resize(more, 0);
+        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        out[at..at + 8].copy_from_slice(&word);
+        let mut flags = escape_flags(w);
         if flags == 0 {
-            i += 8;
+            at += 8;
             continue;
         }
-        let at = (flags.trailing_zeros() / 8) as usize;
-        out.truncate(out.len() - 8 + at);
-        push_escape(out, word[at]);
-        i += at + 1;
+        let mut from = 0u32;
+        while flags != 0 {
+            let index = flags.trailing_zeros() / 8;
+            at += (index - from) as usize;
+            at += write_escape(&mut out[at..], word[index as usize]);
+            from = index + 1;
+            flags &= flags - 1;
+            // The bytes after the escape (shifting by 64 would overflow; nothing is left then).
+            if from < 8 {
+                out[at..at + 8].copy_from_slice(&(w >> (8 * from)).to_le_bytes());
+            }
+        }
+        at += (8 - from) as usize;
     }
-    // The last few bytes, one at a time.
-    for &b in &bytes[i..] {
-        if needs_escape(b) {
-            push_escape(out, b);
+    let tail = words.remainder();
+    if at + tail.len() * 6 + 1 > out.len() {
+        let more = at + tail.len() * 6 + 1;
+        out.resize(more, 0);
+    }
+    for &b in tail {
+        if ESCAPES[usize::from(b)] == 0 {
+            out[at] = b;
+            at += 1;
         } else {
-            out.push(b);
+            at += write_escape(&mut out[at..], b);
         }
     }
-    out.push(b'"');
+    out[at] = b'"';
+    out.truncate(at + 1);
 }
 
-fn needs_escape(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
-}
+/// Room [`push_str`] keeps ahead of its write index: one word's worst case (8 escapes of 6
+/// bytes) plus a whole-word store.
+const SLACK: usize = 8 * 6 + 8;
 
-fn push_escape(out: &mut Vec<u8>, b: u8) {
+/// Writes the escape of a byte that needs one at the start of `out`; returns its length.
+#[inline(always)]
+fn write_escape(out: &mut [u8], b: u8) -> usize {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    match b {
-        b'"' => out.extend_from_slice(b"\\\""),
-        b'\\' => out.extend_from_slice(b"\\\\"),
-        0x08 => out.extend_from_slice(b"\\b"),
-        b'\t' => out.extend_from_slice(b"\\t"),
-        b'\n' => out.extend_from_slice(b"\\n"),
-        0x0C => out.extend_from_slice(b"\\f"),
-        b'\r' => out.extend_from_slice(b"\\r"),
-        _ => out.extend_from_slice(&[
-            b'\\',
-            b'u',
-            b'0',
-            b'0',
-            HEX[usize::from(b >> 4)],
-            HEX[usize::from(b & 0xF)],
-        ]),
+    match ESCAPES[usize::from(b)] {
+        b'u' => {
+            out[..6].copy_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xF)],
+            ]);
+            6
+        }
+        letter => {
+            out[..2].copy_from_slice(&[b'\\', letter]);
+            2
+        }
     }
 }
 
@@ -234,9 +286,9 @@ pub fn decode(line: &str) -> Result<Event, String> {
         .with_timezone(&Utc);
     Ok(Event {
         feed: Arc::from(parsed.feed),
-        event_type: parsed.event_type,
+        event_type: parsed.event_type.into(),
         data: parsed.data,
-        id: parsed.id,
+        id: parsed.id.into(),
         received_at,
         seq: parsed.seq,
     })

@@ -1053,11 +1053,11 @@ impl KafkaSink {
             })
             .insert(Header {
                 key: "sse-type",
-                value: Some(event.event_type.as_str()),
+                value: Some(&*event.event_type),
             })
             .insert(Header {
                 key: "sse-id",
-                value: Some(event.id.as_str()),
+                value: Some(&*event.id),
             })
             .insert(Header {
                 key: "sse-seq",
@@ -1407,7 +1407,7 @@ mod tests {
             feed: Arc::from(feed),
             event_type: event_type.into(),
             data: data.into(),
-            id: format!("id-{seq}"),
+            id: format!("id-{seq}").into(),
             received_at: Utc::now(),
             seq,
         })
@@ -1854,7 +1854,7 @@ mod tests {
         }
         let mut sink = KafkaSink::build("k", &mock_config(&mock, "key = \"id\"")).unwrap();
         let mut e = (*event("wiki", "edit", 1, "x")).clone();
-        e.id.clear();
+        e.id = Arc::from("");
         assert!(!sink.render_key(&e), "an empty id means no key");
     }
 
@@ -1990,7 +1990,7 @@ mod tests {
             .unwrap();
             // Connected and delivering first.
             let first = events("wiki", 1..=10);
-            tracker.register(first.iter().map(|e| (e.seq, e.id.as_str(), 1)));
+            tracker.register(first.iter().map(|e| (e.seq, &e.id, 1)));
             handle.send(first, &tracker).await;
             let deadline = Instant::now() + Duration::from_secs(10);
             while tracker.acked().seq < 10 && Instant::now() < deadline {
@@ -2000,7 +2000,7 @@ mod tests {
 
             mock.broker_down(1).unwrap();
             let more = events("wiki", 11..=30);
-            tracker.register(more.iter().map(|e| (e.seq, e.id.as_str(), 1)));
+            tracker.register(more.iter().map(|e| (e.seq, &e.id, 1)));
             handle.send(more, &tracker).await;
             // Past the delivery timeout: the batch failed at least once, nothing acknowledged.
             let deadline = Instant::now() + Duration::from_secs(15);

@@ -25,7 +25,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
 
 struct Envelope {
+    /// The events, until the runner moves them into its batch (no reference count traffic).
     events: Vec<Arc<Event>>,
+    /// How many events the envelope brought: its share of the batch, in order.
+    len: usize,
     tracker: Arc<FeedTracker>,
     /// Released when the envelope is dropped, after the events were acknowledged.
     _permit: OwnedSemaphorePermit,
@@ -101,6 +104,7 @@ impl SinkHandle {
             },
         };
         let envelope = Envelope {
+            len: events.len(),
             events,
             tracker: tracker.clone(),
             _permit: permit,
@@ -253,13 +257,13 @@ async fn run(
                 continue;
             }
         };
-        let Some(first) = first else { break };
+        let Some(mut first) = first else { break };
         batch.clear();
-        batch.extend(first.events.iter().cloned());
+        batch.append(&mut first.events);
         envelopes.push(first);
         let wait_until = tokio::time::Instant::now() + options.max_batch_wait;
         while batch.len() < max_events {
-            let more = match rx.try_recv() {
+            let mut more = match rx.try_recv() {
                 Ok(more) => more,
                 Err(_) if options.max_batch_wait.is_zero() => break,
                 Err(_) => match tokio::time::timeout_at(wait_until, rx.recv()).await {
@@ -267,7 +271,7 @@ async fn run(
                     Ok(None) | Err(_) => break,
                 },
             };
-            batch.extend(more.events.iter().cloned());
+            batch.append(&mut more.events);
             envelopes.push(more);
         }
         // One write per `max_events` (a single send can be larger); acknowledged once all
@@ -276,7 +280,7 @@ async fn run(
         while start < batch.len() {
             let end = (start + max_events).min(batch.len());
             if options.checkpoints {
-                checkpoints_after(&envelopes, end, &mut checkpoints);
+                checkpoints_after(&envelopes, &batch, end, &mut checkpoints);
             }
             if !write_with_retry(
                 &name,
@@ -297,9 +301,13 @@ async fn run(
         health
             .written
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut offset = 0;
         for envelope in envelopes.drain(..) {
-            envelope.tracker.ack(envelope.events.iter().map(|e| e.seq));
+            let events = batch.get(offset..offset + envelope.len).unwrap_or_default();
+            envelope.tracker.ack(events.iter().map(|e| e.seq));
+            offset += envelope.len;
         }
+        batch.clear();
         if tokio::time::Instant::now() >= next_tick {
             next_tick = tokio::time::Instant::now() + TICK;
             if let Err(e) = sink.tick() {
@@ -315,7 +323,12 @@ async fn run(
 
 /// For each feed in the first `upto` events of the batch (the envelopes' events, in order), the
 /// checkpoint that holds once they are acknowledged (a non-mutating preview on the tracker).
-fn checkpoints_after(envelopes: &[Envelope], upto: usize, out: &mut Vec<Checkpoint>) {
+fn checkpoints_after(
+    envelopes: &[Envelope],
+    batch: &[Arc<Event>],
+    upto: usize,
+    out: &mut Vec<Checkpoint>,
+) {
     out.clear();
     let now = chrono::Utc::now();
     let mut done: Vec<&Arc<FeedTracker>> = Vec::new();
@@ -329,11 +342,12 @@ fn checkpoints_after(envelopes: &[Envelope], upto: usize, out: &mut Vec<Checkpoi
         seqs.clear();
         let mut offset = 0;
         for same in envelopes {
-            let take = same.events.len().min(upto.saturating_sub(offset));
-            offset += same.events.len();
+            let take = same.len.min(upto.saturating_sub(offset));
             if Arc::ptr_eq(&same.tracker, tracker) {
-                seqs.extend(same.events[..take].iter().map(|e| e.seq));
+                let events = batch.get(offset..offset + take).unwrap_or_default();
+                seqs.extend(events.iter().map(|e| e.seq));
             }
+            offset += same.len;
         }
         let p = tracker.position_if_acked(&seqs);
         out.push(Checkpoint {

@@ -11,17 +11,21 @@
 //! Only the unterminated tail of a chunk is copied into the parser; complete lines are processed
 //! in place, and a field value is copied once into the data buffer and once into the event.
 
+use std::sync::Arc;
+
 use memchr::{memchr, memchr2};
 
 /// One dispatched event, before the bridge stamps it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
-    /// The event type buffer, or `message` when it was empty.
-    pub event_type: String,
+    /// The event type buffer, or `message` when it was empty. Shared with the previous event
+    /// when it has the same type (streams mostly repeat a few types): no allocation.
+    pub event_type: Arc<str>,
     /// The data buffer with its one trailing LF removed.
     pub data: String,
-    /// The last event ID string as of this event.
-    pub id: String,
+    /// The last event ID string as of this event. Shared with every event dispatched under the
+    /// same ID and with the checkpoint tracker: one allocation per ID change.
+    pub id: Arc<str>,
 }
 
 /// What the parser hands out, in stream order.
@@ -111,7 +115,9 @@ pub struct Parser {
     /// The last event ID buffer: set by `id` fields, copied to `last_event_id` at dispatch.
     id_buffer: String,
     /// The last event ID string, as of the last dispatch.
-    last_event_id: String,
+    last_event_id: Arc<str>,
+    /// The type of the last dispatched event, reused while the type repeats.
+    last_type: Arc<str>,
     /// A `retry` value not yet taken by [`Parser::take_retry`].
     retry: Option<u64>,
     /// The error that broke the current stream, returned again by `push` until a new stream.
@@ -135,7 +141,8 @@ impl Parser {
             data: String::new(),
             event_type: String::new(),
             id_buffer: String::new(),
-            last_event_id: String::new(),
+            last_event_id: Arc::from(""),
+            last_type: Arc::from("message"),
             retry: None,
             failed: None,
         }
@@ -156,8 +163,9 @@ impl Parser {
         self.event_type.clear();
         self.id_buffer.clear();
         self.id_buffer.push_str(last_event_id);
-        self.last_event_id.clear();
-        self.last_event_id.push_str(last_event_id);
+        if *self.last_event_id != *last_event_id {
+            self.last_event_id = Arc::from(last_event_id);
+        }
         self.failed = None;
     }
 
@@ -181,9 +189,8 @@ impl Parser {
     /// standard says, including an `id` field of that unfinished event (the last event ID string
     /// only changes at dispatch). Leaves the parser as `start_stream(self.last_event_id())` would.
     pub fn finish(&mut self) {
-        let id = std::mem::take(&mut self.last_event_id);
+        let id = self.last_event_id.clone();
         self.start_stream(&id);
-        self.last_event_id = id;
     }
 
     /// The last event ID string (updated at every blank line, as the standard says).
@@ -377,30 +384,36 @@ impl Parser {
 
     /// A blank line: "dispatch the event" as the standard says.
     fn dispatch(&mut self, out: &mut Vec<Item>) {
-        let id_changed = self.id_buffer != self.last_event_id;
+        let id_changed = *self.id_buffer != *self.last_event_id;
         if id_changed {
-            self.last_event_id.clone_from(&self.id_buffer);
+            self.last_event_id = Arc::from(self.id_buffer.as_str());
         }
         if self.data.is_empty() {
             self.event_type.clear();
             if id_changed {
-                out.push(Item::LastEventId(self.last_event_id.clone()));
+                out.push(Item::LastEventId(self.last_event_id.to_string()));
             }
             return;
         }
-        // The data buffer is non-empty only through `append_data`, which ends it with LF.
-        let data = self.data.strip_suffix('\n').unwrap_or(&self.data);
         let event_type = if self.event_type.is_empty() {
-            "message".to_owned()
+            "message"
         } else {
-            self.event_type.clone()
+            self.event_type.as_str()
         };
+        if *self.last_type != *event_type {
+            self.last_type = Arc::from(event_type);
+        }
+        // The data buffer is non-empty only through `append_data`, which ends it with LF.
+        // The buffer itself becomes the event's data (no copy); the next event's buffer starts
+        // with room for as much as this one held, since events of a stream are alike in size.
+        self.data.pop();
+        let room = self.data.len() + 1;
+        let data = std::mem::replace(&mut self.data, String::with_capacity(room));
         out.push(Item::Event(SseEvent {
-            event_type,
-            data: data.to_owned(),
+            event_type: self.last_type.clone(),
+            data,
             id: self.last_event_id.clone(),
         }));
-        self.data.clear();
         self.event_type.clear();
     }
 
@@ -437,9 +450,9 @@ mod tests {
 
     fn ev(event_type: &str, data: &str, id: &str) -> Item {
         Item::Event(SseEvent {
-            event_type: event_type.to_owned(),
+            event_type: event_type.into(),
             data: data.to_owned(),
-            id: id.to_owned(),
+            id: id.into(),
         })
     }
 
