@@ -794,6 +794,7 @@ fn raw_pipeline(ctx: &Ctx) -> Rate {
         let mut parser = Parser::new(Limits::default());
         let mut items = Vec::with_capacity(1024);
         let mut line = Vec::with_capacity(1024);
+        let mut encoder = jsonl::Encoder::default();
         let feed: Arc<str> = Arc::from(FEED);
         let mut seq = 0u64;
         let cpu0 = thread_cpu();
@@ -813,7 +814,7 @@ fn raw_pipeline(ctx: &Ctx) -> Rate {
                         seq,
                     });
                     line.clear();
-                    jsonl::encode(&event, &mut line);
+                    encoder.encode(&event, &mut line);
                     out.write_all(&line).expect("write");
                 }
             }

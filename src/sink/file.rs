@@ -1131,6 +1131,7 @@ pub struct FileSink {
     /// Reused buffers.
     rendered: String,
     line: Vec<u8>,
+    encoder: jsonl::Encoder,
 }
 
 impl FileSink {
@@ -1194,6 +1195,7 @@ impl FileSink {
             next_age_sweep: i64::MIN,
             rendered: String::new(),
             line: Vec::new(),
+            encoder: jsonl::Encoder::default(),
         })
     }
 
@@ -1643,7 +1645,7 @@ impl FileSink {
             let mut failed = None;
             loop {
                 self.line.clear();
-                jsonl::encode(&events[i], &mut self.line);
+                self.encoder.encode(&events[i], &mut self.line);
                 let n = self.line.len() as u64;
                 if file.len > 0
                     && (self

@@ -67,6 +67,55 @@ pub fn encode(event: &Event, out: &mut Vec<u8>) {
     out.extend_from_slice(b"}\n");
 }
 
+/// [`encode`] for a sink that writes many lines: what repeats from one event to the next is
+/// kept encoded. Events of a feed share their feed name and, mostly, their type (the same
+/// `Arc`s), and the events of one read share their receive time, so the line's start up to
+/// `"id":` and the time are encoded once per change rather than once per event. Produces
+/// exactly the bytes of [`encode`].
+#[derive(Debug, Default)]
+pub struct Encoder {
+    /// The feed and type the prefix was encoded for.
+    key: Option<(Arc<str>, Arc<str>)>,
+    /// `{"feed":...,"type":...,"id":`
+    prefix: Vec<u8>,
+    /// The receive time `time` holds, and its text.
+    at: Option<DateTime<Utc>>,
+    time: Vec<u8>,
+}
+
+impl Encoder {
+    /// Appends `event` as one JSON line (ending in `\n`) to `out`.
+    pub fn encode(&mut self, event: &Event, out: &mut Vec<u8>) {
+        let same = self.key.as_ref().is_some_and(|(feed, event_type)| {
+            Arc::ptr_eq(feed, &event.feed) && Arc::ptr_eq(event_type, &event.event_type)
+        });
+        if !same {
+            self.prefix.clear();
+            self.prefix.extend_from_slice(b"{\"feed\":");
+            push_str(&mut self.prefix, &event.feed);
+            self.prefix.extend_from_slice(b",\"type\":");
+            push_str(&mut self.prefix, &event.event_type);
+            self.prefix.extend_from_slice(b",\"id\":");
+            self.key = Some((event.feed.clone(), event.event_type.clone()));
+        }
+        if self.at != Some(event.received_at) {
+            self.time.clear();
+            push_time(&mut self.time, event.received_at);
+            self.at = Some(event.received_at);
+        }
+        out.reserve(64 + self.prefix.len() + event.id.len() + event.data.len() * 3 / 2);
+        out.extend_from_slice(&self.prefix);
+        push_str(out, &event.id);
+        out.extend_from_slice(b",\"data\":");
+        push_str(out, &event.data);
+        out.extend_from_slice(b",\"received_at\":\"");
+        out.extend_from_slice(&self.time);
+        out.extend_from_slice(b"\",\"seq\":");
+        push_u64(out, event.seq);
+        out.extend_from_slice(b"}\n");
+    }
+}
+
 /// `0x7F` and `0x80` in every byte of a word.
 const LOWS: u64 = 0x7F7F_7F7F_7F7F_7F7F;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
@@ -118,6 +167,19 @@ static ESCAPES: [u8; 256] = {
 /// the word stored again after the escape. `out` is cut back to what was written at the end.
 fn push_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
+    // Short strings with nothing to escape (IDs, names) are copied as they are.
+    if bytes.len() <= 32
+        && bytes
+            .iter()
+            .fold(0, |any, &b| any | ESCAPES[usize::from(b)])
+            == 0
+    {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut at = out.len();
     // Room for the quotes and typical escaping; more is added below if a word needs it.
     out.resize(at + bytes.len() + bytes.len() / 2 + SLACK, 0);
@@ -475,6 +537,42 @@ mod tests {
             e.received_at = DateTime::from_timestamp_micros(micros).unwrap();
             assert_eq!(encoded(&e).into_bytes(), reference_encode(&e));
         }
+    }
+
+    #[test]
+    fn encoder_writes_what_encode_writes() {
+        let feed: Arc<str> = Arc::from("f\"eed");
+        let mut encoder = Encoder::default();
+        let mut events = Vec::new();
+        for (i, (event_type, id)) in [
+            ("a", "1"),
+            ("a", "2"),
+            ("b\n", "3"),
+            ("a", ""),
+            ("a", "x\"y"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut e = event("f", event_type, id, "{\"k\":[1,2]}", i as u64);
+            e.feed = feed.clone();
+            if i >= 3 {
+                e.received_at += chrono::Duration::microseconds(1);
+            }
+            events.push(e);
+        }
+        // The same Arcs for repeated types, as the parser hands them out.
+        events[1].event_type = events[0].event_type.clone();
+        let mut expected = Vec::new();
+        let mut got = Vec::new();
+        for e in &events {
+            encode(e, &mut expected);
+            encoder.encode(e, &mut got);
+        }
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
     }
 
     proptest! {

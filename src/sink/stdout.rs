@@ -36,6 +36,7 @@ pub struct StdoutSink {
     name: String,
     /// Reused encoding buffer.
     buf: Vec<u8>,
+    encoder: jsonl::Encoder,
 }
 
 impl StdoutSink {
@@ -43,6 +44,7 @@ impl StdoutSink {
         Ok(StdoutSink {
             name: name.to_string(),
             buf: Vec::new(),
+            encoder: jsonl::Encoder::default(),
         })
     }
 
@@ -50,7 +52,7 @@ impl StdoutSink {
     fn write_to(&mut self, events: &[Arc<Event>], out: &mut impl Write) -> Result<(), SinkError> {
         self.buf.clear();
         for e in events {
-            jsonl::encode(e, &mut self.buf);
+            self.encoder.encode(e, &mut self.buf);
         }
         let result = out.write_all(&self.buf).and_then(|()| out.flush());
         // Do not keep a huge buffer around after an unusually large batch.

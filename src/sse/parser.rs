@@ -337,19 +337,23 @@ impl Parser {
             None => (line, &[][..]),
         };
         // Field names are matched as bytes: a byte string equals one of these ASCII names
-        // exactly when its lossy decoding does, and names are case-sensitive.
+        // exactly when its lossy decoding does, and names are case-sensitive. Written as slice
+        // patterns, they compile to a length check and byte compares (byte-string literals
+        // would be a `memcmp` call per line).
         match field {
-            b"data" => self.append_data(value)?,
-            b"event" => {
+            [b'd', b'a', b't', b'a'] => self.append_data(value)?,
+            [b'e', b'v', b'e', b'n', b't'] => {
                 self.event_type.clear();
                 push_lossy(&mut self.event_type, value);
             }
             // U+0000 is encoded as the byte 0 and nothing else decodes to it.
-            b"id" if memchr(0, value).is_none() => {
+            [b'i', b'd'] if memchr(0, value).is_none() => {
                 self.id_buffer.clear();
                 push_lossy(&mut self.id_buffer, value);
             }
-            b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+            [b'r', b'e', b't', b'r', b'y']
+                if !value.is_empty() && value.iter().all(u8::is_ascii_digit) =>
+            {
                 self.retry = Some(value.iter().fold(0u64, |ms, &digit| {
                     ms.saturating_mul(10)
                         .saturating_add(u64::from(digit - b'0'))
