@@ -499,3 +499,56 @@ drop = true
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `(soft, hard)` "Max open files" of a process, from `/proc/PID/limits`.
+fn open_file_limits(pid: u32) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    Some((fields.next()?.to_string(), fields.next()?.to_string()))
+}
+
+/// The bridge raises its soft open-file limit to the hard limit at start (a socket per feed),
+/// so many feeds work under a shell's low default soft limit.
+#[tokio::test]
+async fn run_raises_the_soft_open_file_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens on port 1: the feed keeps retrying, which is all this test needs.
+    let config = e2e_config(dir.path(), "http://127.0.0.1:1/stream");
+    let log = dir.path().join("bridge.log");
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(r#"ulimit -S -n 200 && exec "$0" run -c "$1""#)
+        .arg(bin())
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let raised = wait_for(Duration::from_secs(20), || {
+        open_file_limits(pid).is_some_and(|(soft, hard)| soft == hard && soft != "200")
+    })
+    .await;
+    let limits = open_file_limits(pid);
+    // Stopped only once running (its signal handlers installed): the feed has failed once.
+    let running = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("127.0.0.1:1"))
+    })
+    .await;
+    assert!(
+        running,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    assert!(
+        raised,
+        "limits {limits:?}; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(status.code(), Some(0));
+}

@@ -555,9 +555,13 @@ sinks = ["kafka"]
         .logs()
         .contains("\"message\":\"sink recovered; held-back events stored\""));
 
-    // Skipped and counted.
+    // Skipped and counted, in the logs and in the admin endpoint's metrics.
     let dir = tempfile::tempdir().expect("tempdir");
-    let skipping = config(dir.path(), &server.url(), &sink("never", "skip"));
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let with_admin = format!("{}\n[admin]\nlisten = \"{admin}\"\n", sink("never", "skip"));
+    let skipping = config(dir.path(), &server.url(), &with_admin);
     let state = dir.path().join("state.db");
     let mut bridge = Bridge::start(&skipping, dir.path().join("skip.log"));
     assert!(
@@ -566,6 +570,22 @@ sinks = ["kafka"]
         checkpoint(&state),
         bridge.logs()
     );
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    for line in [
+        format!("sse_bridge_kafka_records_skipped_total{{sink=\"kafka\"}} {N}"),
+        "sse_bridge_kafka_records_delivered_total{sink=\"kafka\"} 0".to_string(),
+        "# TYPE sse_bridge_kafka_records_skipped_total counter".to_string(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in:\n{metrics}"
+        );
+    }
     assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
     let logs = bridge.logs();
     assert!(

@@ -372,6 +372,9 @@ fn feed_families(out: &mut Out, feeds: &[FeedSnapshot]) {
     }
 }
 
+/// A family of sink-kind counters: its help and `(sink, value)` samples.
+type OwnFamily<'a> = (&'static str, Vec<(&'a str, u64)>);
+
 fn sink_families(out: &mut Out, sinks: &[(String, SinkView)]) {
     out.family(
         "sse_bridge_sink_info",
@@ -428,6 +431,25 @@ fn sink_families(out: &mut Out, sinks: &[(String, SinkView)]) {
         out.family(name, kind, help);
         for (sink, s) in sinks {
             out.sample(name, &[("sink", sink)], pick(s));
+        }
+    }
+    // The counters of particular kinds of sinks (Kafka), one family per name.
+    let mut own: std::collections::BTreeMap<&str, OwnFamily> = Default::default();
+    for (sink, s) in sinks {
+        let Some(counters) = &s.gauge.health.own else {
+            continue;
+        };
+        for (name, help, value) in counters.counters() {
+            own.entry(name)
+                .or_insert((help, Vec::new()))
+                .1
+                .push((sink.as_str(), value));
+        }
+    }
+    for (name, (help, samples)) in own {
+        out.family(name, "counter", help);
+        for (sink, value) in samples {
+            out.sample(name, &[("sink", sink)], value);
         }
     }
     out.family(

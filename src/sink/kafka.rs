@@ -747,6 +747,39 @@ pub struct KafkaCounters {
     pub keys_missing: AtomicU64,
 }
 
+impl super::SinkCounters for KafkaCounters {
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            (
+                "sse_bridge_kafka_records_delivered_total",
+                "Records the Kafka broker confirmed.",
+                get(&self.delivered),
+            ),
+            (
+                "sse_bridge_kafka_records_skipped_total",
+                "Records given up after a permanent delivery error with on_error = \"skip\" (acknowledged, not stored).",
+                get(&self.skipped),
+            ),
+            (
+                "sse_bridge_kafka_delivery_failures_total",
+                "Failed deliveries, each failed record of each attempt (retried unless skipped).",
+                get(&self.failed),
+            ),
+            (
+                "sse_bridge_kafka_records_resent_total",
+                "Records sent again after a failed batch (the topic may hold them twice).",
+                get(&self.resent),
+            ),
+            (
+                "sse_bridge_kafka_keys_missing_total",
+                "Records sent without a key because the key's JSON pointer found nothing.",
+                get(&self.keys_missing),
+            ),
+        ]
+    }
+}
+
 /// A delivery report as the sink thread sees it.
 struct Report {
     tag: usize,
@@ -1366,6 +1399,10 @@ fn create_producer(
 }
 
 impl super::Sink for KafkaSink {
+    fn counters(&self) -> Option<Arc<dyn super::SinkCounters>> {
+        Some(self.counters.clone())
+    }
+
     fn write(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError> {
         if events.is_empty() {
             return Ok(());

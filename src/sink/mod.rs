@@ -175,6 +175,14 @@ impl Default for WriteOptions {
     }
 }
 
+/// Counters particular to one kind of sink (Kafka: records delivered, skipped...), exported by
+/// the admin endpoint beside the counters every sink has.
+pub trait SinkCounters: Send + Sync {
+    /// `(metric name, help, value)`. Names end in `_total` and are the same for every sink of
+    /// a kind; the endpoint labels each sample with the sink's name.
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)>;
+}
+
 /// The one small trait every sink implements. Calls come from one thread, in order.
 pub trait Sink: Send {
     /// Stores a batch of events, which may mix feeds. Returning `Ok` means the events are
@@ -204,6 +212,12 @@ pub trait Sink: Send {
     /// an `fsync` interval.
     fn tick(&mut self) -> Result<(), SinkError> {
         Ok(())
+    }
+
+    /// The sink's own counters, if it keeps any for the admin endpoint; asked once, when the
+    /// runner starts.
+    fn counters(&self) -> Option<Arc<dyn SinkCounters>> {
+        None
     }
 
     /// Makes everything written so far durable; called at shutdown.

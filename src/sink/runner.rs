@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{BufferConfig, Sink, WhenFull};
+use super::{BufferConfig, Sink, SinkCounters, WhenFull};
 use crate::checkpoint::FeedTracker;
 use crate::event::Event;
 use crate::state::Checkpoint;
@@ -35,7 +35,7 @@ struct Envelope {
 }
 
 /// Live figures of a sink, readable from anywhere.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SinkHealth {
     /// False while writes are failing.
     pub healthy: AtomicBool,
@@ -48,6 +48,19 @@ pub struct SinkHealth {
     pub errors: AtomicU64,
     /// How long `Sink::write` calls take, failed ones included.
     pub write_seconds: crate::admin::stats::Histogram,
+    /// The counters particular to the sink's kind ([`Sink::counters`]).
+    pub own: Option<Arc<dyn SinkCounters>>,
+}
+
+impl std::fmt::Debug for SinkHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkHealth")
+            .field("healthy", &self.healthy)
+            .field("written", &self.written)
+            .field("dropped", &self.dropped)
+            .field("errors", &self.errors)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SinkHealth {
@@ -186,6 +199,7 @@ pub fn spawn(
     let (done_tx, done_rx) = oneshot::channel();
     let health = Arc::new(SinkHealth {
         healthy: AtomicBool::new(true),
+        own: sink.counters(),
         ..SinkHealth::default()
     });
     let max_events = buffer.max_events.max(1);
