@@ -12,8 +12,41 @@ use sse_bridge::notify::Notifier;
 use sse_bridge::state::{Gap, GapReason, StateStore};
 use sse_bridge::supervisor::Registry;
 
+/// mimalloc: events are allocated by the feed tasks and freed by the sink threads, and glibc's
+/// malloc pays for every such cross-thread free; with mimalloc the bridge spends about a
+/// quarter less CPU per event (README, "Benchmark").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+extern "C" {
+    /// mimalloc's `mi_option_set` (linked in by the `mimalloc` crate).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_arena_eager_commit` in mimalloc's `mimalloc.h` (the same in v2 and v3).
+const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
+
+/// mimalloc commits its arenas eagerly by default on Linux, which keeps the memory of many
+/// small, long-lived allocations resident: 10 000 idle feeds took about 40 % more RSS than
+/// with glibc's malloc, and the same as glibc with eager commit off (the CPU per event stays
+/// mimalloc's). The environment variable `MIMALLOC_ARENA_EAGER_COMMIT` still overrides it.
+///
+/// The option must be set before the first allocation creates an arena, which happens before
+/// `main` (the Rust runtime allocates while starting): so this runs as an ELF constructor,
+/// and allocates nothing itself.
+extern "C" fn tune_allocator() {
+    // SAFETY: getenv with a NUL-terminated name, nothing allocated; mi_option_set only stores
+    // an integer, and mimalloc reads its options lazily.
+    unsafe {
+        if libc::getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+            mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        }
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 
 /// Exit status for a configuration that cannot be used (as distinct from a runtime failure).
 const EXIT_CONFIG: u8 = 2;
