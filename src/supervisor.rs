@@ -292,7 +292,7 @@ impl Supervisor {
             tap: self.registry.tap.clone(),
             next_seq: start.seq + 1,
         };
-        let task = tokio::spawn(task.run(stop.clone()));
+        let task = tokio::spawn(Box::new(task).run(stop.clone()));
         self.registry.set_feed(view.clone());
         self.feeds
             .insert(feed.name.clone(), RunningFeed { view, stop, task });
@@ -702,7 +702,10 @@ struct FeedTask {
 }
 
 impl FeedTask {
-    async fn run(mut self, stop: CancellationToken) {
+    /// The feed's loop. `self` is boxed: a future keeps its by-value arguments twice (as
+    /// captured and as the bound local), and a `FeedTask` is about 1 KiB; with a box each copy
+    /// is a pointer (1 KiB less per feed, 10 MiB for 10 000 idle feeds).
+    async fn run(mut self: Box<Self>, stop: CancellationToken) {
         let name: Arc<str> = Arc::from(self.view.config.name.as_str());
         let mut routing = self.routing.borrow_and_update().clone();
         let mut router = routing.router.for_feed(&name);

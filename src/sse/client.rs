@@ -194,7 +194,7 @@ impl EventSource {
                         }
                     };
                     let before = out.len();
-                    let result = self.parser.push(&chunk, out);
+                    let result = self.parser.push(chunk, out);
                     self.after_push(before, out);
                     if let Err(e) = result {
                         let failure = Failure {
@@ -460,7 +460,7 @@ mod tests {
 
     /// The supervisor holds an `EventSource` across awaits in a spawned task and shares
     /// `&FeedTask` across them: it must be `Send + Sync` (hence the attempt runs as a task
-    /// rather than a stored boxed reqwest future, which is not `Sync`).
+    /// rather than a stored boxed future, which is not `Sync`).
     #[test]
     fn event_source_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}

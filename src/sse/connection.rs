@@ -1,31 +1,55 @@
-//! The HTTP transport of one feed: one connection attempt, classified, and the body read with
-//! an idle timeout. No retry logic here ([`super::retry`]) and no parsing ([`super::parser`]);
-//! [`super::client::EventSource`] ties them together.
+//! The HTTP transport of one feed: one connection attempt (connect, request, redirects),
+//! classified, and the body read with an idle timeout. No retry logic here ([`super::retry`])
+//! and no parsing of the stream ([`super::parser`]); [`super::client::EventSource`] ties them
+//! together. The HTTP/1.1 wire format is [`super::http1`].
 //!
 //! DESIGN.md §3: requests send `Accept: text/event-stream`, `Cache-Control: no-cache` and
 //! `Last-Event-ID` when the last event ID is non-empty; a response is open when it is 200 with a
 //! `text/event-stream` media type; redirects are followed up to `max_redirects`.
 //!
+//! Why its own HTTP/1.1 client rather than reqwest: an idle connection must cost next to
+//! nothing (issue 5: 10 000 idle feeds in 256 MiB), and reqwest/hyper hold about 40 KiB per
+//! connection whether or not bytes flow (see [`super::http1`]); reqwest stays for the admin
+//! client, where a handful of short requests do not matter. This transport keeps what
+//! reqwest did for the stream:
+//! - redirects (301, 302, 303, 307, 308 with a usable `Location`) up to `max_redirects`, never
+//!   from https to http; `Authorization`, `Cookie`, `Cookie2`, `Proxy-Authorization` and
+//!   `WWW-Authenticate` are dropped when a redirect leaves the host and port (as reqwest does);
+//! - `connect_timeout` over DNS, TCP, the proxy tunnel and the TLS handshake, and a bound of
+//!   `connect_timeout + response_timeout` on everything up to the response headers;
+//! - TLS with the shared rustls configuration (certificates always verified, no fallback);
+//! - userinfo in the URL sent as `Authorization: Basic` unless another `Authorization` is set;
+//! - HTTP proxies from the environment, as reqwest and curl read them (`HTTP_PROXY`,
+//!   `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, also lower case): http:// URLs through the proxy
+//!   in absolute form, https:// URLs through a `CONNECT` tunnel. A proxy that is not `http://`
+//!   (HTTPS or SOCKS proxies) is reported as unsupported: reqwest, as this project builds it,
+//!   did not support SOCKS either.
+//!
+//! It speaks HTTP/1.1 only (ALPN offers `http/1.1` alone); reqwest could negotiate HTTP/2,
+//! which an event stream does not need.
+//!
 //! Secrets: error messages name the feed and the URL without userinfo or query string (where
-//! tokens like to hide), the `Authorization` header is marked sensitive, reqwest errors are
-//! stripped of their URL before being shown, and as a last line of defence a message is
+//! tokens like to hide), never a header value, and as a last line of defence a message is
 //! scrubbed of the token and of the full URL.
 
-use std::error::Error as StdError;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use base64::Engine as _;
+use hyper_util::client::proxy::matcher::Matcher as ProxyMatcher;
 use reqwest::header::{
-    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE,
-    PROXY_AUTHORIZATION, RETRY_AFTER,
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, COOKIE, HOST,
+    PROXY_AUTHORIZATION, USER_AGENT as USER_AGENT_HEADER, WWW_AUTHENTICATE,
 };
-use reqwest::{redirect, StatusCode, Url};
+use reqwest::{StatusCode, Url};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::http1::{self, BodyError, BodyReader, Head, Stream};
 use super::retry::parse_retry_after;
 use crate::config::FeedConfig;
 
@@ -42,14 +66,14 @@ const RESERVED: [&str; 3] = ["accept", "cache-control", LAST_EVENT_ID];
 /// `User-Agent` unless the feed's `headers` set one.
 const USER_AGENT: &str = concat!("sse-bridge/", env!("CARGO_PKG_VERSION"));
 
-/// The TLS settings of every feed: exactly what `ClientBuilder::use_rustls_tls()` builds (ring,
-/// TLS 1.2 and 1.3, the webpki root certificates, SNI, ALPN `h2` then `http/1.1`), built once.
-/// Clones share the root store and the session cache (both behind `Arc`), where a client built
-/// by reqwest itself would hold its own copies: about 25 KiB per feed, 250 MiB for 10 000 feeds
-/// (issue 5's benchmark).
-fn shared_tls_config() -> Result<rustls::ClientConfig, String> {
-    static CONFIG: std::sync::OnceLock<Result<rustls::ClientConfig, String>> =
-        std::sync::OnceLock::new();
+/// TCP keepalive: notices a peer that vanished without a FIN even when idle_timeout is off.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The TLS settings of every feed, built once: ring, TLS 1.2 and 1.3, the webpki root
+/// certificates, SNI, ALPN `http/1.1` (the transport speaks nothing else). Shared: a
+/// configuration per feed would hold its own root store, about 25 KiB per feed.
+fn shared_tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
             let roots = rustls::RootCertStore {
@@ -61,9 +85,17 @@ fn shared_tls_config() -> Result<rustls::ClientConfig, String> {
                 .map_err(|e| format!("TLS: {e}"))?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
-            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            Ok(config)
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(Arc::new(config))
         })
+        .clone()
+}
+
+/// The proxy settings of the environment, read once (as reqwest read them once per client).
+fn system_proxies() -> Arc<ProxyMatcher> {
+    static PROXIES: OnceLock<Arc<ProxyMatcher>> = OnceLock::new();
+    PROXIES
+        .get_or_init(|| Arc::new(ProxyMatcher::from_env()))
         .clone()
 }
 
@@ -114,7 +146,8 @@ impl fmt::Display for Failure {
 
 /// A connection attempt in flight, running as its own task so the client can keep it across
 /// cancelled `next()` calls instead of abandoning it (and stay `Send + Sync`, which a boxed
-/// reqwest future is not). Dropping it aborts the attempt.
+/// future is not). Dropping it aborts the attempt. The task ends when the attempt does, so an
+/// open connection costs no task of its own.
 #[derive(Debug)]
 pub struct Attempt {
     task: JoinHandle<Result<Connection, Failure>>,
@@ -126,7 +159,7 @@ impl Attempt {
     pub async fn outcome(&mut self) -> Result<Connection, Failure> {
         match (&mut self.task).await {
             Ok(result) => result,
-            // Only a panic inside reqwest or hyper gets here (the task is aborted only on drop).
+            // Only a panic gets here (the task is aborted only on drop).
             Err(e) => Err(self.inner.failure(
                 FailureKind::Network,
                 format_args!("the connection attempt failed unexpectedly: {e}"),
@@ -141,7 +174,7 @@ impl Drop for Attempt {
     }
 }
 
-/// Makes connection attempts for one feed. Cheap to clone (one `reqwest::Client` per feed).
+/// Makes connection attempts for one feed. Cheap to clone.
 #[derive(Clone)]
 pub struct Connector {
     inner: Arc<Inner>,
@@ -156,22 +189,34 @@ impl fmt::Debug for Connector {
     }
 }
 
-#[derive(Debug)]
 struct Inner {
     feed: String,
     url: Url,
     /// The URL without userinfo, query or fragment: what messages show.
     shown_url: String,
-    client: reqwest::Client,
-    /// The feed's extra headers (reserved names removed).
+    /// The feed's extra headers (reserved names removed), with `Authorization: Basic` from the
+    /// URL's userinfo unless the feed sets `Authorization` itself.
     headers: HeaderMap,
     token: TokenSource,
     rejected_id_statuses: Vec<u16>,
+    max_redirects: usize,
     /// Bound on connecting plus waiting for the response headers.
     header_timeout: Duration,
     connect_timeout: Duration,
     response_timeout: Duration,
     idle_timeout: Option<Duration>,
+    proxies: Arc<ProxyMatcher>,
+    /// [`shared_tls_config`] (another one only in tests).
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner")
+            .field("feed", &self.feed)
+            .field("url", &self.shown_url)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -182,10 +227,22 @@ enum TokenSource {
 }
 
 impl Connector {
-    /// Checks the feed's URL, headers and token variable and builds its HTTP client: rustls,
-    /// `connect_timeout`, redirects limited to `max_redirects` (and never from https to http),
-    /// and deliberately no overall request timeout, since an event stream never ends.
+    /// Checks the feed's URL, headers and token variable, and the TLS settings.
     pub fn new(feed: &FeedConfig) -> Result<Connector, ClientError> {
+        let tls = shared_tls_config().map_err(|e| ClientError {
+            feed: feed.name.clone(),
+            message: format!("cannot set up TLS: {e}"),
+        })?;
+        Connector::with_settings(feed, system_proxies(), tls)
+    }
+
+    /// [`Connector::new`] with given proxy rules and TLS settings instead of the environment's
+    /// and the shared ones.
+    fn with_settings(
+        feed: &FeedConfig,
+        proxies: Arc<ProxyMatcher>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Connector, ClientError> {
         let err = |message: String| ClientError {
             feed: feed.name.clone(),
             message,
@@ -241,53 +298,27 @@ impl Connector {
             }
             headers.insert(name, value);
         }
-
-        let max_redirects = feed.max_redirects;
-        let policy = redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() > max_redirects {
-                return attempt.error(RedirectRefused::TooMany(max_redirects));
+        if !headers.contains_key(AUTHORIZATION) {
+            if let Some(value) = basic_auth_from_userinfo(&url) {
+                headers.insert(AUTHORIZATION, value);
             }
-            let from_https = attempt
-                .previous()
-                .last()
-                .is_some_and(|u| u.scheme() == "https");
-            if from_https && attempt.url().scheme() != "https" {
-                return attempt.error(RedirectRefused::Downgrade);
-            }
-            attempt.follow()
-        });
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(
-                shared_tls_config()
-                    .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?,
-            )
-            .connect_timeout(feed.connect_timeout)
-            .redirect(policy)
-            .user_agent(USER_AGENT)
-            .tcp_nodelay(true)
-            // Notices a peer that vanished without a FIN even when idle_timeout is off.
-            .tcp_keepalive(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(|e| {
-                err(format!(
-                    "cannot build the HTTP client: {}",
-                    error_chain(&e.without_url())
-                ))
-            })?;
+        }
 
         Ok(Connector {
             inner: Arc::new(Inner {
                 feed: feed.name.clone(),
                 shown_url: display_url(&url),
                 url,
-                client,
                 headers,
                 token,
                 rejected_id_statuses: feed.rejected_id_statuses.clone(),
+                max_redirects: feed.max_redirects,
                 header_timeout: feed.connect_timeout.saturating_add(feed.response_timeout),
                 connect_timeout: feed.connect_timeout,
                 response_timeout: feed.response_timeout,
                 idle_timeout: (!feed.idle_timeout.is_zero()).then_some(feed.idle_timeout),
+                proxies,
+                tls,
             }),
         })
     }
@@ -310,6 +341,47 @@ impl Connector {
     }
 }
 
+/// `Authorization: Basic` for the userinfo of `url`, if it has any (what reqwest sends).
+fn basic_auth_from_userinfo(url: &Url) -> Option<HeaderValue> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(url.username());
+    let credentials = match url.password() {
+        Some(password) => format!("{user}:{}", decode(password)),
+        None => format!("{user}:"),
+    };
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// A response with its head read, its body not yet.
+struct Response {
+    /// The URL that answered (after redirects).
+    url: Url,
+    head: Head,
+    stream: Stream,
+    /// Body bytes read together with the head.
+    early: Vec<u8>,
+}
+
+/// Where to open the TCP connection for a URL.
+struct Route {
+    /// Connect here (the server, or the proxy).
+    host: String,
+    port: u16,
+    /// Through an HTTP proxy: the request goes to it in absolute form (http://) or through a
+    /// `CONNECT` tunnel (https://), with this `Proxy-Authorization`.
+    proxy: Option<Option<HeaderValue>>,
+}
+
 impl Inner {
     fn failure(&self, kind: FailureKind, what: impl fmt::Display) -> Failure {
         Failure {
@@ -318,6 +390,10 @@ impl Inner {
             retry_after: None,
             message: format!("feed `{}`: GET {}: {what}", self.feed, self.shown_url),
         }
+    }
+
+    fn network(&self, what: impl fmt::Display) -> Failure {
+        self.failure(FailureKind::Network, what)
     }
 
     /// Removes anything secret that might have slipped into a message from a lower layer.
@@ -354,18 +430,15 @@ impl Inner {
             headers.insert(AUTHORIZATION, value);
         }
 
-        let send = self.client.get(self.url.clone()).headers(headers).send();
+        let send = self.send(headers);
         let result = match tokio::time::timeout(self.header_timeout, send).await {
-            Err(_) => Err(self.failure(
-                FailureKind::Network,
-                format_args!(
-                    "timed out: no response headers within {} (connect_timeout {} + response_timeout {})",
-                    humantime::format_duration(self.header_timeout),
-                    humantime::format_duration(self.connect_timeout),
-                    humantime::format_duration(self.response_timeout),
-                ),
-            )),
-            Ok(Err(e)) => Err(self.request_failure(e)),
+            Err(_) => Err(self.network(format_args!(
+                "timed out: no response headers within {} (connect_timeout {} + response_timeout {})",
+                humantime::format_duration(self.header_timeout),
+                humantime::format_duration(self.connect_timeout),
+                humantime::format_duration(self.response_timeout),
+            ))),
+            Ok(Err(failure)) => Err(failure),
             Ok(Ok(response)) => self.classify(response, sent_id),
         };
         result.map_err(|f| self.scrub(f, token.as_deref()))
@@ -397,75 +470,259 @@ impl Inner {
         }
     }
 
-    fn request_failure(&self, e: reqwest::Error) -> Failure {
-        let (redirect, timeout, connect) = (e.is_redirect(), e.is_timeout(), e.is_connect());
-        let detail = error_chain(&e.without_url());
-        if redirect {
-            return self.failure(
-                FailureKind::Client,
-                format_args!("redirect refused: {detail}"),
+    /// Sends the GET and follows redirects; returns the first response that is not a
+    /// redirect to follow.
+    async fn send(&self, mut headers: HeaderMap) -> Result<Response, Failure> {
+        let mut url = self.url.clone();
+        let mut followed = 0usize;
+        loop {
+            let (mut stream, route) = self.open(&url).await?;
+            let request = request_head(&url, &headers, &route);
+            http1::write_all(&mut stream, &request).await.map_err(|e| {
+                self.network(format_args!("request failed: sending the request: {e}"))
+            })?;
+            let (head, early) = http1::read_head(&mut stream)
+                .await
+                .map_err(|e| self.network(format_args!("request failed: {e}")))?;
+            let next = matches!(head.status, 301 | 302 | 303 | 307 | 308)
+                .then(|| head.location.as_ref().and_then(|l| l.text()))
+                .flatten()
+                .and_then(|location| url.join(location).ok());
+            let Some(next) = next else {
+                return Ok(Response {
+                    url,
+                    head,
+                    stream,
+                    early,
+                });
+            };
+            let cross_host =
+                redirect_policy(&url, &next, followed, self.max_redirects).map_err(|e| {
+                    self.failure(FailureKind::Client, format_args!("redirect refused: {e}"))
+                })?;
+            if cross_host {
+                for name in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, WWW_AUTHENTICATE] {
+                    headers.remove(name);
+                }
+                headers.remove("cookie2");
+            }
+            tracing::debug!(
+                feed = %self.feed,
+                status = head.status,
+                "redirected to {}",
+                display_url(&next)
             );
+            followed += 1;
+            url = next;
         }
-        let what = if timeout && connect {
-            format!(
-                "timed out connecting (connect_timeout {}): {detail}",
-                humantime::format_duration(self.connect_timeout)
-            )
-        } else if timeout {
-            format!("timed out: {detail}")
-        } else if connect && detail.contains("dns error") {
-            format!("DNS lookup failed: {detail}")
-        } else if connect
-            && self.url.scheme() == "https"
-            && !detail.contains("tcp connect error")
-            && !detail.contains("tcp open error")
-        {
-            // TCP got through, so the handshake failed. Certificates are always verified;
-            // there is no insecure fallback.
-            format!("TLS handshake failed (the connection is not retried without TLS verification): {detail}")
-        } else if connect {
-            format!("connection failed: {detail}")
-        } else {
-            format!("request failed: {detail}")
+    }
+
+    /// Where the connection for `url` goes: straight to the server or to a proxy.
+    fn route(&self, url: &Url) -> Result<Route, Failure> {
+        let host = url.host_str().unwrap_or_default().to_string();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let key = format!("{}://{}:{port}/", url.scheme(), host);
+        let intercept = key
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| self.proxies.intercept(&uri));
+        let Some(intercept) = intercept else {
+            return Ok(Route {
+                host,
+                port,
+                proxy: None,
+            });
         };
-        self.failure(FailureKind::Network, what)
+        let proxy = intercept.uri();
+        let shown = format!(
+            "{}://{}",
+            proxy.scheme_str().unwrap_or(""),
+            proxy.host().unwrap_or("")
+        );
+        if proxy.scheme_str() != Some("http") {
+            return Err(self.network(format_args!(
+                "connection failed: the proxy {shown} from the environment is not an http:// proxy, which is all the stream transport supports"
+            )));
+        }
+        Ok(Route {
+            host: proxy.host().unwrap_or_default().to_string(),
+            port: proxy.port_u16().unwrap_or(80),
+            proxy: Some(intercept.basic_auth().cloned()),
+        })
+    }
+
+    /// Opens the connection for `url` (through a proxy if the environment says so), within
+    /// `connect_timeout`.
+    async fn open(&self, url: &Url) -> Result<(Stream, Route), Failure> {
+        let route = self.route(url)?;
+        let open = async {
+            let tcp = self.tcp_connect(&route.host, route.port).await?;
+            if url.scheme() != "https" {
+                return Ok(Stream::Plain(tcp));
+            }
+            let tcp = match &route.proxy {
+                Some(auth) => self.tunnel(tcp, url, auth.as_ref()).await?,
+                None => tcp,
+            };
+            self.tls(tcp, url).await
+        };
+        match tokio::time::timeout(self.connect_timeout, open).await {
+            Ok(Ok(stream)) => Ok((stream, route)),
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(self.network(format_args!(
+                "timed out connecting (connect_timeout {}) to {}:{}",
+                humantime::format_duration(self.connect_timeout),
+                route.host,
+                route.port
+            ))),
+        }
+    }
+
+    /// Resolves `host` and connects to its addresses in turn.
+    async fn tcp_connect(&self, host: &str, port: u16) -> Result<TcpStream, Failure> {
+        let addrs: Vec<SocketAddr> = match url::Host::parse(host) {
+            Ok(url::Host::Ipv4(ip)) => vec![SocketAddr::new(IpAddr::V4(ip), port)],
+            Ok(url::Host::Ipv6(ip)) => vec![SocketAddr::new(IpAddr::V6(ip), port)],
+            _ => tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| self.network(format_args!("DNS lookup failed: {host}: {e}")))?
+                .collect(),
+        };
+        // Like hyper's connector: each address but the last gets an equal share of
+        // connect_timeout, so one that drops SYNs does not use up the time for the others (the
+        // caller bounds the whole).
+        let share = self
+            .connect_timeout
+            .checked_div(u32::try_from(addrs.len()).unwrap_or(u32::MAX))
+            .unwrap_or_default();
+        let mut last = None;
+        for (i, addr) in addrs.iter().enumerate() {
+            let connect = TcpStream::connect(addr);
+            let result = if i + 1 < addrs.len() {
+                tokio::time::timeout(share, connect)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            } else {
+                connect.await
+            };
+            match result {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+                    return Ok(stream);
+                }
+                Err(e) => last = Some((addr, e)),
+            }
+        }
+        Err(match last {
+            Some((addr, e)) => self.network(format_args!("connection failed: {addr}: {e}")),
+            None => self.network(format_args!(
+                "DNS lookup failed: {host}: no addresses found"
+            )),
+        })
+    }
+
+    /// Opens a `CONNECT` tunnel through an HTTP proxy to the server of `url`.
+    async fn tunnel(
+        &self,
+        mut tcp: TcpStream,
+        url: &Url,
+        auth: Option<&HeaderValue>,
+    ) -> Result<TcpStream, Failure> {
+        let authority = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or(443)
+        );
+        let mut request =
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n").into_bytes();
+        if let Some(auth) = auth {
+            request.extend_from_slice(b"Proxy-Authorization: ");
+            request.extend_from_slice(auth.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        let what = |e: &dyn fmt::Display| {
+            self.network(format_args!(
+                "connection failed: proxy tunnel to {authority}: {e}"
+            ))
+        };
+        http1::write_all(&mut tcp, &request)
+            .await
+            .map_err(|e| what(&e))?;
+        let (head, early) = http1::read_head(&mut tcp).await.map_err(|e| what(&e))?;
+        if !(200..300).contains(&head.status) {
+            return Err(what(&format_args!(
+                "the proxy answered HTTP {}",
+                head.status
+            )));
+        }
+        if !early.is_empty() {
+            return Err(what(&"the proxy sent data before the TLS handshake"));
+        }
+        Ok(tcp)
+    }
+
+    /// The TLS handshake with the server of `url`. Certificates are always verified; there is
+    /// no insecure fallback.
+    async fn tls(&self, tcp: TcpStream, url: &Url) -> Result<Stream, Failure> {
+        let handshake_failed = |e: &dyn fmt::Display| {
+            self.network(format_args!(
+                "TLS handshake failed (the connection is not retried without TLS verification): {e}"
+            ))
+        };
+        let name = match url.host() {
+            Some(url::Host::Domain(d)) => rustls::pki_types::ServerName::try_from(d.to_string())
+                .map_err(|e| handshake_failed(&e))?,
+            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).into(),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).into(),
+            None => return Err(handshake_failed(&"the URL has no host")),
+        };
+        let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| handshake_failed(&e))?;
+        Ok(Stream::Tls(Box::new(stream)))
     }
 
     fn classify(
         self: &Arc<Self>,
-        response: reqwest::Response,
+        response: Response,
         sent_id: bool,
     ) -> Result<Connection, Failure> {
-        let status = response.status();
-        let code = status.as_u16();
-        let via = if response.url() != &self.url {
-            format!(" (redirected to {})", display_url(response.url()))
+        let Response {
+            url,
+            head,
+            stream,
+            early,
+        } = response;
+        let code = head.status;
+        let reason = StatusCode::from_u16(code)
+            .ok()
+            .and_then(|s| s.canonical_reason());
+        let via = if url != self.url {
+            format!(" (redirected to {})", display_url(&url))
         } else {
             String::new()
         };
-        let answer = format!(
-            "HTTP {code}{}{}{via}",
-            if status.canonical_reason().is_some() {
-                " "
-            } else {
-                ""
-            },
-            status.canonical_reason().unwrap_or("")
-        );
+        let answer = match reason {
+            Some(reason) => format!("HTTP {code} {reason}{via}"),
+            None => format!("HTTP {code}{via}"),
+        };
         let with_status = |kind, what: String| Failure {
             status: Some(code),
             ..self.failure(kind, what)
         };
 
-        if status == StatusCode::OK {
-            let content_type = response.headers().get(CONTENT_TYPE);
-            return match content_type {
-                Some(v) if v.to_str().is_ok_and(is_event_stream) => Ok(Connection {
-                    status,
+        if code == 200 {
+            return match &head.content_type {
+                Some(v) if v.text().is_some_and(is_event_stream) => Ok(Connection {
+                    status: code,
                     deadline: self
                         .idle_timeout
                         .and_then(|t| Instant::now().checked_add(t)),
-                    response,
+                    body: BodyReader::new(stream, head.framing, early),
                     sent_last_event_id: sent_id,
                     inner: self.clone(),
                 }),
@@ -473,7 +730,7 @@ impl Inner {
                     FailureKind::Client,
                     format!(
                         "{answer} with Content-Type `{}`, not {EVENT_STREAM}",
-                        shorten(v.to_str().unwrap_or("<not ASCII>"))
+                        shorten(v.text().unwrap_or("<not ASCII>"))
                     ),
                 )),
                 None => Err(with_status(
@@ -482,20 +739,17 @@ impl Inner {
                 )),
             };
         }
-        if status == StatusCode::NO_CONTENT {
+        if code == 204 {
             return Err(with_status(
                 FailureKind::NoContent,
                 format!("{answer}: the server asks the client to stop reconnecting"),
             ));
         }
-        if status.is_server_error()
-            || status == StatusCode::REQUEST_TIMEOUT
-            || status == StatusCode::TOO_MANY_REQUESTS
-        {
-            let retry_after = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
+        if (500..600).contains(&code) || code == 408 || code == 429 {
+            let retry_after = head
+                .retry_after
+                .as_ref()
+                .and_then(|v| v.text())
                 .and_then(|v| parse_retry_after(v, SystemTime::now()));
             let what = match retry_after {
                 // An HTTP date leaves a remainder down to nanoseconds: shown in milliseconds.
@@ -518,9 +772,9 @@ impl Inner {
                 ),
             ));
         }
-        let what = if status.is_client_error() {
+        let what = if (400..500).contains(&code) {
             answer
-        } else if status.is_redirection() {
+        } else if (300..400).contains(&code) {
             format!("{answer}: a redirect that was not followed (no usable Location header?)")
         } else {
             format!("{answer}: unexpected status (expected 200 with {EVENT_STREAM})")
@@ -529,11 +783,78 @@ impl Inner {
     }
 }
 
-/// An open event stream: the body, read chunk by chunk with the idle timeout.
+/// Whether a redirect from `from` to `to` may be followed after `followed` others: an error
+/// saying why not, else whether it leaves the host and port (then credentials are dropped, as
+/// reqwest does).
+fn redirect_policy(from: &Url, to: &Url, followed: usize, max: usize) -> Result<bool, String> {
+    // As reqwest's policy counted: the URLs visited so far, the first one included.
+    if followed + 1 > max {
+        return Err(format!(
+            "too many redirects (more than max_redirects = {max}; a redirect loop?)"
+        ));
+    }
+    if !matches!(to.scheme(), "http" | "https") || to.host().is_none() {
+        return Err(format!(
+            "{} is not an http:// or https:// URL",
+            display_url(to)
+        ));
+    }
+    if from.scheme() == "https" && to.scheme() != "https" {
+        return Err("redirect from https to http refused (it would drop TLS)".into());
+    }
+    Ok(to.host_str() != from.host_str()
+        || to.port_or_known_default() != from.port_or_known_default())
+}
+
+/// The request head for `url`: origin form, or absolute form through an HTTP proxy (with its
+/// `Proxy-Authorization`). `Host` and `User-Agent` unless `headers` set them.
+fn request_head(url: &Url, headers: &HeaderMap, route: &Route) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"GET ");
+    let through_proxy = route.proxy.is_some() && url.scheme() == "http";
+    if through_proxy {
+        let mut absolute = url.clone();
+        let _ = absolute.set_username("");
+        let _ = absolute.set_password(None);
+        absolute.set_fragment(None);
+        out.extend_from_slice(absolute.as_str().as_bytes());
+    } else {
+        let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+        out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut field = |name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    if !headers.contains_key(HOST) {
+        let host = url.host_str().unwrap_or_default();
+        match url.port() {
+            Some(port) => field(b"Host", format!("{host}:{port}").as_bytes()),
+            None => field(b"Host", host.as_bytes()),
+        }
+    }
+    if !headers.contains_key(USER_AGENT_HEADER) {
+        field(b"User-Agent", USER_AGENT.as_bytes());
+    }
+    for (name, value) in headers {
+        field(name.as_str().as_bytes(), value.as_bytes());
+    }
+    if through_proxy && !headers.contains_key(PROXY_AUTHORIZATION) {
+        if let Some(Some(auth)) = &route.proxy {
+            field(b"Proxy-Authorization", auth.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// An open event stream: the body, read piece by piece with the idle timeout.
 pub struct Connection {
-    status: StatusCode,
-    /// Read with `chunk()`, which is cancel-safe (it only takes a frame once it is ready).
-    response: reqwest::Response,
+    status: u16,
+    body: BodyReader,
     /// When the idle timeout fires unless bytes arrive first. Kept here rather than in a
     /// per-call timer so that a cancelled [`Connection::next_chunk`] does not extend it.
     deadline: Option<Instant>,
@@ -554,7 +875,7 @@ impl fmt::Debug for Connection {
 impl Connection {
     /// The status of the accepted response (200).
     pub fn status(&self) -> u16 {
-        self.status.as_u16()
+        self.status
     }
 
     /// Whether the request that opened this connection carried `Last-Event-ID`.
@@ -562,45 +883,45 @@ impl Connection {
         self.sent_last_event_id
     }
 
-    /// The next non-empty chunk of the body; `Ok(None)` at end of stream. Any bytes (comments
-    /// included) restart the idle timeout. Cancel-safe: dropping the future loses no bytes.
-    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Failure> {
+    /// The next non-empty piece of the body; `Ok(None)` at end of stream. Any bytes (comments
+    /// and chunk framing included) restart the idle timeout. Cancel-safe: dropping the future
+    /// loses no bytes.
+    pub async fn next_chunk(&mut self) -> Result<Option<&[u8]>, Failure> {
         loop {
-            let next = match self.deadline {
-                Some(deadline) => {
-                    match tokio::time::timeout_at(deadline, self.response.chunk()).await {
-                        Ok(next) => next,
-                        Err(_) => {
-                            let idle = self.inner.idle_timeout.unwrap_or_default();
-                            return Err(self.inner.failure(
-                            FailureKind::Network,
-                            format_args!(
-                                "idle timeout: no bytes for {} (idle_timeout); dropping the connection",
-                                humantime::format_duration(idle)
-                            ),
-                        ));
-                        }
+            let read = match self.deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, self.body.read()).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        let idle = self.inner.idle_timeout.unwrap_or_default();
+                        return Err(self.inner.network(format_args!(
+                            "idle timeout: no bytes for {} (idle_timeout); dropping the connection",
+                            humantime::format_duration(idle)
+                        )));
                     }
-                }
-                None => self.response.chunk().await,
+                },
+                None => self.body.read().await,
             };
-            match next {
+            match read {
                 Ok(None) => return Ok(None),
-                Ok(Some(bytes)) if bytes.is_empty() => continue,
-                Ok(Some(bytes)) => {
+                Ok(Some(n)) => {
                     self.deadline = self
                         .inner
                         .idle_timeout
                         .and_then(|t| Instant::now().checked_add(t));
-                    return Ok(Some(bytes));
+                    if n > 0 {
+                        return Ok(Some(self.body.data()));
+                    }
                 }
-                Err(e) => {
-                    let detail = error_chain(&e.without_url());
-                    let failure = self.inner.failure(
-                        FailureKind::Network,
-                        format_args!("connection broken while reading the stream: {detail}"),
-                    );
+                Err(BodyError::Io(e) | BodyError::Truncated(e)) => {
+                    let failure = self.inner.network(format_args!(
+                        "connection broken while reading the stream: {e}"
+                    ));
                     return Err(self.inner.scrub(failure, None));
+                }
+                Err(BodyError::Malformed(e)) => {
+                    return Err(self
+                        .inner
+                        .network(format_args!("{e}; dropping the connection")));
                 }
             }
         }
@@ -612,31 +933,6 @@ impl Connection {
             .failure(FailureKind::Network, "the server ended the stream (EOF)")
     }
 }
-
-/// Why a redirect was not followed.
-#[derive(Debug)]
-enum RedirectRefused {
-    TooMany(usize),
-    Downgrade,
-}
-
-impl fmt::Display for RedirectRefused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RedirectRefused::TooMany(max) => {
-                write!(
-                    f,
-                    "too many redirects (more than max_redirects = {max}; a redirect loop?)"
-                )
-            }
-            RedirectRefused::Downgrade => {
-                f.write_str("redirect from https to http refused (it would drop TLS)")
-            }
-        }
-    }
-}
-
-impl StdError for RedirectRefused {}
 
 /// Reads a bearer token from an environment variable; the error never contains the value.
 fn read_env_token(var: &str) -> Result<String, String> {
@@ -683,21 +979,6 @@ pub fn display_url(url: &Url) -> String {
     url.set_query(None);
     url.set_fragment(None);
     url.to_string()
-}
-
-/// An error and its sources, joined by `: `, skipping a source whose text its parent already
-/// contains (several layers repeat their cause).
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut current = Some(err);
-    while let Some(e) = current {
-        let text = e.to_string();
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        current = e.source();
-    }
-    parts.join(": ")
 }
 
 /// At most 100 characters of a server-provided string, for messages.
@@ -813,25 +1094,291 @@ mod tests {
         assert!(Connector::new(&f).is_ok());
     }
 
-    #[test]
-    fn error_chain_skips_repeated_causes() {
-        #[derive(Debug)]
-        struct E(&'static str, Option<Box<E>>);
-        impl fmt::Display for E {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.0)
+    /// Answers the i-th connection to it with `replies[i]` and records each request head; the
+    /// connections stay open until the test ends.
+    async fn raw_server(replies: Vec<Vec<u8>>) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = heads.clone();
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            for reply in replies {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    if socket.read(&mut byte).await.unwrap() == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                log.lock().unwrap().push(String::from_utf8(head).unwrap());
+                socket.write_all(&reply).await.unwrap();
+                open.push(socket);
             }
-        }
-        impl StdError for E {
-            fn source(&self) -> Option<&(dyn StdError + 'static)> {
-                self.1.as_deref().map(|e| e as &(dyn StdError + 'static))
-            }
-        }
-        let e = E(
-            "outer: inner",
-            Some(Box::new(E("inner", Some(Box::new(E("root", None)))))),
+            std::future::pending::<()>().await;
+        });
+        (addr, heads)
+    }
+
+    const SSE_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: x\n\n";
+
+    fn no_proxies() -> Arc<ProxyMatcher> {
+        Arc::new(ProxyMatcher::builder().build())
+    }
+
+    #[tokio::test]
+    async fn redirects_keep_credentials_on_the_same_origin_and_drop_them_elsewhere() {
+        let (other, other_heads) = raw_server(vec![SSE_OK.to_vec()]).await;
+        let (first, first_heads) = raw_server(vec![
+            b"HTTP/1.1 302 Found\r\nLocation: /same\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{other}/other?x=1\r\n\r\n"
+            )
+            .into_bytes(),
+        ])
+        .await;
+        let mut f = FeedConfig::new("f", format!("http://us%20er:pw@{first}/start?k=v"));
+        f.headers.insert("Cookie".into(), "c=1".into());
+        f.headers.insert("X-Custom".into(), "kept".into());
+        let connector =
+            Connector::with_settings(&f, no_proxies(), shared_tls_config().unwrap()).unwrap();
+        let mut conn = connector.connect("42").outcome().await.unwrap();
+        assert_eq!(conn.next_chunk().await.unwrap(), Some(&b"data: x\n\n"[..]));
+
+        let first_heads = first_heads.lock().unwrap().clone();
+        assert!(
+            first_heads[0].starts_with("GET /start?k=v HTTP/1.1\r\n"),
+            "{}",
+            first_heads[0]
         );
-        assert_eq!(error_chain(&e), "outer: inner: root");
+        assert!(
+            first_heads[1].starts_with("GET /same HTTP/1.1\r\n"),
+            "{}",
+            first_heads[1]
+        );
+        for head in &first_heads {
+            // "us er:pw", percent-decoded, in Base64.
+            for line in [
+                format!("Host: {first}\r\n"),
+                "authorization: Basic dXMgZXI6cHc=\r\n".into(),
+                "cookie: c=1\r\n".into(),
+                "last-event-id: 42\r\n".into(),
+                "accept: text/event-stream\r\n".into(),
+                "cache-control: no-cache\r\n".into(),
+                format!("User-Agent: {USER_AGENT}\r\n"),
+            ] {
+                assert!(head.contains(&line), "{line:?} missing from {head}");
+            }
+        }
+        let other_head = other_heads.lock().unwrap()[0].clone();
+        assert!(
+            other_head.starts_with("GET /other?x=1 HTTP/1.1\r\n"),
+            "{other_head}"
+        );
+        assert!(other_head.contains("last-event-id: 42\r\n"), "{other_head}");
+        assert!(other_head.contains("x-custom: kept\r\n"), "{other_head}");
+        assert!(!other_head.contains("authorization"), "{other_head}");
+        assert!(!other_head.contains("cookie"), "{other_head}");
+    }
+
+    #[test]
+    fn redirect_policy_counts_refuses_downgrades_and_spots_other_origins() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let https = u("https://a.example/x");
+        assert_eq!(
+            redirect_policy(&https, &u("https://a.example/y"), 0, 1),
+            Ok(false)
+        );
+        assert_eq!(
+            redirect_policy(&https, &u("https://a.example:443/y"), 0, 1),
+            Ok(false)
+        );
+        assert_eq!(
+            redirect_policy(&https, &u("https://b.example/y"), 0, 1),
+            Ok(true)
+        );
+        assert_eq!(
+            redirect_policy(&https, &u("https://a.example:8443/"), 0, 1),
+            Ok(true)
+        );
+        let e = redirect_policy(&https, &u("http://a.example/y"), 0, 10).unwrap_err();
+        assert!(e.contains("https to http"), "{e}");
+        let e = redirect_policy(&https, &u("https://a.example/y"), 1, 1).unwrap_err();
+        assert!(
+            e.contains("too many redirects") && e.contains("max_redirects = 1"),
+            "{e}"
+        );
+        assert!(redirect_policy(&https, &u("https://a.example/y"), 0, 0).is_err());
+        let e = redirect_policy(&https, &u("ftp://a.example/y"), 0, 10).unwrap_err();
+        assert!(e.contains("not an http"), "{e}");
+        // http to https is an upgrade (and another origin: port 80 vs 443).
+        assert_eq!(
+            redirect_policy(&u("http://a.example/"), &https, 0, 1),
+            Ok(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn http_urls_go_through_an_http_proxy_in_absolute_form() {
+        let (proxy, heads) = raw_server(vec![SSE_OK.to_vec()]).await;
+        let proxies = Arc::new(
+            ProxyMatcher::builder()
+                .http(format!("http://pu:pp@{proxy}"))
+                .build(),
+        );
+        let f = FeedConfig::new("f", "http://stream.example.invalid:8080/s?q=1#frag");
+        let connector =
+            Connector::with_settings(&f, proxies, shared_tls_config().unwrap()).unwrap();
+        let mut conn = connector.connect("").outcome().await.unwrap();
+        assert_eq!(conn.next_chunk().await.unwrap(), Some(&b"data: x\n\n"[..]));
+        let head = heads.lock().unwrap()[0].clone();
+        assert!(
+            head.starts_with("GET http://stream.example.invalid:8080/s?q=1 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("Host: stream.example.invalid:8080\r\n"),
+            "{head}"
+        );
+        // "pu:pp" in Base64.
+        assert!(
+            head.contains("Proxy-Authorization: Basic cHU6cHA=\r\n"),
+            "{head}"
+        );
+        assert!(!head.contains("last-event-id"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn https_urls_tunnel_through_the_proxy_and_a_refused_tunnel_is_reported() {
+        let (proxy, heads) = raw_server(vec![
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        ])
+        .await;
+        let proxies = Arc::new(
+            ProxyMatcher::builder()
+                .all(format!("http://{proxy}"))
+                .build(),
+        );
+        let f = FeedConfig::new("f", "https://stream.example.invalid/s?token=s3cret");
+        let connector =
+            Connector::with_settings(&f, proxies, shared_tls_config().unwrap()).unwrap();
+        let failure = connector.connect("").outcome().await.unwrap_err();
+        assert_eq!(failure.kind, FailureKind::Network);
+        assert!(
+            failure
+                .message
+                .starts_with("feed `f`: GET https://stream.example.invalid/s: ")
+                && failure
+                    .message
+                    .contains("proxy tunnel to stream.example.invalid:443")
+                && failure.message.contains("403"),
+            "{failure}"
+        );
+        assert!(!failure.message.contains("s3cret"), "{failure}");
+        let head = heads.lock().unwrap()[0].clone();
+        assert_eq!(
+            head,
+            "CONNECT stream.example.invalid:443 HTTP/1.1\r\nHost: stream.example.invalid:443\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_chunked_body_is_an_error_naming_the_feed() {
+        let (addr, _) = raw_server(vec![b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n".to_vec()]).await;
+        let f = FeedConfig::new("f", format!("http://{addr}/"));
+        let connector =
+            Connector::with_settings(&f, no_proxies(), shared_tls_config().unwrap()).unwrap();
+        let mut conn = connector.connect("").outcome().await.unwrap();
+        // The chunk before the malformed size line still arrives.
+        assert_eq!(conn.next_chunk().await.unwrap(), Some(&b"hello"[..]));
+        let failure = conn.next_chunk().await.unwrap_err();
+        assert_eq!(failure.kind, FailureKind::Network);
+        assert!(
+            failure.message.starts_with(&format!(
+                "feed `f`: GET http://{addr}/: malformed chunked body"
+            )),
+            "{failure}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_non_http_answer_is_a_network_failure() {
+        let (addr, _) = raw_server(vec![b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()]).await;
+        let f = FeedConfig::new("f", format!("http://{addr}/"));
+        let connector =
+            Connector::with_settings(&f, no_proxies(), shared_tls_config().unwrap()).unwrap();
+        let failure = connector.connect("").outcome().await.unwrap_err();
+        assert_eq!(failure.kind, FailureKind::Network);
+        assert!(
+            failure.message.contains("invalid HTTP response head"),
+            "{failure}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tls_streams_are_read_with_the_given_roots_and_alpn_http_1_1() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rcgen::CertifiedKey { cert, key_pair } =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let der = cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key_pair.serialize_der()),
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                tls.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tls.write_all(b"1\r\n\n\r\n0\r\n\r\n").await.unwrap();
+            tls.shutdown().await.unwrap();
+            (alpn, String::from_utf8(head).unwrap())
+        });
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = shared_tls_config().unwrap().alpn_protocols.clone();
+        let f = FeedConfig::new("f", format!("https://localhost:{port}/s"));
+        let connector = Connector::with_settings(&f, no_proxies(), Arc::new(config)).unwrap();
+        let mut conn = connector.connect("").outcome().await.unwrap();
+        let mut body = Vec::new();
+        while let Some(bytes) = conn.next_chunk().await.unwrap() {
+            body.extend_from_slice(bytes);
+        }
+        assert_eq!(body, b"data: 1\n\n");
+        let (alpn, head) = server.await.unwrap();
+        assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+        assert!(
+            head.starts_with("GET /s HTTP/1.1\r\nHost: localhost:"),
+            "{head}"
+        );
     }
 
     #[test]

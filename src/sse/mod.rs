@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod connection;
+pub mod http1;
 pub mod parser;
 pub mod retry;
 pub mod status;
