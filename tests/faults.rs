@@ -1015,6 +1015,61 @@ async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
     eprintln!("untrusted TLS: {}", f[0].message);
 }
 
+/// The same server, trusted through the feed's `ca_file` (a private CA's certificate in PEM):
+/// the stream is delivered in full over TLS; `validate` names a `ca_file` that is not PEM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_ca_in_ca_file_is_trusted_and_a_bad_one_is_named() {
+    let server = FaultServer::start(
+        Options {
+            tls: true,
+            ..Options::log(N)
+        },
+        |_| Fault::Normal,
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{}/stream", server.addr.port());
+    let der = server.cert_der.clone().expect("certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("private-ca.pem");
+    let pem = pem_certificate(&der);
+    std::fs::write(&ca, &pem).expect("write the PEM file");
+    let ca_value = format!("\"{}\"", ca.display());
+    let s = setup(&url, &[("ca_file", &ca_value)]);
+    let o = run_to_completion(&server, &s, 0).await;
+    assert_eq!(ids(&o.requests), [None], "{:?}", o.requests);
+    let tls = server
+        .wait_tls("the handshake", WAIT, |t| t.completed >= 1)
+        .await;
+    assert_eq!(tls.failed, 0, "{:?}", tls.errors);
+
+    // Not PEM: `validate` names the key and the file, and exits 2.
+    std::fs::write(&ca, "not a certificate\n").expect("write");
+    let out = std::process::Command::new(support::bin())
+        .args(["validate", "-c"])
+        .arg(&s.config)
+        .output()
+        .expect("run validate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ca_file") && stderr.contains("holds no certificate"),
+        "{stderr}"
+    );
+}
+
+/// `der` as a PEM `CERTIFICATE` block.
+fn pem_certificate(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
 // ---------------------------------------------------------------------------------------------
 // What a crash leaves behind.
 

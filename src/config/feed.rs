@@ -37,6 +37,13 @@ pub struct FeedConfig {
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
 
+    /// Path of a PEM file of CA certificates to trust for this feed, in addition to the
+    /// built-in web root certificates: for an internal event API whose certificate a private
+    /// CA signed. Read when the feed starts (and at a reload that changes the feed). There is
+    /// no option to skip certificate verification.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+
     /// How long to wait for the TCP (and TLS) connection.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -163,6 +170,7 @@ impl FeedConfig {
             headers: BTreeMap::new(),
             bearer_token_env: None,
             bearer_token_file: None,
+            ca_file: None,
             connect_timeout: defaults::connect_timeout(),
             response_timeout: defaults::response_timeout(),
             idle_timeout: defaults::idle_timeout(),

@@ -92,6 +92,7 @@ const FRAGMENTS: &[&str] = &[
     "headers",
     "bearer_token_env",
     "bearer_token_file",
+    "ca_file",
     "idle_timeout",
     "max_event_size",
     "max_redirects",

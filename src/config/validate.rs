@@ -188,6 +188,11 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
         }
         (None, None) => {}
     }
+    if let Some(path) = &feed.ca_file {
+        if let Err(e) = crate::sse::connection::read_ca_file(path) {
+            issues.add(key("ca_file"), e);
+        }
+    }
     positive(issues, &key("connect_timeout"), feed.connect_timeout);
     positive(issues, &key("response_timeout"), feed.response_timeout);
     positive(issues, &key("client_error_delay"), feed.client_error_delay);

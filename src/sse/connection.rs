@@ -74,21 +74,51 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 /// configuration per feed would hold its own root store, about 25 KiB per feed.
 fn shared_tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS: {e}"))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Ok(Arc::new(config))
-        })
-        .clone()
+    CONFIG.get_or_init(|| tls_config(Vec::new())).clone()
+}
+
+/// The TLS settings of [`shared_tls_config`], trusting `extra` CA certificates as well as the
+/// web roots.
+fn tls_config(
+    extra: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for (i, cert) in extra.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| format!("certificate {} is not a usable CA certificate: {e}", i + 1))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Reads a feed's `ca_file`: every certificate of a PEM file, checked to be usable as a trust
+/// anchor. The error names the file and says what is wrong with it.
+pub fn read_ca_file(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not a PEM file of certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no certificate (expected PEM blocks `-----BEGIN CERTIFICATE-----`)",
+            path.display()
+        ));
+    }
+    // Checked now, so that `validate` reports a certificate that would fail at start.
+    tls_config(certs.clone()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(certs)
 }
 
 /// The proxy settings of the environment, read once (as reqwest read them once per client).
@@ -206,7 +236,7 @@ struct Inner {
     response_timeout: Duration,
     idle_timeout: Option<Duration>,
     proxies: Arc<ProxyMatcher>,
-    /// [`shared_tls_config`] (another one only in tests).
+    /// [`shared_tls_config`], or the feed's own with its `ca_file`.
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -229,9 +259,16 @@ enum TokenSource {
 impl Connector {
     /// Checks the feed's URL, headers and token variable, and the TLS settings.
     pub fn new(feed: &FeedConfig) -> Result<Connector, ClientError> {
-        let tls = shared_tls_config().map_err(|e| ClientError {
+        let tls = match &feed.ca_file {
+            None => shared_tls_config().map_err(|e| format!("cannot set up TLS: {e}")),
+            // Its own settings: only feeds with a ca_file pay for a root store of their own.
+            Some(path) => read_ca_file(path)
+                .and_then(tls_config)
+                .map_err(|e| format!("`ca_file`: {e}")),
+        }
+        .map_err(|message| ClientError {
             feed: feed.name.clone(),
-            message: format!("cannot set up TLS: {e}"),
+            message,
         })?;
         Connector::with_settings(feed, system_proxies(), tls)
     }
