@@ -1057,6 +1057,112 @@ async fn a_private_ca_in_ca_file_is_trusted_and_a_bad_one_is_named() {
     );
 }
 
+/// An https:// feed through an HTTP proxy (`HTTPS_PROXY`): one `CONNECT` tunnel to the
+/// server, TLS inside it, verified with the feed's `ca_file`, and every event delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_feed_goes_through_a_connect_proxy() {
+    let server = FaultServer::start(
+        Options {
+            tls: true,
+            ..Options::log(N)
+        },
+        |_| Fault::Normal,
+    )
+    .await;
+    let target = format!("127.0.0.1:{}", server.addr.port());
+    let proxy = ConnectProxy::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("private-ca.pem");
+    std::fs::write(
+        &ca,
+        pem_certificate(&server.cert_der.clone().expect("cert")),
+    )
+    .expect("write");
+    let ca_value = format!("\"{}\"", ca.display());
+    let s = setup(
+        &format!("https://{target}/stream"),
+        &[("ca_file", &ca_value)],
+    );
+    let proxy_url = format!("http://{}", proxy.addr);
+    let bridge = Bridge::spawn_with_env(&s.config, "info", &[("HTTPS_PROXY", &proxy_url)]);
+    wait_stored(&s, &bridge, N as usize, N).await;
+    let logs = stop(bridge).await;
+    assert_delivered(&s);
+    assert_eq!(
+        proxy.tunnels(),
+        [target],
+        "one CONNECT to the feed's host and port; logs:\n{}",
+        show(&logs)
+    );
+    let tls = server
+        .wait_tls("the handshake", WAIT, |t| t.completed >= 1)
+        .await;
+    assert_eq!((tls.completed, tls.failed), (1, 0), "{:?}", tls.errors);
+}
+
+/// A minimal HTTP proxy that only tunnels (`CONNECT host:port`), recording each target.
+struct ConnectProxy {
+    addr: std::net::SocketAddr,
+    tunnels: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    async fn start() -> ConnectProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let tunnels: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let seen = tunnels.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let Some(target) = head
+                        .strip_prefix("CONNECT ")
+                        .and_then(|rest| rest.split(' ').next())
+                        .map(str::to_string)
+                    else {
+                        let _ = client
+                            .write_all(
+                                b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n",
+                            )
+                            .await;
+                        return;
+                    };
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                        return;
+                    };
+                    seen.lock().expect("tunnels").push(target);
+                    if client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
+        });
+        ConnectProxy { addr, tunnels }
+    }
+
+    fn tunnels(&self) -> Vec<String> {
+        self.tunnels.lock().expect("tunnels").clone()
+    }
+}
+
 /// `der` as a PEM `CERTIFICATE` block.
 fn pem_certificate(der: &[u8]) -> String {
     use base64::Engine;

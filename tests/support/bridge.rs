@@ -126,6 +126,18 @@ impl Drop for Bridge {
     }
 }
 
+/// The environment variables the stream transport takes proxies from.
+const PROXY_VARIABLES: [&str; 8] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
 /// The real binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sse-bridge"))
@@ -139,11 +151,22 @@ impl Bridge {
     }
 
     pub fn spawn_with_log_level(config: &Path, level: &str) -> Bridge {
-        let mut child = Command::new(bin())
+        Bridge::spawn_with_env(config, level, &[])
+    }
+
+    /// With extra environment variables. The proxy variables of the test's own environment
+    /// are removed (the feeds are on 127.0.0.1), unless `env` sets them.
+    pub fn spawn_with_env(config: &Path, level: &str, env: &[(&str, &str)]) -> Bridge {
+        let mut command = Command::new(bin());
+        for var in PROXY_VARIABLES {
+            command.env_remove(var);
+        }
+        let mut child = command
             .args(["run", "--log-format", "json", "-c"])
             .arg(config)
             .env("RUST_LOG", level)
             .env_remove("SSE_BRIDGE_CONFIG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
