@@ -1746,6 +1746,73 @@ mod tests {
         MockCluster::new(1).expect("mock cluster")
     }
 
+    /// `security.protocol = "SSL"` with a private CA: librdkafka (built with OpenSSL) verifies
+    /// the broker's certificate and sends its first Kafka request inside the TLS session. The
+    /// broker here is a TLS listener that reads that request; Kafka tests over plaintext cover
+    /// the rest (tansu has no TLS).
+    #[test]
+    fn ssl_reaches_the_broker_through_a_verified_tls_session() {
+        let rcgen::CertifiedKey { cert, key_pair } =
+            rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let b64 = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(cert.der())
+        };
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        );
+        std::fs::write(&ca, pem).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key_pair.serialize_der()),
+        );
+        let server = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut tls =
+                rustls::StreamOwned::new(rustls::ServerConnection::new(server).unwrap(), tcp);
+            let mut head = [0u8; 6];
+            let read = std::io::Read::read_exact(&mut tls, &mut head).map(|()| head);
+            let _ = tx.send(read.map_err(|e| e.to_string()));
+        });
+        let c = parse(&format!(
+            "type = \"kafka\"\nbrokers = \"127.0.0.1:{port}\"\ntopic = \"t\"\n\
+             [options]\n\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = {:?}\n",
+            ca.display().to_string()
+        ));
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        let sink = KafkaSink::build("k", &c).unwrap();
+        let head = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("librdkafka connected")
+            .expect("a verified TLS session carrying a request");
+        // A Kafka request: its size (4 bytes), then the API key; a client starts with
+        // ApiVersions (18).
+        assert_eq!(i16::from_be_bytes([head[4], head[5]]), 18, "{head:?}");
+        drop(sink);
+    }
+
     fn mock_config(mock: &MockCluster<'_, DefaultProducerContext>, extra: &str) -> KafkaSinkConfig {
         let timeout = if extra.contains("delivery_timeout") {
             ""
