@@ -419,12 +419,16 @@ sinks = ["kafka"]
     let state = dir.path().join("state.db");
     let mut bridge = Bridge::start(&config, dir.path().join("run1.log"));
     let kill_after = rand::thread_rng().gen_range(5_000..60_000);
+    // Killed mid-stream once a checkpoint exists: records can reach the topic before the
+    // first commit (every 200 ms), and a kill before any commit is the plain restart case.
     assert!(
         wait_for(Duration::from_secs(60), || broker.count("wiki", 1)
-            >= kill_after)
+            >= kill_after
+            && checkpoint(&state).is_some())
         .await,
-        "{} records in the topic, wanted {kill_after}; logs:\n{}",
+        "{} records in the topic, wanted {kill_after}, checkpoint {:?}; logs:\n{}",
         broker.count("wiki", 1),
+        checkpoint(&state),
         bridge.logs()
     );
     bridge.kill_9();
