@@ -763,12 +763,19 @@ fn raw_parse(ctx: &Ctx) -> Rate {
         }
     }
     let (secs, cpu) = best.expect("three runs");
+    in_memory_limit(ctx, "raw: bare parse (Parser::push)", secs, cpu)
+}
+
+/// Reports a raw limit measured over the whole stream in memory: `secs` of wall time and
+/// `cpu` seconds of this thread.
+fn in_memory_limit(ctx: &Ctx, what: &str, secs: f64, cpu: f64) -> Rate {
+    let stream = ctx.stream();
     let rate = Rate {
         events_per_s: stream.events as f64 / secs,
         mb_per_s: stream.mb() / secs,
         cpu_s: cpu,
     };
-    let mut row = Row::new("raw: bare parse (Parser::push)");
+    let mut row = Row::new(what);
     row.events = Some(stream.events as u64);
     row.events_per_s = Some(rate.events_per_s);
     row.mb_per_s = Some(rate.mb_per_s);
@@ -828,18 +835,12 @@ fn raw_pipeline(ctx: &Ctx) -> Rate {
         }
     }
     let (secs, cpu) = best.expect("three runs");
-    let rate = Rate {
-        events_per_s: stream.events as f64 / secs,
-        mb_per_s: stream.mb() / secs,
-        cpu_s: cpu,
-    };
-    let mut row = Row::new("raw: parse + encode + write, one thread, no fsync");
-    row.events = Some(stream.events as u64);
-    row.events_per_s = Some(rate.events_per_s);
-    row.mb_per_s = Some(rate.mb_per_s);
-    row.cpu_s = Some(cpu);
-    ctx.add(row);
-    rate
+    in_memory_limit(
+        ctx,
+        "raw: parse + encode + write, one thread, no fsync",
+        secs,
+        cpu,
+    )
 }
 
 /// The bytes the file sink writes for the stream, per event (for the expected file size).

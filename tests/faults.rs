@@ -931,16 +931,21 @@ async fn a_redirect_loop_is_refused_and_retried_slowly() {
 // ---------------------------------------------------------------------------------------------
 // TLS.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
-    let server = FaultServer::start(
+/// A server that sends the whole log over TLS, with a fresh self-signed certificate.
+async fn tls_server() -> FaultServer {
+    FaultServer::start(
         Options {
             tls: true,
             ..Options::log(N)
         },
         |_| Fault::Normal,
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
+    let server = tls_server().await;
     let url = format!("https://127.0.0.1:{}/stream", server.addr.port());
 
     // The server is sound: a client that trusts its certificate gets the stream.
@@ -1019,14 +1024,7 @@ async fn an_untrusted_tls_certificate_is_a_clear_error_and_never_a_fallback() {
 /// the stream is delivered in full over TLS; `validate` names a `ca_file` that is not PEM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_ca_in_ca_file_is_trusted_and_a_bad_one_is_named() {
-    let server = FaultServer::start(
-        Options {
-            tls: true,
-            ..Options::log(N)
-        },
-        |_| Fault::Normal,
-    )
-    .await;
+    let server = tls_server().await;
     let url = format!("https://127.0.0.1:{}/stream", server.addr.port());
     let der = server.cert_der.clone().expect("certificate");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1061,14 +1059,7 @@ async fn a_private_ca_in_ca_file_is_trusted_and_a_bad_one_is_named() {
 /// server, TLS inside it, verified with the feed's `ca_file`, and every event delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_feed_goes_through_a_connect_proxy() {
-    let server = FaultServer::start(
-        Options {
-            tls: true,
-            ..Options::log(N)
-        },
-        |_| Fault::Normal,
-    )
-    .await;
+    let server = tls_server().await;
     let target = format!("127.0.0.1:{}", server.addr.port());
     let proxy = ConnectProxy::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
