@@ -189,7 +189,7 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
         (None, None) => {}
     }
     if let Some(path) = &feed.ca_file {
-        if let Err(e) = crate::sse::connection::read_ca_file(path) {
+        if let Err(e) = crate::sse::connection::tls_config_with_ca_file(path) {
             issues.add(key("ca_file"), e);
         }
     }

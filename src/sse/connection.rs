@@ -100,11 +100,13 @@ fn tls_config(
     Ok(Arc::new(config))
 }
 
-/// Reads a feed's `ca_file`: every certificate of a PEM file, checked to be usable as a trust
-/// anchor. The error names the file and says what is wrong with it.
-pub fn read_ca_file(
+/// The TLS settings of a feed with a `ca_file`: the web roots plus every certificate of that
+/// PEM file, each checked to be usable as a trust anchor. The error names the file and says
+/// what is wrong with it. `validate` calls it too, so a file that would fail at start is
+/// reported there.
+pub fn tls_config_with_ca_file(
     path: &std::path::Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
@@ -116,9 +118,7 @@ pub fn read_ca_file(
             path.display()
         ));
     }
-    // Checked now, so that `validate` reports a certificate that would fail at start.
-    tls_config(certs.clone()).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(certs)
+    tls_config(certs).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The proxy settings of the environment, read once (as reqwest read them once per client).
@@ -262,9 +262,7 @@ impl Connector {
         let tls = match &feed.ca_file {
             None => shared_tls_config().map_err(|e| format!("cannot set up TLS: {e}")),
             // Its own settings: only feeds with a ca_file pay for a root store of their own.
-            Some(path) => read_ca_file(path)
-                .and_then(tls_config)
-                .map_err(|e| format!("`ca_file`: {e}")),
+            Some(path) => tls_config_with_ca_file(path).map_err(|e| format!("`ca_file`: {e}")),
         }
         .map_err(|message| ClientError {
             feed: feed.name.clone(),
@@ -1166,6 +1164,11 @@ mod tests {
         Arc::new(ProxyMatcher::builder().build())
     }
 
+    /// A connector with the shared TLS settings and no proxies.
+    fn plain_connector(f: &FeedConfig) -> Connector {
+        Connector::with_settings(f, no_proxies(), shared_tls_config().unwrap()).unwrap()
+    }
+
     #[tokio::test]
     async fn redirects_keep_credentials_on_the_same_origin_and_drop_them_elsewhere() {
         let (other, other_heads) = raw_server(vec![SSE_OK.to_vec()]).await;
@@ -1180,8 +1183,7 @@ mod tests {
         let mut f = FeedConfig::new("f", format!("http://us%20er:pw@{first}/start?k=v"));
         f.headers.insert("Cookie".into(), "c=1".into());
         f.headers.insert("X-Custom".into(), "kept".into());
-        let connector =
-            Connector::with_settings(&f, no_proxies(), shared_tls_config().unwrap()).unwrap();
+        let connector = plain_connector(&f);
         let mut conn = connector.connect("42").outcome().await.unwrap();
         assert_eq!(conn.next_chunk().await.unwrap(), Some(&b"data: x\n\n"[..]));
 
@@ -1326,8 +1328,7 @@ mod tests {
     async fn a_malformed_chunked_body_is_an_error_naming_the_feed() {
         let (addr, _) = raw_server(vec![b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n".to_vec()]).await;
         let f = FeedConfig::new("f", format!("http://{addr}/"));
-        let connector =
-            Connector::with_settings(&f, no_proxies(), shared_tls_config().unwrap()).unwrap();
+        let connector = plain_connector(&f);
         let mut conn = connector.connect("").outcome().await.unwrap();
         // The chunk before the malformed size line still arrives.
         assert_eq!(conn.next_chunk().await.unwrap(), Some(&b"hello"[..]));
@@ -1345,8 +1346,7 @@ mod tests {
     async fn a_non_http_answer_is_a_network_failure() {
         let (addr, _) = raw_server(vec![b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()]).await;
         let f = FeedConfig::new("f", format!("http://{addr}/"));
-        let connector =
-            Connector::with_settings(&f, no_proxies(), shared_tls_config().unwrap()).unwrap();
+        let connector = plain_connector(&f);
         let failure = connector.connect("").outcome().await.unwrap_err();
         assert_eq!(failure.kind, FailureKind::Network);
         assert!(
