@@ -9,14 +9,86 @@ use tokio_util::sync::CancellationToken;
 
 use sse_bridge::config::{LoadedConfig, LogFormat};
 use sse_bridge::notify::Notifier;
+use sse_bridge::state::lock::StateLock;
 use sse_bridge::state::{Gap, GapReason, StateStore};
 use sse_bridge::supervisor::Registry;
 
-/// mimalloc: events are allocated by the feed tasks and freed by the sink threads, and glibc's
-/// malloc pays for every such cross-thread free; with mimalloc the bridge spends about a
-/// quarter less CPU per event (README, "Benchmark").
+/// mimalloc for everything below [`LARGE_ALLOCATION`]: events are allocated by the feed tasks
+/// and freed by the sink threads, and glibc's malloc pays for every such cross-thread free;
+/// with mimalloc the bridge spends about a quarter less CPU per event (README, "Benchmark").
+///
+/// Allocations of [`LARGE_ALLOCATION`] or more (a huge event, up to `max_event_size`, and the
+/// buffers that parse and encode it) go to the C library's malloc, which maps each one on its
+/// own and unmaps it when it is freed (the mmap threshold is pinned in [`tune_allocator`]).
+/// mimalloc keeps freed memory until its owning thread allocates again, and a feed that went
+/// quiet after one 200 MiB event kept 469 MiB resident for good (ARCHITECTURE.md, "Hostile input
+/// and bounded resources": memory given back). The hot path never allocates that much.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: BridgeAllocator = BridgeAllocator;
+
+/// Allocations at least this large bypass mimalloc (see [`ALLOCATOR`]).
+const LARGE_ALLOCATION: usize = 1024 * 1024;
+
+/// The C library's malloc guarantees this alignment; larger alignments stay with mimalloc.
+const MALLOC_ALIGNMENT: usize = 16;
+
+struct BridgeAllocator;
+
+impl BridgeAllocator {
+    /// Whether a block of this size and alignment belongs to the C library's malloc. The same
+    /// answer for the allocation and its deallocation, which get the same layout.
+    fn is_large(size: usize, align: usize) -> bool {
+        size >= LARGE_ALLOCATION && align <= MALLOC_ALIGNMENT
+    }
+}
+
+// SAFETY: every block is freed by the allocator that made it: both sides decide with
+// `is_large` on the same layout (Rust passes the allocation's layout to `dealloc`, and the old
+// layout to `realloc`); a reallocation that crosses the threshold copies between them.
+unsafe impl std::alloc::GlobalAlloc for BridgeAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if Self::is_large(layout.size(), layout.align()) {
+            libc::malloc(layout.size()).cast()
+        } else {
+            mimalloc::MiMalloc.alloc(layout)
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if Self::is_large(layout.size(), layout.align()) {
+            libc::calloc(1, layout.size()).cast()
+        } else {
+            mimalloc::MiMalloc.alloc_zeroed(layout)
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if Self::is_large(layout.size(), layout.align()) {
+            libc::free(ptr.cast());
+        } else {
+            mimalloc::MiMalloc.dealloc(ptr, layout);
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let was_large = Self::is_large(layout.size(), layout.align());
+        let is_large = Self::is_large(new_size, layout.align());
+        match (was_large, is_large) {
+            (true, true) => libc::realloc(ptr.cast(), new_size).cast(),
+            (false, false) => mimalloc::MiMalloc.realloc(ptr, layout, new_size),
+            _ => {
+                let new_layout =
+                    std::alloc::Layout::from_size_align_unchecked(new_size, layout.align());
+                let new = self.alloc(new_layout);
+                if !new.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                }
+                new
+            }
+        }
+    }
+}
 
 extern "C" {
     /// mimalloc's `mi_option_set` (linked in by the `mimalloc` crate).
@@ -41,6 +113,10 @@ extern "C" fn tune_allocator() {
         if libc::getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
             mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
         }
+        // Large blocks (see `ALLOCATOR`) are always mapped on their own and unmapped when
+        // freed: a fixed threshold also turns off glibc's habit of raising it (up to 32 MiB)
+        // after such a block is freed, which would keep the next ones in its heap.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE_ALLOCATION as libc::c_int);
     }
 }
 
@@ -306,6 +382,8 @@ fn main() -> ExitCode {
 }
 
 fn run(loaded: LoadedConfig, watch_config: bool) -> anyhow::Result<()> {
+    // Held until the process exits: one bridge per state database.
+    let _lock = StateLock::acquire(&loaded.config.state.path)?;
     raise_open_file_limit(loaded.config.feed.len());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -461,6 +539,12 @@ fn feed_url<'a>(loaded: &'a LoadedConfig, feed: &str) -> anyhow::Result<&'a str>
 }
 
 fn checkpoints(loaded: &LoadedConfig, cmd: CheckpointsCommand) -> anyhow::Result<()> {
+    // Changing a checkpoint under a running bridge would be overwritten at its next commit
+    // (or worse, move it backwards): `set` and `reset` need the bridge stopped.
+    let _lock = match cmd {
+        CheckpointsCommand::List { .. } => None,
+        _ => Some(StateLock::acquire(&loaded.config.state.path)?),
+    };
     let mut store = open_state(loaded)?;
     match cmd {
         CheckpointsCommand::List { json } => {
@@ -516,15 +600,15 @@ fn checkpoints(loaded: &LoadedConfig, cmd: CheckpointsCommand) -> anyhow::Result
 }
 
 fn manual_gap(feed: &str, url: &str, id: &str, detail: String) -> Gap {
-    Gap {
-        feed: feed.to_string(),
-        url: url.to_string(),
-        reason: GapReason::ManualChange,
+    Gap::once(
+        feed,
+        url,
+        GapReason::ManualChange,
         detail,
-        last_event_id: id.to_string(),
-        seq: 0,
-        at: Utc::now(),
-    }
+        id,
+        0,
+        Utc::now(),
+    )
 }
 
 fn gaps(loaded: &LoadedConfig, feed: Option<&str>, json: bool) -> anyhow::Result<()> {
@@ -536,13 +620,23 @@ fn gaps(loaded: &LoadedConfig, feed: Option<&str>, json: bool) -> anyhow::Result
         }
     } else {
         print_table(
-            &["AT", "FEED", "REASON", "LAST-EVENT-ID", "DETAIL"],
+            &["AT", "FEED", "REASON", "TIMES", "LAST-EVENT-ID", "DETAIL"],
             rows.iter()
                 .map(|g| {
+                    let times = if g.repeats > 1 {
+                        format!(
+                            "{} (last {})",
+                            g.repeats,
+                            g.last_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        )
+                    } else {
+                        "1".to_string()
+                    };
                     vec![
                         g.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                         g.feed.clone(),
                         g.reason.as_str().to_string(),
+                        times,
                         g.last_event_id.clone(),
                         g.detail.clone(),
                     ]

@@ -948,6 +948,7 @@ mod tests {
         let mut parser = Parser::new(Limits {
             max_line_bytes: 1 << 20,
             max_event_bytes: 1 << 20,
+            ..Limits::default()
         });
         let mut items = Vec::new();
         parser.push(bytes, &mut items).unwrap();

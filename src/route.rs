@@ -13,8 +13,9 @@
 //!   it is unrouted.
 //! - An event that matches no route goes to the default route (`[routing] default`). With no
 //!   default route it is unrouted.
-//! - Unrouted events are counted (and logged at debug level) and treated as acknowledged:
-//!   never silently lost, but not stored either.
+//! - Unrouted events are counted (and logged at WARN with the feed and type, at most every
+//!   10 s per feed) and treated as acknowledged: never silently lost, but not stored either.
+//!   Misfits are logged the same way.
 //!
 //! Patterns (`feed`, `event`) are exact names or globs: `*` matches any run of characters,
 //! `?` one character, `[abc]` / `[a-z]` / `[!a-z]` a character class, `{a,b}` alternatives,

@@ -27,7 +27,7 @@ use crate::sink::SinkConfig;
 use crate::sse::client::{EventSource, Next};
 use crate::sse::parser::Item;
 use crate::sse::status::{ReadyState, StatusHandle};
-use crate::state::{Checkpoint, Gap, GapReason, StateStore};
+use crate::state::{Checkpoint, Gap, GapReason, Recorded, StateStore};
 
 /// Events kept for live observers (`tap`) that fall behind before they miss some.
 const TAP_CAPACITY: usize = 4096;
@@ -649,14 +649,8 @@ async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Resul
             .lock()
             .map_err(|_| anyhow::anyhow!("state store lock poisoned"))?;
         let checkpoint = store.checkpoint(&name, &url)?;
-        let gap = |reason, detail: String, id: &str, seq| Gap {
-            feed: name.clone(),
-            url: url.clone(),
-            reason,
-            detail,
-            last_event_id: id.to_string(),
-            seq,
-            at: Utc::now(),
+        let gap = |reason, detail: String, id: &str, seq| {
+            Gap::once(&name, &url, reason, detail, id, seq, Utc::now())
         };
         match checkpoint {
             Some(cp) => {
@@ -720,6 +714,7 @@ impl FeedTask {
         let tracker = self.view.tracker.clone();
         let stats = self.view.stats.clone();
         let mut types = crate::admin::stats::TypeCache::default();
+        let mut unroutable = UnroutableWarning::default();
         loop {
             items.clear();
             let next = tokio::select! {
@@ -764,7 +759,7 @@ impl FeedTask {
                         self.next_seq += 1;
                         if !run.as_ref().is_some_and(|r| r.is(&e.event_type)) {
                             if let Some(done) = run.take() {
-                                done.count(&name, &stats, &mut types);
+                                done.count(&name, &stats, &mut types, &mut unroutable);
                             }
                         }
                         let current = run.get_or_insert_with(|| TypeRun {
@@ -799,7 +794,7 @@ impl FeedTask {
                 }
             }
             if let Some(done) = run.take() {
-                done.count(&name, &stats, &mut types);
+                done.count(&name, &stats, &mut types, &mut unroutable);
             }
             if !events.is_empty() {
                 let millis = SystemTime::now()
@@ -839,30 +834,41 @@ impl FeedTask {
 
     async fn record_gap(&self, reason: GapReason, detail: String) {
         let p = self.view.tracker.acked();
-        tracing::warn!(feed = %self.view.config.name, reason = reason.as_str(), "gap: {detail}");
-        let gap = Gap {
-            feed: self.view.config.name.clone(),
-            url: self.view.config.url.clone(),
+        let name = &self.view.config.name;
+        let gap = Gap::once(
+            name,
+            &self.view.config.url,
             reason,
             detail,
-            last_event_id: self.source.last_event_id().to_string(),
-            seq: p.seq.max(self.next_seq.saturating_sub(1)),
-            at: Utc::now(),
-        };
+            self.source.last_event_id(),
+            p.seq.max(self.next_seq.saturating_sub(1)),
+            Utc::now(),
+        );
         let state = self.state.clone();
         let result = tokio::task::spawn_blocking(move || match state.lock() {
-            Ok(mut s) => s.record_gap(&gap).map_err(|e| e.to_string()),
+            Ok(mut s) => s
+                .record_gap(&gap)
+                .map(|r| (r, gap))
+                .map_err(|e| e.to_string()),
             Err(_) => Err("state store lock poisoned".to_string()),
         })
         .await;
         match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(feed = %self.view.config.name, "recording a gap failed: {e}")
+            // A repeat of the previous gap is counted in its row; logging each one again
+            // would turn a server that closes at once into a flood of identical lines.
+            Ok(Ok((Recorded::New, gap))) => {
+                tracing::warn!(feed = %name, reason = reason.as_str(), "gap: {}", gap.detail)
             }
-            Err(e) => {
-                tracing::error!(feed = %self.view.config.name, "recording a gap failed: {e}")
+            Ok(Ok((Recorded::Repeat(n), gap))) => {
+                let level_warn = n.is_power_of_two();
+                if level_warn {
+                    tracing::warn!(feed = %name, reason = reason.as_str(), repeats = n, "gap repeated {n} times: {}", gap.detail)
+                } else {
+                    tracing::debug!(feed = %name, reason = reason.as_str(), repeats = n, "gap repeated: {}", gap.detail)
+                }
             }
+            Ok(Err(e)) => tracing::error!(feed = %name, "recording a gap failed: {e}"),
+            Err(e) => tracing::error!(feed = %name, "recording a gap failed: {e}"),
         }
     }
 }
@@ -882,8 +888,15 @@ impl TypeRun {
         Arc::ptr_eq(&self.event_type, event_type) || *self.event_type == **event_type
     }
 
-    /// Adds the run to the feed's counters and to its type's.
-    fn count(self, feed: &str, stats: &FeedStats, types: &mut crate::admin::stats::TypeCache) {
+    /// Adds the run to the feed's counters and to its type's; unrouted and misfit events are
+    /// also reported through `warn`.
+    fn count(
+        self,
+        feed: &str,
+        stats: &FeedStats,
+        types: &mut crate::admin::stats::TypeCache,
+        warn: &mut UnroutableWarning,
+    ) {
         let n = self.events;
         stats.received.fetch_add(n, Ordering::Relaxed);
         stats.data_bytes.fetch_add(self.bytes, Ordering::Relaxed);
@@ -891,13 +904,14 @@ impl TypeRun {
             Outcome::Routed => {}
             Outcome::Misfit => {
                 stats.misfit.fetch_add(n, Ordering::Relaxed);
+                warn.note(feed, &self.event_type, n, self.decision.outcome);
             }
             Outcome::Dropped => {
                 stats.dropped.fetch_add(n, Ordering::Relaxed);
             }
             Outcome::Unrouted => {
                 stats.unrouted.fetch_add(n, Ordering::Relaxed);
-                tracing::debug!(feed = %feed, event_type = %self.event_type, events = n, "events match no route and there is no default route");
+                warn.note(feed, &self.event_type, n, self.decision.outcome);
             }
         }
         let routed = !self.decision.sinks.is_empty();
@@ -910,6 +924,49 @@ impl TypeRun {
             self.decision.outcome,
             routed,
         );
+    }
+}
+
+/// How often a feed may log that events could not go where their route said.
+const UNROUTABLE_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs unrouted events (stored nowhere) and misfits (sent to the default route because a
+/// routed sink cannot name a file or topic after their type) at WARN, naming the feed and the
+/// type, at most once per [`UNROUTABLE_WARN_EVERY`] per feed: the types come from the server,
+/// which could otherwise fill the log. The counters (`/metrics`) count every event.
+#[derive(Default)]
+struct UnroutableWarning {
+    last: Option<std::time::Instant>,
+    /// Events not reported since the last line.
+    unreported: u64,
+}
+
+impl UnroutableWarning {
+    fn note(&mut self, feed: &str, event_type: &str, events: u64, outcome: Outcome) {
+        self.unreported += events;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < UNROUTABLE_WARN_EVERY)
+        {
+            return;
+        }
+        // Debug formatting quotes the type and escapes control characters (ARCHITECTURE.md:
+        // nothing from the stream reaches a terminal raw).
+        let shown = event_type;
+        let total = std::mem::take(&mut self.unreported);
+        self.last = Some(std::time::Instant::now());
+        match outcome {
+            Outcome::Unrouted => tracing::warn!(
+                feed = %feed, event_type = ?shown, events = total,
+                "events of type {shown:?} match no route and there is no default route that can take them: counted as unrouted and not stored (this line repeats at most every {}s)",
+                UNROUTABLE_WARN_EVERY.as_secs()
+            ),
+            _ => tracing::warn!(
+                feed = %feed, event_type = ?shown, events = total,
+                "events of type {shown:?} cannot be stored by the sinks of their route (the type cannot form a file or topic name there): sent to the default route and counted as misfits (this line repeats at most every {}s)",
+                UNROUTABLE_WARN_EVERY.as_secs()
+            ),
+        }
     }
 }
 

@@ -123,6 +123,7 @@ fn parse_sse(bytes: &[u8]) -> Vec<(String, String, String)> {
     let mut parser = Parser::new(Limits {
         max_line_bytes: 1 << 20,
         max_event_bytes: 1 << 20,
+        ..Limits::default()
     });
     let mut items = Vec::new();
     parser.push(bytes, &mut items).expect("parse");
@@ -208,6 +209,7 @@ async fn read_events(
     let mut parser = Parser::new(Limits {
         max_line_bytes: 1 << 20,
         max_event_bytes: 1 << 20,
+        ..Limits::default()
     });
     let mut events = Vec::new();
     let mut raw = String::new();

@@ -69,6 +69,7 @@ fuzz_target!(|input: &[u8]| {
     let small = Limits {
         max_line_bytes: usize::from(lim & 0x0F) * 4,
         max_event_bytes: usize::from(lim >> 4) * 4,
+        max_id_bytes: usize::from(lim & 0x0F) * 2,
     };
     for limits in [Limits::default(), small] {
         let whole = run(limits, &[stream]);

@@ -389,7 +389,7 @@ fn sink_families(out: &mut Out, sinks: &[(String, SinkView)]) {
         );
     }
     type Pick = fn(&SinkView) -> u64;
-    let families: [(&str, &str, &str, Pick); 6] = [
+    let families: [(&str, &str, &str, Pick); 8] = [
         (
             "sse_bridge_sink_events_stored_total",
             "counter",
@@ -425,6 +425,18 @@ fn sink_families(out: &mut Out, sinks: &[(String, SinkView)]) {
             "gauge",
             "The size of the sink's buffer (buffer.max_events).",
             |s| s.gauge.max_events as u64,
+        ),
+        (
+            "sse_bridge_sink_queue_bytes",
+            "gauge",
+            "Bytes of events queued in the sink's buffer and not yet stored.",
+            |s| s.gauge.queued_bytes(),
+        ),
+        (
+            "sse_bridge_sink_queue_capacity_bytes",
+            "gauge",
+            "The byte bound of the sink's buffer (buffer.max_bytes).",
+            |s| s.gauge.max_bytes,
         ),
     ];
     for (name, kind, help, pick) in families {

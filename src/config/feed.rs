@@ -62,6 +62,13 @@ pub struct FeedConfig {
     #[serde(default = "defaults::max_event_size")]
     pub max_event_size: ByteSize,
 
+    /// Longest `id:` value accepted, as bytes or `"4 KiB"` (default 4 KiB). The id is stored
+    /// with every event until the stream changes it, so a server sending a huge id would
+    /// multiply every stored event's size; a longer one is an error on that event, handled
+    /// like an oversized event (the feed reconnects from its last event ID).
+    #[serde(default = "defaults::max_id_size")]
+    pub max_id_size: ByteSize,
+
     /// Redirects followed per connection attempt before giving up.
     #[serde(default = "defaults::max_redirects")]
     pub max_redirects: usize,
@@ -175,6 +182,7 @@ impl FeedConfig {
             response_timeout: defaults::response_timeout(),
             idle_timeout: defaults::idle_timeout(),
             max_event_size: defaults::max_event_size(),
+            max_id_size: defaults::max_id_size(),
             max_redirects: defaults::max_redirects(),
             policy: Policy::default(),
             on_client_error: OnClientError::default(),
@@ -204,6 +212,9 @@ pub(crate) mod defaults {
     }
     pub fn max_event_size() -> ByteSize {
         ByteSize::mib(1)
+    }
+    pub fn max_id_size() -> ByteSize {
+        ByteSize(4 * 1024)
     }
     pub fn max_redirects() -> usize {
         10

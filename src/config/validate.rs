@@ -96,6 +96,13 @@ pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
                 "must be at least 1",
             );
         }
+        let max_bytes = sink.buffer().max_bytes.0;
+        if !(1024..=crate::sink::MAX_BUFFER_BYTES).contains(&max_bytes) {
+            issues.add(
+                format!("sink.{name}.buffer.max_bytes"),
+                "must be between 1 KiB and 4 GiB (such as \"64 MiB\")",
+            );
+        }
         for (key, message) in sink.validate() {
             issues.add(format!("sink.{name}.{key}"), message);
         }
@@ -198,6 +205,12 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
     positive(issues, &key("client_error_delay"), feed.client_error_delay);
     if feed.max_event_size.0 < 64 || feed.max_event_size.0 > MAX_EVENT_SIZE_LIMIT {
         issues.add(key("max_event_size"), "must be between 64 bytes and 1 GiB");
+    }
+    if feed.max_id_size.0 == 0 || feed.max_id_size.0 > feed.max_event_size.0 {
+        issues.add(
+            key("max_id_size"),
+            "must be at least 1 byte and at most max_event_size",
+        );
     }
     for (j, status) in feed.rejected_id_statuses.iter().enumerate() {
         if !(400..=499).contains(status) || *status == 429 || *status == 408 {

@@ -61,6 +61,8 @@ const STAMP_LEN: usize = 24;
 const ROTATION_RESERVE: usize = 1 + STAMP_LEN;
 /// Room a file name keeps for `.zst.tmp` when closed files are compressed.
 const COMPRESS_RESERVE: usize = 8;
+/// The encoded-line buffer keeps at most this capacity between batches (see `write_batch`).
+const RETAINED_LINE_CAPACITY: usize = 1024 * 1024;
 /// With `max_age`, how often every known file is checked, in seconds.
 const AGE_SWEEP_SECS: i64 = 60;
 
@@ -1690,6 +1692,10 @@ impl FileSink {
                 let file = self.open(&key, &event.feed, &event.event_type)?;
                 self.files.insert(key, file);
             }
+        }
+        // One huge event must not leave its encoded line allocated for the sink's lifetime.
+        if self.line.capacity() > RETAINED_LINE_CAPACITY {
+            self.line = Vec::new();
         }
         for key in batch.touched.keys() {
             let Some(file) = self.files.get_mut(key) else {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::units::ByteSize;
 use crate::event::Event;
 use crate::state::Checkpoint;
 
@@ -103,6 +104,13 @@ pub struct BufferConfig {
     /// Events held in memory for this sink before `when_full` applies.
     #[serde(default = "default_max_events")]
     pub max_events: usize,
+    /// Bytes of event data held in memory for this sink before `when_full` applies, as bytes
+    /// or `"64 MiB"` (the default; at most `"4 GiB"`). Whichever of `max_events` and
+    /// `max_bytes` is reached first applies, so a stalled sink holds at most this much
+    /// whatever the size of the events. An event larger than the whole buffer still goes
+    /// through, alone. Each event counts its data plus 128 bytes of bookkeeping.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
     /// `block` (default): the feeds routed here stop reading their sockets until the sink
     /// catches up, so nothing is lost. `drop_newest`: events that do not fit are dropped,
     /// counted, and treated as acknowledged (the checkpoint moves past them).
@@ -114,10 +122,18 @@ fn default_max_events() -> usize {
     10_000
 }
 
+fn default_max_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+/// The largest `buffer.max_bytes` (the buffer counts bytes with 32-bit permits).
+pub const MAX_BUFFER_BYTES: u64 = u32::MAX as u64;
+
 impl Default for BufferConfig {
     fn default() -> Self {
         BufferConfig {
             max_events: default_max_events(),
+            max_bytes: default_max_bytes(),
             when_full: WhenFull::Block,
         }
     }

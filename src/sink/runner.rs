@@ -32,7 +32,19 @@ struct Envelope {
     tracker: Arc<FeedTracker>,
     /// Released when the envelope is dropped, after the events were acknowledged.
     _permit: OwnedSemaphorePermit,
+    /// The envelope's share of `buffer.max_bytes`, released with it.
+    _bytes: OwnedSemaphorePermit,
 }
+
+/// What an event counts against `buffer.max_bytes`: its data, plus the event itself, its
+/// reference count and the sink batch's pointer to it. The type and id strings are shared
+/// between events (and the id is bounded by `max_id_size`), so they are not counted per event.
+pub fn event_bytes(event: &Event) -> u64 {
+    event.data.len() as u64 + EVENT_OVERHEAD
+}
+
+/// Bookkeeping counted per event besides its data (see [`event_bytes`]).
+const EVENT_OVERHEAD: u64 = 128;
 
 /// Live figures of a sink, readable from anywhere.
 #[derive(Default)]
@@ -77,6 +89,9 @@ pub struct SinkHandle {
     tx: mpsc::UnboundedSender<Envelope>,
     permits: Arc<Semaphore>,
     max_events: usize,
+    /// `buffer.max_bytes`, one permit per byte.
+    bytes: Arc<Semaphore>,
+    max_bytes: u32,
     when_full: WhenFull,
     pub health: Arc<SinkHealth>,
     /// Asks the runner to call [`Sink::reopen`] between writes.
@@ -98,29 +113,47 @@ pub enum SendOutcome {
 impl SinkHandle {
     /// Queues `events` (all from the feed `tracker` belongs to). Under `when_full = "block"`
     /// this waits for room, which is how a slow sink holds its feeds back.
+    ///
+    /// Both bounds of the buffer apply: `max_events` and `max_bytes` (a batch larger than the
+    /// whole buffer takes all of it, so it goes through alone instead of waiting for ever).
     pub async fn send(&self, events: Vec<Arc<Event>>, tracker: &Arc<FeedTracker>) -> SendOutcome {
         let n = u32::try_from(events.len().clamp(1, self.max_events)).unwrap_or(u32::MAX);
-        let permit = match self.when_full {
-            WhenFull::Block => match self.permits.clone().acquire_many_owned(n).await {
-                Ok(p) => p,
-                Err(_) => return SendOutcome::Closed,
-            },
-            WhenFull::DropNewest => match self.permits.clone().try_acquire_many_owned(n) {
-                Ok(p) => p,
-                Err(tokio::sync::TryAcquireError::NoPermits) => {
-                    self.health
-                        .dropped
-                        .fetch_add(events.len() as u64, Ordering::Relaxed);
-                    return SendOutcome::Dropped(events.len());
+        let size: u64 = events.iter().map(|e| event_bytes(e)).sum();
+        let b = u32::try_from(size.clamp(1, u64::from(self.max_bytes))).unwrap_or(u32::MAX);
+        let permits = match self.when_full {
+            WhenFull::Block => {
+                let events = self.permits.clone().acquire_many_owned(n).await;
+                let bytes = self.bytes.clone().acquire_many_owned(b).await;
+                match (events, bytes) {
+                    (Ok(e), Ok(b)) => (e, b),
+                    _ => return SendOutcome::Closed,
                 }
-                Err(tokio::sync::TryAcquireError::Closed) => return SendOutcome::Closed,
-            },
+            }
+            WhenFull::DropNewest => {
+                use tokio::sync::TryAcquireError;
+                let taken = self
+                    .permits
+                    .clone()
+                    .try_acquire_many_owned(n)
+                    .and_then(|e| Ok((e, self.bytes.clone().try_acquire_many_owned(b)?)));
+                match taken {
+                    Ok(p) => p,
+                    Err(TryAcquireError::NoPermits) => {
+                        self.health
+                            .dropped
+                            .fetch_add(events.len() as u64, Ordering::Relaxed);
+                        return SendOutcome::Dropped(events.len());
+                    }
+                    Err(TryAcquireError::Closed) => return SendOutcome::Closed,
+                }
+            }
         };
         let envelope = Envelope {
             len: events.len(),
             events,
             tracker: tracker.clone(),
-            _permit: permit,
+            _permit: permits.0,
+            _bytes: permits.1,
         };
         match self.tx.send(envelope) {
             Ok(()) => SendOutcome::Queued,
@@ -146,6 +179,8 @@ impl SinkHandle {
             name: self.name.clone(),
             permits: self.permits.clone(),
             max_events: self.max_events,
+            bytes: self.bytes.clone(),
+            max_bytes: u64::from(self.max_bytes),
             health: self.health.clone(),
         }
     }
@@ -157,6 +192,9 @@ pub struct SinkGauge {
     pub name: Arc<str>,
     permits: Arc<Semaphore>,
     pub max_events: usize,
+    bytes: Arc<Semaphore>,
+    /// `buffer.max_bytes`.
+    pub max_bytes: u64,
     pub health: Arc<SinkHealth>,
 }
 
@@ -165,6 +203,12 @@ impl SinkGauge {
     pub fn queued(&self) -> usize {
         self.max_events
             .saturating_sub(self.permits.available_permits())
+    }
+
+    /// Bytes queued and not yet stored (as [`event_bytes`] counts them).
+    pub fn queued_bytes(&self) -> u64 {
+        self.max_bytes
+            .saturating_sub(self.bytes.available_permits() as u64)
     }
 }
 
@@ -203,11 +247,15 @@ pub fn spawn(
         ..SinkHealth::default()
     });
     let max_events = buffer.max_events.max(1);
+    let max_bytes =
+        u32::try_from(buffer.max_bytes.0.clamp(1, super::MAX_BUFFER_BYTES)).unwrap_or(u32::MAX);
     let handle = SinkHandle {
         name: name.clone(),
         tx,
         permits: Arc::new(Semaphore::new(max_events)),
         max_events,
+        bytes: Arc::new(Semaphore::new(max_bytes as usize)),
+        max_bytes,
         when_full: buffer.when_full,
         health: health.clone(),
         reopen: Arc::new(Notify::new()),

@@ -108,6 +108,7 @@ impl EventSource {
         let mut parser = Parser::new(Limits {
             max_line_bytes: size,
             max_event_bytes: size,
+            max_id_bytes: feed.max_id_size.as_usize(),
         });
         parser.start_stream(&start_last_event_id);
         status.update(|s| {

@@ -48,6 +48,10 @@ pub struct Limits {
     /// have (decoded UTF-8, the trailing LF that dispatch removes not counted), so an event whose
     /// data is exactly this long is accepted.
     pub max_event_bytes: usize,
+    /// Longest `id` value accepted, in bytes (as sent, before UTF-8 decoding). The last event
+    /// ID is repeated on every later event, so without this bound a single huge `id:` would
+    /// multiply the size of everything stored after it.
+    pub max_id_bytes: usize,
 }
 
 impl Default for Limits {
@@ -55,6 +59,7 @@ impl Default for Limits {
         Limits {
             max_line_bytes: 1024 * 1024,
             max_event_bytes: 1024 * 1024,
+            max_id_bytes: 4096,
         }
     }
 }
@@ -84,7 +89,21 @@ pub enum ParseError {
         /// The configured limit.
         limit: usize,
     },
+    /// An `id` field's value is longer than [`Limits::max_id_bytes`].
+    #[error("an id of {size} bytes exceeds the limit of {limit} bytes (max_id_size)")]
+    IdTooLong {
+        /// Bytes of the id value.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
 }
+
+/// Capacity a buffer keeps between events. A stream's events are alike in size, so buffers keep
+/// what the last event needed, but no more than this: after one huge event (up to
+/// `max_event_size`, 1 GiB at most) the memory goes back to the allocator instead of staying
+/// with the feed for ever (ARCHITECTURE.md, "Hostile input and bounded resources").
+const RETAINED_CAPACITY: usize = 64 * 1024;
 
 /// The UTF-8 byte order mark, stripped once at the start of each stream.
 const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
@@ -157,6 +176,12 @@ impl Parser {
     /// taken stays available to [`Parser::take_retry`].
     pub fn start_stream(&mut self, last_event_id: &str) {
         self.line.clear();
+        if self.line.capacity() > RETAINED_CAPACITY {
+            self.line = Vec::new();
+        }
+        if self.data.capacity() > RETAINED_CAPACITY {
+            self.data = String::new();
+        }
         self.last_was_cr = false;
         self.bom_matched = Some(0);
         self.data.clear();
@@ -232,7 +257,9 @@ impl Parser {
             line.extend_from_slice(&rest[..pos]);
             let result = self.process_line(&line, out);
             line.clear();
-            self.line = line;
+            if line.capacity() <= RETAINED_CAPACITY {
+                self.line = line;
+            }
             result?;
             rest = self.skip_terminator(rest, pos);
         }
@@ -348,6 +375,12 @@ impl Parser {
             }
             // U+0000 is encoded as the byte 0 and nothing else decodes to it.
             [b'i', b'd'] if memchr(0, value).is_none() => {
+                if value.len() > self.limits.max_id_bytes {
+                    return Err(ParseError::IdTooLong {
+                        size: value.len(),
+                        limit: self.limits.max_id_bytes,
+                    });
+                }
                 self.id_buffer.clear();
                 push_lossy(&mut self.id_buffer, value);
             }
@@ -411,7 +444,7 @@ impl Parser {
         // The buffer itself becomes the event's data (no copy); the next event's buffer starts
         // with room for as much as this one held, since events of a stream are alike in size.
         self.data.pop();
-        let room = self.data.len() + 1;
+        let room = (self.data.len() + 1).min(RETAINED_CAPACITY);
         let data = std::mem::replace(&mut self.data, String::with_capacity(room));
         out.push(Item::Event(SseEvent {
             event_type: self.last_type.clone(),
@@ -969,7 +1002,51 @@ mod tests {
         Limits {
             max_line_bytes: line,
             max_event_bytes: event,
+            max_id_bytes: line,
         }
+    }
+
+    #[test]
+    fn id_limit() {
+        let mut parser = Parser::new(Limits {
+            max_id_bytes: 4,
+            ..Limits::default()
+        });
+        assert_eq!(
+            push_ok(&mut parser, b"id: abcd\ndata: x\n\n"),
+            vec![ev("message", "x", "abcd")]
+        );
+        let mut out = Vec::new();
+        assert_eq!(
+            parser.push(b"data: y\n\nid: abcde\ndata: z\n\n", &mut out),
+            Err(ParseError::IdTooLong { size: 5, limit: 4 })
+        );
+        // The event before the long id went out; the last event ID is still the old one.
+        assert_eq!(out, vec![ev("message", "y", "abcd")]);
+        assert_eq!(parser.last_event_id(), "abcd");
+    }
+
+    #[test]
+    fn large_buffers_are_given_back_after_a_huge_event() {
+        let mut parser = Parser::new(limits(8 << 20, 8 << 20));
+        let big = format!("data: {}\n\n", "x".repeat(4 << 20));
+        let mut out = Vec::new();
+        // In pieces, so the line is buffered across chunks and grows.
+        for piece in big.as_bytes().chunks(100_000) {
+            parser.push(piece, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 1);
+        assert!(
+            parser.line_capacity() <= RETAINED_CAPACITY,
+            "{}",
+            parser.line_capacity()
+        );
+        assert!(
+            parser.data.capacity() <= RETAINED_CAPACITY,
+            "{}",
+            parser.data.capacity()
+        );
+        push_ok(&mut parser, b"data: small\n\n");
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //!   `reset_after` resets the count.
 //! - `browser` policy: exactly the reconnection time, no backoff, no jitter (WHATWG
 //!   EventSource "reestablish the connection").
+//! - Under both policies no delay is shorter than [`MIN_RECONNECT_DELAY`]: a server that
+//!   sends `retry: 0` and closes at once must not turn a feed into a hot loop (ARCHITECTURE.md,
+//!   "Hostile input and bounded resources": every loop has a floor).
 
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +28,12 @@ use crate::config::{BackoffConfig, FeedConfig, Policy};
 /// for more (a `retry:` of 2^64 ms is syntactically valid) would otherwise silently park the
 /// feed for ever while it looks "connecting"; a day is as long as any real server means.
 pub const MAX_SERVER_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The shortest wait before any reconnection, whatever the policy, `retry:` or the backoff
+/// settings say. A browser would reconnect at once after `retry: 0`; a daemon that does so
+/// against a server that closes every response at once makes thousands of requests (and log
+/// lines, and gap rows) a second.
+pub const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
 /// What kind of failure a delay is computed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +123,7 @@ impl<R: Rng> Backoff<R> {
     pub fn next_delay(&mut self, class: FailureClass, retry_after: Option<Duration>) -> Duration {
         self.failures = self.failures.saturating_add(1);
         if self.policy == Policy::Browser {
-            return self.reconnection_time;
+            return self.reconnection_time.max(MIN_RECONNECT_DELAY);
         }
         let base = exponential(&self.config, self.reconnection_time, self.failures);
         let mut delay = base.saturating_add(self.jitter(base));
@@ -124,7 +133,7 @@ impl<R: Rng> Backoff<R> {
         if class == FailureClass::ClientError {
             delay = delay.max(self.client_error_delay);
         }
-        delay
+        delay.max(MIN_RECONNECT_DELAY)
     }
 
     /// A random `0..jitter` fraction of `base` (nothing, and no random number drawn, when
@@ -386,6 +395,31 @@ mod tests {
         assert_eq!(b.next_delay(FailureClass::ClientError, None), ms(3000));
         b.set_reconnection_time_ms(250);
         assert_eq!(b.next_delay(FailureClass::Transient, None), ms(250));
+    }
+
+    #[test]
+    fn no_policy_reconnects_sooner_than_the_floor() {
+        // `retry: 0` from the stream, and backoff settings as small as validation allows.
+        let mut f = feed();
+        f.backoff.initial = Duration::from_nanos(1);
+        f.backoff.max = Duration::from_nanos(1);
+        f.backoff.multiplier = 1.0;
+        for policy in [Policy::Daemon, Policy::Browser] {
+            f.policy = policy;
+            let mut b = backoff(&f);
+            b.set_reconnection_time_ms(0);
+            for class in [FailureClass::Transient, FailureClass::ClientError] {
+                let mut g = f.clone();
+                g.client_error_delay = Duration::ZERO;
+                let mut c = backoff(&g);
+                c.set_reconnection_time_ms(0);
+                assert_eq!(
+                    c.next_delay(class, Some(Duration::ZERO)),
+                    MIN_RECONNECT_DELAY
+                );
+            }
+            assert_eq!(delays(&mut b, 3), vec![100, 100, 100], "{policy:?}");
+        }
     }
 
     #[test]

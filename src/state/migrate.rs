@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "events",
         sql: include_str!("../../migrations/0002_events.sql"),
     },
+    Migration {
+        version: 3,
+        name: "gap_repeats",
+        sql: include_str!("../../migrations/0003_gap_repeats.sql"),
+    },
 ];
 
 /// The highest schema version this sse-bridge knows.

@@ -12,6 +12,7 @@
 //! SELECT feed, reason, detail, last_event_id, seq, at FROM gaps ORDER BY id;
 //! ```
 
+pub mod lock;
 pub mod migrate;
 
 use std::path::Path;
@@ -87,9 +88,49 @@ pub struct Gap {
     pub detail: String,
     /// The last event ID at the moment of the gap.
     pub last_event_id: String,
-    /// The last sequence number assigned before the gap.
+    /// The last sequence number assigned before the gap (of the newest occurrence).
     pub seq: u64,
+    /// When the gap happened (the first occurrence).
     pub at: DateTime<Utc>,
+    /// How many identical gaps, recorded one after another, this row stands for (see
+    /// [`StateStore::record_gap`]); 1 for a gap that happened once.
+    pub repeats: u64,
+    /// The newest occurrence (equal to `at` when `repeats` is 1).
+    pub last_at: DateTime<Utc>,
+}
+
+impl Gap {
+    /// A gap that happened once, at `at`.
+    pub fn once(
+        feed: &str,
+        url: &str,
+        reason: GapReason,
+        detail: String,
+        last_event_id: &str,
+        seq: u64,
+        at: DateTime<Utc>,
+    ) -> Gap {
+        Gap {
+            feed: feed.to_string(),
+            url: url.to_string(),
+            reason,
+            detail,
+            last_event_id: last_event_id.to_string(),
+            seq,
+            at,
+            repeats: 1,
+            last_at: at,
+        }
+    }
+}
+
+/// What [`StateStore::record_gap`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// A new row.
+    New,
+    /// Folded into the feed's previous gap, which now stands for this many occurrences.
+    Repeat(u64),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,10 +150,20 @@ pub struct StateStore {
 /// Raw checkpoint row, converted after the query so conversion errors can name the row.
 type CheckpointRow = (String, String, String, i64, String);
 /// Raw gap row.
-type GapRow = (String, String, String, String, String, i64, String);
+type GapRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    String,
+);
 
 const CHECKPOINT_COLUMNS: &str = "feed, url, last_event_id, seq, updated_at";
-const GAP_COLUMNS: &str = "feed, url, reason, detail, last_event_id, seq, at";
+const GAP_COLUMNS: &str = "feed, url, reason, detail, last_event_id, seq, at, repeats, last_at";
 
 impl StateStore {
     /// Opens (creating it and its parent directories if missing) the database at `path`,
@@ -298,25 +349,63 @@ impl StateStore {
     }
 
     /// Records a gap (committed immediately).
-    pub fn record_gap(&mut self, gap: &Gap) -> Result<(), StateError> {
+    ///
+    /// A gap identical to the feed's newest one (same URL, reason and last event ID) is folded
+    /// into that row: its `repeats` grows, `last_at` and `seq` move to this occurrence. A
+    /// server that closes every stream at once without ids thus leaves one row with a count,
+    /// not a row per reconnection. Changes made by an operator are always rows of their own.
+    pub fn record_gap(&mut self, gap: &Gap) -> Result<Recorded, StateError> {
         let seq = self.seq_to_sql(gap.seq, &gap.feed)?;
-        self.conn
-            .prepare_cached(&format!(
-                "INSERT INTO gaps ({GAP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-            ))
-            .and_then(|mut stmt| {
-                stmt.execute((
-                    &gap.feed,
-                    &gap.url,
-                    gap.reason.as_str(),
-                    &gap.detail,
-                    &gap.last_event_id,
-                    seq,
-                    timestamp(gap.at),
-                ))
-            })
-            .map(|_| ())
-            .map_err(|e| self.sql_error(&format!("cannot record a gap of feed `{}`", gap.feed), &e))
+        let context = format!("cannot record a gap of feed `{}`", gap.feed);
+        let foldable = !matches!(gap.reason, GapReason::ManualChange);
+        let result = (|| -> rusqlite::Result<Recorded> {
+            let tx = self.conn.transaction()?;
+            let newest: Option<(i64, String, String, String, i64)> = if foldable {
+                tx.prepare_cached(
+                    "SELECT id, url, reason, last_event_id, repeats FROM gaps \
+                     WHERE feed = ?1 ORDER BY id DESC LIMIT 1",
+                )?
+                .query_row([&gap.feed], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()?
+            } else {
+                None
+            };
+            let recorded = match newest {
+                Some((id, url, reason, last_event_id, repeats))
+                    if url == gap.url
+                        && reason == gap.reason.as_str()
+                        && last_event_id == gap.last_event_id =>
+                {
+                    tx.prepare_cached(
+                        "UPDATE gaps SET repeats = repeats + 1, last_at = ?2, \
+                         seq = max(seq, ?3) WHERE id = ?1",
+                    )?
+                    .execute((id, timestamp(gap.last_at.max(gap.at)), seq))?;
+                    Recorded::Repeat(u64::try_from(repeats).unwrap_or(0).saturating_add(1))
+                }
+                _ => {
+                    tx.prepare_cached(&format!(
+                        "INSERT INTO gaps ({GAP_COLUMNS}) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?7)"
+                    ))?
+                    .execute((
+                        &gap.feed,
+                        &gap.url,
+                        gap.reason.as_str(),
+                        &gap.detail,
+                        &gap.last_event_id,
+                        seq,
+                        timestamp(gap.at),
+                    ))?;
+                    Recorded::New
+                }
+            };
+            tx.commit()?;
+            Ok(recorded)
+        })();
+        result.map_err(|e| self.sql_error(&context, &e))
     }
 
     /// The recorded gaps, of one feed or of all, in the order they were recorded.
@@ -376,16 +465,23 @@ impl StateStore {
     }
 
     fn gap_from(&self, row: GapRow) -> Result<Gap, StateError> {
-        let (feed, url, reason, detail, last_event_id, seq, at) = row;
+        let (feed, url, reason, detail, last_event_id, seq, at, repeats, last_at) = row;
         let what = format!("a gap of feed `{feed}`");
         let reason = GapReason::parse(&reason).ok_or_else(|| {
             self.fail(format!(
                 "{what} has an unknown reason `{reason}` (written by a newer sse-bridge?)"
             ))
         })?;
+        let at = self.time_from_sql(&at, &what)?;
         Ok(Gap {
             seq: self.seq_from_sql(seq, &what)?,
-            at: self.time_from_sql(&at, &what)?,
+            repeats: u64::try_from(repeats).unwrap_or(1).max(1),
+            last_at: if last_at.is_empty() {
+                at
+            } else {
+                self.time_from_sql(&last_at, &what)?
+            },
+            at,
             feed,
             url,
             reason,
@@ -414,6 +510,8 @@ fn gap_row(row: &Row<'_>) -> rusqlite::Result<GapRow> {
         row.get(4)?,
         row.get(5)?,
         row.get(6)?,
+        row.get(7)?,
+        row.get(8)?,
     ))
 }
 
@@ -445,15 +543,15 @@ mod tests {
     }
 
     fn gap(feed: &str, reason: GapReason, secs: i64) -> Gap {
-        Gap {
-            feed: feed.into(),
-            url: "https://example.org/s".into(),
+        Gap::once(
+            feed,
+            "https://example.org/s",
             reason,
-            detail: format!("detail of {feed}"),
-            last_event_id: "id-7".into(),
-            seq: 7,
-            at: at(secs, 1),
-        }
+            format!("detail of {feed}"),
+            "id-7",
+            7,
+            at(secs, 1),
+        )
     }
 
     fn store() -> (tempfile::TempDir, PathBuf, StateStore) {
@@ -702,6 +800,52 @@ mod tests {
         let a: Vec<Gap> = gaps.iter().filter(|g| g.feed == "a").cloned().collect();
         assert_eq!(store.list_gaps(Some("a")).unwrap(), a);
         assert!(store.list_gaps(Some("zzz")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn identical_gaps_in_a_row_are_one_row_with_a_count() {
+        let (_dir, _path, mut store) = store();
+        let first = gap("a", GapReason::ReconnectWithoutId, 100);
+        assert_eq!(store.record_gap(&first).unwrap(), Recorded::New);
+        for i in 1..=999u64 {
+            let mut again = gap("a", GapReason::ReconnectWithoutId, 100 + i as i64);
+            again.seq = 7 + i;
+            again.detail = format!("after {i} more events");
+            assert_eq!(store.record_gap(&again).unwrap(), Recorded::Repeat(i + 1));
+        }
+        // Another feed's gap does not break the run of feed `a`.
+        store
+            .record_gap(&gap("b", GapReason::ReconnectWithoutId, 2000))
+            .unwrap();
+        let mut last = gap("a", GapReason::ReconnectWithoutId, 3000);
+        last.seq = 5000;
+        assert_eq!(store.record_gap(&last).unwrap(), Recorded::Repeat(1001));
+        let rows = store.list_gaps(Some("a")).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].repeats, 1001);
+        assert_eq!(rows[0].at, first.at, "the first occurrence stays");
+        assert_eq!(rows[0].last_at, last.at);
+        assert_eq!(rows[0].seq, 5000);
+        assert_eq!(rows[0].detail, first.detail);
+        // A different reason, id or URL starts a new row; an operator's change always does.
+        let mut other_id = gap("a", GapReason::ReconnectWithoutId, 3001);
+        other_id.last_event_id = "id-8".into();
+        assert_eq!(store.record_gap(&other_id).unwrap(), Recorded::New);
+        assert_eq!(
+            store
+                .record_gap(&gap("a", GapReason::IdRejected, 3002))
+                .unwrap(),
+            Recorded::New
+        );
+        for s in [3003, 3004] {
+            assert_eq!(
+                store
+                    .record_gap(&gap("a", GapReason::ManualChange, s))
+                    .unwrap(),
+                Recorded::New
+            );
+        }
+        assert_eq!(store.list_gaps(Some("a")).unwrap().len(), 5);
     }
 
     #[test]
