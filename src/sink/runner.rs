@@ -506,6 +506,85 @@ mod tests {
         }
     }
 
+    /// A sink whose writes wait until the test lets them through.
+    struct Gate(Arc<std::sync::Mutex<()>>);
+
+    impl Sink for Gate {
+        fn write(&mut self, _events: &[Arc<Event>]) -> Result<(), SinkError> {
+            drop(self.0.lock());
+            Ok(())
+        }
+
+        fn flush(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_buffer_is_bounded_in_bytes_as_well_as_in_events() {
+        use crate::checkpoint::{FeedTracker, Position};
+        let gate = Arc::new(std::sync::Mutex::new(()));
+        let closed = gate.lock().unwrap();
+        let buffer = BufferConfig {
+            max_events: 1000,
+            max_bytes: crate::config::units::ByteSize(100 * 1024),
+            ..BufferConfig::default()
+        };
+        let (handle, worker) = spawn(
+            "s",
+            Box::new(Gate(gate.clone())),
+            &buffer,
+            CancellationToken::new(),
+            None,
+        )
+        .unwrap();
+        let tracker = Arc::new(FeedTracker::new(Position {
+            seq: 0,
+            last_event_id: Arc::from(""),
+        }));
+        let event = |seq: u64| {
+            Arc::new(Event {
+                feed: Arc::from("f"),
+                event_type: Arc::from("t"),
+                data: "x".repeat(30 * 1024),
+                id: Arc::from(""),
+                received_at: chrono::Utc::now(),
+                seq,
+            })
+        };
+        tracker.register((1..=10).map(|s| (s, "", 1u32)));
+        // Three fill the 100 KiB (the one being written counts until it is acknowledged).
+        for seq in 1..=3 {
+            let sent = tokio::time::timeout(
+                Duration::from_secs(5),
+                handle.send(vec![event(seq)], &tracker),
+            )
+            .await;
+            assert_eq!(sent, Ok(SendOutcome::Queued), "event {seq}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let gauge = handle.gauge();
+        assert!(gauge.queued_bytes() > 90 * 1024, "{}", gauge.queued_bytes());
+        assert!(gauge.queued() < 10, "the event bound is far away");
+        let sender = handle.clone();
+        let fourth_tracker = tracker.clone();
+        let fourth =
+            tokio::spawn(async move { sender.send(vec![event(4)], &fourth_tracker).await });
+        tokio::pin!(fourth);
+        let blocked = tokio::time::timeout(Duration::from_millis(300), &mut fourth).await;
+        assert!(blocked.is_err(), "a full byte budget holds the feed back");
+        drop(closed);
+        let sent = tokio::time::timeout(Duration::from_secs(5), fourth).await;
+        assert_eq!(sent.ok().and_then(|r| r.ok()), Some(SendOutcome::Queued));
+        // A batch larger than the whole buffer still goes through, alone, once there is room.
+        let huge: Vec<Arc<Event>> = (5..=10).map(event).collect();
+        let sent = tokio::time::timeout(Duration::from_secs(5), handle.send(huge, &tracker)).await;
+        assert_eq!(sent, Ok(SendOutcome::Queued));
+        drop(handle);
+        worker.finished().await;
+        assert_eq!(tracker.acked().seq, 10);
+    }
+
     #[tokio::test]
     async fn reopen_reaches_the_sink() {
         let count = Arc::new(AtomicU64::new(0));
