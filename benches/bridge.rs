@@ -55,7 +55,7 @@ const FILE_BATCH: usize = 8192;
 const SQLITE_BATCH: usize = 8192;
 const RESPONSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
 Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
-/// The goal for idle feeds (issue 5).
+/// The goal for idle feeds (README, "Benchmark": at most 256 MiB).
 const IDLE_RSS_BUDGET: u64 = 256 * 1024 * 1024;
 
 fn main() {
@@ -1159,7 +1159,7 @@ fn scenario_sqlite(ctx: &Ctx) {
 
 /// One feed into the Kafka sink against a local broker, beside a bare rdkafka producer sending
 /// the same records (value, key, the five headers, timestamp) with the sink's settings (lz4,
-/// idempotent, `acks=all`) to the same broker in the same run (issue 6: goal at least 50 % of
+/// idempotent, `acks=all`) to the same broker in the same run (the goal: at least 50 % of
 /// the raw rate). The broker is tansu (as in `tests/kafka.rs`), started here on a free port
 /// with in-memory storage, one partition per topic; without tansu the row says so.
 /// `BENCH_KAFKA_EVENTS` (default 500 000) sets the size.

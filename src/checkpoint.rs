@@ -1,4 +1,4 @@
-//! Per-feed acknowledgement tracking (DESIGN.md §4).
+//! Per-feed acknowledgement tracking (ARCHITECTURE.md §4).
 //!
 //! Every event a feed hands to the router is registered here, in sequence order, with the
 //! number of sinks it was sent to. Sinks acknowledge events once stored, in any order. The

@@ -1,4 +1,4 @@
-//! The event as the bridge sees it (DESIGN.md §1).
+//! The event as the bridge sees it (ARCHITECTURE.md §1).
 
 use std::sync::Arc;
 

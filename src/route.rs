@@ -1,4 +1,4 @@
-//! The router: (feed, event type) -> sinks (DESIGN.md §5).
+//! The router: (feed, event type) -> sinks (ARCHITECTURE.md §5).
 //!
 //! # Semantics
 //!
@@ -8,7 +8,7 @@
 //!   treated as acknowledged (the checkpoint moves past it).
 //! - A matching route with `sinks` sends the event to all of them. If any of them cannot
 //!   store this event type (a file sink with `{type}` in its path and a type that would not
-//!   make a safe file name, DESIGN.md §7), the whole event goes to the default route instead
+//!   make a safe file name, ARCHITECTURE.md §7), the whole event goes to the default route instead
 //!   and is counted as a misfit; if the default route cannot take it either, or there is none,
 //!   it is unrouted.
 //! - An event that matches no route goes to the default route (`[routing] default`). With no

@@ -63,7 +63,7 @@ fn for_tap(event: &Arc<Event>) -> Arc<Event> {
     })
 }
 
-/// Counters of one feed (DESIGN.md §5: nothing is lost silently, everything is counted).
+/// Counters of one feed (ARCHITECTURE.md §5: nothing is lost silently, everything is counted).
 #[derive(Debug, Default)]
 pub struct FeedStats {
     /// Events dispatched by the parser.

@@ -1,4 +1,4 @@
-//! The EventSource client against a real HTTP server on 127.0.0.1 (DESIGN.md §3): what it
+//! The EventSource client against a real HTTP server on 127.0.0.1 (ARCHITECTURE.md §3): what it
 //! sends, what it produces, and when it reconnects. Delays are measured at the server, from the
 //! end of one response to the arrival of the next request, so they are lower bounds the client
 //! must respect whatever the scheduling noise. Nothing waits by sleeping and hoping: every wait

@@ -1,6 +1,6 @@
 //! The parser on arbitrary bytes split at arbitrary points: it never panics, and every split
 //! gives the same items, the same last event ID, the same `retry` value and the same kind of
-//! error as the whole input pushed at once (DESIGN.md §2), with the default limits and with
+//! error as the whole input pushed at once (ARCHITECTURE.md §2), with the default limits and with
 //! small ones that the input chooses.
 //!
 //! Input layout: byte 0 = number of cuts (mod 16); then two bytes per cut (little-endian

@@ -39,7 +39,7 @@ use crate::event::Event;
 
 /// Appends `event` as one JSON line (ending in `\n`) to `out`. Does not clear `out`.
 ///
-/// This is the file sink's hot path (issue 5's benchmark): strings are escaped by
+/// This is the file sink's hot path (README, "Benchmark"): strings are escaped by
 /// [`push_str`] and numbers and the time formatted by hand, byte for byte what
 /// `serde_json` and `write!` produced before (the tests compare with them).
 pub fn encode(event: &Event, out: &mut Vec<u8>) {

@@ -87,7 +87,7 @@ impl SinkConfig {
 
     /// Whether events of this type can be stored by this sink. A sink that builds names from
     /// the event type (`{type}` in a path) refuses types that would not make a safe name;
-    /// the router then sends such events to the default route and counts them (DESIGN.md §7).
+    /// the router then sends such events to the default route and counts them (ARCHITECTURE.md §7).
     pub fn accepts_type(&self, event_type: &str) -> bool {
         match self {
             SinkConfig::File(c) => c.accepts_type(event_type),

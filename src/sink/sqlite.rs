@@ -14,7 +14,7 @@
 //!   a re-fetched event, or a log replayed twice, is stored once.
 //! - **Co-located checkpoints.** When the database is the state database (`path` names the
 //!   same file as `state.path`), the sink also upserts each feed's checkpoint, as it will be
-//!   once the batch is acknowledged, in the same transaction as the events (DESIGN.md §4).
+//!   once the batch is acknowledged, in the same transaction as the events (ARCHITECTURE.md §4).
 //!   After `kill -9` a feed then resumes exactly after the last stored event.
 //! - **Busy or locked.** SQLite waits up to `busy_timeout` for a lock; past that the write
 //!   fails and the runner retries it with backoff, holding the feeds back: nothing is dropped.

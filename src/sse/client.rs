@@ -1,6 +1,6 @@
 //! The reconnecting EventSource of one feed: [`Connector`] (transport), [`Parser`] (the stream
 //! format) and [`Backoff`] (delays) tied into one loop, keeping the feed's [`StatusHandle`]
-//! current (DESIGN.md §3).
+//! current (ARCHITECTURE.md §3).
 //!
 //! The loop is a small state machine stored in the struct ([`Phase`]), never in the future of
 //! [`EventSource::next`]: the connection attempt in flight is a boxed future kept across calls,

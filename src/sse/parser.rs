@@ -1,5 +1,5 @@
 //! Incremental parser for `text/event-stream` (WHATWG HTML, "Parsing an event stream" and
-//! "Interpreting an event stream"), as DESIGN.md §2 requires: the same items for any chunk split.
+//! "Interpreting an event stream"), as ARCHITECTURE.md §2 requires: the same items for any chunk split.
 //!
 //! The parser works on bytes and decodes per line. That is equivalent to decoding the whole stream
 //! with `String::from_utf8_lossy`: CR (0x0D) and LF (0x0A) never occur inside a UTF-8 multi-byte
@@ -170,7 +170,7 @@ impl Parser {
     /// Starts a new stream (new HTTP connection): clears the line, data and event type buffers,
     /// the CR and BOM state and a previous error, and sets the last event ID buffer to
     /// `last_event_id` (the ID the bridge sent as `Last-Event-ID`), so an ID persists across
-    /// reconnections as DESIGN.md §1 requires. The last event ID string is set to it too, so
+    /// reconnections as ARCHITECTURE.md §1 requires. The last event ID string is set to it too, so
     /// [`Parser::last_event_id`] reports it at once and the first blank line of the stream does
     /// not count as an ID change. Does NOT clear the reconnection time: a `retry` value not yet
     /// taken stays available to [`Parser::take_retry`].

@@ -59,7 +59,7 @@ impl LogLine {
     }
 }
 
-/// The state of a feed as its log lines tell it (the EventSource `readyState`, DESIGN.md §3).
+/// The state of a feed as its log lines tell it (the EventSource `readyState`, ARCHITECTURE.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
     /// "connected to …": the response was accepted (`open`).
