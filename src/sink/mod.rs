@@ -5,6 +5,7 @@
 pub mod file;
 pub mod jsonl;
 pub mod kafka;
+pub mod naming;
 pub mod runner;
 pub mod sqlite;
 pub mod stdout;
