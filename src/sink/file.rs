@@ -2969,6 +2969,118 @@ mod tests {
     }
 
     #[test]
+    fn links_below_the_base_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("target");
+        std::fs::write(&target, "precious\n").unwrap();
+        std::fs::create_dir(outside.path().join("dir")).unwrap();
+        std::fs::create_dir_all(dir.path().join("out/f")).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("out/f/message.jsonl")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("dir"), dir.path().join("out/g"))
+            .unwrap();
+        // A FIFO does not hang the sink.
+        let fifo = dir.path().join("out/f/fifo.jsonl");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut sink = sink_in(dir.path(), "out/{feed}/{type}.jsonl", FsyncPolicy::Always);
+        for (feed, t, expect) in [
+            ("f", "message", "out/f/message.jsonl"),
+            ("g", "message", "out/g"),
+            ("f", "fifo", "out/f/fifo.jsonl"),
+        ] {
+            let err = sink.write(&[event(feed, t, 1, "x")]).unwrap_err().to_string();
+            assert!(err.contains(expect), "{err}");
+            if expect != "out/f/fifo.jsonl" {
+                assert!(err.contains("symbolic link"), "{err}");
+            } else {
+                assert!(err.contains("not a regular file"), "{err}");
+            }
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
+        assert_eq!(std::fs::read_dir(outside.path().join("dir")).unwrap().count(), 0);
+        // The undo of a failed batch does not truncate through a link planted meanwhile.
+        sink.write(&[event("f", "t", 1, "x")]).unwrap();
+        let own = dir.path().join("out/f/t.jsonl");
+        std::fs::remove_file(&own).unwrap();
+        std::os::unix::fs::symlink(&target, &own).unwrap();
+        assert!(truncate_path(&own, 0, false)
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic link"));
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
+    }
+
+    #[test]
+    fn only_the_sinks_own_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+        let line = encoded(&[event("a", "t", 1, "x")]);
+        for (name, content, cut_to) in [
+            // Foreign: not cut, refused.
+            ("b", b"SQLite format 3\0\x01\x02".to_vec(), None),
+            ("c", b"key = 1\nname = \"x\"".to_vec(), None),
+            ("d", [b"not json\n".as_slice(), &line[..10]].concat(), None),
+            ("e", b"{\"feed\":\"x\",\"type\":\"t\"}\n{\"fe".to_vec(), None),
+            // The sink's own: the unfinished line is cut.
+            ("f", line[..10].to_vec(), Some(0)),
+            ("g", b"{\"fe".to_vec(), Some(0)),
+            ("h", [line.as_slice(), &line[..20]].concat(), Some(line.len())),
+        ] {
+            let path = dir.path().join(format!("{name}.jsonl"));
+            std::fs::write(&path, &content).unwrap();
+            let result = sink.write(&[event(name, "t", 2, "y")]);
+            match cut_to {
+                None => {
+                    let err = result.unwrap_err().to_string();
+                    assert!(
+                        err.contains(&format!("refusing to append to {}", path.display()))
+                            && err.contains("not a JSON line written by this sink"),
+                        "{name}: {err}"
+                    );
+                    assert_eq!(std::fs::read(&path).unwrap(), content, "{name}");
+                }
+                Some(keep) => {
+                    result.unwrap();
+                    let after = std::fs::read(&path).unwrap();
+                    assert_eq!(after[..keep], content[..keep], "{name}");
+                    assert_eq!(decode_all(&after[keep..], name).len(), 1, "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn paths_that_can_reach_a_file_are_found() {
+        let cwd = Path::new("/srv/b");
+        for (template, target, hit) in [
+            ("data/{type}.db", "data/state.db", true),
+            ("data/{type}.db", "/srv/b/data/./x/../state.db", true),
+            ("data/state.db", "data/state.db", true),
+            ("/srv/b/data/{type}.jsonl", "data/state.db", false),
+            ("data/{type}.jsonl", "data/state.db-wal", false),
+            ("data/{feed}-{type}.jsonl", "data/config.jsonl", false),
+            ("data/{feed}-{type}.jsonl", "data/a-config.jsonl", true),
+            ("data/{feed}/{type}.jsonl", "data/a/b.jsonl", true),
+            ("data/{feed}/{type}.jsonl", "data/b.jsonl", false),
+            // Rotated, compressed and temporary names.
+            ("data/s.db", "data/s.2026-11-24T08-30-00.123Z.db", true),
+            ("data/{type}.toml", "data/config.toml.gz.tmp", true),
+            ("conf/%Y.toml", "conf/sse-bridge.toml", true),
+            ("data/s.db", "data/s.db-wal", false),
+            ("other/{type}.db", "data/state.db", false),
+        ] {
+            let c = FileSinkConfig::new(template);
+            assert_eq!(
+                c.can_write_to(Path::new(target), cwd),
+                hit,
+                "{template} -> {target}"
+            );
+        }
+    }
+
+    #[test]
     fn a_non_regular_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
