@@ -7,10 +7,16 @@
 //! truncated to its length before the batch, so the runner's retry never leaves a torn line
 //! or a duplicate.
 //!
-//! Names built from event data are confined (DESIGN.md §7): `{feed}` and `{type}` expand only
-//! to 1 to 200 characters of `A-Z a-z 0-9 . _ -` not starting with `.`, and every rendered path
-//! is checked to stay under the template's base directory. Strftime fields are allowed only in
-//! the file name and may not render a `/`.
+//! Names built from event data are confined (ARCHITECTURE.md, "Hostile input and bounded
+//! resources"): `{feed}` and `{type}` expand to their safe names ([`naming`]: percent-encoded,
+//! at most 200 bytes, never `.`, `..` or a separator), every rendered path is checked to stay
+//! under the template's base directory, and a templated file name always ends with the sink's
+//! own extension. Strftime fields are allowed only in the file name and may not render a `/`.
+//!
+//! The sink writes only files it owns: below the base directory, directories and files are
+//! opened relative to their parent with `O_NOFOLLOW` (never through a symbolic link), every
+//! other open of a sink file (undo, compression, comparison) refuses a link too, and a torn
+//! last line is only cut from a file whose last complete line is one of the sink's JSON lines.
 //!
 //! Rotation (`rotate_size`, `rotate_interval`, strftime fields in the file name), retention
 //! (`max_files`, `max_age`) and compression of closed files:
@@ -97,10 +103,25 @@ pub struct FileSinkConfig {
     /// braces are only allowed around `feed` and `type`. An absolute path must start with at
     /// least one fixed directory before any placeholder.
     ///
-    /// With `{type}`, event types that are not 1 to 200 characters of `A-Z a-z 0-9 . _ -`
-    /// (not starting with `.`), or that would make a file name longer than 255 bytes, cannot
+    /// `{feed}` and `{type}` are written as safe names: every byte outside
+    /// `A-Z a-z 0-9 . _ -` becomes `%XX` (uppercase hex of the UTF-8 byte), and so does a
+    /// leading `.` (`été` -> `%C3%A9t%C3%A9`, `a/b` -> `a%2Fb`, `..` -> `%2E.`, `%` -> `%25`).
+    /// The encoding is reversible, so every type has a file of its own. Only a type whose safe
+    /// name is longer than 200 bytes, or would make a file name longer than 255 bytes, cannot
     /// be stored here: such events go to the default route (`[routing] default`) and are
     /// counted as misfits.
+    ///
+    /// A file name built from placeholders or strftime fields must end with a fixed
+    /// extension (`{type}.jsonl`, not `{type}` or `{type}.{feed}`), so that no event type can
+    /// name a file of another kind. `validate` also refuses a path that can name the state
+    /// database, its `-wal`, `-shm` or `-journal` file, or the configuration file (for any
+    /// feed, type or time, rotated and compressed names included).
+    ///
+    /// Below the base directory nothing is reached through a symbolic link: a link (or a
+    /// FIFO, or anything but a regular file or directory) where the sink would write is an
+    /// error naming it, and the feeds routed here are held back until it is moved away. A file
+    /// ending inside a line is cut back to its last complete line only when that line is one
+    /// of this sink's JSON lines; otherwise the sink refuses the file and cuts nothing.
     ///
     /// The file name (the last component only) may contain strftime fields, rendered in UTC
     /// when the events are written: `data/{feed}-%Y-%m-%d.jsonl` starts a new file every day
@@ -1531,10 +1552,7 @@ impl FileSink {
                 dir = d.parent();
             }
             std::fs::create_dir_all(&base).map_err(|e| {
-                self.io(
-                    format!("cannot create the directory {}", base.display()),
-                    e,
-                )
+                self.io(format!("cannot create the directory {}", base.display()), e)
             })?;
             for d in missing {
                 self.dirs_to_sync.insert(parent_dir(&d));
@@ -2843,7 +2861,10 @@ mod tests {
             .write(&[event("ok", "fine", 20, "x"), event("", "t", 21, "y")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("sink `archive`") && err.contains("not usable"), "{err}");
+        assert!(
+            err.contains("sink `archive`") && err.contains("not usable"),
+            "{err}"
+        );
         sink.write(&[event("ok", "fine", 22, "z")]).unwrap();
         assert_eq!(seqs(&dir.path().join("out/ok/fine.jsonl")), [22]);
     }
@@ -2977,8 +2998,7 @@ mod tests {
         std::fs::create_dir(outside.path().join("dir")).unwrap();
         std::fs::create_dir_all(dir.path().join("out/f")).unwrap();
         std::os::unix::fs::symlink(&target, dir.path().join("out/f/message.jsonl")).unwrap();
-        std::os::unix::fs::symlink(outside.path().join("dir"), dir.path().join("out/g"))
-            .unwrap();
+        std::os::unix::fs::symlink(outside.path().join("dir"), dir.path().join("out/g")).unwrap();
         // A FIFO does not hang the sink.
         let fifo = dir.path().join("out/f/fifo.jsonl");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
@@ -2990,7 +3010,10 @@ mod tests {
             ("g", "message", "out/g"),
             ("f", "fifo", "out/f/fifo.jsonl"),
         ] {
-            let err = sink.write(&[event(feed, t, 1, "x")]).unwrap_err().to_string();
+            let err = sink
+                .write(&[event(feed, t, 1, "x")])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expect), "{err}");
             if expect != "out/f/fifo.jsonl" {
                 assert!(err.contains("symbolic link"), "{err}");
@@ -2999,7 +3022,12 @@ mod tests {
             }
         }
         assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
-        assert_eq!(std::fs::read_dir(outside.path().join("dir")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(outside.path().join("dir"))
+                .unwrap()
+                .count(),
+            0
+        );
         // The undo of a failed batch does not truncate through a link planted meanwhile.
         sink.write(&[event("f", "t", 1, "x")]).unwrap();
         let own = dir.path().join("out/f/t.jsonl");
@@ -3022,11 +3050,19 @@ mod tests {
             ("b", b"SQLite format 3\0\x01\x02".to_vec(), None),
             ("c", b"key = 1\nname = \"x\"".to_vec(), None),
             ("d", [b"not json\n".as_slice(), &line[..10]].concat(), None),
-            ("e", b"{\"feed\":\"x\",\"type\":\"t\"}\n{\"fe".to_vec(), None),
+            (
+                "e",
+                b"{\"feed\":\"x\",\"type\":\"t\"}\n{\"fe".to_vec(),
+                None,
+            ),
             // The sink's own: the unfinished line is cut.
             ("f", line[..10].to_vec(), Some(0)),
             ("g", b"{\"fe".to_vec(), Some(0)),
-            ("h", [line.as_slice(), &line[..20]].concat(), Some(line.len())),
+            (
+                "h",
+                [line.as_slice(), &line[..20]].concat(),
+                Some(line.len()),
+            ),
         ] {
             let path = dir.path().join(format!("{name}.jsonl"));
             std::fs::write(&path, &content).unwrap();

@@ -19,7 +19,13 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 pub fn encoded_len(s: &str) -> usize {
     s.bytes()
         .enumerate()
-        .map(|(i, b)| if is_plain(b) && !(i == 0 && b == b'.') { 1 } else { 3 })
+        .map(|(i, b)| {
+            if is_plain(b) && !(i == 0 && b == b'.') {
+                1
+            } else {
+                3
+            }
+        })
         .sum()
 }
 
@@ -98,7 +104,9 @@ mod tests {
 
     #[test]
     fn only_the_encoders_spelling_decodes() {
-        for name in ["%41", "%c3%a9", "%", "%2", "%ZZ", "a b", "a/b", ".x", "%FF", "é"] {
+        for name in [
+            "%41", "%c3%a9", "%", "%2", "%ZZ", "a b", "a/b", ".x", "%FF", "é",
+        ] {
             assert_eq!(decode(name), None, "{name:?}");
         }
     }

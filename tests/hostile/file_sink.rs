@@ -37,7 +37,13 @@ fn events_of_types(types: &[&str]) -> String {
 
 fn config(d: &Path, feeds: &[(&str, &str)], sink_path: &str) -> PathBuf {
     let routing = "[routing]\ndefault = [\"out\"]\n";
-    config_with(d, feeds, &format!("[sink.out]\ntype = \"file\"\npath = \"{sink_path}\"\nfsync = \"never\"\n\n{routing}"))
+    config_with(
+        d,
+        feeds,
+        &format!(
+            "[sink.out]\ntype = \"file\"\npath = \"{sink_path}\"\nfsync = \"never\"\n\n{routing}"
+        ),
+    )
 }
 
 fn config_with(d: &Path, feeds: &[(&str, &str)], sinks_and_routes: &str) -> PathBuf {
@@ -110,8 +116,14 @@ fn validate_refuses_sink_paths_that_can_reach_the_state_database_or_the_config()
     let feeds = [("f", "http://127.0.0.1:9/stream")];
     for (sink_path, expect) in [
         // The reproduced case: no extension, so `event: state.db` named the database.
-        (format!("{dd}/data/{{type}}"), "does not end with a fixed extension"),
-        (format!("{dd}/data/state.db"), "data/state.db (the state database)"),
+        (
+            format!("{dd}/data/{{type}}"),
+            "does not end with a fixed extension",
+        ),
+        (
+            format!("{dd}/data/state.db"),
+            "data/state.db (the state database)",
+        ),
         (
             format!("{dd}/data/{{type}}.db"),
             "data/state.db (the state database)",
@@ -121,7 +133,10 @@ fn validate_refuses_sink_paths_that_can_reach_the_state_database_or_the_config()
             "data/state.db-wal (a journal file of the state database)",
         ),
         // Relative to the working directory, the state path being absolute.
-        ("data/{feed}.db".to_string(), "data/state.db (the state database)"),
+        (
+            "data/{feed}.db".to_string(),
+            "data/state.db (the state database)",
+        ),
         (
             format!("{dd}/{{type}}.toml"),
             "bridge.toml (the configuration file)",
@@ -191,8 +206,7 @@ async fn every_event_type_is_stored_and_nothing_else_is_touched() {
     let config = config(d, &[("f", &server.url())], &sink_path);
     let state = d.join("data/state.db");
     let is_sink_file = |p: &Path| {
-        p.parent() == Some(d.join("data").as_path())
-            && p.extension().is_some_and(|e| e == "jsonl")
+        p.parent() == Some(d.join("data").as_path()) && p.extension().is_some_and(|e| e == "jsonl")
     };
     let is_state = |p: &Path| {
         p.file_name()
@@ -234,14 +248,20 @@ async fn every_event_type_is_stored_and_nothing_else_is_touched() {
     // Every event exactly once, in the file its encoded type names.
     let mut seen = BTreeMap::new();
     for path in &sink_files() {
-        let stem = path.file_stem().and_then(|s| s.to_str()).expect("a UTF-8 name");
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a UTF-8 name");
         let decoded = sse_bridge::sink::naming::decode(stem)
             .unwrap_or_else(|| panic!("{} is not an encoded name", path.display()));
         for line in std::fs::read_to_string(path).expect("read").lines() {
             let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
             assert_eq!(v["type"].as_str(), Some(decoded.as_str()), "{line}");
             let id = v["id"].as_str().expect("id").to_string();
-            assert!(seen.insert(id.clone(), decoded.clone()).is_none(), "{id} twice");
+            assert!(
+                seen.insert(id.clone(), decoded.clone()).is_none(),
+                "{id} twice"
+            );
         }
     }
     let expected: BTreeMap<String, String> = types
@@ -259,7 +279,11 @@ async fn every_event_type_is_stored_and_nothing_else_is_touched() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("integrity_check");
     assert_eq!(integrity, "ok");
-    assert_eq!(snapshot(d, &skip), before, "something outside the sink's files changed");
+    assert_eq!(
+        snapshot(d, &skip),
+        before,
+        "something outside the sink's files changed"
+    );
     eprintln!(
         "after: 21 of 21 events stored under {} files, unrouted 0, misfit 0, state database ok",
         sink_files().len()
@@ -300,11 +324,15 @@ async fn links_in_the_sink_tree_are_never_followed_and_the_feeds_are_held_back()
     for link in [&file_link, &dir_link] {
         let shown = link.display().to_string();
         bridge
-            .wait_log("an error naming the link", Duration::from_secs(20), move |l| {
-                l.level == "ERROR"
-                    && l.message.contains(&shown)
-                    && l.message.contains("symbolic link")
-            })
+            .wait_log(
+                "an error naming the link",
+                Duration::from_secs(20),
+                move |l| {
+                    l.level == "ERROR"
+                        && l.message.contains(&shown)
+                        && l.message.contains("symbolic link")
+                },
+            )
             .await;
     }
     // Held back: a few commit intervals pass without the checkpoints moving.
@@ -313,7 +341,9 @@ async fn links_in_the_sink_tree_are_never_followed_and_the_feeds_are_held_back()
     assert_eq!(checkpoint(&state, "g"), None);
     assert_eq!(std::fs::read(&target).expect("read"), b"not the sink's\n");
     assert_eq!(
-        std::fs::read_dir(outside.path().join("dir")).expect("list").count(),
+        std::fs::read_dir(outside.path().join("dir"))
+            .expect("list")
+            .count(),
         0
     );
 
@@ -329,13 +359,15 @@ async fn links_in_the_sink_tree_are_never_followed_and_the_feeds_are_held_back()
     let (status, _) = bridge.terminate(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
     for feed in ["f", "g"] {
-        let text = std::fs::read_to_string(d.join(format!("out/{feed}/message.jsonl")))
-            .expect("read");
+        let text =
+            std::fs::read_to_string(d.join(format!("out/{feed}/message.jsonl"))).expect("read");
         assert_eq!(text.lines().count(), 3, "{feed}: {text}");
     }
     assert_eq!(std::fs::read(&target).expect("read"), b"not the sink's\n");
     assert_eq!(
-        std::fs::read_dir(outside.path().join("dir")).expect("list").count(),
+        std::fs::read_dir(outside.path().join("dir"))
+            .expect("list")
+            .count(),
         0
     );
 }
@@ -356,11 +388,15 @@ async fn a_foreign_file_with_an_unfinished_last_line_is_not_cut() {
     let bridge = Bridge::spawn(&config);
     let shown = format!("refusing to append to {}", path.display());
     bridge
-        .wait_log("the refusal, naming the file", Duration::from_secs(20), move |l| {
-            l.level == "ERROR"
-                && l.message.contains(&shown)
-                && l.message.contains("not a JSON line written by this sink")
-        })
+        .wait_log(
+            "the refusal, naming the file",
+            Duration::from_secs(20),
+            move |l| {
+                l.level == "ERROR"
+                    && l.message.contains(&shown)
+                    && l.message.contains("not a JSON line written by this sink")
+            },
+        )
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(checkpoint(&state, "f"), None, "the feed is held back");
@@ -368,7 +404,9 @@ async fn a_foreign_file_with_an_unfinished_last_line_is_not_cut() {
     assert_eq!(std::fs::read(&path).expect("read"), foreign, "not cut");
     assert_eq!(checkpoint(&state, "f"), None);
     assert!(
-        !logs.iter().any(|l| l.message.contains("cut that unfinished line")),
+        !logs
+            .iter()
+            .any(|l| l.message.contains("cut that unfinished line")),
         "nothing may be cut"
     );
 }
