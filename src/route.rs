@@ -7,8 +7,9 @@
 //! - A matching route with `drop = true` drops the event: it is counted as dropped and
 //!   treated as acknowledged (the checkpoint moves past it).
 //! - A matching route with `sinks` sends the event to all of them. If any of them cannot
-//!   store this event type (a file sink with `{type}` in its path and a type that would not
-//!   make a safe file name, ARCHITECTURE.md §7), the whole event goes to the default route instead
+//!   store this event type (a file sink with `{type}` in its path and a type whose encoded
+//!   file name would be too long, or a Kafka topic template and a type that is not a valid
+//!   topic name; ARCHITECTURE.md §7), the whole event goes to the default route instead
 //!   and is counted as a misfit; if the default route cannot take it either, or there is none,
 //!   it is unrouted.
 //! - An event that matches no route goes to the default route (`[routing] default`). With no
@@ -558,25 +559,44 @@ mod tests {
         let routes = [route(None, "*", &["b", "typed"])];
         let router = Router::new(&routes, &routing(&["a"]), &sinks()).unwrap();
         assert_eq!(decide(&router, "f", "edit"), (vec![1, 2], Outcome::Routed));
-        // `typed` cannot take this type: the whole event goes to the default, not to `b`.
-        assert_eq!(decide(&router, "f", "../etc"), (vec![0], Outcome::Misfit));
-        assert_eq!(decide(&router, "f", ".hidden"), (vec![0], Outcome::Misfit));
+        // Any spelling fits a file name once encoded: `../etc` and `.hidden` are routed.
+        assert_eq!(
+            decide(&router, "f", "../etc"),
+            (vec![1, 2], Outcome::Routed)
+        );
+        assert_eq!(
+            decide(&router, "f", ".hidden"),
+            (vec![1, 2], Outcome::Routed)
+        );
+        // `typed` cannot take a type whose encoded name is too long: the whole event goes to
+        // the default, not to `b`.
+        assert_eq!(
+            decide(&router, "f", &"x".repeat(201)),
+            (vec![0], Outcome::Misfit)
+        );
+        assert_eq!(
+            decide(&router, "f", &"/".repeat(67)),
+            (vec![0], Outcome::Misfit)
+        );
     }
 
     #[test]
     fn misfit_without_usable_default_is_unrouted() {
         let routes = [route(None, "*", &["typed"])];
         let none = Router::new(&routes, &routing(&[]), &sinks()).unwrap();
-        assert_eq!(decide(&none, "f", "a/b"), (vec![], Outcome::Unrouted));
+        assert_eq!(
+            decide(&none, "f", &"/".repeat(67)),
+            (vec![], Outcome::Unrouted)
+        );
         let unfit_default = Router::new(&routes, &routing(&["b", "typed"]), &sinks()).unwrap();
         assert_eq!(
-            decide(&unfit_default, "f", "a/b"),
+            decide(&unfit_default, "f", &"/".repeat(67)),
             (vec![], Outcome::Unrouted)
         );
         // No route matched and the default cannot take the type: unrouted too.
         let default_only = Router::new(&[], &routing(&["typed"]), &sinks()).unwrap();
         assert_eq!(
-            decide(&default_only, "f", "a b"),
+            decide(&default_only, "f", &" ".repeat(67)),
             (vec![], Outcome::Unrouted)
         );
         assert_eq!(decide(&default_only, "f", "ab"), (vec![2], Outcome::Routed));

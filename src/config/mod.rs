@@ -216,7 +216,7 @@ impl LoadedConfig {
     /// validates the result.
     pub fn load(path: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
         let loaded = Self::parse(path)?;
-        let issues = loaded.config.validate();
+        let issues = loaded.config.validate_from(loaded.path.as_deref());
         if issues.is_empty() {
             Ok(loaded)
         } else {
@@ -360,7 +360,13 @@ impl Config {
 
     /// Everything that can be checked offline.
     pub fn validate(&self) -> Vec<ConfigIssue> {
-        validate::validate(self)
+        validate::validate(self, None)
+    }
+
+    /// Everything that can be checked offline, for a configuration read from `file`: no sink
+    /// may write to that file either.
+    pub fn validate_from(&self, file: Option<&Path>) -> Vec<ConfigIssue> {
+        validate::validate(self, file)
     }
 
     /// The feeds that run.

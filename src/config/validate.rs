@@ -2,13 +2,15 @@
 //! connecting anywhere. Each problem names the key as the file spells it.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::header::{HeaderName, HeaderValue};
 
 use super::{Config, ConfigIssue, FeedConfig};
+use crate::sink::SinkConfig;
 
-/// Headers the bridge sets itself (DESIGN.md §3); a feed may not override them.
+/// Headers the bridge sets itself (ARCHITECTURE.md §3); a feed may not override them.
 const RESERVED_HEADERS: &[&str] = &["accept", "cache-control", "last-event-id"];
 
 /// Largest `max_event_size` accepted: beyond this a single event could exhaust memory.
@@ -35,7 +37,8 @@ impl Issues {
     }
 }
 
-pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
+/// `config_file`: the file the configuration was read from, if any; no sink may write to it.
+pub(super) fn validate(cfg: &Config, config_file: Option<&Path>) -> Vec<ConfigIssue> {
     let mut issues = Issues(Vec::new());
 
     if cfg.state.path.as_os_str().is_empty() {
@@ -107,6 +110,7 @@ pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
             issues.add(format!("sink.{name}.{key}"), message);
         }
     }
+    validate_owned_files(&mut issues, cfg, config_file);
 
     let sink_names: Vec<&str> = cfg.sink.keys().map(String::as_str).collect();
     let feed_names: Vec<&str> = cfg.feed.iter().map(|f| f.name.as_str()).collect();
@@ -121,6 +125,45 @@ pub(super) fn validate(cfg: &Config) -> Vec<ConfigIssue> {
         }
     }
     issues.0
+}
+
+/// A file sink may only ever write its own files: no path it can render (for any feed,
+/// event type or time, rotated or compressed) may be the state database, its journal files,
+/// or the configuration file.
+fn validate_owned_files(issues: &mut Issues, cfg: &Config, config_file: Option<&Path>) {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let mut protected: Vec<(PathBuf, &str)> = Vec::new();
+    if !cfg.state.path.as_os_str().is_empty() {
+        protected.push((cfg.state.path.clone(), "the state database"));
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut p = cfg.state.path.clone().into_os_string();
+            p.push(suffix);
+            protected.push((PathBuf::from(p), "a journal file of the state database"));
+        }
+    }
+    if let Some(file) = config_file {
+        protected.push((file.to_path_buf(), "the configuration file"));
+    }
+    for (name, sink) in &cfg.sink {
+        let SinkConfig::File(file_sink) = sink else {
+            continue;
+        };
+        for (target, what) in &protected {
+            if file_sink.can_write_to(target, &cwd) {
+                issues.add(
+                    format!("sink.{name}.path"),
+                    format!(
+                        "`{}` can name {} ({}): a file sink must never write, rotate or cut \
+                         it; put the sink's files in a directory of their own, such as \
+                         `data/events/{{feed}}/{{type}}.jsonl`",
+                        file_sink.path,
+                        target.display(),
+                        what
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn positive(issues: &mut Issues, key: &str, d: Duration) {

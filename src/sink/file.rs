@@ -7,10 +7,16 @@
 //! truncated to its length before the batch, so the runner's retry never leaves a torn line
 //! or a duplicate.
 //!
-//! Names built from event data are confined (DESIGN.md §7): `{feed}` and `{type}` expand only
-//! to 1 to 200 characters of `A-Z a-z 0-9 . _ -` not starting with `.`, and every rendered path
-//! is checked to stay under the template's base directory. Strftime fields are allowed only in
-//! the file name and may not render a `/`.
+//! Names built from event data are confined (ARCHITECTURE.md, "Hostile input and bounded
+//! resources"): `{feed}` and `{type}` expand to their safe names ([`naming`]: percent-encoded,
+//! at most 200 bytes, never `.`, `..` or a separator), every rendered path is checked to stay
+//! under the template's base directory, and a templated file name always ends with the sink's
+//! own extension. Strftime fields are allowed only in the file name and may not render a `/`.
+//!
+//! The sink writes only files it owns: below the base directory, directories and files are
+//! opened relative to their parent with `O_NOFOLLOW` (never through a symbolic link), every
+//! other open of a sink file (undo, compression, comparison) refuses a link too, and a torn
+//! last line is only cut from a file whose last complete line is one of the sink's JSON lines.
 //!
 //! Rotation (`rotate_size`, `rotate_interval`, strftime fields in the file name), retention
 //! (`max_files`, `max_age`) and compression of closed files:
@@ -42,13 +48,13 @@ use chrono::format::{Item, Parsed, StrftimeItems};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc, Weekday};
 use serde::{Deserialize, Serialize};
 
-use super::{jsonl, BufferConfig, SinkError};
+use super::{jsonl, naming, BufferConfig, SinkError};
 use crate::config::units::ByteSize;
 use crate::event::Event;
 
 /// Open file handles kept per sink; when more are needed, all are closed first.
 const MAX_OPEN_FILES: usize = 256;
-/// Longest value a placeholder expands to.
+/// Longest value a placeholder expands to, encoded.
 const MAX_VALUE_LEN: usize = 200;
 /// Longest feed name (the config loader enforces it); used to bound rendered file names.
 const MAX_FEED_LEN: usize = 100;
@@ -99,10 +105,25 @@ pub struct FileSinkConfig {
     /// braces are only allowed around `feed` and `type`. An absolute path must start with at
     /// least one fixed directory before any placeholder.
     ///
-    /// With `{type}`, event types that are not 1 to 200 characters of `A-Z a-z 0-9 . _ -`
-    /// (not starting with `.`), or that would make a file name longer than 255 bytes, cannot
+    /// `{feed}` and `{type}` are written as safe names: every byte outside
+    /// `A-Z a-z 0-9 . _ -` becomes `%XX` (uppercase hex of the UTF-8 byte), and so does a
+    /// leading `.` (`été` -> `%C3%A9t%C3%A9`, `a/b` -> `a%2Fb`, `..` -> `%2E.`, `%` -> `%25`).
+    /// The encoding is reversible, so every type has a file of its own. Only a type whose safe
+    /// name is longer than 200 bytes, or would make a file name longer than 255 bytes, cannot
     /// be stored here: such events go to the default route (`[routing] default`) and are
     /// counted as misfits.
+    ///
+    /// A file name built from placeholders or strftime fields must end with a fixed
+    /// extension (`{type}.jsonl`, not `{type}` or `{type}.{feed}`), so that no event type can
+    /// name a file of another kind. `validate` also refuses a path that can name the state
+    /// database, its `-wal`, `-shm` or `-journal` file, or the configuration file (for any
+    /// feed, type or time, rotated and compressed names included).
+    ///
+    /// Below the base directory nothing is reached through a symbolic link: a link (or a
+    /// FIFO, or anything but a regular file or directory) where the sink would write is an
+    /// error naming it, and the feeds routed here are held back until it is moved away. A file
+    /// ending inside a line is cut back to its last complete line only when that line is one
+    /// of this sink's JSON lines; otherwise the sink refuses the file and cuts nothing.
     ///
     /// The file name (the last component only) may contain strftime fields, rendered in UTC
     /// when the events are written: `data/{feed}-%Y-%m-%d.jsonl` starts a new file every day
@@ -221,7 +242,12 @@ impl FileSinkConfig {
         let mut issues = Vec::new();
         let mut issue = |key: &str, message: String| issues.push((key.to_string(), message));
         let timed = match Template::parse(&self.path, self.name_reserve()) {
-            Ok(t) => Some(!t.formats.is_empty()),
+            Ok(t) => {
+                if let Some(m) = t.check_suffix() {
+                    issue("path", m);
+                }
+                Some(!t.formats.is_empty())
+            }
             Err(errors) => {
                 for m in errors {
                     issue("path", m);
@@ -282,6 +308,32 @@ impl FileSinkConfig {
         Template::parse(&self.path, self.name_reserve()).is_ok_and(|tpl| tpl.accepts_type(t))
     }
 
+    /// Whether some feed, event type and time could make this sink write `target` (made
+    /// absolute against `cwd`), or rotate or compress a file to it: placeholders and strftime
+    /// fields stand for anything within one path component, and rotated (`STEM.STAMP.EXT`),
+    /// compressed (`.gz`, `.zst`) and temporary (`.tmp`) names count. Paths are compared
+    /// after lexical normalisation, and also with the existing directories resolved.
+    pub fn can_write_to(&self, target: &Path, cwd: &Path) -> bool {
+        let Ok(template) = Template::parse(&self.path, self.name_reserve()) else {
+            return false;
+        };
+        let target = absolute(target, cwd);
+        let mut targets = vec![target.clone()];
+        if let (Some(parent), Some(name)) = (target.parent(), target.file_name()) {
+            if let Ok(real) = parent.canonicalize() {
+                targets.push(real.join(name));
+            }
+        }
+        let base = absolute(&template.base, cwd);
+        let mut bases = vec![base.clone()];
+        if let Ok(real) = base.canonicalize() {
+            bases.push(real);
+        }
+        targets
+            .iter()
+            .any(|t| bases.iter().any(|b| template.matches(b, t)))
+    }
+
     /// Whether files are rotated by renaming.
     fn rotates(&self) -> bool {
         self.rotate_size.is_some() || self.rotate_interval.is_some()
@@ -300,14 +352,10 @@ impl FileSinkConfig {
     }
 }
 
-/// Whether `v` may replace a placeholder: 1 to 200 characters of `A-Z a-z 0-9 . _ -`, not
-/// starting with `.` (so never `.` or `..`, and never a separator).
-fn is_safe_value(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= MAX_VALUE_LEN
-        && !v.starts_with('.')
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+/// Whether `v` may replace a placeholder: not empty, and at most 200 bytes once encoded
+/// into a safe name ([`naming`]: never `.` or `..`, never a separator).
+fn is_encodable(v: &str) -> bool {
+    !v.is_empty() && naming::encoded_len(v) <= MAX_VALUE_LEN
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -561,17 +609,79 @@ impl Template {
         Ok(())
     }
 
+    /// A file name built from placeholders or strftime fields must end with the sink's own
+    /// extension, so that no event type can name a file of another kind (a database, a
+    /// config, `x.db-wal`).
+    fn check_suffix(&self) -> Option<String> {
+        let name = self.components.last()?;
+        let templated = name.iter().any(|p| !matches!(p, Piece::Lit(_)));
+        if !templated || self.ext.len() > 1 {
+            return None;
+        }
+        Some(format!(
+            "the file name `{}` is built from placeholders or strftime fields but does not end \
+             with a fixed extension, so an event type could name any file (such as a database \
+             beside it); end it with plain text after a `.`, such as `{}.jsonl`",
+            self.name(),
+            self.name().trim_end_matches('.')
+        ))
+    }
+
+    /// Whether `target` (absolute, normalised) is a file this template can write, rotate or
+    /// compress to, with the base directory at `base` (absolute).
+    fn matches(&self, base: &Path, target: &Path) -> bool {
+        let Ok(rest) = target.strip_prefix(base) else {
+            return false;
+        };
+        let parts: Vec<String> = rest
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        let Some((name, dirs)) = parts.split_last() else {
+            return false;
+        };
+        let Some((file, template_dirs)) = self.components.split_last() else {
+            return false;
+        };
+        if dirs.len() != template_dirs.len()
+            || !dirs
+                .iter()
+                .zip(template_dirs)
+                .all(|(d, pieces)| glob_match(pieces, d))
+        {
+            return false;
+        }
+        // The name, or the name of a rotated file: the stem, `.STAMP`, the extension.
+        let head: &[Piece] = match file.split_last() {
+            Some((_ext, head)) if !self.ext.is_empty() => head,
+            _ => file,
+        };
+        let mut rotated = head.to_vec();
+        rotated.push(Piece::Lit(".".to_string()));
+        rotated.push(Piece::Feed); // stands for the stamp: anything
+        rotated.push(Piece::Lit(self.ext.clone()));
+        let mut names = vec![name.as_str()];
+        for suffix in [".tmp", ".gz", ".zst", ".gz.tmp", ".zst.tmp"] {
+            if let Some(n) = name.strip_suffix(suffix) {
+                names.push(n);
+            }
+        }
+        names
+            .iter()
+            .any(|n| glob_match(file, n) || glob_match(&rotated, n))
+    }
+
     /// Whether `t` can be rendered into this template: see [`FileSinkConfig::accepts_type`].
     fn accepts_type(&self, t: &str) -> bool {
         if !self.uses_type {
             return true;
         }
-        is_safe_value(t)
+        is_encodable(t)
             && self
                 .components
                 .iter()
                 .enumerate()
-                .all(|(i, c)| self.max_len(c, t.len()) <= self.limit(i))
+                .all(|(i, c)| self.max_len(c, naming::encoded_len(t)) <= self.limit(i))
     }
 
     /// Appends one rendered piece to `out`.
@@ -585,8 +695,8 @@ impl Template {
     ) -> Result<(), String> {
         match piece {
             Piece::Lit(l) => out.push_str(l),
-            Piece::Feed if is_safe_value(feed) => out.push_str(feed),
-            Piece::Type if is_safe_value(event_type) => out.push_str(event_type),
+            Piece::Feed if is_encodable(feed) => naming::encode_into(feed, out),
+            Piece::Type if is_encodable(event_type) => naming::encode_into(event_type, out),
             Piece::Feed => return Err(format!("feed name {feed:?} is not usable in a path")),
             Piece::Type => {
                 return Err(format!("event type {event_type:?} is not usable in a path"))
@@ -717,6 +827,42 @@ impl Template {
         }
         count == self.components.len()
     }
+}
+
+/// Whether `text` is what `pieces` can render to, a placeholder or strftime field standing
+/// for any text.
+fn glob_match(pieces: &[Piece], text: &str) -> bool {
+    match pieces.split_first() {
+        None => text.is_empty(),
+        Some((Piece::Lit(l), rest)) => text
+            .strip_prefix(l.as_str())
+            .is_some_and(|t| glob_match(rest, t)),
+        Some((_, rest)) => text
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain(std::iter::once(text.len()))
+            .any(|i| glob_match(rest, &text[i..])),
+    }
+}
+
+/// `path` made absolute against `cwd`, with `.` and `..` resolved lexically.
+fn absolute(path: &Path, cwd: &Path) -> PathBuf {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        cwd.join(path)
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn literal_text(component: &[Piece]) -> String {
@@ -1375,53 +1521,143 @@ impl FileSink {
         })
     }
 
+    /// Opens `key` for appending, creating it and its directories when missing. Below the
+    /// template's base directory (which the operator chose, and which may be a symbolic link)
+    /// nothing is followed: each directory is opened relative to its parent with
+    /// `O_NOFOLLOW`, and so is the file, so a link planted in the sink's tree can neither
+    /// redirect a write nor a truncation (ARCHITECTURE.md, "Hostile input and bounded
+    /// resources"). `O_NONBLOCK` keeps a FIFO planted at the path from hanging the sink.
     fn open_file(&mut self, key: &str) -> Result<File, SinkError> {
+        use rustix::fs::{Mode, OFlags};
+        use rustix::io::Errno;
         let path = Path::new(key);
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
+        let base = self.template.base.clone();
+        let rest = if base == Path::new(".") {
+            path
+        } else {
+            path.strip_prefix(&base).map_err(|_| {
+                self.config(format!(
+                    "refusing to write {key}: it is not under the base directory {}",
+                    base.display()
+                ))
+            })?
         };
-        if !parent.is_dir() {
+        let parts: Vec<&std::ffi::OsStr> = rest.iter().collect();
+        let Some((name, dirs)) = parts.split_last() else {
+            return Err(self.config(format!("refusing to write {key}: it has no file name")));
+        };
+        if !base.is_dir() {
             let mut missing = Vec::new();
-            let mut dir = Some(parent);
+            let mut dir = Some(base.as_path());
             while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
                 missing.push(d.to_path_buf());
                 dir = d.parent();
             }
-            std::fs::create_dir_all(parent).map_err(|e| {
-                self.io(
-                    format!("cannot create the directory {}", parent.display()),
-                    e,
-                )
+            std::fs::create_dir_all(&base).map_err(|e| {
+                self.io(format!("cannot create the directory {}", base.display()), e)
             })?;
             for d in missing {
                 self.dirs_to_sync.insert(parent_dir(&d));
             }
         }
-        if let Ok(meta) = std::fs::metadata(path) {
-            if !meta.is_file() {
-                return Err(self.io(
-                    format!("cannot open {key}"),
-                    std::io::Error::other("it exists and is not a regular file"),
-                ));
-            }
+        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mut dir = rustix::fs::open(&base, dir_flags, Mode::empty()).map_err(|e| {
+            self.io(
+                format!("cannot open the directory {}", base.display()),
+                e.into(),
+            )
+        })?;
+        let mut dir_path = base.clone();
+        for &component in dirs {
+            let child = dir_path.join(component);
+            let flags = dir_flags | OFlags::NOFOLLOW;
+            let opened = match rustix::fs::openat(&dir, component, flags, Mode::empty()) {
+                Err(Errno::NOENT) => {
+                    match rustix::fs::mkdirat(&dir, component, Mode::from_raw_mode(0o777)) {
+                        Ok(()) => {
+                            self.dirs_to_sync.insert(dir_path.clone());
+                        }
+                        Err(Errno::EXIST) => {}
+                        Err(e) => {
+                            return Err(self.io(
+                                format!("cannot create the directory {}", child.display()),
+                                e.into(),
+                            ))
+                        }
+                    }
+                    rustix::fs::openat(&dir, component, flags, Mode::empty())
+                }
+                other => other,
+            };
+            dir = match opened {
+                Ok(fd) => fd,
+                Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
+                    return Err(if is_symlink_at(&dir, component) {
+                        self.symlink_error(&child)
+                    } else {
+                        self.io(
+                            format!("cannot create the directory {}", child.display()),
+                            std::io::Error::other(format!(
+                                "it exists and is not a directory ({e})"
+                            )),
+                        )
+                    });
+                }
+                Err(e) => {
+                    return Err(self.io(
+                        format!("cannot open the directory {}", child.display()),
+                        e.into(),
+                    ))
+                }
+            };
+            dir_path = child;
         }
-        match OpenOptions::new().append(true).create_new(true).open(path) {
-            Ok(f) => {
-                self.dirs_to_sync.insert(parent.to_path_buf());
-                Ok(f)
+        let no_follow = OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let create = OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::EXCL | no_follow;
+        match rustix::fs::openat(&dir, *name, create, Mode::from_raw_mode(0o666)) {
+            Ok(fd) => {
+                self.dirs_to_sync.insert(dir_path);
+                Ok(File::from(fd))
             }
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .append(true)
-                    .open(path)
+            Err(Errno::EXIST) => {
+                let opened = rustix::fs::openat(
+                    &dir,
+                    *name,
+                    OFlags::RDWR | OFlags::APPEND | no_follow,
+                    Mode::empty(),
+                );
+                let file = match opened {
+                    Ok(fd) => File::from(fd),
+                    Err(Errno::LOOP) => return Err(self.symlink_error(path)),
+                    Err(Errno::ISDIR | Errno::NXIO) => return Err(self.not_regular(key)),
+                    Err(e) => return Err(self.io(format!("cannot open {key}"), e.into())),
+                };
+                let meta = file
+                    .metadata()
                     .map_err(|e| self.io(format!("cannot open {key}"), e))?;
+                if !meta.is_file() {
+                    return Err(self.not_regular(key));
+                }
                 self.cut_torn_tail(&file, key)?;
                 Ok(file)
             }
-            Err(e) => Err(self.io(format!("cannot create {key}"), e)),
+            Err(Errno::LOOP) => Err(self.symlink_error(path)),
+            Err(e) => Err(self.io(format!("cannot create {key}"), e.into())),
         }
+    }
+
+    fn symlink_error(&self, path: &Path) -> SinkError {
+        self.io(
+            format!("refusing to write {}", path.display()),
+            std::io::Error::other("it is a symbolic link; the file sink never follows links"),
+        )
+    }
+
+    fn not_regular(&self, key: &str) -> SinkError {
+        self.io(
+            format!("cannot open {key}"),
+            std::io::Error::other("it exists and is not a regular file"),
+        )
     }
 
     /// A crash can leave a file ending inside a line: kill -9 can cut a large write short
@@ -1453,6 +1689,15 @@ impl FileSink {
             }
             end = start;
         };
+        if !self.is_own_tail(file, key, keep, len)? {
+            return Err(self.io(
+                format!("refusing to append to {key}"),
+                std::io::Error::other(
+                    "its last line is not a JSON line written by this sink; nothing was cut. \
+                     Move the file away (or fix its end) and the sink goes on",
+                ),
+            ));
+        }
         file.set_len(keep)
             .and_then(|()| {
                 if self.policy != FsyncPolicy::Never {
@@ -1469,6 +1714,52 @@ impl FileSink {
             "the file ended inside a line (a write cut short by a crash); cut that unfinished line, whose events are fetched again"
         );
         Ok(())
+    }
+
+    /// Whether the file ending with the unfinished line at `keep..len` is this sink's own, so
+    /// that cutting that line cannot destroy anything else: its last complete line decodes
+    /// as one of the sink's JSON lines, or, with no complete line, what is there is the start
+    /// of one. A last line too long to decode in memory is judged by its start and end.
+    fn is_own_tail(&self, file: &File, key: &str, keep: u64, len: u64) -> Result<bool, SinkError> {
+        use std::os::unix::fs::FileExt;
+        const START: &[u8] = b"{\"feed\":";
+        const MAX_DECODED: u64 = 64 * 1024 * 1024;
+        let read = |buf: &mut [u8], at: u64| {
+            file.read_exact_at(buf, at)
+                .map_err(|e| self.io(format!("cannot read {key}"), e))
+        };
+        if keep == 0 {
+            let mut head = vec![0u8; START.len().min(len as usize)];
+            read(&mut head, 0)?;
+            return Ok(START.starts_with(&head));
+        }
+        // The start of the last complete line: just after the newline before it.
+        let line_end = keep - 1;
+        let mut block = vec![0u8; 64 * 1024];
+        let mut end = line_end;
+        let line_start = loop {
+            if end == 0 {
+                break 0;
+            }
+            let start = end.saturating_sub(block.len() as u64);
+            let buf = &mut block[..(end - start) as usize];
+            read(buf, start)?;
+            if let Some(i) = buf.iter().rposition(|&b| b == b'\n') {
+                break start + i as u64 + 1;
+            }
+            end = start;
+        };
+        let line_len = line_end - line_start;
+        if line_len > MAX_DECODED {
+            let mut head = vec![0u8; START.len()];
+            read(&mut head, line_start)?;
+            let mut last = [0u8; 1];
+            read(&mut last, line_end - 1)?;
+            return Ok(head == START && last == *b"}");
+        }
+        let mut line = vec![0u8; line_len as usize];
+        read(&mut line, line_start)?;
+        Ok(std::str::from_utf8(&line).is_ok_and(|l| jsonl::decode(l).is_ok()))
     }
 
     /// A free name to rotate `key` to: its stamp is now, or just after the newest stamp of
@@ -1839,9 +2130,44 @@ fn newest_stamp(series: &Series) -> i64 {
         .unwrap_or(i64::MIN)
 }
 
+/// Whether `name` in the directory `dir` is a symbolic link.
+fn is_symlink_at(dir: &rustix::fd::OwnedFd, name: &std::ffi::OsStr) -> bool {
+    rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink
+    })
+}
+
+/// Opens a sink file that already exists, without following a symbolic link in its last
+/// component and without blocking on a FIFO; anything but a regular file is refused.
+fn open_existing(path: &Path, write: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::other(format!(
+                    "{} is a symbolic link; the file sink never follows links",
+                    path.display()
+                ))
+            } else {
+                e
+            }
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
 /// Truncates the file at `path` to `len` bytes (a missing file is fine).
 fn truncate_path(path: &Path, len: u64, sync: bool) -> std::io::Result<()> {
-    match OpenOptions::new().write(true).open(path) {
+    match open_existing(path, true) {
         Ok(f) => {
             f.set_len(len)?;
             if sync {
@@ -2236,9 +2562,15 @@ fn compress_to(
     codec: Compress,
     stop: &AtomicBool,
 ) -> std::io::Result<bool> {
-    let mut input = File::open(src)?;
+    let mut input = open_existing(src, false)?;
     let modified = input.metadata()?.modified()?;
-    let out = File::create(tmp)?;
+    // A fresh file: never through a link or onto another file planted at the name.
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let out = OpenOptions::new().write(true).create_new(true).open(tmp)?;
     let out = match codec {
         Compress::Gzip => {
             let mut encoder = flate2::write::GzEncoder::new(out, flate2::Compression::default());
@@ -2280,8 +2612,8 @@ fn pump(input: &mut File, output: &mut impl Write, stop: &AtomicBool) -> std::io
 
 /// Whether the compressed file `done` decompresses to exactly the contents of `src`.
 fn same_content(src: &Path, done: &Path, codec: Compress) -> std::io::Result<bool> {
-    let plain = File::open(src)?;
-    let packed = File::open(done)?;
+    let plain = open_existing(src, false)?;
+    let packed = open_existing(done, false)?;
     match codec {
         Compress::Gzip => streams_equal(plain, flate2::read::MultiGzDecoder::new(packed)),
         Compress::Zstd => streams_equal(plain, zstd::stream::read::Decoder::new(packed)?),
@@ -2401,7 +2733,8 @@ mod tests {
             ("/var/lib/b/{feed}-{type}.jsonl", "/var/lib/b", 1),
             ("/var/{feed}/x.jsonl", "/var", 2),
             ("/x.jsonl", "/", 1),
-            ("d/.hidden-{feed}", "d", 1),
+            ("d/.hidden-{feed}.log", "d", 1),
+            ("d/{type}.{feed}.x", "d", 1),
         ] {
             assert!(errors(t).is_empty(), "{t}: {:?}", errors(t));
             let tpl = Template::parse(t, 0).unwrap();
@@ -2429,6 +2762,10 @@ mod tests {
             ("data/", "must end with a file name"),
             ("/{type}/x.jsonl", "directly under `/`"),
             ("/{feed}.jsonl", "directly under `/`"),
+            ("data/{type}", "does not end with a fixed extension"),
+            ("data/{type}.{feed}", "such as `{type}.{feed}.jsonl`"),
+            ("data/{feed}-{type}.", "does not end with a fixed extension"),
+            ("data/events-%Y-%m-%d", "such as `events-%Y-%m-%d.jsonl`"),
         ] {
             let errs = errors(t);
             assert!(
@@ -2451,11 +2788,14 @@ mod tests {
     #[test]
     fn accepted_types() {
         let typed = config("data/{feed}/{type}.jsonl", FsyncPolicy::Always);
-        for ok in ["message", "edit", "log.v2", "a-b_c", "A9", &"x".repeat(200)] {
-            assert!(typed.accepts_type(ok), "{ok}");
-        }
-        for bad in [
-            "",
+        // Any type is encoded into a safe name, as long as the name fits.
+        for ok in [
+            "message",
+            "edit",
+            "log.v2",
+            "a-b_c",
+            "A9",
+            &"x".repeat(200),
             ".",
             "..",
             ".hidden",
@@ -2465,14 +2805,18 @@ mod tests {
             "caf\u{e9}",
             "a\0",
             "{feed}",
-            &"x".repeat(201),
+            &"\u{e9}".repeat(33),
         ] {
+            assert!(typed.accepts_type(ok), "{ok:?}");
+        }
+        for bad in ["", &"x".repeat(201), &"/".repeat(67), &"\u{e9}".repeat(34)] {
             assert!(!typed.accepts_type(bad), "{bad:?}");
         }
         // A file name over 255 bytes (with the longest feed name) is refused.
         let long = config("data/{feed}-{type}.jsonl", FsyncPolicy::Always);
         assert!(long.accepts_type(&"x".repeat(140)));
         assert!(!long.accepts_type(&"x".repeat(160)));
+        assert!(!long.accepts_type(&" ".repeat(50)));
         // Without {type}, every type fits.
         let untyped = config("data/{feed}.jsonl", FsyncPolicy::Always);
         assert!(untyped.accepts_type("../../etc/passwd"));
@@ -2480,76 +2824,55 @@ mod tests {
     }
 
     #[test]
-    fn events_go_to_files_by_feed_and_type() {
+    fn any_type_is_stored_under_its_encoded_name() {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = sink_in(dir.path(), "out/{feed}/{type}.jsonl", FsyncPolicy::Always);
-        sink.write(&[
-            event("a", "edit", 1, "one"),
-            event("b", "edit", 1, "two\nlines"),
-            event("a", "log", 2, "{\"json\":true}"),
-            event("a", "edit", 3, ""),
-        ])
-        .unwrap();
-        sink.write(&[event("a", "edit", 4, "four")]).unwrap();
-        let out = dir.path().join("out");
-        assert_eq!(seqs(&out.join("a/edit.jsonl")), [1, 3, 4]);
-        assert_eq!(seqs(&out.join("a/log.jsonl")), [2]);
-        assert_eq!(seqs(&out.join("b/edit.jsonl")), [1]);
-        let b = read_events(&out.join("b/edit.jsonl"));
-        assert_eq!(b[0].data, "two\nlines");
-        assert_eq!(&*b[0].feed, "b");
-        assert_eq!(&*b[0].event_type, "edit");
-        assert_eq!(&*b[0].id, "id-1");
-        sink.flush().unwrap();
-        drop(sink);
-
-        // A new sink appends; it never truncates.
-        let mut sink = sink_in(dir.path(), "out/{feed}/{type}.jsonl", FsyncPolicy::Never);
-        sink.write(&[event("a", "edit", 5, "five")]).unwrap();
-        drop(sink); // dropped without flush: the data was already handed to the OS
-        assert_eq!(seqs(&out.join("a/edit.jsonl")), [1, 3, 4, 5]);
-    }
-
-    #[test]
-    fn one_file_for_everything() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut sink = sink_in(dir.path(), "all.jsonl", FsyncPolicy::Interval);
-        sink.write(&[event("a", "x", 1, "1"), event("b", "../y", 1, "2")])
-            .unwrap();
-        sink.tick().unwrap();
-        assert_eq!(seqs(&dir.path().join("all.jsonl")), [1, 1]);
-    }
-
-    #[test]
-    fn unsafe_names_are_refused_at_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut sink = sink_in(dir.path(), "out/{feed}/{type}.jsonl", FsyncPolicy::Always);
-        for (feed, event_type) in [
-            ("a", "../../escape"),
-            ("a", ".."),
-            ("a", "x/y"),
-            ("..", "t"),
-            ("a/b", "t"),
-            ("", "t"),
-        ] {
-            let err = sink
-                .write(&[event("ok", "fine", 1, "x"), event(feed, event_type, 2, "y")])
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("sink `archive`") && err.contains("not usable"),
-                "{err}"
-            );
+        let types = [
+            "../../escape",
+            "..",
+            ".",
+            "x/y",
+            "\u{e9}t\u{e9}",
+            "a b",
+            "%41",
+            "A",
+            "state.db",
+        ];
+        let events: Vec<Arc<Event>> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| event("ok", t, i as u64 + 1, "x"))
+            .collect();
+        sink.write(&events).unwrap();
+        let mut stored = Vec::new();
+        for entry in std::fs::read_dir(dir.path().join("out/ok")).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            let stem = name.strip_suffix(".jsonl").expect("the sink's own suffix");
+            let decoded = naming::decode(stem).expect("a name the encoder wrote");
+            for e in read_events(&dir.path().join("out/ok").join(&name)) {
+                assert_eq!(e.event_type.as_ref(), decoded, "{name}");
+                stored.push(e.seq);
+            }
         }
-        // The good event before the bad one was rolled back each time, buffered or not.
-        sink.write(&[event("ok", "fine", 9, "z")]).unwrap();
-        assert_eq!(seqs(&dir.path().join("out/ok/fine.jsonl")), [9]);
-        let entries: Vec<_> = std::fs::read_dir(dir.path().join("out"))
+        stored.sort_unstable();
+        assert_eq!(stored, (1..=types.len() as u64).collect::<Vec<_>>());
+        let top: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(entries, ["ok"]);
-        assert!(!dir.path().join("escape").exists());
+        assert_eq!(top, ["out"]);
+        // An empty feed name (the config loader refuses it) cannot make a name; the good
+        // event before it is rolled back.
+        let err = sink
+            .write(&[event("ok", "fine", 20, "x"), event("", "t", 21, "y")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sink `archive`") && err.contains("not usable"),
+            "{err}"
+        );
+        sink.write(&[event("ok", "fine", 22, "z")]).unwrap();
+        assert_eq!(seqs(&dir.path().join("out/ok/fine.jsonl")), [22]);
     }
 
     #[test]
@@ -2670,6 +2993,133 @@ mod tests {
         assert!(never.files.values().all(|f| f.unsynced));
         never.flush().unwrap();
         assert!(never.files.values().all(|f| !f.unsynced));
+    }
+
+    #[test]
+    fn links_below_the_base_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("target");
+        std::fs::write(&target, "precious\n").unwrap();
+        std::fs::create_dir(outside.path().join("dir")).unwrap();
+        std::fs::create_dir_all(dir.path().join("out/f")).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("out/f/message.jsonl")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("dir"), dir.path().join("out/g")).unwrap();
+        // A FIFO does not hang the sink.
+        let fifo = dir.path().join("out/f/fifo.jsonl");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut sink = sink_in(dir.path(), "out/{feed}/{type}.jsonl", FsyncPolicy::Always);
+        for (feed, t, expect) in [
+            ("f", "message", "out/f/message.jsonl"),
+            ("g", "message", "out/g"),
+            ("f", "fifo", "out/f/fifo.jsonl"),
+        ] {
+            let err = sink
+                .write(&[event(feed, t, 1, "x")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{err}");
+            if expect != "out/f/fifo.jsonl" {
+                assert!(err.contains("symbolic link"), "{err}");
+            } else {
+                assert!(err.contains("not a regular file"), "{err}");
+            }
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
+        assert_eq!(
+            std::fs::read_dir(outside.path().join("dir"))
+                .unwrap()
+                .count(),
+            0
+        );
+        // The undo of a failed batch does not truncate through a link planted meanwhile.
+        sink.write(&[event("f", "t", 1, "x")]).unwrap();
+        let own = dir.path().join("out/f/t.jsonl");
+        std::fs::remove_file(&own).unwrap();
+        std::os::unix::fs::symlink(&target, &own).unwrap();
+        assert!(truncate_path(&own, 0, false)
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic link"));
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
+    }
+
+    #[test]
+    fn only_the_sinks_own_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+        let line = encoded(&[event("a", "t", 1, "x")]);
+        for (name, content, cut_to) in [
+            // Foreign: not cut, refused.
+            ("b", b"SQLite format 3\0\x01\x02".to_vec(), None),
+            ("c", b"key = 1\nname = \"x\"".to_vec(), None),
+            ("d", [b"not json\n".as_slice(), &line[..10]].concat(), None),
+            (
+                "e",
+                b"{\"feed\":\"x\",\"type\":\"t\"}\n{\"fe".to_vec(),
+                None,
+            ),
+            // The sink's own: the unfinished line is cut.
+            ("f", line[..10].to_vec(), Some(0)),
+            ("g", b"{\"fe".to_vec(), Some(0)),
+            (
+                "h",
+                [line.as_slice(), &line[..20]].concat(),
+                Some(line.len()),
+            ),
+        ] {
+            let path = dir.path().join(format!("{name}.jsonl"));
+            std::fs::write(&path, &content).unwrap();
+            let result = sink.write(&[event(name, "t", 2, "y")]);
+            match cut_to {
+                None => {
+                    let err = result.unwrap_err().to_string();
+                    assert!(
+                        err.contains(&format!("refusing to append to {}", path.display()))
+                            && err.contains("not a JSON line written by this sink"),
+                        "{name}: {err}"
+                    );
+                    assert_eq!(std::fs::read(&path).unwrap(), content, "{name}");
+                }
+                Some(keep) => {
+                    result.unwrap();
+                    let after = std::fs::read(&path).unwrap();
+                    assert_eq!(after[..keep], content[..keep], "{name}");
+                    assert_eq!(decode_all(&after[keep..], name).len(), 1, "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn paths_that_can_reach_a_file_are_found() {
+        let cwd = Path::new("/srv/b");
+        for (template, target, hit) in [
+            ("data/{type}.db", "data/state.db", true),
+            ("data/{type}.db", "/srv/b/data/./x/../state.db", true),
+            ("data/state.db", "data/state.db", true),
+            ("/srv/b/data/{type}.jsonl", "data/state.db", false),
+            ("data/{type}.jsonl", "data/state.db-wal", false),
+            ("data/{feed}-{type}.jsonl", "data/config.jsonl", false),
+            ("data/{feed}-{type}.jsonl", "data/a-config.jsonl", true),
+            ("data/{feed}/{type}.jsonl", "data/a/b.jsonl", true),
+            ("data/{feed}/{type}.jsonl", "data/b.jsonl", false),
+            // Rotated, compressed and temporary names.
+            ("data/s.db", "data/s.2026-11-24T08-30-00.123Z.db", true),
+            ("data/{type}.toml", "data/config.toml.gz.tmp", true),
+            ("conf/%Y.toml", "conf/sse-bridge.toml", true),
+            ("data/s.db", "data/s.db-wal", false),
+            ("other/{type}.db", "data/state.db", false),
+        ] {
+            let c = FileSinkConfig::new(template);
+            assert_eq!(
+                c.can_write_to(Path::new(target), cwd),
+                hit,
+                "{template} -> {target}"
+            );
+        }
     }
 
     #[test]
@@ -2862,7 +3312,7 @@ mod tests {
             "data/{feed}-%Y-%m-%d.jsonl",
             "data/%Y%m%dT%H%M.jsonl",
             "data/{feed}/{type}.%G-W%V.jsonl",
-            "data/x-%Y-%j",
+            "data/x-%Y-%j.log",
             "data/x-%s.jsonl",
             "data/x-%Y-%m.jsonl",
             "data/%F-{feed}.jsonl",
@@ -2881,6 +3331,7 @@ mod tests {
             ("data/x-%a.jsonl", "cannot be ordered"),
             ("data/x-%H.jsonl", "cannot be ordered"),
             ("data/x-%m-%d.jsonl", "cannot be ordered"),
+            ("data/x-%Y-%j", "does not end with a fixed extension"),
         ] {
             let errs = errors(bad);
             assert!(

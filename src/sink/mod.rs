@@ -5,6 +5,7 @@
 pub mod file;
 pub mod jsonl;
 pub mod kafka;
+pub mod naming;
 pub mod runner;
 pub mod sqlite;
 pub mod stdout;
@@ -85,9 +86,11 @@ impl SinkConfig {
         }
     }
 
-    /// Whether events of this type can be stored by this sink. A sink that builds names from
-    /// the event type (`{type}` in a path) refuses types that would not make a safe name;
-    /// the router then sends such events to the default route and counts them (ARCHITECTURE.md §7).
+    /// Whether events of this type can be stored by this sink. A file sink writes any type
+    /// into its paths through a reversible encoding ([`naming`]) and refuses only a type whose
+    /// encoded name would be too long; a Kafka sink refuses a type that is not a valid topic
+    /// name. The router sends refused events to the default route and counts them as misfits
+    /// (ARCHITECTURE.md §7).
     pub fn accepts_type(&self, event_type: &str) -> bool {
         match self {
             SinkConfig::File(c) => c.accepts_type(event_type),
