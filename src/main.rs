@@ -337,48 +337,17 @@ fn run(loaded: LoadedConfig, watch_config: bool) -> anyhow::Result<()> {
     })
 }
 
-/// Raises the soft open-file limit to the hard limit, as servers commonly do: every feed holds
-/// a socket (and file sinks hold files), and the usual soft default of 1024 would fail a
-/// bridge with a few hundred feeds in odd ways. Warns when even the hard limit looks short.
+/// Raises the soft open-file limit to the hard limit (see `open_files`), and warns when even
+/// the hard limit looks short for this many feeds.
 fn raise_open_file_limit(feeds: usize) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        tracing::debug!(
-            "cannot read the open-file limit: {}",
-            std::io::Error::last_os_error()
-        );
+    let Some(limit) = sse_bridge::open_files::raise_to_hard_limit() else {
         return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let before = limit.rlim_cur;
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit only reads the struct it is given.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            tracing::debug!(
-                from = before,
-                to = raised.rlim_cur,
-                "raised the open-file limit"
-            );
-            limit = raised;
-        } else {
-            tracing::debug!(
-                "cannot raise the open-file limit: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
+    };
     // A socket per feed, plus files, the state database and the admin endpoint.
     let needed = feeds as u64 + 256;
-    if limit.rlim_cur < needed {
+    if limit < needed {
         tracing::warn!(
-            limit = limit.rlim_cur,
+            limit,
             feeds,
             "the open-file limit is low for this many feeds (each holds a socket); raise it with LimitNOFILE= in the systemd unit or ulimit -n"
         );
