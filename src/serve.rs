@@ -66,6 +66,9 @@ const PAGE: usize = 500;
 /// always holds at least one row): what a client catching up holds besides its queue.
 pub const PAGE_BYTES: usize = 64 * 1024;
 
+/// A client's first page is small: its first event should not wait behind a large read.
+const FIRST_PAGE_BYTES: usize = 8 * 1024;
+
 /// The poller's pages may be larger: it reads once for every client.
 const POLL_PAGE_BYTES: usize = 1024 * 1024;
 
@@ -81,7 +84,7 @@ pub const SOCKET_BUF_BYTES: usize = 64 * 1024;
 const FD_RESERVE: u64 = 64;
 
 /// How often a client waiting for room in its queue checks whether it fell behind.
-const WAIT_STEP: Duration = Duration::from_millis(50);
+const WAIT_STEP: Duration = Duration::from_millis(100);
 
 fn byte_size(s: &str) -> Result<usize, String> {
     parse_byte_size(s).map(|n| usize::try_from(n).unwrap_or(usize::MAX))
@@ -283,10 +286,15 @@ fn read_rows(
 }
 
 /// A few read-only connections to the database, shared by the clients.
+///
+/// Catching up is bulk work, taken in turns; a client's first read (finding its
+/// `Last-Event-ID`, its first page) goes through a lane of its own, so that a new client gets
+/// its first event at once however many others are catching up.
 struct Pool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
-    permits: Semaphore,
+    bulk: Semaphore,
+    first: Semaphore,
 }
 
 impl Pool {
@@ -294,18 +302,20 @@ impl Pool {
         Pool {
             path,
             idle: Mutex::new(Vec::new()),
-            permits: Semaphore::new(POOL),
+            bulk: Semaphore::new(POOL - 1),
+            first: Semaphore::new(1),
         }
     }
 
-    /// Runs `f` on a pooled connection, on a blocking thread. A connection that failed is
-    /// dropped (the next use opens a new one).
+    /// Runs `f` on a pooled connection, on a blocking thread, in the `first` lane or the bulk
+    /// one. A connection that failed is dropped (the next use opens a new one).
     async fn with<T: Send + 'static>(
         self: &Arc<Self>,
+        first: bool,
         f: impl FnOnce(&Connection) -> Result<T, String> + Send + 'static,
     ) -> Result<T, String> {
-        let _permit = self
-            .permits
+        let lane = if first { &self.first } else { &self.bulk };
+        let _permit = lane
             .acquire()
             .await
             .map_err(|_| "the database pool is closed".to_string())?;
@@ -495,7 +505,7 @@ async fn events(
             let shown_id = id.clone();
             let found = shared
                 .pool
-                .with(move |conn| {
+                .with(true, move |conn| {
                     if let Some(pos) = pos_of_id(conn, &lookup_feed, &id)? {
                         return Ok(Some(pos));
                     }
@@ -787,6 +797,7 @@ async fn stream_to(
         return end;
     }
     let wanted = |t: &str| type_glob.is_none_or(|g| g.is_match(t));
+    let mut first_page = true;
     'subscribe: loop {
         // Subscribe first, then catch up from the database: nothing stored in between is
         // missed, and frames already sent from the database are skipped by `pos`.
@@ -796,8 +807,12 @@ async fn stream_to(
             let f = feed.clone();
             let page = shared
                 .pool
-                .with(move |c| read_rows(c, Some(&f), cursor, PAGE_BYTES))
+                .with(first_page, move |c| {
+                    let max = if first_page { FIRST_PAGE_BYTES } else { PAGE_BYTES };
+                    read_rows(c, Some(&f), cursor, max)
+                })
                 .await;
+            first_page = false;
             let page = match page {
                 Ok(page) => page,
                 Err(e) => return End::Failed(e),
