@@ -156,12 +156,10 @@ pub async fn run(
                 req.extensions_mut().insert(handle.clone());
                 let mut app = app.clone();
                 async move {
-                    Ok::<_, Infallible>(
-                        match tower_service::Service::call(&mut app, req).await {
-                            Ok(r) => r,
-                            Err(never) => match never {},
-                        },
-                    )
+                    Ok::<_, Infallible>(match tower_service::Service::call(&mut app, req).await {
+                        Ok(r) => r,
+                        Err(never) => match never {},
+                    })
                 }
             });
             let conn = builder.serve_connection(TokioIo::new(tcp), service);

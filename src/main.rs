@@ -176,9 +176,12 @@ enum Command {
     ///
     /// Streams set `retry:`, send a `: heartbeat` comment every --heartbeat, and carry
     /// `Content-Type: text/event-stream`, `Cache-Control: no-cache` and `X-Accel-Buffering: no`.
-    /// Every client has a bounded buffer: a slow client never holds back the others or the
-    /// bridge; one that falls more than --max-lag events behind is disconnected and resumes
-    /// with its Last-Event-ID. Listens on 127.0.0.1:8080 unless --listen says otherwise.
+    /// Every client has a buffer bounded in bytes (--client-buffer-bytes, and all of them
+    /// together --max-buffered-bytes): a slow client never holds back the others or the
+    /// bridge; one that falls more than --max-lag events (or --max-lag-bytes) behind, or reads
+    /// nothing for --send-timeout, is disconnected and resumes with its Last-Event-ID. At most
+    /// --max-clients connections are served at once (one more is answered 503 with
+    /// Retry-After). Listens on 127.0.0.1:8080 unless --listen says otherwise.
     /// SIGTERM or SIGINT closes the streams and exits 0.
     #[command(after_long_help = "Example:\n  \
         sse-bridge serve data/state.db --listen 127.0.0.1:8090 &\n  \

@@ -249,8 +249,10 @@ fn read_rows(
     max_bytes: usize,
 ) -> Result<Vec<Row>, String> {
     let sql = match feed {
-        Some(_) => "SELECT pos, feed, id, type, data FROM events WHERE pos > ?1 AND +feed = ?2 \
-                    ORDER BY pos LIMIT ?3",
+        Some(_) => {
+            "SELECT pos, feed, id, type, data FROM events WHERE pos > ?1 AND +feed = ?2 \
+                    ORDER BY pos LIMIT ?3"
+        }
         None => "SELECT pos, feed, id, type, data FROM events WHERE pos > ?1 ORDER BY pos LIMIT ?2",
     };
     let mut stmt = conn.prepare_cached(sql).map_err(|e| e.to_string())?;
@@ -808,7 +810,11 @@ async fn stream_to(
             let page = shared
                 .pool
                 .with(first_page, move |c| {
-                    let max = if first_page { FIRST_PAGE_BYTES } else { PAGE_BYTES };
+                    let max = if first_page {
+                        FIRST_PAGE_BYTES
+                    } else {
+                        PAGE_BYTES
+                    };
                     read_rows(c, Some(&f), cursor, max)
                 })
                 .await;

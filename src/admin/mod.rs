@@ -162,7 +162,10 @@ mod tests {
         assert_eq!(admin.max_connections, 8);
         assert_eq!(admin.header_timeout, Duration::from_secs(2));
         assert_eq!(AdminConfig::default().max_connections, 64);
-        assert_eq!(AdminConfig::default().header_timeout, Duration::from_secs(10));
+        assert_eq!(
+            AdminConfig::default().header_timeout,
+            Duration::from_secs(10)
+        );
         let zero = AdminConfig {
             max_connections: 0,
             header_timeout: Duration::ZERO,

@@ -61,7 +61,10 @@ fn connection_cap(configured: usize, state: Arc<AdminState>) -> impl Fn() -> usi
                     "admin endpoint: connection cap lowered to keep open-file descriptors for the feeds and sinks (`admin.max_connections`; raise the limit with LimitNOFILE= or ulimit -n)"
                 );
             } else {
-                tracing::info!(max_connections = cap, "admin endpoint: connection cap restored");
+                tracing::info!(
+                    max_connections = cap,
+                    "admin endpoint: connection cap restored"
+                );
             }
         }
         cap

@@ -103,7 +103,12 @@ impl Proc {
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix(key)?.trim_start_matches(':').trim().strip_suffix("kB"))
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .trim_start_matches(':')
+                    .trim()
+                    .strip_suffix("kB")
+            })
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {key} in /proc/PID/status"))
     }
@@ -278,7 +283,10 @@ impl ClosableFeed {
                         k.eq_ignore_ascii_case("last-event-id")
                             .then(|| v.trim().to_string())
                     });
-                    let mut n = last.as_deref().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                    let mut n = last
+                        .as_deref()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
                     log.lock().expect("lock").push(last);
                     closed.borrow_and_update();
                     let opening = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
@@ -439,7 +447,10 @@ header_timeout = "2s"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let resumed = feed.requests().last().cloned().flatten();
-    assert!(resumed.is_some(), "the feed reconnected without Last-Event-ID");
+    assert!(
+        resumed.is_some(),
+        "the feed reconnected without Last-Event-ID"
+    );
 
     // A fresh health probe is answered once the stalled requests time out (2 s).
     let flood_done = Instant::now();
