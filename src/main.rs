@@ -252,9 +252,12 @@ enum Command {
     ///
     /// Streams set `retry:`, send a `: heartbeat` comment every --heartbeat, and carry
     /// `Content-Type: text/event-stream`, `Cache-Control: no-cache` and `X-Accel-Buffering: no`.
-    /// Every client has a bounded buffer: a slow client never holds back the others or the
-    /// bridge; one that falls more than --max-lag events behind is disconnected and resumes
-    /// with its Last-Event-ID. Listens on 127.0.0.1:8080 unless --listen says otherwise.
+    /// Every client has a buffer bounded in bytes (--client-buffer-bytes, and all of them
+    /// together --max-buffered-bytes): a slow client never holds back the others or the
+    /// bridge; one that falls more than --max-lag events (or --max-lag-bytes) behind, or reads
+    /// nothing for --send-timeout, is disconnected and resumes with its Last-Event-ID. At most
+    /// --max-clients connections are served at once (one more is answered 503 with
+    /// Retry-After). Listens on 127.0.0.1:8080 unless --listen says otherwise.
     /// SIGTERM or SIGINT closes the streams and exits 0.
     #[command(after_long_help = "Example:\n  \
         sse-bridge serve data/state.db --listen 127.0.0.1:8090 &\n  \
@@ -415,48 +418,17 @@ fn run(loaded: LoadedConfig, watch_config: bool) -> anyhow::Result<()> {
     })
 }
 
-/// Raises the soft open-file limit to the hard limit, as servers commonly do: every feed holds
-/// a socket (and file sinks hold files), and the usual soft default of 1024 would fail a
-/// bridge with a few hundred feeds in odd ways. Warns when even the hard limit looks short.
+/// Raises the soft open-file limit to the hard limit (see `open_files`), and warns when even
+/// the hard limit looks short for this many feeds.
 fn raise_open_file_limit(feeds: usize) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        tracing::debug!(
-            "cannot read the open-file limit: {}",
-            std::io::Error::last_os_error()
-        );
+    let Some(limit) = sse_bridge::open_files::raise_to_hard_limit() else {
         return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let before = limit.rlim_cur;
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit only reads the struct it is given.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            tracing::debug!(
-                from = before,
-                to = raised.rlim_cur,
-                "raised the open-file limit"
-            );
-            limit = raised;
-        } else {
-            tracing::debug!(
-                "cannot raise the open-file limit: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
+    };
     // A socket per feed, plus files, the state database and the admin endpoint.
     let needed = feeds as u64 + 256;
-    if limit.rlim_cur < needed {
+    if limit < needed {
         tracing::warn!(
-            limit = limit.rlim_cur,
+            limit,
             feeds,
             "the open-file limit is low for this many feeds (each holds a socket); raise it with LimitNOFILE= in the systemd unit or ulimit -n"
         );

@@ -396,7 +396,7 @@ mod tests {
         );
         let c = AdminConfig {
             listen: "0.0.0.0:9187".into(),
-            tap: true,
+            ..AdminConfig::default()
         };
         assert_eq!(
             endpoint(None, Some(&c)).unwrap().as_str(),
@@ -404,7 +404,7 @@ mod tests {
         );
         let c = AdminConfig {
             listen: "[::]:9187".into(),
-            tap: true,
+            ..AdminConfig::default()
         };
         assert_eq!(
             endpoint(None, Some(&c)).unwrap().as_str(),

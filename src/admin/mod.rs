@@ -13,6 +13,7 @@ mod server;
 pub mod stats;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,27 @@ pub struct AdminConfig {
     /// endpoint must not see.
     #[serde(default = "default_tap")]
     pub tap: bool,
+    /// Connections served at once (default 64). One over the cap is answered at once with
+    /// `503 Service Unavailable` and `Retry-After: 1`, then closed. The cap is lowered, with a
+    /// warning in the log, so that the endpoint never takes more than half of the open-file
+    /// descriptors left once every feed has two and 128 are kept for the state database, sinks
+    /// and the rest (it never goes below 4, so that a health probe gets through).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head (default 10 s), counted from the
+    /// connection's start or, on a kept-alive connection, from the end of the previous
+    /// response: a connection that sends half a request, or sits idle between requests, is
+    /// closed after it.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+fn default_max_connections() -> usize {
+    64
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_listen() -> String {
@@ -57,6 +79,8 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: default_listen(),
             tap: default_tap(),
+            max_connections: default_max_connections(),
+            header_timeout: default_header_timeout(),
         }
     }
 }
@@ -74,10 +98,24 @@ impl AdminConfig {
 
     /// Offline checks: `(key relative to [admin], message)`.
     pub fn validate(&self) -> Vec<(String, String)> {
-        match self.addr() {
-            Ok(_) => Vec::new(),
-            Err(e) => vec![("listen".to_string(), e)],
+        let mut issues = Vec::new();
+        if let Err(e) = self.addr() {
+            issues.push(("listen".to_string(), e));
         }
+        if self.max_connections == 0 {
+            issues.push((
+                "max_connections".to_string(),
+                "must be at least 1 (remove the `[admin]` section to turn the endpoint off)"
+                    .to_string(),
+            ));
+        }
+        if self.header_timeout.is_zero() {
+            issues.push((
+                "header_timeout".to_string(),
+                "must be greater than zero, such as \"10s\"".to_string(),
+            ));
+        }
+        issues
     }
 }
 
@@ -111,5 +149,29 @@ mod tests {
         assert!(issues[0].1.contains("localhost:9187"));
         c.listen = "127.0.0.1".into();
         assert_eq!(c.validate().len(), 1);
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_are_checked() {
+        let base = "[[feed]]\nname = \"f\"\nurl = \"http://127.0.0.1:9/\"\n";
+        let c = Config::from_toml_str(&format!(
+            "{base}[admin]\nmax_connections = 8\nheader_timeout = \"2s\"\n"
+        ))
+        .expect("parses");
+        let admin = c.admin.expect("admin");
+        assert_eq!(admin.max_connections, 8);
+        assert_eq!(admin.header_timeout, Duration::from_secs(2));
+        assert_eq!(AdminConfig::default().max_connections, 64);
+        assert_eq!(
+            AdminConfig::default().header_timeout,
+            Duration::from_secs(10)
+        );
+        let zero = AdminConfig {
+            max_connections: 0,
+            header_timeout: Duration::ZERO,
+            ..AdminConfig::default()
+        };
+        let keys: Vec<String> = zero.validate().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["max_connections", "header_timeout"]);
     }
 }

@@ -37,7 +37,39 @@ const MAX_TAPS: usize = 16;
 const TAP_CHUNK_BYTES: usize = 64 * 1024;
 
 /// How long stopping waits for open requests (metrics scrapes, taps ending) to finish.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Bytes of a response buffered in front of a connection's socket (a `/metrics` page of many
+/// feeds is written in several rounds).
+const ADMIN_BUF_BYTES: usize = 64 * 1024;
+
+/// The connection cap, asked at every accept: `[admin] max_connections`, lowered to keep
+/// descriptors for the feeds (see `open_files::admin_cap`); logged when it changes.
+fn connection_cap(configured: usize, state: Arc<AdminState>) -> impl Fn() -> usize + Send {
+    let limit = crate::open_files::soft_limit();
+    let last = AtomicUsize::new(configured);
+    move || {
+        let feeds = state.feeds.load(Ordering::Relaxed);
+        let cap = crate::open_files::admin_cap(configured, limit, feeds);
+        if last.swap(cap, Ordering::Relaxed) != cap {
+            if cap < configured {
+                tracing::warn!(
+                    max_connections = configured,
+                    lowered_to = cap,
+                    open_file_limit = limit,
+                    feeds,
+                    "admin endpoint: connection cap lowered to keep open-file descriptors for the feeds and sinks (`admin.max_connections`; raise the limit with LimitNOFILE= or ulimit -n)"
+                );
+            } else {
+                tracing::info!(
+                    max_connections = cap,
+                    "admin endpoint: connection cap restored"
+                );
+            }
+        }
+        cap
+    }
+}
 
 /// What the handlers share.
 pub(super) struct AdminState {
@@ -49,6 +81,8 @@ pub(super) struct AdminState {
     tap_enabled: bool,
     /// Cancelled when the server stops: ends the taps.
     stop: CancellationToken,
+    /// Feeds running, as of the last lag sample: sizes the connection cap.
+    feeds: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -94,6 +128,7 @@ impl AdminServer {
             running: AtomicBool::new(false),
             tap_enabled: config.tap,
             stop: stop.clone(),
+            feeds: AtomicUsize::new(0),
         });
         let app = axum::Router::new()
             .route("/", get(index))
@@ -104,24 +139,29 @@ impl AdminServer {
             .route("/sinks", get(sinks))
             .route("/tap", get(tap))
             .with_state(state.clone());
-        let shutdown = stop.clone();
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-            {
-                tracing::error!("admin endpoint failed: {e}");
-            }
-        });
+        let limits = crate::http_server::Limits {
+            name: "admin endpoint",
+            header_timeout: config.header_timeout,
+            max_buf_size: ADMIN_BUF_BYTES,
+            retry_after_secs: 1,
+        };
+        let cap = connection_cap(config.max_connections, state.clone());
+        let server = tokio::spawn(crate::http_server::run(
+            listener,
+            app,
+            limits,
+            cap,
+            stop.clone(),
+        ));
         let shared = state.clone();
         let sampler = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(SAMPLE_EVERY);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                state
-                    .lag
-                    .sample(&state.registry.feeds(), tokio::time::Instant::now());
+                let feeds = state.registry.feeds();
+                state.feeds.store(feeds.len(), Ordering::Relaxed);
+                state.lag.sample(&feeds, tokio::time::Instant::now());
             }
         });
         tracing::info!(
@@ -478,6 +518,7 @@ mod tests {
             running: AtomicBool::new(true),
             tap_enabled: true,
             stop: CancellationToken::new(),
+            feeds: AtomicUsize::new(0),
         });
         let (tx, rx) = broadcast::channel(4);
         state.taps.active.fetch_add(1, Ordering::Relaxed);

@@ -1,1 +1,488 @@
-//! See main.rs.
+//! Local clients against `serve` and the admin endpoint: a flood of clients that never read
+//! leaves `serve`'s memory bounded and a fresh client served at once; a flood of half-sent
+//! requests to the admin endpoint never takes the descriptors a feed needs to reconnect.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::support::{bin, write_file};
+
+/// Raises this test process's soft open-file limit to `want` (or the hard limit): the floods
+/// below hold thousands of sockets.
+fn raise_open_file_limit(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write only the struct they are given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < want {
+            limit.rlim_cur = want.min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+    assert!(
+        limit.rlim_cur >= want,
+        "this test needs an open-file limit of {want} (the hard limit is {})",
+        limit.rlim_max
+    );
+}
+
+/// A child process whose standard error is collected line by line.
+struct Proc {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(mut command: Command) -> Proc {
+        for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+            command.env_remove(var);
+        }
+        let mut child = command
+            .env_remove("SSE_BRIDGE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("stderr");
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        Proc { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().expect("lock").join("\n")
+    }
+
+    /// The first log line `pred` accepts, waiting at most `within`.
+    fn wait_line(&self, within: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(l) = self.log.lock().expect("lock").iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < end,
+                "no such log line within {within:?}; the log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`).
+    fn status_kib(&self, key: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .trim_start_matches(':')
+                    .trim()
+                    .strip_suffix("kB")
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/PID/status"))
+    }
+
+    /// Open file descriptors of the process.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// An SQLite sink database holding `n` events of feed `f`, each with `size` bytes of data.
+fn write_event_db(path: &Path, n: u64, size: usize) {
+    let mut conn = rusqlite::Connection::open(path).expect("open");
+    conn.execute_batch("PRAGMA journal_mode = WAL;")
+        .expect("wal");
+    sse_bridge::state::migrate::migrate(&mut conn, "events.db").expect("schema");
+    let tx = conn.transaction().expect("tx");
+    {
+        let mut stmt = tx
+            .prepare(
+                "INSERT INTO events (feed, seq, id, type, data, received_at) \
+                 VALUES ('f', ?1, ?2, 'page', ?3, '2026-01-01T00:00:00.000000Z')",
+            )
+            .expect("prepare");
+        let pad = "x".repeat(size);
+        for seq in 1..=n {
+            let data = format!("{seq} {pad}");
+            stmt.execute((seq as i64, seq.to_string(), &data[..size]))
+                .expect("insert");
+        }
+    }
+    tx.commit().expect("commit");
+}
+
+const EVENTS_REQUEST: &[u8] =
+    b"GET /feeds/f/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n";
+
+#[test]
+fn clients_that_never_read_leave_serve_bounded_and_a_fresh_client_served_at_once() {
+    const CLIENTS: usize = 2000;
+    raise_open_file_limit(CLIENTS as u64 + 1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("events.db");
+    // 20 000 events of 4 KiB: 80 MB that every client asks for from the start.
+    write_event_db(&db, 20_000, 4096);
+    let mut command = Command::new(bin());
+    command
+        .arg("serve")
+        .arg(&db)
+        .args(["--listen", "127.0.0.1:0", "--max-clients", "4096"])
+        .env("RUST_LOG", "info");
+    let serve = Proc::spawn(command);
+    let line = serve.wait_line(Duration::from_secs(30), |l| {
+        l.contains("listening on http://")
+    });
+    let addr: SocketAddr = line
+        .split("listening on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+
+    // Every client sends its request and never reads a byte.
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for i in 0..CLIENTS {
+        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {i}: {e}"));
+        s.write_all(EVENTS_REQUEST).expect("request");
+        clients.push(s);
+    }
+    // The flood does its worst: memory must not climb past the bound meanwhile.
+    let mut peak_rss = 0;
+    let watch_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < watch_until {
+        peak_rss = peak_rss.max(serve.status_kib("VmRSS"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A fresh client gets its first event at once.
+    let started = Instant::now();
+    let mut fresh = TcpStream::connect(addr).expect("connect");
+    fresh.write_all(EVENTS_REQUEST).expect("request");
+    fresh
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let first_event = loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some(i) = text.find("\nid: 1\n") {
+            if text[i..].contains("\n\n") {
+                break Some(started.elapsed());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        match fresh.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    };
+    let hwm = serve.status_kib("VmHWM");
+    let fds = serve.fds();
+    println!(
+        "serve under {CLIENTS} clients that never read: peak VmRSS {} MiB, VmHWM {} MiB, {fds} \
+         open descriptors; a fresh client's first event after {first_event:?}",
+        peak_rss / 1024,
+        hwm / 1024
+    );
+    let first_event = first_event.unwrap_or_else(|| {
+        panic!(
+            "the fresh client got no event; it got {:?}; the log:\n{}",
+            String::from_utf8_lossy(&got[..got.len().min(400)]),
+            serve.log_text()
+        )
+    });
+    assert!(
+        first_event < Duration::from_secs(1),
+        "the fresh client waited {first_event:?} for its first event"
+    );
+    assert!(
+        hwm < 300 * 1024,
+        "serve's memory grew to {} MiB under clients that never read",
+        hwm / 1024
+    );
+    assert!(
+        !serve.log_text().contains("panicked"),
+        "{}",
+        serve.log_text()
+    );
+    drop(clients);
+}
+
+/// An SSE server whose streams the test closes at will: each connection gets `retry: 100`
+/// and an event every 20 ms (ids counting on from the request's `Last-Event-ID`), until
+/// [`ClosableFeed::close_all`].
+struct ClosableFeed {
+    addr: SocketAddr,
+    /// The `Last-Event-ID` of every request, in order.
+    requests: Arc<Mutex<Vec<Option<String>>>>,
+    close: watch::Sender<u64>,
+}
+
+impl ClosableFeed {
+    async fn start() -> ClosableFeed {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let close = watch::channel(0u64).0;
+        let (log, closer) = (requests.clone(), close.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let log = log.clone();
+                let mut closed = closer.subscribe();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let last = head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("last-event-id")
+                            .then(|| v.trim().to_string())
+                    });
+                    let mut n = last
+                        .as_deref()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    log.lock().expect("lock").push(last);
+                    closed.borrow_and_update();
+                    let opening = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                                   Cache-Control: no-cache\r\nConnection: close\r\n\r\nretry: 100\n\n";
+                    if sock.write_all(opening.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        tokio::select! {
+                            _ = closed.changed() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                                n += 1;
+                                let event = format!("id: {n}\nevent: tick\ndata: {n}\n\n");
+                                if sock.write_all(event.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        ClosableFeed {
+            addr,
+            requests,
+            close,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/stream", self.addr)
+    }
+
+    fn requests(&self) -> Vec<Option<String>> {
+        self.requests.lock().expect("lock").clone()
+    }
+
+    /// Ends every open stream (a clean end of the body): the client must reconnect.
+    fn close_all(&self) {
+        self.close.send_modify(|g| *g += 1);
+    }
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// `GET /healthz` on a fresh connection: the status code, or `None` when there was no
+/// answer within `within`.
+fn healthz(addr: SocketAddr, within: Duration) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, within).ok()?;
+    s.set_read_timeout(Some(within)).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got)
+        .strip_prefix("HTTP/1.1 ")?
+        .get(..3)?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_admin_requests_never_take_the_descriptors_a_feed_needs() {
+    const STALLED: usize = 1100;
+    const NOFILE: u64 = 512;
+    raise_open_file_limit(STALLED as u64 + 1000);
+    let feed = ClosableFeed::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let admin: SocketAddr = ([127, 0, 0, 1], port).into();
+    let out = dir.path().join("events/ticks.jsonl");
+    let text = format!(
+        r#"
+[state]
+path = "{dir}/state.db"
+commit_interval = "100ms"
+
+[[feed]]
+name = "ticks"
+url = "{url}"
+
+[sink.archive]
+type = "file"
+path = "{dir}/events/{{feed}}.jsonl"
+fsync = "never"
+
+[routing]
+default = ["archive"]
+
+[admin]
+listen = "127.0.0.1:{port}"
+header_timeout = "2s"
+"#,
+        dir = dir.path().display(),
+        url = feed.url(),
+    );
+    let config = write_file(dir.path(), "bridge.toml", &text);
+    // A low open-file limit (soft and hard), so that the flood below would exhaust it.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("ulimit -n {NOFILE} && exec \"$0\" \"$@\""))
+        .arg(bin())
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    let bridge = Proc::spawn(command);
+    let stored = |p: &Path| crate::bridge::line_count(p);
+    let end = Instant::now() + Duration::from_secs(30);
+    while stored(&out) < 10 {
+        assert!(
+            Instant::now() < end,
+            "no events stored within 30 s; the log:\n{}",
+            bridge.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(healthz(admin, Duration::from_secs(2)), Some(200));
+    let fds_before = bridge.fds();
+
+    // 1 100 connections that send half a request and stall.
+    let mut stalled = Vec::with_capacity(STALLED);
+    for i in 0..STALLED {
+        let mut s = tokio::net::TcpStream::connect(admin)
+            .await
+            .unwrap_or_else(|e| panic!("connect {i}: {e}"));
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+        stalled.push(s);
+    }
+    let mut peak_fds = bridge.fds();
+
+    // Meanwhile the feed's stream ends: it must reconnect and go on.
+    let requests = feed.requests().len();
+    let before = stored(&out);
+    feed.close_all();
+    let end = Instant::now() + Duration::from_secs(10);
+    while feed.requests().len() <= requests || stored(&out) < before + 50 {
+        peak_fds = peak_fds.max(bridge.fds());
+        assert!(
+            Instant::now() < end,
+            "the feed did not reconnect and go on ({} requests, {} events stored); the log:\n{}",
+            feed.requests().len(),
+            stored(&out),
+            bridge.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resumed = feed.requests().last().cloned().flatten();
+    assert!(
+        resumed.is_some(),
+        "the feed reconnected without Last-Event-ID"
+    );
+
+    // A fresh health probe is answered once the stalled requests time out (2 s).
+    let flood_done = Instant::now();
+    let answered = loop {
+        peak_fds = peak_fds.max(bridge.fds());
+        if healthz(admin, Duration::from_secs(1)) == Some(200) {
+            break flood_done.elapsed();
+        }
+        assert!(
+            flood_done.elapsed() < Duration::from_secs(6),
+            "/healthz not answered 200 within 6 s of the flood; the log:\n{}",
+            bridge.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "admin flood of {STALLED} half-sent requests, open-file limit {NOFILE}: bridge \
+         descriptors {fds_before} before, at most {peak_fds} during; the feed reconnected; \
+         /healthz answered 200 after {answered:?}"
+    );
+    let log = bridge.log_text();
+    assert!(
+        !log.contains("Too many open files") && !log.contains("os error 24"),
+        "{log}"
+    );
+    assert!(
+        peak_fds < NOFILE as usize / 2,
+        "the bridge held {peak_fds} descriptors of {NOFILE}"
+    );
+    assert!(
+        log.contains("refusing connections over the cap"),
+        "the refusals were not logged:\n{log}"
+    );
+    drop(stalled);
+}
