@@ -20,6 +20,27 @@ pub fn parse_filter(filter: &str) -> Result<EnvFilter, tracing_subscriber::filte
     EnvFilter::builder().parse(directives.join(","))
 }
 
+/// The human format's fields, as tracing-subscriber writes them (the message, then
+/// `name=value` separated by spaces) but with every control character escaped, in the message
+/// and in field values alike: ids, event types and reasons come from the stream, and a raw ESC
+/// would drive the terminal or the log viewer (tracing-subscriber escapes only some, and only in
+/// the message). JSON logs are escaped by the JSON encoder.
+fn escaping_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let escaped = crate::text::Escaped(value);
+        match field.name() {
+            "message" => write!(w, "{escaped:?}"),
+            name => write!(
+                w,
+                "{}={escaped:?}",
+                name.strip_prefix("r#").unwrap_or(name)
+            ),
+        }
+    })
+    .delimited(" ")
+}
+
 /// Installs the global subscriber. The filter comes from `RUST_LOG` when set, else from
 /// `level` (the command line or the config's `log.level`).
 pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
@@ -36,7 +57,10 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let result = match format {
-        LogFormat::Human => builder.with_target(false).try_init(),
+        LogFormat::Human => builder
+            .fmt_fields(escaping_fields())
+            .with_target(false)
+            .try_init(),
         LogFormat::Json => builder.json().with_current_span(false).try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))

@@ -27,6 +27,23 @@ pub struct FeedConfig {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
 
+    /// Names of `headers` whose values are credentials, for example `["X-Tenant-Key"]`.
+    /// `Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key`, `Api-Key` and
+    /// `X-Auth-Token` are secret without being listed. The value of a secret header (and the
+    /// credential after its scheme, as in `Token abc…`) is removed from everything the bridge
+    /// prints, even when a server echoes it back; values shorter than 4 bytes are not searched
+    /// for (they would garble every message).
+    #[serde(default)]
+    pub secret_headers: Vec<String>,
+
+    /// Whether a redirect to another origin (scheme, host or port) still gets the feed's
+    /// `headers`. `false` (default): a cross-origin redirect drops all of them, with the
+    /// URL's userinfo and the bearer token, so a server cannot hand the feed's credentials to
+    /// a host of its choosing. `true` forwards them all, credentials included: set it only
+    /// when the feed's redirects stay among hosts you trust with them.
+    #[serde(default)]
+    pub forward_headers_on_redirect: bool,
+
     /// Name of an environment variable holding a bearer token, sent as
     /// `Authorization: Bearer <token>`. The token never appears in logs or errors.
     #[serde(default)]
@@ -168,6 +185,8 @@ impl FeedConfig {
             name: name.into(),
             url: url.into(),
             headers: BTreeMap::new(),
+            secret_headers: Vec::new(),
+            forward_headers_on_redirect: false,
             bearer_token_env: None,
             bearer_token_file: None,
             ca_file: None,
