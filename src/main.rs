@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use sse_bridge::config::{LoadedConfig, LogFormat};
 use sse_bridge::notify::Notifier;
+use sse_bridge::secret::Redactor;
 use sse_bridge::state::{Gap, GapReason, StateStore};
 use sse_bridge::supervisor::Registry;
-use sse_bridge::secret::Redactor;
 use sse_bridge::text::escape_controls;
 
 /// mimalloc: events are allocated by the feed tasks and freed by the sink threads, and glibc's
@@ -288,6 +288,8 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    // Before anything is logged: every log line is scrubbed of the feeds' credentials.
+    config_redactor(&loaded).remember();
     let result = match cli.command {
         Command::Run { watch_config } => run(loaded, watch_config),
         Command::Validate => Ok(()),

@@ -7,6 +7,9 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use aho_corasick::{AhoCorasick, MatchKind};
 
 use base64::Engine as _;
 
@@ -160,6 +163,12 @@ impl Redactor {
         self.values.is_empty()
     }
 
+    /// Adds this set's values to the process-wide set that every log line is scrubbed of
+    /// ([`scrub_remembered`]).
+    pub fn remember(&self) {
+        remember(self.values.iter().map(Secret::expose));
+    }
+
     /// `text` with every secret value replaced by [`REDACTED`].
     pub fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let mut out = Cow::Borrowed(text);
@@ -177,6 +186,77 @@ impl Redactor {
             *text = s;
         }
     }
+}
+
+/// Most values the process-wide set keeps; beyond, the oldest are forgotten (a bearer token
+/// file rewritten every few minutes for months must not grow it without end).
+pub const MAX_REMEMBERED: usize = 10_000;
+
+/// Every secret value the process has met (config, token files, Kafka options), for the last
+/// line of defence: the log writer scrubs each line of them, whatever part of the bridge (or a
+/// library) formatted it.
+struct Remembered {
+    /// Oldest first.
+    values: Vec<String>,
+    matcher: Option<AhoCorasick>,
+}
+
+fn remembered() -> &'static RwLock<Arc<Remembered>> {
+    static SET: std::sync::OnceLock<RwLock<Arc<Remembered>>> = std::sync::OnceLock::new();
+    SET.get_or_init(|| {
+        RwLock::new(Arc::new(Remembered {
+            values: Vec::new(),
+            matcher: None,
+        }))
+    })
+}
+
+/// Adds values to the process-wide set (those shorter than [`MIN_SECRET_LEN`] are ignored).
+pub fn remember<'a>(values: impl IntoIterator<Item = &'a str>) {
+    let set = remembered();
+    let current = set.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let new: Vec<&str> = values
+        .into_iter()
+        .filter(|v| v.len() >= MIN_SECRET_LEN && !current.values.iter().any(|k| k == v))
+        .collect();
+    if new.is_empty() {
+        return;
+    }
+    let mut guard = set.write().unwrap_or_else(|p| p.into_inner());
+    let mut values = guard.values.clone();
+    for v in new {
+        if !values.iter().any(|k| k == v) {
+            values.push(v.to_string());
+        }
+    }
+    if values.len() > MAX_REMEMBERED {
+        values.drain(..values.len() - MAX_REMEMBERED);
+    }
+    let matcher = AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        .build(&values)
+        .ok();
+    *guard = Arc::new(Remembered { values, matcher });
+}
+
+/// `text` without any value of the process-wide set.
+pub fn scrub_remembered(text: &str) -> Cow<'_, str> {
+    let set = remembered()
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(matcher) = &set.matcher else {
+        return Cow::Borrowed(text);
+    };
+    if !matcher.is_match(text) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    matcher.replace_all_with(text, &mut out, |_, _, dst| {
+        dst.push_str(REDACTED);
+        true
+    });
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -210,7 +290,10 @@ mod tests {
         for gone in [basic.as_str(), "s3cret", "key-123456", "custom-secret"] {
             assert!(!out.contains(gone), "{gone} in {out}");
         }
-        assert!(out.contains("not-secret") && out.contains(REDACTED), "{out}");
+        assert!(
+            out.contains("not-secret") && out.contains(REDACTED),
+            "{out}"
+        );
     }
 
     #[test]
@@ -221,6 +304,16 @@ mod tests {
         r.add("password1");
         assert_eq!(r.scrub("abc password1 pass"), "abc [redacted] [redacted]");
         assert!(matches!(r.scrub("nothing here"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn the_process_wide_set_scrubs_what_it_was_told() {
+        remember(["proc-secret-1", "ab", "proc-secret-1-longer"]);
+        assert_eq!(
+            scrub_remembered("x proc-secret-1-longer y proc-secret-1 ab"),
+            "x [redacted] y [redacted] ab"
+        );
+        assert!(matches!(scrub_remembered("clean"), Cow::Borrowed(_)));
     }
 
     #[test]

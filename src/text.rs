@@ -22,7 +22,10 @@ pub fn escape_controls_keep_newlines(s: &str) -> Cow<'_, str> {
 }
 
 fn escape(s: &str, keep_newlines: bool) -> Cow<'_, str> {
-    if !s.chars().any(|c| is_control(c) && !(keep_newlines && c == '\n')) {
+    if !s
+        .chars()
+        .any(|c| is_control(c) && !(keep_newlines && c == '\n'))
+    {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);

@@ -1404,6 +1404,8 @@ fn create_producer(
     reports: &Arc<Reports>,
 ) -> Result<ThreadedProducer<Context>, SinkError> {
     let mut config = settings.to_client_config();
+    let secrets = settings.secret_values();
+    crate::secret::remember(secrets.iter().map(Secret::expose));
     config.set_log_level(
         if tracing::enabled!(target: "librdkafka", tracing::Level::DEBUG) {
             RDKafkaLogLevel::Debug
@@ -1415,7 +1417,7 @@ fn create_producer(
         sink: name.to_string(),
         reports: reports.clone(),
         last_error_log: Mutex::new(None),
-        secrets: settings.secret_values(),
+        secrets,
     };
     config.create_with_context(context).map_err(|e| {
         let (key, message) = settings.describe(&e);

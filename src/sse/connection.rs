@@ -354,6 +354,8 @@ impl Connector {
             }
         }
 
+        let redactor = Redactor::for_feed(feed);
+        redactor.remember();
         Ok(Connector {
             inner: Arc::new(Inner {
                 feed: feed.name.clone(),
@@ -362,7 +364,7 @@ impl Connector {
                 headers,
                 forward_headers_on_redirect: feed.forward_headers_on_redirect,
                 token,
-                redactor: Redactor::for_feed(feed),
+                redactor,
                 last_token: Mutex::new(None),
                 rejected_id_statuses: feed.rejected_id_statuses.clone(),
                 max_redirects: feed.max_redirects,
@@ -448,7 +450,10 @@ impl Inner {
             kind,
             status: None,
             retry_after: None,
-            message: self.scrub_text(&format!("feed `{}`: GET {}: {what}", self.feed, self.shown_url)),
+            message: self.scrub_text(&format!(
+                "feed `{}`: GET {}: {what}",
+                self.feed, self.shown_url
+            )),
         }
     }
 
@@ -558,8 +563,11 @@ impl Inner {
         }
         .inspect(|token| {
             if let Some(token) = token {
-                *self.last_token.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(Secret::new(token.as_str()));
+                let mut last = self.last_token.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_ref().is_none_or(|t| t.expose() != token) {
+                    crate::secret::remember([token.as_str()]);
+                    *last = Some(Secret::new(token.as_str()));
+                }
             }
         })
     }
@@ -1354,7 +1362,10 @@ mod tests {
     async fn unrequested_codings_fail_naming_them_and_echoed_secrets_are_scrubbed() {
         for (head, coding) in [
             ("Content-Encoding: gzip\r\n", "Content-Encoding `gzip`"),
-            ("Transfer-Encoding: gzip, chunked\r\n", "Transfer-Encoding `gzip`"),
+            (
+                "Transfer-Encoding: gzip, chunked\r\n",
+                "Transfer-Encoding `gzip`",
+            ),
             ("Transfer-Encoding: gzip\r\n", "Transfer-Encoding `gzip`"),
         ] {
             let (addr, _) = raw_server(vec![format!(
@@ -1395,9 +1406,9 @@ mod tests {
         let f = FeedConfig::new("f", format!("http://{first}/start"));
         let failure = plain_connector(&f).connect("").outcome().await.unwrap_err();
         assert!(
-            failure
-                .message
-                .contains(&format!("redirected to http://{dead_addr}/moved: connection failed")),
+            failure.message.contains(&format!(
+                "redirected to http://{dead_addr}/moved: connection failed"
+            )),
             "{failure}"
         );
     }

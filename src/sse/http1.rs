@@ -187,7 +187,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
         } else if name.eq_ignore_ascii_case("retry-after") {
             head.retry_after.get_or_insert(HeaderText::new(h.value));
         } else if name.eq_ignore_ascii_case("content-encoding") {
-            head.content_encoding.get_or_insert(HeaderText::new(h.value));
+            head.content_encoding
+                .get_or_insert(HeaderText::new(h.value));
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             // The codings of every Transfer-Encoding field, in order; the last one decides
             // whether the body is chunked (RFC 9112 §6.3).

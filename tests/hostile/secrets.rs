@@ -168,7 +168,11 @@ async fn get(url: &str) -> Option<String> {
 }
 
 /// Polls `/feeds` until `pred` holds for it (at most `within`); returns the body.
-async fn wait_feeds(port: u16, within: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> String {
+async fn wait_feeds(
+    port: u16,
+    within: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> String {
     let end = Instant::now() + within;
     let mut last = String::new();
     while Instant::now() < end {
@@ -238,15 +242,27 @@ async fn echoed_credentials_never_reach_logs_feeds_metrics_or_status() {
     let bridge = Bridge::spawn_with_log_level(&cfg, "debug");
     let seen = server.wait_requests(4, Duration::from_secs(20)).await;
     // The credentials were sent (so the echo holds them), the token replacing the Basic form.
-    assert!(seen[0].head.contains(&format!("authorization: bearer {TOKEN}")), "{:?}", seen[0]);
-    assert!(seen[0].head.contains(&format!("x-api-key: {API_KEY}")), "{:?}", seen[0]);
+    assert!(
+        seen[0]
+            .head
+            .contains(&format!("authorization: bearer {TOKEN}")),
+        "{:?}",
+        seen[0]
+    );
+    assert!(
+        seen[0].head.contains(&format!("x-api-key: {API_KEY}")),
+        "{:?}",
+        seen[0]
+    );
     let feeds = wait_feeds(port, Duration::from_secs(20), |v| {
         feed(v, "sec")["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("Content-Type"))
     })
     .await;
-    let metrics = get(&format!("http://127.0.0.1:{port}/metrics")).await.expect("metrics");
+    let metrics = get(&format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("metrics");
     let admin = format!("http://127.0.0.1:{port}");
     let status_json = run_cli(&["status", "--admin", &admin, "--json"]);
     let status_text = run_cli(&["status", "--admin", &admin]);
@@ -265,12 +281,22 @@ async fn echoed_credentials_never_reach_logs_feeds_metrics_or_status() {
         ("status", &status_text),
     ] {
         for secret in &secrets {
-            assert!(!text.contains(secret.as_str()), "{secret} in {what}:\n{text}");
+            assert!(
+                !text.contains(secret.as_str()),
+                "{secret} in {what}:\n{text}"
+            );
         }
     }
     // Not vacuous: the echoed text is there, scrubbed.
-    for (what, text) in [("logs", &log_text), ("/feeds", &feeds), ("status --json", &status_json)] {
-        assert!(text.contains("[redacted]"), "no redaction marker in {what}:\n{text}");
+    for (what, text) in [
+        ("logs", &log_text),
+        ("/feeds", &feeds),
+        ("status --json", &status_json),
+    ] {
+        assert!(
+            text.contains("[redacted]"),
+            "no redaction marker in {what}:\n{text}"
+        );
     }
     assert!(log_text.contains("Content-Type"), "{log_text}");
 }
@@ -312,17 +338,42 @@ async fn a_cross_origin_redirect_gets_the_feeds_headers_only_when_allowed() {
         if let (Some(d), Some(f)) = (on("/dropped"), on("/forwarded")) {
             break (d, f);
         }
-        assert!(Instant::now() < end, "B saw {seen:?}; log:\n{}", bridge.log_text());
+        assert!(
+            Instant::now() < end,
+            "B saw {seen:?}; log:\n{}",
+            bridge.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     // A saw the credentials; B, another origin, sees none of the configured headers.
-    assert!(a.seen().iter().all(|s| s.head.contains(&format!("x-api-key: {API_KEY}"))));
+    assert!(a
+        .seen()
+        .iter()
+        .all(|s| s.head.contains(&format!("x-api-key: {API_KEY}"))));
     for header in ["x-api-key", "authorization", "x-trace"] {
-        assert!(!dropped.head.contains(header), "{header} reached B: {}", dropped.head);
+        assert!(
+            !dropped.head.contains(header),
+            "{header} reached B: {}",
+            dropped.head
+        );
     }
-    assert!(forwarded.head.contains(&format!("x-api-key: {API_KEY}")), "{}", forwarded.head);
-    assert!(forwarded.head.contains(&format!("authorization: bearer {TOKEN}")), "{}", forwarded.head);
-    assert!(forwarded.head.contains("x-trace: t-1"), "{}", forwarded.head);
+    assert!(
+        forwarded.head.contains(&format!("x-api-key: {API_KEY}")),
+        "{}",
+        forwarded.head
+    );
+    assert!(
+        forwarded
+            .head
+            .contains(&format!("authorization: bearer {TOKEN}")),
+        "{}",
+        forwarded.head
+    );
+    assert!(
+        forwarded.head.contains("x-trace: t-1"),
+        "{}",
+        forwarded.head
+    );
     bridge.terminate(Duration::from_secs(15)).await;
 }
 
@@ -360,12 +411,18 @@ async fn escape_sequences_in_ids_are_escaped_in_logs_and_checkpoints_list() {
     while checkpoint(&state, "esc").is_none_or(|(got, _)| got != id) {
         if Instant::now() > end {
             let _ = child.kill();
-            panic!("no checkpoint; log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            panic!(
+                "no checkpoint; log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // SAFETY: kill(2) with the pid of our own child, which has not been reaped yet.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
     let end = Instant::now() + Duration::from_secs(15);
     while child.try_wait().expect("wait").is_none() {
         assert!(Instant::now() < end, "no exit after SIGTERM");
@@ -373,7 +430,10 @@ async fn escape_sequences_in_ids_are_escaped_in_logs_and_checkpoints_list() {
     }
     let logged = std::fs::read(&log_path).expect("log");
     let text = String::from_utf8_lossy(&logged);
-    assert!(!logged.iter().any(|&b| b == 0x1b || b == 0x07), "raw control bytes in the log:\n{text}");
+    assert!(
+        !logged.iter().any(|&b| b == 0x1b || b == 0x07),
+        "raw control bytes in the log:\n{text}"
+    );
     let escaped = "evil\\x1b[31mred\\x07end";
     let closed = text
         .lines()
@@ -382,10 +442,19 @@ async fn escape_sequences_in_ids_are_escaped_in_logs_and_checkpoints_list() {
     assert!(closed.contains(escaped), "{closed}");
 
     let listed = run_cli(&["checkpoints", "list", "-c", cfg.to_str().expect("path")]);
-    assert!(!listed.bytes().any(|b| b == 0x1b || b == 0x07), "{listed:?}");
+    assert!(
+        !listed.bytes().any(|b| b == 0x1b || b == 0x07),
+        "{listed:?}"
+    );
     assert!(listed.contains(escaped), "{listed}");
     // JSON output keeps the id exact (serde_json escapes it).
-    let json = run_cli(&["checkpoints", "list", "--json", "-c", cfg.to_str().expect("path")]);
+    let json = run_cli(&[
+        "checkpoints",
+        "list",
+        "--json",
+        "-c",
+        cfg.to_str().expect("path"),
+    ]);
     let row: serde_json::Value = serde_json::from_str(json.trim()).expect("json");
     assert_eq!(row["last_event_id"], id);
     let _ = std::io::stdout().flush();
@@ -423,10 +492,16 @@ async fn unrequested_codings_fail_naming_them_and_store_nothing() {
     })
     .await;
     let feeds: serde_json::Value = serde_json::from_str(&body).expect("json");
-    for (name, coding) in [("ce", "Content-Encoding `gzip`"), ("te", "Transfer-Encoding `gzip`")] {
+    for (name, coding) in [
+        ("ce", "Content-Encoding `gzip`"),
+        ("te", "Transfer-Encoding `gzip`"),
+    ] {
         let f = feed(&feeds, name);
         assert_ne!(f["state"], "open", "{f}");
-        assert!(f["last_error"].as_str().is_some_and(|e| e.contains(coding)), "{f}");
+        assert!(
+            f["last_error"].as_str().is_some_and(|e| e.contains(coding)),
+            "{f}"
+        );
         assert!(
             bridge
                 .logs()
@@ -436,10 +511,15 @@ async fn unrequested_codings_fail_naming_them_and_store_nothing() {
             bridge.log_text()
         );
     }
-    let ready = get(&format!("http://127.0.0.1:{port}/readyz")).await.expect("readyz");
+    let ready = get(&format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("readyz");
     assert!(ready.contains("\"ready\":false"), "{ready}");
     let (_, logs) = bridge.terminate(Duration::from_secs(15)).await;
-    assert!(!logs.iter().any(|l| l.message.contains("connected to")), "a feed was opened");
+    assert!(
+        !logs.iter().any(|l| l.message.contains("connected to")),
+        "a feed was opened"
+    );
     for name in ["ce", "te"] {
         let out = dir.path().join(format!("events/{name}.jsonl"));
         let stored = std::fs::read_to_string(&out).unwrap_or_default();
@@ -459,7 +539,10 @@ async fn a_redirect_to_a_dead_port_names_the_target() {
     let cfg = config(
         dir.path(),
         port,
-        &format!("[[feed]]\nname = \"r\"\nurl = \"http://{}/s\"\n{FAST}", a.addr),
+        &format!(
+            "[[feed]]\nname = \"r\"\nurl = \"http://{}/s\"\n{FAST}",
+            a.addr
+        ),
     );
     let bridge = Bridge::spawn(&cfg);
     let target = format!("http://127.0.0.1:{dead}/moved");
@@ -472,9 +555,11 @@ async fn a_redirect_to_a_dead_port_names_the_target() {
     .await;
     let t = target.clone();
     bridge
-        .wait_log("the failure names the target", Duration::from_secs(5), move |l| {
-            l.message.contains(&t)
-        })
+        .wait_log(
+            "the failure names the target",
+            Duration::from_secs(5),
+            move |l| l.message.contains(&t),
+        )
         .await;
     bridge.terminate(Duration::from_secs(15)).await;
 }
