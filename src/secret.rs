@@ -294,6 +294,12 @@ mod tests {
             out.contains("not-secret") && out.contains(REDACTED),
             "{out}"
         );
+        // Nor does the feed's Debug show them.
+        let shown = format!("{feed:?}");
+        for gone in ["s3cret", "key-123456", "custom-secret"] {
+            assert!(!shown.contains(gone), "{gone} in {shown}");
+        }
+        assert!(shown.contains("not-secret"), "{shown}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::units::ByteSize;
 
 /// One SSE feed. Each feed runs as its own task with its own connection, parser and
 /// checkpoint; one feed's failure never affects another.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeedConfig {
     /// Unique name of the feed: 1 to 100 characters of `A-Z a-z 0-9 . _ -`, not starting with
@@ -119,6 +119,54 @@ pub struct FeedConfig {
     /// `false` keeps the feed in the config without running it.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
+}
+
+/// Shows the URL without userinfo or query, and secret header values as `[redacted]`: a
+/// config printed for debugging must not carry the feed's credentials.
+impl std::fmt::Debug for FeedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::secret::{is_secret_header, REDACTED};
+        let url = url::Url::parse(&self.url)
+            .map(|u| crate::sse::connection::display_url(&u))
+            .unwrap_or_else(|_| "<not a URL>".to_string());
+        let headers: BTreeMap<&str, &str> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_header(k, &self.secret_headers) {
+                    REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("FeedConfig")
+            .field("name", &self.name)
+            .field("url", &url)
+            .field("headers", &headers)
+            .field("secret_headers", &self.secret_headers)
+            .field(
+                "forward_headers_on_redirect",
+                &self.forward_headers_on_redirect,
+            )
+            .field("bearer_token_env", &self.bearer_token_env)
+            .field("bearer_token_file", &self.bearer_token_file)
+            .field("ca_file", &self.ca_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_event_size", &self.max_event_size)
+            .field("max_redirects", &self.max_redirects)
+            .field("policy", &self.policy)
+            .field("on_client_error", &self.on_client_error)
+            .field("client_error_delay", &self.client_error_delay)
+            .field("rejected_id_statuses", &self.rejected_id_statuses)
+            .field("default_retry", &self.default_retry)
+            .field("backoff", &self.backoff)
+            .field("enabled", &self.enabled)
+            .finish()
+    }
 }
 
 /// How a feed reacts to failures. See `FeedConfig::policy`.

@@ -4,7 +4,6 @@
 //! carrying terminal escape sequences are printed escaped; an unrequested content or transfer
 //! coding fails the response naming the coding; a failed redirect names its target.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -457,7 +456,6 @@ async fn escape_sequences_in_ids_are_escaped_in_logs_and_checkpoints_list() {
     ]);
     let row: serde_json::Value = serde_json::from_str(json.trim()).expect("json");
     assert_eq!(row["last_event_id"], id);
-    let _ = std::io::stdout().flush();
 }
 
 #[tokio::test]
