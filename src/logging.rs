@@ -20,6 +20,44 @@ pub fn parse_filter(filter: &str) -> Result<EnvFilter, tracing_subscriber::filte
     EnvFilter::builder().parse(directives.join(","))
 }
 
+/// Standard error, each log line scrubbed of every secret value the process knows
+/// ([`crate::secret::scrub_remembered`]): the last line of defence, for a message that quotes a
+/// credential wherever it was made. tracing-subscriber writes an event with one `write_all`, so
+/// a secret is never split between two writes.
+struct ScrubbingStderr;
+
+impl std::io::Write for ScrubbingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        match std::str::from_utf8(buf).map(crate::secret::scrub_remembered) {
+            Ok(std::borrow::Cow::Owned(scrubbed)) => err.write_all(scrubbed.as_bytes())?,
+            _ => err.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// The human format's fields, as tracing-subscriber writes them (the message, then
+/// `name=value` separated by spaces) but with every control character escaped, in the message
+/// and in field values alike: ids, event types and reasons come from the stream, and a raw ESC
+/// would drive the terminal or the log viewer (tracing-subscriber escapes only some, and only in
+/// the message). JSON logs are escaped by the JSON encoder.
+fn escaping_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let escaped = crate::text::Escaped(value);
+        match field.name() {
+            "message" => write!(w, "{escaped:?}"),
+            name => write!(w, "{}={escaped:?}", name.strip_prefix("r#").unwrap_or(name)),
+        }
+    })
+    .delimited(" ")
+}
+
 /// Installs the global subscriber. The filter comes from `RUST_LOG` when set, else from
 /// `level` (the command line or the config's `log.level`).
 pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
@@ -34,9 +72,12 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(|| ScrubbingStderr);
     let result = match format {
-        LogFormat::Human => builder.with_target(false).try_init(),
+        LogFormat::Human => builder
+            .fmt_fields(escaping_fields())
+            .with_target(false)
+            .try_init(),
         LogFormat::Json => builder.json().with_current_span(false).try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))

@@ -9,9 +9,11 @@ use tokio_util::sync::CancellationToken;
 
 use sse_bridge::config::{LoadedConfig, LogFormat};
 use sse_bridge::notify::Notifier;
+use sse_bridge::secret::Redactor;
 use sse_bridge::state::lock::StateLock;
 use sse_bridge::state::{Gap, GapReason, StateStore};
 use sse_bridge::supervisor::Registry;
+use sse_bridge::text::escape_controls;
 
 /// mimalloc for everything below [`LARGE_ALLOCATION`]: events are allocated by the feed tasks
 /// and freed by the sink threads, and glibc's malloc pays for every such cross-thread free;
@@ -365,6 +367,8 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    // Before anything is logged: every log line is scrubbed of the feeds' credentials.
+    config_redactor(&loaded).remember();
     let result = match cli.command {
         Command::Run { watch_config } => run(loaded, watch_config),
         Command::Validate => Ok(()),
@@ -510,6 +514,23 @@ fn feed_url<'a>(loaded: &'a LoadedConfig, feed: &str) -> anyhow::Result<&'a str>
         })
 }
 
+/// The secrets of every feed of the config, to scrub what the state database holds (URLs
+/// are stored whole, userinfo included; gap details may quote server text).
+fn config_redactor(loaded: &LoadedConfig) -> Redactor {
+    let mut r = Redactor::default();
+    for feed in &loaded.config.feed {
+        r.extend(&Redactor::for_feed(feed));
+    }
+    r
+}
+
+/// A stored URL as the commands show it: without userinfo, query or fragment.
+fn shown_url(url: &str) -> String {
+    url::Url::parse(url)
+        .map(|u| sse_bridge::sse::connection::display_url(&u))
+        .unwrap_or_else(|_| "<not a URL>".to_string())
+}
+
 fn checkpoints(loaded: &LoadedConfig, cmd: CheckpointsCommand) -> anyhow::Result<()> {
     // Changing a checkpoint under a running bridge would be overwritten at its next commit
     // (or worse, move it backwards): `set` and `reset` need the bridge stopped.
@@ -520,7 +541,12 @@ fn checkpoints(loaded: &LoadedConfig, cmd: CheckpointsCommand) -> anyhow::Result
     let mut store = open_state(loaded)?;
     match cmd {
         CheckpointsCommand::List { json } => {
-            let rows = store.list_checkpoints()?;
+            let redactor = config_redactor(loaded);
+            let mut rows = store.list_checkpoints()?;
+            for c in &mut rows {
+                c.url = shown_url(&c.url);
+                redactor.scrub_string(&mut c.last_event_id);
+            }
             if json {
                 for cp in rows {
                     println!("{}", serde_json::to_string(&cp)?);
@@ -585,7 +611,13 @@ fn manual_gap(feed: &str, url: &str, id: &str, detail: String) -> Gap {
 
 fn gaps(loaded: &LoadedConfig, feed: Option<&str>, json: bool) -> anyhow::Result<()> {
     let store = open_state(loaded)?;
-    let rows = store.list_gaps(feed)?;
+    let redactor = config_redactor(loaded);
+    let mut rows = store.list_gaps(feed)?;
+    for g in &mut rows {
+        g.url = shown_url(&g.url);
+        redactor.scrub_string(&mut g.detail);
+        redactor.scrub_string(&mut g.last_event_id);
+    }
     if json {
         for g in rows {
             println!("{}", serde_json::to_string(&g)?);
@@ -619,7 +651,18 @@ fn gaps(loaded: &LoadedConfig, feed: Option<&str>, json: bool) -> anyhow::Result
     Ok(())
 }
 
+/// Prints a table for people: cells come from the stream (ids, details), so their control
+/// characters are escaped (a raw ESC would drive the terminal; a line break would break the
+/// table).
 fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|cell| escape_controls(&cell).into_owned())
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -132,7 +132,8 @@ pub fn status(base: &Url, as_json: bool) -> anyhow::Result<()> {
                 out.push_str(&format!("  - {}\n", r.as_str().unwrap_or_default()));
             }
         }
-        print!("{out}");
+        // Errors and ids come from the streams: no raw control character reaches the terminal.
+        print!("{}", crate::text::escape_controls_keep_newlines(&out));
         Ok(())
     })
 }
@@ -141,7 +142,8 @@ fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".to_string(),
         Value::String(s) if s.is_empty() => "-".to_string(),
-        Value::String(s) => s.clone(),
+        // A table cell: escaped whole, so that widths count what is shown.
+        Value::String(s) => crate::text::escape_controls(s).into_owned(),
         other => other.to_string(),
     }
 }
@@ -359,13 +361,14 @@ fn print_line(line: &[u8], pretty: bool, out: &mut Vec<u8>) {
         return;
     };
     let data = v["data"].as_str().unwrap_or_default();
+    let field = |k: &str| crate::text::Escaped(v[k].as_str().unwrap_or_default().to_string());
     let _ = writeln!(
         out,
         "{}  {}  {}  id={}  seq={}",
-        v["received_at"].as_str().unwrap_or_default(),
-        v["feed"].as_str().unwrap_or_default(),
-        v["type"].as_str().unwrap_or_default(),
-        v["id"].as_str().unwrap_or_default(),
+        field("received_at"),
+        field("feed"),
+        field("type"),
+        field("id"),
         v["seq"],
     );
     let body = match serde_json::from_str::<Value>(data) {
@@ -375,7 +378,7 @@ fn print_line(line: &[u8], pretty: bool, out: &mut Vec<u8>) {
         _ => data.to_string(),
     };
     for l in body.lines() {
-        let _ = writeln!(out, "    {l}");
+        let _ = writeln!(out, "    {}", crate::text::Escaped(l));
     }
     out.push(b'\n');
 }

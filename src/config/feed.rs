@@ -10,7 +10,7 @@ use super::units::ByteSize;
 
 /// One SSE feed. Each feed runs as its own task with its own connection, parser and
 /// checkpoint; one feed's failure never affects another.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeedConfig {
     /// Unique name of the feed: 1 to 100 characters of `A-Z a-z 0-9 . _ -`, not starting with
@@ -26,6 +26,23 @@ pub struct FeedConfig {
     /// overridden here. Put secrets in `bearer_token_env` / `bearer_token_file` instead.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+
+    /// Names of `headers` whose values are credentials, for example `["X-Tenant-Key"]`.
+    /// `Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key`, `Api-Key` and
+    /// `X-Auth-Token` are secret without being listed. The value of a secret header (and the
+    /// credential after its scheme, as in `Token abc…`) is removed from everything the bridge
+    /// prints, even when a server echoes it back; values shorter than 4 bytes are not searched
+    /// for (they would garble every message).
+    #[serde(default)]
+    pub secret_headers: Vec<String>,
+
+    /// Whether a redirect to another origin (scheme, host or port) still gets the feed's
+    /// `headers`. `false` (default): a cross-origin redirect drops all of them, with the
+    /// URL's userinfo and the bearer token, so a server cannot hand the feed's credentials to
+    /// a host of its choosing. `true` forwards them all, credentials included: set it only
+    /// when the feed's redirects stay among hosts you trust with them.
+    #[serde(default)]
+    pub forward_headers_on_redirect: bool,
 
     /// Name of an environment variable holding a bearer token, sent as
     /// `Authorization: Bearer <token>`. The token never appears in logs or errors.
@@ -111,6 +128,54 @@ pub struct FeedConfig {
     pub enabled: bool,
 }
 
+/// Shows the URL without userinfo or query, and secret header values as `[redacted]`: a
+/// config printed for debugging must not carry the feed's credentials.
+impl std::fmt::Debug for FeedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::secret::{is_secret_header, REDACTED};
+        let url = url::Url::parse(&self.url)
+            .map(|u| crate::sse::connection::display_url(&u))
+            .unwrap_or_else(|_| "<not a URL>".to_string());
+        let headers: BTreeMap<&str, &str> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_header(k, &self.secret_headers) {
+                    REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("FeedConfig")
+            .field("name", &self.name)
+            .field("url", &url)
+            .field("headers", &headers)
+            .field("secret_headers", &self.secret_headers)
+            .field(
+                "forward_headers_on_redirect",
+                &self.forward_headers_on_redirect,
+            )
+            .field("bearer_token_env", &self.bearer_token_env)
+            .field("bearer_token_file", &self.bearer_token_file)
+            .field("ca_file", &self.ca_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_event_size", &self.max_event_size)
+            .field("max_redirects", &self.max_redirects)
+            .field("policy", &self.policy)
+            .field("on_client_error", &self.on_client_error)
+            .field("client_error_delay", &self.client_error_delay)
+            .field("rejected_id_statuses", &self.rejected_id_statuses)
+            .field("default_retry", &self.default_retry)
+            .field("backoff", &self.backoff)
+            .field("enabled", &self.enabled)
+            .finish()
+    }
+}
+
 /// How a feed reacts to failures. See `FeedConfig::policy`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -175,6 +240,8 @@ impl FeedConfig {
             name: name.into(),
             url: url.into(),
             headers: BTreeMap::new(),
+            secret_headers: Vec::new(),
+            forward_headers_on_redirect: false,
             bearer_token_env: None,
             bearer_token_file: None,
             ca_file: None,

@@ -212,6 +212,14 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
             issues.add(&hkey, "not a valid HTTP header value (control characters?)");
         }
     }
+    for (j, name) in feed.secret_headers.iter().enumerate() {
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            issues.add(
+                key(&format!("secret_headers[{j}]")),
+                format!("`{name}` is not a valid HTTP header name"),
+            );
+        }
+    }
     match (&feed.bearer_token_env, &feed.bearer_token_file) {
         (Some(_), Some(_)) => issues.add(
             key("bearer_token_env"),

@@ -39,6 +39,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{BufferConfig, SinkError};
 use crate::event::Event;
+use crate::secret::Secret;
 
 /// Kafka's limit on topic names.
 pub const MAX_TOPIC_LEN: usize = 249;
@@ -577,13 +578,33 @@ impl Settings {
 
 /// `message` with every secret value of `settings` replaced by `***`.
 fn redact_all(message: &str, settings: &Settings) -> String {
+    redact_values(message, &settings.secret_values())
+}
+
+/// `message` with every one of `values` replaced by `***`, longest first (a value that holds
+/// another is replaced whole).
+fn redact_values(message: &str, values: &[Secret]) -> String {
     let mut out = message.to_string();
-    for (_, value, secret, _) in &settings.entries {
-        if *secret && !value.is_empty() {
-            out = out.replace(value.as_str(), "***");
+    for value in values {
+        if out.contains(value.expose()) {
+            out = out.replace(value.expose(), "***");
         }
     }
     out
+}
+
+impl Settings {
+    /// The secret option values, longest first.
+    fn secret_values(&self) -> Vec<Secret> {
+        let mut values: Vec<&str> = self
+            .entries
+            .iter()
+            .filter(|(_, value, secret, _)| *secret && !value.is_empty())
+            .map(|(_, value, ..)| value.as_str())
+            .collect();
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.into_iter().map(Secret::new).collect()
+    }
 }
 
 /// Whether `c` may appear in a topic name.
@@ -804,6 +825,9 @@ struct Context {
     sink: String,
     reports: Arc<Reports>,
     last_error_log: Mutex<Option<Instant>>,
+    /// Secret option values: librdkafka's own lines quote settings (`debug=all` prints the
+    /// whole configuration), so every line is scrubbed of them before it is logged.
+    secrets: Vec<Secret>,
 }
 
 impl ClientContext for Context {
@@ -813,6 +837,7 @@ impl ClientContext for Context {
             return;
         }
         let sink = &self.sink;
+        let message = redact_values(message, &self.secrets);
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -844,6 +869,8 @@ impl ClientContext for Context {
                 .rdkafka_error_code()
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| error.to_string());
+            let reason = redact_values(reason, &self.secrets);
+            let code = redact_values(&code, &self.secrets);
             tracing::warn!(sink = %self.sink, "Kafka client: {code}: {reason}");
         }
     }
@@ -1377,6 +1404,8 @@ fn create_producer(
     reports: &Arc<Reports>,
 ) -> Result<ThreadedProducer<Context>, SinkError> {
     let mut config = settings.to_client_config();
+    let secrets = settings.secret_values();
+    crate::secret::remember(secrets.iter().map(Secret::expose));
     config.set_log_level(
         if tracing::enabled!(target: "librdkafka", tracing::Level::DEBUG) {
             RDKafkaLogLevel::Debug
@@ -1388,6 +1417,7 @@ fn create_producer(
         sink: name.to_string(),
         reports: reports.clone(),
         last_error_log: Mutex::new(None),
+        secrets,
     };
     config.create_with_context(context).map_err(|e| {
         let (key, message) = settings.describe(&e);
@@ -1580,6 +1610,62 @@ mod tests {
             "[options]\nx = [1]",
         ] {
             assert!(toml::from_str::<SinkConfig>(&base(bad)).is_err(), "{bad}");
+        }
+    }
+
+    /// librdkafka's own log lines (with `debug = "all"` it prints the configuration) go
+    /// through the context, which scrubs every secret value, a file's content included.
+    #[test]
+    fn librdkafka_log_lines_never_show_secret_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "file-secret-42\n").unwrap();
+        let c = parse(&base(&format!(
+            "[options]\n\"sasl.username\" = {{ file = \"{}\" }}\n\"sasl.password\" = \"pw\"\n",
+            file.display()
+        )));
+        let settings = c.client_config().unwrap();
+        let context = Context {
+            sink: "k".into(),
+            reports: Arc::default(),
+            last_error_log: Mutex::new(None),
+            secrets: settings.secret_values(),
+        };
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let out = out.clone();
+            move || WriteTo(out.clone())
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(writer)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            context.log(
+                RDKafkaLogLevel::Debug,
+                "CONF",
+                "Client configuration: sasl.username = file-secret-42, sasl.password = pw",
+            );
+            context.error(
+                KafkaError::ClientCreation("x".into()),
+                "auth failed for file-secret-42",
+            );
+        });
+        let logged = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("sasl.username = ***"), "{logged}");
+        assert!(logged.contains("sasl.password = ***"), "{logged}");
+        assert!(!logged.contains("file-secret-42"), "{logged}");
+    }
+
+    struct WriteTo(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for WriteTo {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
         }
     }
 

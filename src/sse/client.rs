@@ -230,7 +230,9 @@ impl EventSource {
             let detail = format!(
                 "the last event ID {id:?} is not a valid HTTP header value, so it cannot be sent as Last-Event-ID; connecting without it, events since then may be lost"
             );
-            let message = format!("feed `{}`: {detail}", self.feed.name);
+            let message = self
+                .connector
+                .scrub(&format!("feed `{}`: {detail}", self.feed.name));
             tracing::warn!(feed = %self.feed.name, "{message}");
             self.parser.start_stream("");
             self.gap_reported = true;
@@ -331,10 +333,13 @@ impl EventSource {
     /// (returns a `Gap` when the server rejected the ID, else nothing), logging at `level`.
     fn failed(
         &mut self,
-        failure: Failure,
+        mut failure: Failure,
         open_for: Option<Duration>,
         level: Level,
     ) -> Option<Next> {
+        // Every message reaches the logs and the status through here: scrubbed of the feed's
+        // secrets whatever made it (the transport scrubs its own; the parser's may quote data).
+        failure.message = self.connector.scrub(&failure.message);
         if let Some(open_for) = open_for {
             self.backoff.connection_closed(open_for);
         }
@@ -426,6 +431,7 @@ impl EventSource {
 
     /// Stops the feed for good and publishes it.
     fn stop(&mut self, reason: String) -> Next {
+        let reason = self.connector.scrub(&reason);
         tracing::error!(feed = %self.feed.name, "{reason}; the feed is stopped until restarted");
         self.status.update(|s| {
             s.state = ReadyState::Stopped;

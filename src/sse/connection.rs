@@ -13,8 +13,10 @@
 //! client, where a handful of short requests do not matter. This transport keeps what
 //! reqwest did for the stream:
 //! - redirects (301, 302, 303, 307, 308 with a usable `Location`) up to `max_redirects`, never
-//!   from https to http; `Authorization`, `Cookie`, `Cookie2`, `Proxy-Authorization` and
-//!   `WWW-Authenticate` are dropped when a redirect leaves the host and port (as reqwest does);
+//!   from https to http; a redirect to another origin (scheme, host, port) drops the feed's
+//!   configured headers, the bearer token and the userinfo's `Authorization` (and `Cookie`,
+//!   `Cookie2`, `Proxy-Authorization`, `WWW-Authenticate`, as reqwest does) unless the feed
+//!   sets `forward_headers_on_redirect`; a failure after a redirect names the target URL;
 //! - `connect_timeout` over DNS, TCP, the proxy tunnel and the TLS handshake, and a bound of
 //!   `connect_timeout + response_timeout` on everything up to the response headers;
 //! - TLS with the shared rustls configuration (certificates always verified, no fallback);
@@ -28,14 +30,20 @@
 //! It speaks HTTP/1.1 only (ALPN offers `http/1.1` alone); reqwest could negotiate HTTP/2,
 //! which an event stream does not need.
 //!
+//! Codings: the bridge asks for none (no `Accept-Encoding`) and decodes none, so a 200 with a
+//! `Content-Encoding` other than `identity`, or a `Transfer-Encoding` coding other than
+//! `chunked`, is a failure naming the coding instead of compressed bytes fed to the parser.
+//!
 //! Secrets: error messages name the feed and the URL without userinfo or query string (where
-//! tokens like to hide), never a header value, and as a last line of defence a message is
-//! scrubbed of the token and of the full URL.
+//! tokens like to hide), never a header value, and every message is scrubbed of the feed's
+//! secret values ([`crate::secret::Redactor`]: userinfo in every form, the bearer token, secret
+//! headers) when it is made, so that text a server echoes back (a Content-Type, a redirect
+//! target) cannot carry a credential into logs or the status.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -52,6 +60,7 @@ use tokio::time::Instant;
 use super::http1::{self, BodyError, BodyReader, Head, Stream};
 use super::retry::parse_retry_after;
 use crate::config::FeedConfig;
+use crate::secret::{is_secret_header, Redactor, Secret};
 
 /// The `Last-Event-ID` request header (lower case, as `HeaderName` spells it).
 pub const LAST_EVENT_ID: &str = "last-event-id";
@@ -227,7 +236,13 @@ struct Inner {
     /// The feed's extra headers (reserved names removed), with `Authorization: Basic` from the
     /// URL's userinfo unless the feed sets `Authorization` itself.
     headers: HeaderMap,
+    /// Keep `headers` and credentials on a redirect to another origin.
+    forward_headers_on_redirect: bool,
     token: TokenSource,
+    /// The feed's secret values known from its configuration.
+    redactor: Redactor,
+    /// The bearer token last read (it may change on disk between attempts), scrubbed too.
+    last_token: Mutex<Option<Secret>>,
     rejected_id_statuses: Vec<u16>,
     max_redirects: usize,
     /// Bound on connecting plus waiting for the response headers.
@@ -328,7 +343,7 @@ impl Connector {
                     "header `{name}` has a value that is not valid in HTTP"
                 ))
             })?;
-            if [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION].contains(&name) {
+            if is_secret_header(name.as_str(), &feed.secret_headers) {
                 value.set_sensitive(true);
             }
             headers.insert(name, value);
@@ -339,13 +354,18 @@ impl Connector {
             }
         }
 
+        let redactor = Redactor::for_feed(feed);
+        redactor.remember();
         Ok(Connector {
             inner: Arc::new(Inner {
                 feed: feed.name.clone(),
                 shown_url: display_url(&url),
                 url,
                 headers,
+                forward_headers_on_redirect: feed.forward_headers_on_redirect,
                 token,
+                redactor,
+                last_token: Mutex::new(None),
                 rejected_id_statuses: feed.rejected_id_statuses.clone(),
                 max_redirects: feed.max_redirects,
                 header_timeout: feed.connect_timeout.saturating_add(feed.response_timeout),
@@ -361,6 +381,11 @@ impl Connector {
     /// The feed's URL as messages show it (no userinfo, no query string).
     pub fn shown_url(&self) -> &str {
         &self.inner.shown_url
+    }
+
+    /// `text` without any of the feed's secret values (the bearer token last read included).
+    pub fn scrub(&self, text: &str) -> String {
+        self.inner.scrub_text(text)
     }
 
     /// Starts one attempt (spawned on the current Tokio runtime): a GET sending
@@ -418,13 +443,45 @@ struct Route {
 }
 
 impl Inner {
+    /// A failure naming the feed and its URL. The message is scrubbed of every secret here,
+    /// where every message of the transport is made.
     fn failure(&self, kind: FailureKind, what: impl fmt::Display) -> Failure {
         Failure {
             kind,
             status: None,
             retry_after: None,
-            message: format!("feed `{}`: GET {}: {what}", self.feed, self.shown_url),
+            message: self.scrub_text(&format!(
+                "feed `{}`: GET {}: {what}",
+                self.feed, self.shown_url
+            )),
         }
+    }
+
+    /// `text` without the feed's secret values, nor the bearer token last read.
+    fn scrub_text(&self, text: &str) -> String {
+        let mut text = self.redactor.scrub(text).into_owned();
+        let token = self.last_token.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(token) = token.as_ref().filter(|t| t.expose().len() >= 4) {
+            if text.contains(token.expose()) {
+                text = text.replace(token.expose(), crate::secret::REDACTED);
+            }
+        }
+        text
+    }
+
+    /// A failure met after following redirects to `url`: its message names that target too
+    /// (a dead or misconfigured redirect target is what the operator must look at).
+    fn redirected(&self, mut failure: Failure, url: &Url) -> Failure {
+        if *url != self.url {
+            let prefix = format!("feed `{}`: GET {}: ", self.feed, self.shown_url);
+            if let Some(rest) = failure.message.strip_prefix(&prefix) {
+                failure.message = self.scrub_text(&format!(
+                    "{prefix}redirected to {}: {rest}",
+                    display_url(url)
+                ));
+            }
+        }
+        failure
     }
 
     fn network(&self, what: impl fmt::Display) -> Failure {
@@ -433,12 +490,13 @@ impl Inner {
 
     /// Removes anything secret that might have slipped into a message from a lower layer.
     fn scrub(&self, mut failure: Failure, token: Option<&str>) -> Failure {
-        if let Some(token) = token.filter(|t| t.len() >= 4) {
-            failure.message = failure.message.replace(token, "[redacted]");
+        if let Some(token) = token.filter(|t| t.len() >= crate::secret::MIN_SECRET_LEN) {
+            failure.message = failure.message.replace(token, crate::secret::REDACTED);
         }
         if self.url.as_str() != self.shown_url {
             failure.message = failure.message.replace(self.url.as_str(), &self.shown_url);
         }
+        failure.message = self.scrub_text(&failure.message);
         failure
     }
 
@@ -503,6 +561,15 @@ impl Inner {
                 Ok(Some(token.to_string()))
             }
         }
+        .inspect(|token| {
+            if let Some(token) = token {
+                let mut last = self.last_token.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_ref().is_none_or(|t| t.expose() != token) {
+                    crate::secret::remember([token.as_str()]);
+                    *last = Some(Secret::new(token.as_str()));
+                }
+            }
+        })
     }
 
     /// Sends the GET and follows redirects; returns the first response that is not a
@@ -511,14 +578,20 @@ impl Inner {
         let mut url = self.url.clone();
         let mut followed = 0usize;
         loop {
-            let (mut stream, route) = self.open(&url).await?;
+            let (mut stream, route) = self
+                .open(&url)
+                .await
+                .map_err(|f| self.redirected(f, &url))?;
             let request = request_head(&url, &headers, &route);
             http1::write_all(&mut stream, &request).await.map_err(|e| {
-                self.network(format_args!("request failed: sending the request: {e}"))
+                self.redirected(
+                    self.network(format_args!("request failed: sending the request: {e}")),
+                    &url,
+                )
             })?;
-            let (head, early) = http1::read_head(&mut stream)
-                .await
-                .map_err(|e| self.network(format_args!("request failed: {e}")))?;
+            let (head, early) = http1::read_head(&mut stream).await.map_err(|e| {
+                self.redirected(self.network(format_args!("request failed: {e}")), &url)
+            })?;
             let next = matches!(head.status, 301 | 302 | 303 | 307 | 308)
                 .then(|| head.location.as_ref().and_then(|l| l.text()))
                 .flatten()
@@ -531,11 +604,19 @@ impl Inner {
                     early,
                 });
             };
-            let cross_host =
+            let cross_origin =
                 redirect_policy(&url, &next, followed, self.max_redirects).map_err(|e| {
-                    self.failure(FailureKind::Client, format_args!("redirect refused: {e}"))
+                    self.redirected(
+                        self.failure(FailureKind::Client, format_args!("redirect refused: {e}")),
+                        &url,
+                    )
                 })?;
-            if cross_host {
+            if cross_origin && !self.forward_headers_on_redirect {
+                // Every configured header may be a credential the operator did not mark: none
+                // goes to an origin the server picked.
+                for name in self.headers.keys() {
+                    headers.remove(name);
+                }
                 for name in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, WWW_AUTHENTICATE] {
                     headers.remove(name);
                 }
@@ -545,7 +626,7 @@ impl Inner {
                 feed = %self.feed,
                 status = head.status,
                 "redirected to {}",
-                display_url(&next)
+                self.scrub_text(&display_url(&next))
             );
             followed += 1;
             url = next;
@@ -751,6 +832,13 @@ impl Inner {
         };
 
         if code == 200 {
+            if let Some(problem) = unreadable_coding(&head) {
+                // Not a client error: a proxy or server may stop compressing; retried with backoff.
+                return Err(with_status(
+                    FailureKind::Network,
+                    format!("{answer} with {problem}, which the bridge does not decode (it sends no Accept-Encoding); dropping the response"),
+                ));
+            }
             return match &head.content_type {
                 Some(v) if v.text().is_some_and(is_event_stream) => Ok(Connection {
                     status: code,
@@ -765,7 +853,8 @@ impl Inner {
                     FailureKind::Client,
                     format!(
                         "{answer} with Content-Type `{}`, not {EVENT_STREAM}",
-                        shorten(v.text().unwrap_or("<not ASCII>"))
+                        // Scrubbed before it is shortened, which could cut a secret in two.
+                        shorten(&self.scrub_text(v.text().unwrap_or("<not ASCII>")))
                     ),
                 )),
                 None => Err(with_status(
@@ -819,8 +908,8 @@ impl Inner {
 }
 
 /// Whether a redirect from `from` to `to` may be followed after `followed` others: an error
-/// saying why not, else whether it leaves the host and port (then credentials are dropped, as
-/// reqwest does).
+/// saying why not, else whether it leaves the origin (scheme, host, port; then the feed's
+/// headers and credentials are dropped).
 fn redirect_policy(from: &Url, to: &Url, followed: usize, max: usize) -> Result<bool, String> {
     // As reqwest's policy counted: the URLs visited so far, the first one included.
     if followed + 1 > max {
@@ -837,7 +926,8 @@ fn redirect_policy(from: &Url, to: &Url, followed: usize, max: usize) -> Result<
     if from.scheme() == "https" && to.scheme() != "https" {
         return Err("redirect from https to http refused (it would drop TLS)".into());
     }
-    Ok(to.host_str() != from.host_str()
+    Ok(to.scheme() != from.scheme()
+        || to.host_str() != from.host_str()
         || to.port_or_known_default() != from.port_or_known_default())
 }
 
@@ -1014,6 +1104,32 @@ pub fn display_url(url: &Url) -> String {
     url.set_query(None);
     url.set_fragment(None);
     url.to_string()
+}
+
+/// What makes a response's body unreadable: a `Content-Encoding` other than `identity`, or a
+/// `Transfer-Encoding` coding other than `chunked` (the bridge decodes neither).
+fn unreadable_coding(head: &Head) -> Option<String> {
+    if let Some(v) = &head.content_encoding {
+        let text = v.text().unwrap_or("<not ASCII>");
+        let codings: Vec<&str> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+            .collect();
+        if !codings.is_empty() || v.text().is_none() {
+            return Some(format!(
+                "Content-Encoding `{}`",
+                shorten(&crate::text::escape_controls(text))
+            ));
+        }
+    }
+    if !head.transfer_codings.is_empty() {
+        return Some(format!(
+            "Transfer-Encoding `{}`",
+            shorten(&head.transfer_codings.join(", "))
+        ));
+    }
+    None
 }
 
 /// At most 100 characters of a server-provided string, for messages.
@@ -1218,9 +1334,83 @@ mod tests {
             "{other_head}"
         );
         assert!(other_head.contains("last-event-id: 42\r\n"), "{other_head}");
-        assert!(other_head.contains("x-custom: kept\r\n"), "{other_head}");
+        // Another origin gets none of the configured headers, secret or not.
+        assert!(!other_head.contains("x-custom"), "{other_head}");
         assert!(!other_head.contains("authorization"), "{other_head}");
         assert!(!other_head.contains("cookie"), "{other_head}");
+    }
+
+    #[tokio::test]
+    async fn forward_headers_on_redirect_keeps_them_on_another_origin() {
+        let (other, other_heads) = raw_server(vec![SSE_OK.to_vec()]).await;
+        let (first, _) = raw_server(vec![format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{other}/other\r\n\r\n"
+        )
+        .into_bytes()])
+        .await;
+        let mut f = FeedConfig::new("f", format!("http://u:pw@{first}/start"));
+        f.headers.insert("X-Api-Key".into(), "key-1".into());
+        f.forward_headers_on_redirect = true;
+        let mut conn = plain_connector(&f).connect("").outcome().await.unwrap();
+        assert!(conn.next_chunk().await.unwrap().is_some());
+        let other_head = other_heads.lock().unwrap()[0].clone();
+        assert!(other_head.contains("x-api-key: key-1\r\n"), "{other_head}");
+        assert!(other_head.contains("authorization: Basic "), "{other_head}");
+    }
+
+    #[tokio::test]
+    async fn unrequested_codings_fail_naming_them_and_echoed_secrets_are_scrubbed() {
+        for (head, coding) in [
+            ("Content-Encoding: gzip\r\n", "Content-Encoding `gzip`"),
+            (
+                "Transfer-Encoding: gzip, chunked\r\n",
+                "Transfer-Encoding `gzip`",
+            ),
+            ("Transfer-Encoding: gzip\r\n", "Transfer-Encoding `gzip`"),
+        ] {
+            let (addr, _) = raw_server(vec![format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n{head}\r\n"
+            )
+            .into_bytes()])
+            .await;
+            let f = FeedConfig::new("f", format!("http://{addr}/"));
+            let failure = plain_connector(&f).connect("").outcome().await.unwrap_err();
+            assert_eq!(failure.kind, FailureKind::Network, "{failure}");
+            assert!(failure.message.contains(coding), "{failure}");
+        }
+        // The server echoes the Basic credential into its Content-Type.
+        let basic = base64::engine::general_purpose::STANDARD.encode("user:s3cretpw");
+        let (addr, _) = raw_server(vec![format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html; echo=Basic {basic}; k=key-123456\r\n\r\n"
+        )
+        .into_bytes()])
+        .await;
+        let mut f = FeedConfig::new("f", format!("http://user:s3cretpw@{addr}/"));
+        f.headers.insert("X-Api-Key".into(), "key-123456".into());
+        let failure = plain_connector(&f).connect("").outcome().await.unwrap_err();
+        assert!(!failure.message.contains(&basic), "{failure}");
+        assert!(!failure.message.contains("key-123456"), "{failure}");
+        assert!(failure.message.contains("[redacted]"), "{failure}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_redirect_names_its_target() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let (first, _) = raw_server(vec![format!(
+            "HTTP/1.1 302 Found\r\nLocation: http://{dead_addr}/moved?token=x\r\n\r\n"
+        )
+        .into_bytes()])
+        .await;
+        let f = FeedConfig::new("f", format!("http://{first}/start"));
+        let failure = plain_connector(&f).connect("").outcome().await.unwrap_err();
+        assert!(
+            failure.message.contains(&format!(
+                "redirected to http://{dead_addr}/moved: connection failed"
+            )),
+            "{failure}"
+        );
     }
 
     #[test]

@@ -111,6 +111,11 @@ pub struct Head {
     pub content_type: Option<HeaderText>,
     pub location: Option<HeaderText>,
     pub retry_after: Option<HeaderText>,
+    /// `Content-Encoding`, when the server sent one.
+    pub content_encoding: Option<HeaderText>,
+    /// The `Transfer-Encoding` codings other than `chunked`, in order (lower case): the
+    /// transport decodes none of them.
+    pub transfer_codings: Vec<String>,
     pub framing: Framing,
 }
 
@@ -166,9 +171,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
         content_type: None,
         location: None,
         retry_after: None,
+        content_encoding: None,
+        transfer_codings: Vec::new(),
         framing: Framing::Eof,
     };
     let mut chunked = false;
+    let mut transfer_encoded = false;
     let mut length: Option<u64> = None;
     for h in response.headers.iter() {
         let name = h.name;
@@ -178,13 +186,24 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
             head.location.get_or_insert(HeaderText::new(h.value));
         } else if name.eq_ignore_ascii_case("retry-after") {
             head.retry_after.get_or_insert(HeaderText::new(h.value));
+        } else if name.eq_ignore_ascii_case("content-encoding") {
+            head.content_encoding
+                .get_or_insert(HeaderText::new(h.value));
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            // The last coding decides whether the body is chunked (RFC 9112 §6.3).
-            let value = std::str::from_utf8(h.value).map_err(|_| {
-                "invalid HTTP response head: Transfer-Encoding is not text".to_string()
-            })?;
-            if let Some(last) = value.rsplit(',').map(str::trim).find(|c| !c.is_empty()) {
-                chunked = last.eq_ignore_ascii_case("chunked");
+            // The codings of every Transfer-Encoding field, in order; the last one decides
+            // whether the body is chunked (RFC 9112 §6.3).
+            let value = match HeaderText::new(h.value) {
+                HeaderText::Text(v) => v,
+                HeaderText::NotText => {
+                    return Err("invalid HTTP response head: Transfer-Encoding is not text".into())
+                }
+            };
+            for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                transfer_encoded = true;
+                chunked = coding.eq_ignore_ascii_case("chunked");
+                if !chunked {
+                    head.transfer_codings.push(coding.to_ascii_lowercase());
+                }
             }
         } else if name.eq_ignore_ascii_case("content-length") {
             let value = std::str::from_utf8(h.value)
@@ -201,8 +220,13 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
             length = Some(value);
         }
     }
+    // RFC 9112 §6.3: with Transfer-Encoding, chunked as the final coding frames the body;
+    // any other final coding means the body runs until the connection closes, whatever a
+    // Content-Length says.
     head.framing = if chunked {
         Framing::Chunked
+    } else if transfer_encoded {
+        Framing::Eof
     } else if let Some(length) = length {
         Framing::Length(length)
     } else {
@@ -678,6 +702,18 @@ mod tests {
             Some(HeaderText::Text("text/event-stream".into()))
         );
         assert_eq!(head.framing, Framing::Chunked);
+        assert_eq!(head.transfer_codings, vec!["gzip".to_string()]);
+        assert_eq!(head.content_encoding, None);
+
+        // A final coding other than chunked: read until close, Content-Length ignored.
+        let (head, _) = parse_head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: GZip\r\nContent-Length: 5\r\nContent-Encoding: br\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.framing, Framing::Eof);
+        assert_eq!(head.transfer_codings, vec!["gzip".to_string()]);
+        assert_eq!(head.content_encoding, Some(HeaderText::Text("br".into())));
 
         let (head, _) =
             parse_head(b"HTTP/1.1 302 Found\r\nlocation: /next\r\ncontent-length: 0\r\n\r\n")
