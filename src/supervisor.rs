@@ -702,7 +702,12 @@ async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Resul
                 if store.has_checkpoint_for_other_url(&name, &url)? {
                     store.record_gap(&gap(
                         GapReason::UrlChanged,
-                        format!("the feed's URL changed to {url}; starting without a Last-Event-ID"),
+                        format!(
+                            "the feed's URL changed to {}; starting without a Last-Event-ID",
+                            url::Url::parse(&url)
+                                .map(|u| crate::sse::connection::display_url(&u))
+                                .unwrap_or_else(|_| "a new URL".to_string())
+                        ),
                         "",
                         0,
                     ))?;
