@@ -1006,42 +1006,6 @@ impl UnroutableWarning {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn taps_see_at_most_tap_max_data_of_an_event() {
-        let event = |data: String| {
-            Arc::new(Event {
-                feed: Arc::from("f"),
-                event_type: Arc::from("t"),
-                data,
-                id: Arc::from("7"),
-                received_at: Utc::now(),
-                seq: 7,
-            })
-        };
-        let small = event("x".repeat(TAP_MAX_DATA));
-        assert!(Arc::ptr_eq(&for_tap(&small), &small), "shared, not copied");
-        // A multi-byte character across the cut is not split.
-        let big = event(format!(
-            "{}é{}",
-            "x".repeat(TAP_MAX_DATA - 1),
-            "y".repeat(100_000)
-        ));
-        let shown = for_tap(&big);
-        assert!(shown.data.starts_with(&"x".repeat(TAP_MAX_DATA - 1)));
-        assert!(shown.data.len() < TAP_MAX_DATA + 64, "{}", shown.data.len());
-        assert!(
-            shown.data.ends_with("…[tap: 100002 more bytes not shown]"),
-            "{}",
-            &shown.data[TAP_MAX_DATA - 8..]
-        );
-        assert_eq!((shown.seq, &*shown.id), (7, "7"));
-    }
-}
-
 /// Registers the events of the current read with the tracker, with the number of sinks each
 /// went to, before any sink can see them, and forgets them.
 fn register(tracker: &FeedTracker, events: &mut Vec<(Arc<Event>, u32)>) {
@@ -1107,5 +1071,41 @@ async fn commit(views: &[FeedView], state: &SharedState) {
         for (i, c) in changed {
             views[i].stats.committed_seq.store(c.seq, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taps_see_at_most_tap_max_data_of_an_event() {
+        let event = |data: String| {
+            Arc::new(Event {
+                feed: Arc::from("f"),
+                event_type: Arc::from("t"),
+                data,
+                id: Arc::from("7"),
+                received_at: Utc::now(),
+                seq: 7,
+            })
+        };
+        let small = event("x".repeat(TAP_MAX_DATA));
+        assert!(Arc::ptr_eq(&for_tap(&small), &small), "shared, not copied");
+        // A multi-byte character across the cut is not split.
+        let big = event(format!(
+            "{}é{}",
+            "x".repeat(TAP_MAX_DATA - 1),
+            "y".repeat(100_000)
+        ));
+        let shown = for_tap(&big);
+        assert!(shown.data.starts_with(&"x".repeat(TAP_MAX_DATA - 1)));
+        assert!(shown.data.len() < TAP_MAX_DATA + 64, "{}", shown.data.len());
+        assert!(
+            shown.data.ends_with("…[tap: 100002 more bytes not shown]"),
+            "{}",
+            &shown.data[TAP_MAX_DATA - 8..]
+        );
+        assert_eq!((shown.seq, &*shown.id), (7, "7"));
     }
 }

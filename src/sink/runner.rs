@@ -506,12 +506,14 @@ mod tests {
         }
     }
 
-    /// A sink whose writes wait until the test lets them through.
-    struct Gate(Arc<std::sync::Mutex<()>>);
+    /// A sink whose writes wait until the test opens the gate.
+    struct Gate(Arc<AtomicBool>);
 
     impl Sink for Gate {
         fn write(&mut self, _events: &[Arc<Event>]) -> Result<(), SinkError> {
-            drop(self.0.lock());
+            while !self.0.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             Ok(())
         }
 
@@ -523,8 +525,7 @@ mod tests {
     #[tokio::test]
     async fn the_buffer_is_bounded_in_bytes_as_well_as_in_events() {
         use crate::checkpoint::{FeedTracker, Position};
-        let gate = Arc::new(std::sync::Mutex::new(()));
-        let closed = gate.lock().unwrap();
+        let gate = Arc::new(AtomicBool::new(false));
         let buffer = BufferConfig {
             max_events: 1000,
             max_bytes: crate::config::units::ByteSize(100 * 1024),
@@ -573,7 +574,7 @@ mod tests {
         tokio::pin!(fourth);
         let blocked = tokio::time::timeout(Duration::from_millis(300), &mut fourth).await;
         assert!(blocked.is_err(), "a full byte budget holds the feed back");
-        drop(closed);
+        gate.store(true, Ordering::SeqCst);
         let sent = tokio::time::timeout(Duration::from_secs(5), fourth).await;
         assert_eq!(sent.ok().and_then(|r| r.ok()), Some(SendOutcome::Queued));
         // A batch larger than the whole buffer still goes through, alone, once there is room.
