@@ -135,10 +135,15 @@ const EXIT_CONFIG: u8 = 2;
     version,
     about = "Pipe Server-Sent Events feeds into durable sinks, resuming with Last-Event-ID.",
     long_about = "sse-bridge subscribes to Server-Sent Events (EventSource) feeds, routes every \
-event by feed and event type to sinks (JSON Lines files, standard output), and records each \
-feed's Last-Event-ID in a SQLite state database once the sinks have stored the events. After a \
-restart, even after kill -9, each feed resumes from that checkpoint: nothing the server still \
-retains is lost, and at most one commit interval is fetched twice.\n\n\
+event by feed and event type to sinks, and records each feed's Last-Event-ID in a SQLite state \
+database once the sinks have stored the events. After a restart, even after kill -9, each feed \
+resumes from that checkpoint: nothing the server still retains is lost, and at most one commit \
+interval is fetched twice.\n\n\
+Sinks: `file` (JSON Lines files, paths templated by feed and event type, with rotation, \
+retention and compression), `sqlite` (rows of an SQLite database, stored exactly once), \
+`kafka` (records confirmed by the broker), `stdout` (JSON Lines on standard output). Stored \
+events come back out with `replay` (to a terminal, a file or another sink) and `serve` (a live \
+Server-Sent Events endpoint that browsers and other bridges resume from).\n\n\
 Try it: `sse-bridge run` runs the built-in configuration (Wikimedia's recentchange stream into \
 data/events/recentchange.jsonl, state in data/state.db).",
     after_help = "Configuration: a TOML file (see README.md, \"Configuration reference\"). \
@@ -181,6 +186,10 @@ enum Command {
     /// the sinks store what they hold, commits the checkpoints and exits 0 (within
     /// `shutdown.timeout`). A second signal exits at once; nothing is lost either way, the
     /// checkpoint only covers stored events.
+    ///
+    /// One bridge per state database: `run` locks `STATE.lock` (beside `state.path`) for as
+    /// long as it runs, and a second `run` on the same state database exits 1 naming the PID
+    /// that holds it.
     ///
     /// SIGHUP reloads the configuration file: a configuration that does not validate is
     /// rejected (logged) and the running one stays; feeds whose settings did not change keep
