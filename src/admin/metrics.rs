@@ -492,3 +492,204 @@ fn sink_families(enc: &mut DescriptorEncoder, sinks: &[(String, SinkView)]) -> R
         }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_parse::{Scrape, Value};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::checkpoint::{FeedTracker, Position};
+    use crate::config::FeedConfig;
+    use crate::event::Event;
+    use crate::route::Outcome;
+    use crate::sink::runner;
+    use crate::sink::{BufferConfig, Sink, SinkError};
+    use crate::telemetry::{FeedStats, TypeCache};
+
+    struct Nowhere;
+
+    impl Sink for Nowhere {
+        fn write(&mut self, _events: &[Arc<Event>]) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    /// A page with one feed (types `edit`, and one whose name needs escaping) and one sink
+    /// that took one write of 2 ms.
+    fn page() -> (Page, runner::SinkWorker) {
+        let view = FeedView {
+            config: Arc::new(FeedConfig::new("wiki", "http://127.0.0.1:9/")),
+            status: Default::default(),
+            tracker: Arc::new(FeedTracker::new(Position {
+                seq: 0,
+                last_event_id: Arc::from(""),
+            })),
+            stats: Arc::new(FeedStats::starting_at(0)),
+        };
+        let mut cache = TypeCache::default();
+        cache
+            .get(&view.stats.types, "edit")
+            .record_many(3, 30, Outcome::Routed, true);
+        cache
+            .get(&view.stats.types, "we\"ird\\")
+            .record_many(1, 5, Outcome::Unrouted, false);
+        let (handle, worker) = runner::spawn(
+            "archive",
+            Box::new(Nowhere),
+            &BufferConfig::default(),
+            CancellationToken::new(),
+            None,
+        )
+        .expect("runner");
+        let gauge = handle.gauge();
+        gauge
+            .health
+            .write_seconds
+            .observe(Duration::from_millis(2));
+        let feed = FeedSnapshot {
+            status: view.status.get(),
+            types: view.stats.types.snapshot(),
+            head: 4,
+            committed: 1,
+            pending: 3,
+            lag: Duration::from_millis(1500),
+            last_event_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            view,
+        };
+        let page = Page {
+            feeds: vec![feed],
+            sinks: vec![(
+                "archive".to_string(),
+                SinkView {
+                    kind: "file",
+                    gauge,
+                },
+            )],
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000),
+            tap_clients: 2,
+            tap_skipped: 7,
+        };
+        (page, worker)
+    }
+
+    fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Value {
+        let found: Vec<&prometheus_parse::Sample> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .collect();
+        assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
+        found[0].value.clone()
+    }
+
+    #[tokio::test]
+    async fn the_page_parses_with_the_names_types_and_labels_the_readme_lists() {
+        let (page, _worker) = page();
+        let text = encode_page(page);
+        // Every line is a comment, a sample or empty: nothing the parser would skip.
+        for line in text.lines() {
+            assert_ne!(
+                prometheus_parse::LineInfo::parse(line),
+                prometheus_parse::LineInfo::Ignored,
+                "{line:?}\n{text}"
+            );
+        }
+        assert!(text.contains("# TYPE sse_bridge_events_received_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE sse_bridge_sink_write_duration_seconds histogram\n"));
+        assert!(text.contains("# TYPE sse_bridge_feed_state gauge\n"));
+        // Label values are escaped as the format says.
+        assert!(
+            text.contains(r#"sse_bridge_events_unrouted_total{feed="wiki",type="we\"ird\\"} 1"#),
+            "{text}"
+        );
+        let scrape =
+            Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses");
+        let edit = [("feed", "wiki"), ("type", "edit")];
+        assert_eq!(
+            value(&scrape, "sse_bridge_events_received_total", &edit),
+            Value::Counter(3.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_event_data_bytes_total", &edit),
+            Value::Counter(30.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_events_routed_total", &edit),
+            Value::Counter(3.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "sse_bridge_feed_state",
+                &[("feed", "wiki"), ("state", "connecting")]
+            ),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "sse_bridge_feed_errors_total",
+                &[("feed", "wiki"), ("class", "network")]
+            ),
+            Value::Counter(0.0)
+        );
+        let feed = [("feed", "wiki")];
+        for (name, want) in [
+            ("sse_bridge_checkpoint_lag_events", 3.0),
+            ("sse_bridge_checkpoint_lag_seconds", 1.5),
+            ("sse_bridge_feed_pending_events", 3.0),
+            ("sse_bridge_feed_backoff_seconds", 0.0),
+            ("sse_bridge_feed_last_event_timestamp_seconds", 1.7e9),
+        ] {
+            assert_eq!(value(&scrape, name, &feed), Value::Gauge(want), "{name}");
+        }
+        let sink = [("sink", "archive")];
+        assert_eq!(
+            value(&scrape, "sse_bridge_sink_info", &[("sink", "archive"), ("kind", "file")]),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_sink_events_stored_total", &sink),
+            Value::Counter(0.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_sink_healthy", &sink),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_sink_queue_capacity_events", &sink),
+            Value::Gauge(10_000.0)
+        );
+        let Value::Histogram(buckets) =
+            value(&scrape, "sse_bridge_sink_write_duration_seconds", &sink)
+        else {
+            panic!("not a histogram\n{text}");
+        };
+        let bounds: Vec<f64> = buckets.iter().map(|b| b.less_than).collect();
+        let mut want: Vec<f64> = crate::telemetry::LATENCY_BUCKETS.to_vec();
+        want.push(f64::INFINITY);
+        assert_eq!(bounds, want);
+        let counts: Vec<f64> = buckets.iter().map(|b| b.count).collect();
+        assert_eq!(&counts[..4], [0.0, 0.0, 0.0, 0.0], "cumulative, 2 ms");
+        assert!(counts[4..].iter().all(|&c| c == 1.0), "{counts:?}");
+        assert!(text.contains("sse_bridge_sink_write_duration_seconds_count{sink=\"archive\"} 1\n"));
+        assert!(text.contains("sse_bridge_sink_write_duration_seconds_sum{sink=\"archive\"} 0.002\n"), "{text}");
+        assert_eq!(
+            value(&scrape, "sse_bridge_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_start_time_seconds", &[]),
+            Value::Gauge(1.6e9)
+        );
+        assert_eq!(value(&scrape, "sse_bridge_tap_clients", &[]), Value::Gauge(2.0));
+        assert_eq!(
+            value(&scrape, "sse_bridge_tap_skipped_events_total", &[]),
+            Value::Counter(7.0)
+        );
+    }
+}
