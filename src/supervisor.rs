@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{commit, commit_loop, FeedTracker, Position, SharedState};
+use crate::checkpoint::{commit, commit_loop, with_store, FeedTracker, Position, SharedState};
 use crate::config::{Config, FeedConfig, LoadedConfig};
 use crate::event::Event;
 use crate::notify::Notifier;
@@ -607,13 +607,9 @@ async fn status_loop(registry: Arc<Registry>, notifier: Arc<Notifier>) {
 
 /// Where a feed resumes, recording the gaps a restart implies.
 async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Result<Position> {
-    let state = state.clone();
     let name = feed.name.clone();
     let url = feed.url.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<Position> {
-        let mut store = state
-            .lock()
-            .map_err(|_| anyhow::anyhow!("state store lock poisoned"))?;
+    let position = with_store(state, move |store| {
         let checkpoint = store.checkpoint(&name, &url)?;
         let gap = |reason, detail: String, id: &str, seq| {
             Gap::once(&name, &url, reason, detail, id, seq, Utc::now())
@@ -654,5 +650,6 @@ async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Resul
             }
         }
     })
-    .await?
+    .await?;
+    Ok(position)
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::{FeedTracker, SharedState};
-use crate::state::{Checkpoint, StateError};
+use super::{with_store, FeedTracker, SharedState, StoreError};
+use crate::state::Checkpoint;
 
 /// A feed whose checkpoint the committer writes.
 pub trait Committable {
@@ -16,17 +16,6 @@ pub trait Committable {
     fn tracker(&self) -> &FeedTracker;
     /// The checkpoint now committed covers events up to `seq`.
     fn committed(&self, seq: u64);
-}
-
-/// Why a commit failed; the positions stay marked as changed and the next tick retries.
-#[derive(Debug, thiserror::Error)]
-pub enum CommitError {
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error("the state store's lock is poisoned (a thread panicked while holding it)")]
-    Poisoned,
-    #[error("the commit's blocking task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 /// Commits the feeds `feeds()` returns every `interval` until `stop` is cancelled.
@@ -55,7 +44,7 @@ pub async fn commit_loop<C, F>(
 
 /// Commits every changed checkpoint of `feeds` in one transaction. On failure nothing is lost:
 /// the positions are marked changed again, for the next attempt.
-pub async fn commit<C: Committable>(feeds: &[C], state: &SharedState) -> Result<(), CommitError> {
+pub async fn commit<C: Committable>(feeds: &[C], state: &SharedState) -> Result<(), StoreError> {
     let now = Utc::now();
     let mut changed: Vec<(usize, Checkpoint)> = Vec::new();
     for (i, feed) in feeds.iter().enumerate() {
@@ -77,15 +66,7 @@ pub async fn commit<C: Committable>(feeds: &[C], state: &SharedState) -> Result<
         return Ok(());
     }
     let checkpoints: Vec<Checkpoint> = changed.iter().map(|(_, c)| c.clone()).collect();
-    let state = state.clone();
-    let result = tokio::task::spawn_blocking(move || -> Result<(), CommitError> {
-        let mut store = state.lock().map_err(|_| CommitError::Poisoned)?;
-        store.save_checkpoints(&checkpoints)?;
-        Ok(())
-    })
-    .await
-    .map_err(CommitError::from)
-    .and_then(|r| r);
+    let result = with_store(state, move |store| store.save_checkpoints(&checkpoints)).await;
     match result {
         Ok(()) => {
             for (i, c) in changed {
@@ -181,7 +162,7 @@ mod tests {
         let feeds = [feed("a")];
         feeds[0].tracker.register([(1, "x", 0)]);
         let err = commit(&feeds, &state).await.expect_err("poisoned");
-        assert!(matches!(err, CommitError::Poisoned), "{err}");
+        assert!(matches!(err, StoreError::Poisoned), "{err}");
         assert_eq!(feeds[0].committed.load(Ordering::Relaxed), 0);
         let again = feeds[0].tracker.take_changed().expect("still to commit");
         assert_eq!(again.seq, 1);

@@ -21,7 +21,7 @@ use chrono::Utc;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{Committable, FeedTracker, SharedState};
+use crate::checkpoint::{with_store, Committable, FeedTracker, SharedState};
 use crate::config::FeedConfig;
 use crate::event::Event;
 use crate::route::Router;
@@ -273,22 +273,14 @@ impl<S: Source> FeedTask<S> {
             p.seq.max(self.next_seq.saturating_sub(1)),
             Utc::now(),
         );
-        let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || match state.lock() {
-            Ok(mut s) => s
-                .record_gap(&gap)
-                .map(|r| (r, gap))
-                .map_err(|e| e.to_string()),
-            Err(_) => Err("state store lock poisoned".to_string()),
-        })
-        .await;
+        let result = with_store(&self.state, move |s| s.record_gap(&gap).map(|r| (r, gap))).await;
         match result {
             // A repeat of the previous gap is counted in its row; logging each one again
             // would turn a server that closes at once into a flood of identical lines.
-            Ok(Ok((Recorded::New, gap))) => {
+            Ok((Recorded::New, gap)) => {
                 tracing::warn!(feed = %name, reason = reason.as_str(), "gap: {}", gap.detail)
             }
-            Ok(Ok((Recorded::Repeat(n), gap))) => {
+            Ok((Recorded::Repeat(n), gap)) => {
                 let level_warn = n.is_power_of_two();
                 if level_warn {
                     tracing::warn!(feed = %name, reason = reason.as_str(), repeats = n, "gap repeated {n} times: {}", gap.detail)
@@ -296,7 +288,6 @@ impl<S: Source> FeedTask<S> {
                     tracing::debug!(feed = %name, reason = reason.as_str(), repeats = n, "gap repeated: {}", gap.detail)
                 }
             }
-            Ok(Err(e)) => tracing::error!(feed = %name, "recording a gap failed: {e}"),
             Err(e) => tracing::error!(feed = %name, "recording a gap failed: {e}"),
         }
     }
