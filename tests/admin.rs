@@ -147,8 +147,11 @@ fn parse_prometheus(text: &str) -> Result<Metrics, String> {
         .map_err(|e| e.to_string())?;
     let mut m = Metrics::default();
     for s in scrape.samples {
-        let labels: BTreeMap<String, String> =
-            s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let labels: BTreeMap<String, String> = s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut push = |name: String, labels: BTreeMap<String, String>, value: f64| {
             m.samples.push(Sample {
                 name,
@@ -161,9 +164,9 @@ fn parse_prometheus(text: &str) -> Result<Metrics, String> {
             | prometheus_parse::Value::Gauge(v)
             | prometheus_parse::Value::Untyped(v) => push(s.metric, labels, v),
             prometheus_parse::Value::Histogram(buckets) => {
-                let cumulative = buckets.windows(2).all(|w| {
-                    w[0].less_than < w[1].less_than && w[0].count <= w[1].count
-                });
+                let cumulative = buckets
+                    .windows(2)
+                    .all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count);
                 if !cumulative || buckets.last().map(|b| b.less_than) != Some(f64::INFINITY) {
                     return Err(format!("{}{labels:?}: bad buckets {buckets:?}", s.metric));
                 }

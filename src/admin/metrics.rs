@@ -136,12 +136,9 @@ fn histograms<'a>(
         }
         buckets.push((f64::INFINITY, h.count.saturating_sub(below)));
         let labels: &[(&str, &str)] = &labels;
-        metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-            h.sum_seconds,
-            h.count,
-            &buckets,
-            None,
-        )?;
+        metric
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &buckets, None)?;
     }
     Ok(())
 }
@@ -241,7 +238,10 @@ fn encode_page(page: Page) -> String {
     out
 }
 
-fn type_families(enc: &mut DescriptorEncoder, feeds: &[FeedSnapshot]) -> Result<(), std::fmt::Error> {
+fn type_families(
+    enc: &mut DescriptorEncoder,
+    feeds: &[FeedSnapshot],
+) -> Result<(), std::fmt::Error> {
     type Pick = fn(&TypeStats) -> u64;
     let families: [(&str, &str, Pick); 6] = [
         (
@@ -289,7 +289,10 @@ fn type_families(enc: &mut DescriptorEncoder, feeds: &[FeedSnapshot]) -> Result<
     Ok(())
 }
 
-fn feed_families(enc: &mut DescriptorEncoder, feeds: &[FeedSnapshot]) -> Result<(), std::fmt::Error> {
+fn feed_families(
+    enc: &mut DescriptorEncoder,
+    feeds: &[FeedSnapshot],
+) -> Result<(), std::fmt::Error> {
     fn feed(f: &FeedSnapshot) -> &str {
         f.view.config.name.as_str()
     }
@@ -366,7 +369,9 @@ fn feed_families(enc: &mut DescriptorEncoder, feeds: &[FeedSnapshot]) -> Result<
         enc,
         "sse_bridge_feed_pending_events",
         "Events received and not yet stored by every sink they were routed to.",
-        feeds.iter().map(|f| (vec![("feed", feed(f))], f.pending as u64)),
+        feeds
+            .iter()
+            .map(|f| (vec![("feed", feed(f))], f.pending as u64)),
     )?;
     gauges(
         enc,
@@ -389,7 +394,10 @@ fn feed_families(enc: &mut DescriptorEncoder, feeds: &[FeedSnapshot]) -> Result<
 /// A family of sink-kind counters: its help and `(sink, value)` samples.
 type OwnFamily<'a> = (&'static str, Vec<(&'a str, u64)>);
 
-fn sink_families(enc: &mut DescriptorEncoder, sinks: &[(String, SinkView)]) -> Result<(), std::fmt::Error> {
+fn sink_families(
+    enc: &mut DescriptorEncoder,
+    sinks: &[(String, SinkView)],
+) -> Result<(), std::fmt::Error> {
     gauges(
         enc,
         "sse_bridge_sink_info",
@@ -477,7 +485,9 @@ fn sink_families(enc: &mut DescriptorEncoder, sinks: &[(String, SinkView)]) -> R
             enc,
             name,
             help,
-            samples.into_iter().map(|(sink, v)| (vec![("sink", sink)], v)),
+            samples
+                .into_iter()
+                .map(|(sink, v)| (vec![("sink", sink)], v)),
         )?;
     }
     histograms(
@@ -546,10 +556,7 @@ mod tests {
         )
         .expect("runner");
         let gauge = handle.gauge();
-        gauge
-            .health
-            .write_seconds
-            .observe(Duration::from_millis(2));
+        gauge.health.write_seconds.observe(Duration::from_millis(2));
         let feed = FeedSnapshot {
             status: view.status.get(),
             types: view.stats.types.snapshot(),
@@ -598,7 +605,10 @@ mod tests {
                 "{line:?}\n{text}"
             );
         }
-        assert!(text.contains("# TYPE sse_bridge_events_received_total counter\n"), "{text}");
+        assert!(
+            text.contains("# TYPE sse_bridge_events_received_total counter\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE sse_bridge_sink_write_duration_seconds histogram\n"));
         assert!(text.contains("# TYPE sse_bridge_feed_state gauge\n"));
         // Label values are escaped as the format says.
@@ -606,8 +616,7 @@ mod tests {
             text.contains(r#"sse_bridge_events_unrouted_total{feed="wiki",type="we\"ird\\"} 1"#),
             "{text}"
         );
-        let scrape =
-            Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses");
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses");
         let edit = [("feed", "wiki"), ("type", "edit")];
         assert_eq!(
             value(&scrape, "sse_bridge_events_received_total", &edit),
@@ -649,7 +658,11 @@ mod tests {
         }
         let sink = [("sink", "archive")];
         assert_eq!(
-            value(&scrape, "sse_bridge_sink_info", &[("sink", "archive"), ("kind", "file")]),
+            value(
+                &scrape,
+                "sse_bridge_sink_info",
+                &[("sink", "archive"), ("kind", "file")]
+            ),
             Value::Gauge(1.0)
         );
         assert_eq!(
@@ -677,16 +690,26 @@ mod tests {
         assert_eq!(&counts[..4], [0.0, 0.0, 0.0, 0.0], "cumulative, 2 ms");
         assert!(counts[4..].iter().all(|&c| c == 1.0), "{counts:?}");
         assert!(text.contains("sse_bridge_sink_write_duration_seconds_count{sink=\"archive\"} 1\n"));
-        assert!(text.contains("sse_bridge_sink_write_duration_seconds_sum{sink=\"archive\"} 0.002\n"), "{text}");
+        assert!(
+            text.contains("sse_bridge_sink_write_duration_seconds_sum{sink=\"archive\"} 0.002\n"),
+            "{text}"
+        );
         assert_eq!(
-            value(&scrape, "sse_bridge_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+            value(
+                &scrape,
+                "sse_bridge_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
             Value::Gauge(1.0)
         );
         assert_eq!(
             value(&scrape, "sse_bridge_start_time_seconds", &[]),
             Value::Gauge(1.6e9)
         );
-        assert_eq!(value(&scrape, "sse_bridge_tap_clients", &[]), Value::Gauge(2.0));
+        assert_eq!(
+            value(&scrape, "sse_bridge_tap_clients", &[]),
+            Value::Gauge(2.0)
+        );
         assert_eq!(
             value(&scrape, "sse_bridge_tap_skipped_events_total", &[]),
             Value::Counter(7.0)

@@ -22,14 +22,14 @@ use tokio::sync::broadcast::Receiver;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::telemetry::lag::{LagTracker, SAMPLE_EVERY};
 use super::metrics::{self, snapshot_feeds};
 use super::AdminConfig;
 use crate::event::Event;
+use crate::pipeline::FeedView;
 use crate::sink::jsonl;
 use crate::sse::status::ReadyState;
-use crate::pipeline::FeedView;
 use crate::supervisor::Registry;
+use crate::telemetry::lag::{LagTracker, SAMPLE_EVERY};
 
 /// Concurrent `/tap` connections allowed.
 const MAX_TAPS: usize = 16;

@@ -231,7 +231,10 @@ impl Rig {
             if p.seq == seq {
                 return p;
             }
-            assert!(Instant::now() < deadline, "checkpoint stuck at {p:?}, want {seq}");
+            assert!(
+                Instant::now() < deadline,
+                "checkpoint stuck at {p:?}, want {seq}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -387,7 +390,11 @@ async fn a_full_drop_newest_buffer_counts_the_dropped_events_and_acknowledges_th
         assert!(Instant::now() < deadline, "b stored {:?}", rig.stored(1));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(rig.stat(|s| &s.dropped), 2, "events 3 and 4 did not fit in a");
+    assert_eq!(
+        rig.stat(|s| &s.dropped),
+        2,
+        "events 3 and 4 did not fit in a"
+    );
     assert_eq!(
         rig.view.tracker.acked().seq,
         1,
@@ -395,7 +402,10 @@ async fn a_full_drop_newest_buffer_counts_the_dropped_events_and_acknowledges_th
     );
     rig.a_closed.store(false, Ordering::SeqCst);
     let p = rig.acked_at(4).await;
-    assert_eq!(&*p.last_event_id, "3", "dropped events count as acknowledged");
+    assert_eq!(
+        &*p.last_event_id, "3",
+        "dropped events count as acknowledged"
+    );
     assert_eq!(rig.stored(0), [("edit".to_string(), 2)]);
     rig.stop().await;
 }

@@ -55,12 +55,10 @@ impl LagTracker {
         for view in feeds {
             let head = view.tracker.head_seq();
             let committed = view.committed;
-            let entry = map
-                .entry(view.feed.to_string())
-                .or_insert_with(|| Samples {
-                    tracker: view.tracker.clone(),
-                    samples: VecDeque::new(),
-                });
+            let entry = map.entry(view.feed.to_string()).or_insert_with(|| Samples {
+                tracker: view.tracker.clone(),
+                samples: VecDeque::new(),
+            });
             let restarted = !Arc::ptr_eq(&entry.tracker, view.tracker)
                 || entry.samples.back().is_some_and(|&(h, _)| head < h);
             if restarted || entry.samples.is_empty() {
