@@ -1,5 +1,7 @@
-//! The supervisor: one task per feed, one runner thread per sink, a checkpoint committer,
-//! reload (SIGHUP) and the drain on shutdown.
+//! The supervisor: the lifecycle of the bridge. It starts one [`pipeline`](crate::pipeline)
+//! task per feed, one runner thread per sink and the checkpoint
+//! [`committer`](crate::checkpoint::committer); reloads (SIGHUP); drains on shutdown; and keeps
+//! the [`Registry`] observers read.
 //!
 //! Data flows one way: feed task (socket -> parser -> event) -> router -> sink buffers ->
 //! runner threads -> acknowledgements -> [`FeedTracker`] -> committer -> state store.
@@ -7,7 +9,7 @@
 //! cache and tracker; they share only the sinks' bounded buffers.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -17,83 +19,22 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{FeedTracker, Position};
+use crate::checkpoint::{commit, commit_loop, with_store, FeedTracker, Position, SharedState};
 use crate::config::{Config, FeedConfig, LoadedConfig};
 use crate::event::Event;
 use crate::notify::Notifier;
-use crate::route::{Decision, Outcome, Router};
-use crate::sink::runner::{self, SendOutcome, SinkGauge, SinkHandle, SinkWorker};
+use crate::pipeline::tap::TAP_CAPACITY;
+use crate::pipeline::{FeedTask, Routing};
+use crate::route::Router;
+use crate::sink::runner::{self, SinkGauge, SinkHandle, SinkWorker};
 use crate::sink::SinkConfig;
-use crate::sse::client::{EventSource, Next};
-use crate::sse::parser::Item;
+use crate::sse::client::EventSource;
 use crate::sse::status::{ReadyState, StatusHandle};
-use crate::state::{Checkpoint, Gap, GapReason, Recorded, StateStore};
+use crate::state::{Gap, GapReason, StateStore};
 
-/// Events kept for live observers (`tap`) that fall behind before they miss some.
-const TAP_CAPACITY: usize = 4096;
-
-/// Data shown to taps per event: the broadcast ring keeps its last [`TAP_CAPACITY`] events
-/// while any tap is connected, so with events of up to `max_event_size` it could hold
-/// gigabytes; larger data is cut (with a note) in the tap's copy only, which bounds the ring to
-/// 64 MiB (ARCHITECTURE.md, "Hostile input and bounded resources"). Sinks get the whole event.
-const TAP_MAX_DATA: usize = 16 * 1024;
-
-/// The event as taps see it: itself, or a copy with its data cut to [`TAP_MAX_DATA`].
-fn for_tap(event: &Arc<Event>) -> Arc<Event> {
-    if event.data.len() <= TAP_MAX_DATA {
-        return event.clone();
-    }
-    let mut cut = TAP_MAX_DATA;
-    while !event.data.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let mut data = String::with_capacity(cut + 64);
-    data.push_str(&event.data[..cut]);
-    let _ = std::fmt::Write::write_fmt(
-        &mut data,
-        format_args!("…[tap: {} more bytes not shown]", event.data.len() - cut),
-    );
-    Arc::new(Event {
-        feed: event.feed.clone(),
-        event_type: event.event_type.clone(),
-        data,
-        id: event.id.clone(),
-        received_at: event.received_at,
-        seq: event.seq,
-    })
-}
-
-/// Counters of one feed (ARCHITECTURE.md §5: nothing is lost silently, everything is counted).
-#[derive(Debug, Default)]
-pub struct FeedStats {
-    /// Events dispatched by the parser.
-    pub received: AtomicU64,
-    /// Bytes of event data received.
-    pub data_bytes: AtomicU64,
-    /// Events handed to at least one sink.
-    pub routed: AtomicU64,
-    /// Events whose type did not fit the matched route's sinks and went to the default route.
-    pub misfit: AtomicU64,
-    /// Events dropped by a `drop = true` route or a full `drop_newest` buffer.
-    pub dropped: AtomicU64,
-    /// Events that matched no route and had no default route.
-    pub unrouted: AtomicU64,
-    /// Unix time (ms) of the last event received; 0 before the first.
-    pub last_event_at_ms: AtomicU64,
-    /// The same counts per event type (bounded: see [`crate::admin::stats::MAX_TYPES`]).
-    pub types: crate::admin::stats::TypeTable,
-    /// The sequence number the last committed checkpoint covers.
-    pub committed_seq: AtomicU64,
-}
-
-/// What the rest of the process (admin endpoint, status, committer) can see of a running feed.
-#[derive(Clone)]
-pub struct FeedView {
-    pub config: Arc<FeedConfig>,
-    pub status: StatusHandle,
-    pub tracker: Arc<FeedTracker>,
-    pub stats: Arc<FeedStats>,
-}
+// Moved to the pipeline and telemetry modules; kept here for code that names them this way.
+pub use crate::pipeline::FeedView;
+pub use crate::telemetry::FeedStats;
 
 /// What observers can see of a running sink.
 #[derive(Clone)]
@@ -164,14 +105,6 @@ impl Registry {
     }
 }
 
-/// The router and the sinks its indices refer to; swapped as a whole on reload.
-struct Routing {
-    router: Router,
-    sinks: Vec<SinkHandle>,
-}
-
-type SharedState = Arc<Mutex<StateStore>>;
-
 struct RunningSink {
     config: SinkConfig,
     handle: SinkHandle,
@@ -241,8 +174,9 @@ impl Supervisor {
         for feed in feeds {
             supervisor.start_feed(feed).await?;
         }
+        let registry = supervisor.registry.clone();
         supervisor.committer = Some(tokio::spawn(commit_loop(
-            supervisor.registry.clone(),
+            move || registry.feeds(),
             supervisor.state.clone(),
             supervisor.loaded.config.state.commit_interval,
             supervisor.stop_committer.clone(),
@@ -309,20 +243,17 @@ impl Supervisor {
             config: feed.clone(),
             status,
             tracker,
-            stats: Arc::new(FeedStats {
-                committed_seq: AtomicU64::new(start.seq),
-                ..FeedStats::default()
-            }),
+            stats: Arc::new(FeedStats::starting_at(start.seq)),
         };
         let stop = CancellationToken::new();
-        let task = FeedTask {
-            view: view.clone(),
+        let task = FeedTask::new(
+            view.clone(),
             source,
-            routing: self.routing.subscribe(),
-            state: self.state.clone(),
-            tap: self.registry.tap.clone(),
-            next_seq: start.seq + 1,
-        };
+            self.routing.subscribe(),
+            self.state.clone(),
+            self.registry.tap.clone(),
+            start.seq,
+        );
         let task = tokio::spawn(Box::new(task).run(stop.clone()));
         self.registry.set_feed(view.clone());
         self.feeds
@@ -357,7 +288,9 @@ impl Supervisor {
                 s.state = ReadyState::Closed;
             }
         });
-        commit(std::slice::from_ref(&feed.view), &self.state).await;
+        if let Err(e) = commit(std::slice::from_ref(&feed.view), &self.state).await {
+            tracing::error!(feed = %name, "committing the checkpoint of a stopped feed failed: {e}");
+        }
         self.registry.remove_feed(name);
         log_feed_summary(&feed.view);
     }
@@ -506,7 +439,9 @@ impl Supervisor {
         if let Some(c) = self.committer.take() {
             let _ = c.await;
         }
-        commit(&views, &self.state).await;
+        if let Err(e) = commit(&views, &self.state).await {
+            tracing::error!("committing checkpoints at shutdown failed: {e}");
+        }
         for view in &views {
             log_feed_summary(view);
         }
@@ -672,13 +607,9 @@ async fn status_loop(registry: Arc<Registry>, notifier: Arc<Notifier>) {
 
 /// Where a feed resumes, recording the gaps a restart implies.
 async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Result<Position> {
-    let state = state.clone();
     let name = feed.name.clone();
     let url = feed.url.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<Position> {
-        let mut store = state
-            .lock()
-            .map_err(|_| anyhow::anyhow!("state store lock poisoned"))?;
+    let position = with_store(state, move |store| {
         let checkpoint = store.checkpoint(&name, &url)?;
         let gap = |reason, detail: String, id: &str, seq| {
             Gap::once(&name, &url, reason, detail, id, seq, Utc::now())
@@ -719,393 +650,6 @@ async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Resul
             }
         }
     })
-    .await?
-}
-
-struct FeedTask {
-    view: FeedView,
-    source: EventSource,
-    routing: watch::Receiver<Arc<Routing>>,
-    state: SharedState,
-    tap: broadcast::Sender<Arc<Event>>,
-    next_seq: u64,
-}
-
-impl FeedTask {
-    /// The feed's loop. `self` is boxed: a future keeps its by-value arguments twice (as
-    /// captured and as the bound local), and a `FeedTask` is about 1 KiB; with a box each copy
-    /// is a pointer (1 KiB less per feed, 10 MiB for 10 000 idle feeds).
-    async fn run(mut self: Box<Self>, stop: CancellationToken) {
-        let name: Arc<str> = Arc::from(self.view.config.name.as_str());
-        let mut routing = self.routing.borrow_and_update().clone();
-        let mut router = routing.router.for_feed(&name);
-        // These buffers start empty and keep the capacity a busy feed gives them: allocated
-        // up front they would cost an idle feed about 24 KiB (10 000 feeds: 240 MiB).
-        let mut items: Vec<Item> = Vec::new();
-        // Events of the current read, with the number of sinks each went to, until they are
-        // registered with the tracker. Each event goes straight into the batches of its sinks
-        // (`per_sink`): the batches are sent only after registration, below.
-        let mut events: Vec<(Arc<Event>, u32)> = Vec::new();
-        let mut per_sink: Vec<Vec<Arc<Event>>> = vec![Vec::new(); routing.sinks.len()];
-        let tracker = self.view.tracker.clone();
-        let stats = self.view.stats.clone();
-        let mut types = crate::admin::stats::TypeCache::default();
-        let mut unroutable = UnroutableWarning::default();
-        loop {
-            items.clear();
-            let next = tokio::select! {
-                biased;
-                _ = stop.cancelled() => break,
-                // A reload swapped the routing: let go of the old sinks at once, even when
-                // this feed is idle, so replaced sinks can drain and close.
-                changed = self.routing.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    continue;
-                }
-                n = self.source.next(&mut items) => n,
-            };
-            if self.routing.has_changed().unwrap_or(false) {
-                routing = self.routing.borrow_and_update().clone();
-                router = routing.router.for_feed(&name);
-                per_sink = vec![Vec::new(); routing.sinks.len()];
-            }
-            match next {
-                Next::Items => {}
-                Next::Gap { reason, detail } => {
-                    self.record_gap(reason, detail).await;
-                    continue;
-                }
-                Next::Stopped { reason } => {
-                    tracing::error!(feed = %name, "feed stopped: {reason}");
-                    drop(routing);
-                    stop.cancelled().await;
-                    return;
-                }
-            }
-            let received_at = Utc::now();
-            let tapped = self.tap.receiver_count() > 0;
-            // Consecutive events of one type are routed and counted once per run.
-            let mut run: Option<TypeRun> = None;
-            for item in items.drain(..) {
-                match item {
-                    Item::Event(e) => {
-                        let seq = self.next_seq;
-                        self.next_seq += 1;
-                        if !run.as_ref().is_some_and(|r| r.is(&e.event_type)) {
-                            if let Some(done) = run.take() {
-                                done.count(&name, &stats, &mut types, &mut unroutable);
-                            }
-                        }
-                        let current = run.get_or_insert_with(|| TypeRun {
-                            decision: router.route(&e.event_type).clone(),
-                            event_type: e.event_type.clone(),
-                            events: 0,
-                            bytes: 0,
-                        });
-                        current.events += 1;
-                        current.bytes += e.data.len() as u64;
-                        let decision = &current.decision;
-                        let event = Arc::new(Event {
-                            feed: name.clone(),
-                            event_type: e.event_type,
-                            data: e.data,
-                            id: e.id,
-                            received_at,
-                            seq,
-                        });
-                        if tapped {
-                            let _ = self.tap.send(for_tap(&event));
-                        }
-                        for &index in &decision.sinks {
-                            per_sink[index].push(event.clone());
-                        }
-                        events.push((event, decision.sinks.len() as u32));
-                    }
-                    Item::LastEventId(id) => {
-                        register(&tracker, &mut events);
-                        tracker.id_only(&id);
-                    }
-                }
-            }
-            if let Some(done) = run.take() {
-                done.count(&name, &stats, &mut types, &mut unroutable);
-            }
-            if !events.is_empty() {
-                let millis = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0);
-                stats.last_event_at_ms.store(millis, Ordering::Relaxed);
-            }
-            register(&tracker, &mut events);
-            for (index, batch) in per_sink.iter_mut().enumerate() {
-                if batch.is_empty() {
-                    continue;
-                }
-                // The next batch starts with room for as many events as this one had.
-                let capacity = batch.len();
-                let batch = std::mem::replace(batch, Vec::with_capacity(capacity));
-                let sink = &routing.sinks[index];
-                let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
-                let outcome = tokio::select! {
-                    biased;
-                    // Shutdown while a sink holds the feed back: the unsent events stay
-                    // unacknowledged, so the checkpoint stays before them.
-                    _ = stop.cancelled() => return,
-                    o = sink.send(batch, &tracker) => o,
-                };
-                match outcome {
-                    SendOutcome::Queued => {}
-                    SendOutcome::Dropped(n) => {
-                        stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
-                        tracker.ack(seqs);
-                    }
-                    SendOutcome::Closed => return,
-                }
-            }
-        }
-    }
-
-    async fn record_gap(&self, reason: GapReason, detail: String) {
-        let p = self.view.tracker.acked();
-        let name = &self.view.config.name;
-        let gap = Gap::once(
-            name,
-            &self.view.config.url,
-            reason,
-            detail,
-            self.source.last_event_id(),
-            p.seq.max(self.next_seq.saturating_sub(1)),
-            Utc::now(),
-        );
-        let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || match state.lock() {
-            Ok(mut s) => s
-                .record_gap(&gap)
-                .map(|r| (r, gap))
-                .map_err(|e| e.to_string()),
-            Err(_) => Err("state store lock poisoned".to_string()),
-        })
-        .await;
-        match result {
-            // A repeat of the previous gap is counted in its row; logging each one again
-            // would turn a server that closes at once into a flood of identical lines.
-            Ok(Ok((Recorded::New, gap))) => {
-                tracing::warn!(feed = %name, reason = reason.as_str(), "gap: {}", gap.detail)
-            }
-            Ok(Ok((Recorded::Repeat(n), gap))) => {
-                let level_warn = n.is_power_of_two();
-                if level_warn {
-                    tracing::warn!(feed = %name, reason = reason.as_str(), repeats = n, "gap repeated {n} times: {}", gap.detail)
-                } else {
-                    tracing::debug!(feed = %name, reason = reason.as_str(), repeats = n, "gap repeated: {}", gap.detail)
-                }
-            }
-            Ok(Err(e)) => tracing::error!(feed = %name, "recording a gap failed: {e}"),
-            Err(e) => tracing::error!(feed = %name, "recording a gap failed: {e}"),
-        }
-    }
-}
-
-/// A run of consecutive events of one type within a read, with the router's decision for
-/// them: the router and the counters are consulted once per run rather than once per event
-/// (streams mostly repeat a type; per-event lookups were a visible share of the feed task).
-struct TypeRun {
-    event_type: Arc<str>,
-    decision: Decision,
-    events: u64,
-    bytes: u64,
-}
-
-impl TypeRun {
-    fn is(&self, event_type: &Arc<str>) -> bool {
-        Arc::ptr_eq(&self.event_type, event_type) || *self.event_type == **event_type
-    }
-
-    /// Adds the run to the feed's counters and to its type's; unrouted and misfit events are
-    /// also reported through `warn`.
-    fn count(
-        self,
-        feed: &str,
-        stats: &FeedStats,
-        types: &mut crate::admin::stats::TypeCache,
-        warn: &mut UnroutableWarning,
-    ) {
-        let n = self.events;
-        stats.received.fetch_add(n, Ordering::Relaxed);
-        stats.data_bytes.fetch_add(self.bytes, Ordering::Relaxed);
-        match self.decision.outcome {
-            Outcome::Routed => {}
-            Outcome::Misfit => {
-                stats.misfit.fetch_add(n, Ordering::Relaxed);
-                warn.note(feed, &self.event_type, n, self.decision.outcome);
-            }
-            Outcome::Dropped => {
-                stats.dropped.fetch_add(n, Ordering::Relaxed);
-            }
-            Outcome::Unrouted => {
-                stats.unrouted.fetch_add(n, Ordering::Relaxed);
-                warn.note(feed, &self.event_type, n, self.decision.outcome);
-            }
-        }
-        let routed = !self.decision.sinks.is_empty();
-        if routed {
-            stats.routed.fetch_add(n, Ordering::Relaxed);
-        }
-        types.get(&stats.types, &self.event_type).record_many(
-            n,
-            self.bytes,
-            self.decision.outcome,
-            routed,
-        );
-    }
-}
-
-/// How often a feed may log that events could not go where their route said.
-const UNROUTABLE_WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// Logs unrouted events (stored nowhere) and misfits (sent to the default route because a
-/// routed sink cannot name a file or topic after their type) at WARN, naming the feed and the
-/// type, at most once per [`UNROUTABLE_WARN_EVERY`] per feed: the types come from the server,
-/// which could otherwise fill the log. The counters (`/metrics`) count every event.
-#[derive(Default)]
-struct UnroutableWarning {
-    last: Option<std::time::Instant>,
-    /// Events not reported since the last line.
-    unreported: u64,
-}
-
-impl UnroutableWarning {
-    fn note(&mut self, feed: &str, event_type: &str, events: u64, outcome: Outcome) {
-        self.unreported += events;
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < UNROUTABLE_WARN_EVERY)
-        {
-            return;
-        }
-        // Debug formatting quotes the type and escapes control characters (ARCHITECTURE.md:
-        // nothing from the stream reaches a terminal raw).
-        let shown = event_type;
-        let total = std::mem::take(&mut self.unreported);
-        self.last = Some(std::time::Instant::now());
-        match outcome {
-            Outcome::Unrouted => tracing::warn!(
-                feed = %feed, event_type = ?shown, events = total,
-                "events of type {shown:?} match no route and there is no default route that can take them: counted as unrouted and not stored (this line repeats at most every {}s)",
-                UNROUTABLE_WARN_EVERY.as_secs()
-            ),
-            _ => tracing::warn!(
-                feed = %feed, event_type = ?shown, events = total,
-                "events of type {shown:?} cannot be stored by the sinks of their route (the type cannot form a file or topic name there): sent to the default route and counted as misfits (this line repeats at most every {}s)",
-                UNROUTABLE_WARN_EVERY.as_secs()
-            ),
-        }
-    }
-}
-
-/// Registers the events of the current read with the tracker, with the number of sinks each
-/// went to, before any sink can see them, and forgets them.
-fn register(tracker: &FeedTracker, events: &mut Vec<(Arc<Event>, u32)>) {
-    if events.is_empty() {
-        return;
-    }
-    tracker.register(events.iter().map(|(e, sinks)| (e.seq, &e.id, *sinks)));
-    events.clear();
-}
-
-async fn commit_loop(
-    registry: Arc<Registry>,
-    state: SharedState,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => commit(&registry.feeds(), &state).await,
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
-/// Commits every changed checkpoint in one transaction.
-async fn commit(views: &[FeedView], state: &SharedState) {
-    let mut changed: Vec<(usize, Checkpoint)> = Vec::new();
-    let now = Utc::now();
-    for (i, view) in views.iter().enumerate() {
-        if let Some(p) = view.tracker.take_changed() {
-            changed.push((
-                i,
-                Checkpoint {
-                    feed: view.config.name.clone(),
-                    url: view.config.url.clone(),
-                    last_event_id: p.last_event_id.to_string(),
-                    seq: p.seq,
-                    updated_at: now,
-                },
-            ));
-        }
-    }
-    if changed.is_empty() {
-        return;
-    }
-    let checkpoints: Vec<Checkpoint> = changed.iter().map(|(_, c)| c.clone()).collect();
-    let state = state.clone();
-    let result = tokio::task::spawn_blocking(move || match state.lock() {
-        Ok(mut s) => s.save_checkpoints(&checkpoints).map_err(|e| e.to_string()),
-        Err(_) => Err("state store lock poisoned".to_string()),
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r);
-    if let Err(e) = result {
-        tracing::error!("committing checkpoints failed (will retry): {e}");
-        for (i, _) in changed {
-            views[i].tracker.mark_changed();
-        }
-    } else {
-        for (i, c) in changed {
-            views[i].stats.committed_seq.store(c.seq, Ordering::Relaxed);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn taps_see_at_most_tap_max_data_of_an_event() {
-        let event = |data: String| {
-            Arc::new(Event {
-                feed: Arc::from("f"),
-                event_type: Arc::from("t"),
-                data,
-                id: Arc::from("7"),
-                received_at: Utc::now(),
-                seq: 7,
-            })
-        };
-        let small = event("x".repeat(TAP_MAX_DATA));
-        assert!(Arc::ptr_eq(&for_tap(&small), &small), "shared, not copied");
-        // A multi-byte character across the cut is not split.
-        let big = event(format!(
-            "{}é{}",
-            "x".repeat(TAP_MAX_DATA - 1),
-            "y".repeat(100_000)
-        ));
-        let shown = for_tap(&big);
-        assert!(shown.data.starts_with(&"x".repeat(TAP_MAX_DATA - 1)));
-        assert!(shown.data.len() < TAP_MAX_DATA + 64, "{}", shown.data.len());
-        assert!(
-            shown.data.ends_with("…[tap: 100002 more bytes not shown]"),
-            "{}",
-            &shown.data[TAP_MAX_DATA - 8..]
-        );
-        assert_eq!((shown.seq, &*shown.id), (7, "7"));
-    }
+    .await?;
+    Ok(position)
 }

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -121,7 +121,7 @@ fn admin_section(port: u16) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A Prometheus text format (0.0.4) parser that insists on well-formedness.
+// `/metrics` read with a real parser (the `prometheus-parse` crate), flattened into samples.
 
 #[derive(Debug, Clone)]
 struct Sample {
@@ -132,230 +132,56 @@ struct Sample {
 
 #[derive(Debug, Default, Clone)]
 struct Metrics {
-    types: HashMap<String, String>,
     samples: Vec<Sample>,
 }
 
-fn valid_metric_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-fn valid_label_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn parse_value(s: &str) -> Result<f64, String> {
-    match s {
-        "+Inf" => Ok(f64::INFINITY),
-        "-Inf" => Ok(f64::NEG_INFINITY),
-        "NaN" => Ok(f64::NAN),
-        _ => s
-            .parse::<f64>()
-            .map_err(|e| format!("bad value `{s}`: {e}")),
-    }
-}
-
-/// `{a="x",b="y"}` (after the name) -> labels and the rest of the line.
-fn parse_labels(mut rest: &str) -> Result<(BTreeMap<String, String>, &str), String> {
-    let mut labels = BTreeMap::new();
-    if !rest.starts_with('{') {
-        return Ok((labels, rest));
-    }
-    rest = &rest[1..];
-    loop {
-        if let Some(r) = rest.strip_prefix('}') {
-            return Ok((labels, r));
-        }
-        let eq = rest.find('=').ok_or("label without `=`")?;
-        let name = &rest[..eq];
-        if !valid_label_name(name) {
-            return Err(format!("bad label name `{name}`"));
-        }
-        rest = rest[eq + 1..]
-            .strip_prefix('"')
-            .ok_or("label value not quoted")?;
-        let mut value = String::new();
-        let mut chars = rest.char_indices();
-        let end = loop {
-            let (i, c) = chars.next().ok_or("unterminated label value")?;
-            match c {
-                '"' => break i,
-                '\\' => match chars.next() {
-                    Some((_, '\\')) => value.push('\\'),
-                    Some((_, '"')) => value.push('"'),
-                    Some((_, 'n')) => value.push('\n'),
-                    other => return Err(format!("bad escape {other:?}")),
-                },
-                '\n' => return Err("raw newline in label value".into()),
-                c => value.push(c),
-            }
-        };
-        rest = &rest[end + 1..];
-        if labels.insert(name.to_string(), value).is_some() {
-            return Err(format!("label `{name}` twice"));
-        }
-        if let Some(r) = rest.strip_prefix(',') {
-            rest = r;
-        } else if !rest.starts_with('}') {
-            return Err("expected `,` or `}` after a label".into());
-        }
-    }
-}
-
-/// The family a sample belongs to (histogram and summary samples carry suffixes).
-fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
-    if types.contains_key(name) {
-        return name;
-    }
-    for suffix in ["_bucket", "_sum", "_count"] {
-        if let Some(base) = name.strip_suffix(suffix) {
-            if matches!(
-                types.get(base).map(String::as_str),
-                Some("histogram" | "summary")
-            ) {
-                return base;
-            }
-        }
-    }
-    name
-}
-
+/// Parses the page; a line the parser would skip (neither a comment nor a sample) is an error,
+/// and each histogram's buckets must be cumulative and end in `+Inf`.
 fn parse_prometheus(text: &str) -> Result<Metrics, String> {
-    let mut m = Metrics::default();
-    let mut helps = HashSet::new();
-    let mut finished_families: HashSet<String> = HashSet::new();
-    let mut current: Option<String> = None;
-    let mut series = HashSet::new();
     for (n, line) in text.lines().enumerate() {
-        let at = |e: String| format!("line {}: {e}: {line:?}", n + 1);
-        if line.is_empty() {
-            continue;
+        if prometheus_parse::LineInfo::parse(line) == prometheus_parse::LineInfo::Ignored {
+            return Err(format!("line {}: not Prometheus text: {line:?}", n + 1));
         }
-        if let Some(comment) = line.strip_prefix('#') {
-            let mut parts = comment.trim_start().splitn(3, ' ');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some("HELP"), Some(name), _)
-                    if !valid_metric_name(name) || !helps.insert(name.to_string()) =>
-                {
-                    return Err(at("bad or repeated HELP".into()));
-                }
-                (Some("TYPE"), Some(name), Some(kind)) => {
-                    if !valid_metric_name(name) {
-                        return Err(at("bad metric name".into()));
-                    }
-                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
-                        return Err(at(format!("unknown type `{kind}`")));
-                    }
-                    if m.types.insert(name.to_string(), kind.to_string()).is_some() {
-                        return Err(at("TYPE given twice".into()));
-                    }
-                    if kind == "counter" && !name.ends_with("_total") {
-                        return Err(at("counter names end in _total".into()));
-                    }
-                }
-                _ => {}
-            }
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
-        let name = &line[..name_end];
-        if !valid_metric_name(name) {
-            return Err(at(format!("bad metric name `{name}`")));
-        }
-        let (labels, rest) = parse_labels(&line[name_end..]).map_err(at)?;
-        let mut fields = rest
-            .strip_prefix(' ')
-            .ok_or_else(|| at("no space before the value".into()))?
-            .split(' ');
-        let value = parse_value(fields.next().unwrap_or_default()).map_err(at)?;
-        if let Some(ts) = fields.next() {
-            ts.parse::<i64>()
-                .map_err(|e| at(format!("bad timestamp: {e}")))?;
-        }
-        if fields.next().is_some() {
-            return Err(at("trailing fields".into()));
-        }
-        let family = family_of(name, &m.types).to_string();
-        if !m.types.contains_key(&family) {
-            return Err(at(format!("sample of `{family}` before its TYPE")));
-        }
-        if current.as_deref() != Some(family.as_str()) {
-            if finished_families.contains(&family) {
-                return Err(at(format!("samples of `{family}` are not contiguous")));
-            }
-            if let Some(previous) = current.replace(family.clone()) {
-                finished_families.insert(previous);
-            }
-        }
-        if !series.insert((name.to_string(), labels.clone())) {
-            return Err(at("duplicate series".into()));
-        }
-        m.samples.push(Sample {
-            name: name.to_string(),
-            labels,
-            value,
-        });
     }
-    check_histograms(&m)?;
-    Ok(m)
-}
-
-/// Buckets sorted by `le`, cumulative, ending in `+Inf` equal to `_count`.
-fn check_histograms(m: &Metrics) -> Result<(), String> {
-    for (family, kind) in &m.types {
-        if kind != "histogram" {
-            continue;
-        }
-        let mut by_series: BTreeMap<BTreeMap<String, String>, Vec<(f64, f64)>> = BTreeMap::new();
-        for s in m
-            .samples
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .map_err(|e| e.to_string())?;
+    let mut m = Metrics::default();
+    for s in scrape.samples {
+        let labels: BTreeMap<String, String> = s
+            .labels
             .iter()
-            .filter(|s| s.name == format!("{family}_bucket"))
-        {
-            let mut labels = s.labels.clone();
-            let le = labels.remove("le").ok_or("bucket without le")?;
-            by_series
-                .entry(labels)
-                .or_default()
-                .push((parse_value(&le)?, s.value));
-        }
-        for (labels, buckets) in by_series {
-            if !buckets
-                .windows(2)
-                .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1)
-            {
-                return Err(format!("{family}{labels:?}: buckets not cumulative"));
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut push = |name: String, labels: BTreeMap<String, String>, value: f64| {
+            m.samples.push(Sample {
+                name,
+                labels,
+                value,
+            })
+        };
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => push(s.metric, labels, v),
+            prometheus_parse::Value::Histogram(buckets) => {
+                let cumulative = buckets
+                    .windows(2)
+                    .all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count);
+                if !cumulative || buckets.last().map(|b| b.less_than) != Some(f64::INFINITY) {
+                    return Err(format!("{}{labels:?}: bad buckets {buckets:?}", s.metric));
+                }
+                for b in buckets {
+                    let mut with_le = labels.clone();
+                    with_le.insert("le".to_string(), b.less_than.to_string());
+                    push(format!("{}_bucket", s.metric), with_le, b.count);
+                }
             }
-            let last = buckets.last().ok_or("no buckets")?;
-            if last.0 != f64::INFINITY {
-                return Err(format!("{family}{labels:?}: no +Inf bucket"));
-            }
-            let count = m
-                .samples
-                .iter()
-                .find(|s| s.name == format!("{family}_count") && s.labels == labels)
-                .ok_or(format!("{family}{labels:?}: no _count"))?;
-            if count.value != last.1 {
-                return Err(format!("{family}{labels:?}: +Inf bucket != _count"));
-            }
-            if !m
-                .samples
-                .iter()
-                .any(|s| s.name == format!("{family}_sum") && s.labels == labels)
-            {
-                return Err(format!("{family}{labels:?}: no _sum"));
+            prometheus_parse::Value::Summary(_) => {
+                return Err(format!("{}: unexpected summary", s.metric))
             }
         }
     }
-    Ok(())
+    Ok(m)
 }
 
 impl Metrics {
@@ -400,24 +226,6 @@ async fn scrape(admin: &str) -> Option<Metrics> {
     let (status, text) = get(&format!("{admin}/metrics")).await?;
     assert_eq!(status, 200);
     Some(parse_prometheus(&text).unwrap_or_else(|e| panic!("{e}\n{text}")))
-}
-
-#[test]
-fn the_test_parser_rejects_malformed_text() {
-    let good = "# HELP a_total x\n# TYPE a_total counter\na_total{f=\"\\\"q\\\\\"} 1\n";
-    let m = parse_prometheus(good).expect("good");
-    assert_eq!(m.value("a_total", &[("f", "\"q\\")]), 1.0);
-    for bad in [
-        "a_total 1\n",                                              // no TYPE
-        "# TYPE a_total counter\na_total{f=\"x} 1\n",               // unterminated
-        "# TYPE a_total counter\na_total{f=\"x\"}1\n",              // no space
-        "# TYPE a counter\na 1\n",                                  // counter name
-        "# TYPE a_total counter\na_total 1\na_total 2\n",           // duplicate
-        "# TYPE a gauge\n# TYPE b gauge\na 1\nb 1\na{x=\"1\"} 1\n", // not contiguous
-        "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\nh_sum 0\n",
-    ] {
-        assert!(parse_prometheus(bad).is_err(), "accepted: {bad}");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

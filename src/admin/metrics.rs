@@ -1,24 +1,31 @@
-//! `/metrics`: the Prometheus text exposition format (version 0.0.4), written by hand.
+//! `/metrics`: the Prometheus text exposition format (version 0.0.4), encoded by
+//! `prometheus-client` (the Prometheus project's Rust client).
 //!
-//! Every family has `# HELP` and `# TYPE`, its samples are contiguous, label values are escaped
-//! (`\\`, `\"`, `\n`), and counters end in `_total`. Feed and sink names are validated names;
-//! event types come from the streams, so their number per feed is bounded (see
-//! [`super::stats::MAX_TYPES`]).
+//! The values live in atomics the pipeline and the sink runners update ([`crate::telemetry`],
+//! the sinks' gauges); each scrape reads them once into a [`Page`], a collector the client
+//! encodes: `# HELP` and `# TYPE` for every family, contiguous samples, escaped label values,
+//! `_total` on counters (the client appends it, so counters are named here without it). Feed
+//! and sink names are validated names; event types come from the streams, so their number per
+//! feed is bounded (see [`crate::telemetry::MAX_TYPES`]).
 
-use std::fmt::{Display, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use tokio::time::Instant;
 
 use super::server::AdminState;
-use super::stats::{HistogramSnapshot, TypeStats};
 use crate::sse::status::{FeedStatus, ReadyState, ERROR_CLASSES};
 use crate::supervisor::{FeedView, SinkView};
+use crate::telemetry::{HistogramSnapshot, TypeStats};
 
-/// The media type of the text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The media type of the text format (version 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// What one scrape sees of a feed, read once.
 pub(super) struct FeedSnapshot {
@@ -46,7 +53,7 @@ pub(super) fn snapshot_feeds(state: &AdminState) -> Vec<FeedSnapshot> {
             let head = view.tracker.head_seq();
             let pending = view.tracker.pending();
             let committed = view.stats.committed_seq.load(Ordering::Relaxed);
-            let lag = state.lag.lag(&view, head, committed, now);
+            let lag = state.lag.lag(view.lag_input(), head, now);
             let last_ms = view.stats.last_event_at_ms.load(Ordering::Relaxed);
             FeedSnapshot {
                 status: view.status.get(),
@@ -63,76 +70,77 @@ pub(super) fn snapshot_feeds(state: &AdminState) -> Vec<FeedSnapshot> {
         .collect()
 }
 
-/// Writes families and samples.
-struct Out {
-    buf: String,
+/// Labels of one sample, in order.
+type Labels<'a> = Vec<(&'a str, &'a str)>;
+
+/// Writes one family: its `# HELP`/`# TYPE` lines and one sample per label set. `name` is the
+/// exposed name, counters included (`..._total`): the client appends the suffix, so it is
+/// taken off here.
+fn family<'a, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, M)>,
+    kind: MetricType,
+) -> Result<(), std::fmt::Error> {
+    let base = match kind {
+        MetricType::Counter => name.strip_suffix("_total").unwrap_or(name),
+        _ => name,
+    };
+    let mut metric = enc.encode_descriptor(base, help, None, kind)?;
+    for (labels, value) in samples {
+        let labels: &[(&str, &str)] = &labels;
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.buf, "# HELP {name} {help}");
-        let _ = writeln!(self.buf, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
-        self.buf.push_str(name);
-        if !labels.is_empty() {
-            self.buf.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.buf.push(',');
-                }
-                self.buf.push_str(k);
-                self.buf.push_str("=\"");
-                escape_label(&mut self.buf, v);
-                self.buf.push('"');
-            }
-            self.buf.push('}');
-        }
-        let _ = writeln!(self.buf, " {value}");
-    }
-
-    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &HistogramSnapshot) {
-        let bucket = format!("{name}_bucket");
-        let bounds: Vec<String> = h.buckets.iter().map(|(b, _)| b.to_string()).collect();
-        let mut with_le: Vec<(&str, &str)> = labels.to_vec();
-        for (le, (_, count)) in bounds.iter().zip(&h.buckets) {
-            with_le.push(("le", le));
-            self.sample(&bucket, &with_le, count);
-            with_le.pop();
-        }
-        with_le.push(("le", "+Inf"));
-        self.sample(&bucket, &with_le, h.count);
-        self.sample(&format!("{name}_sum"), labels, F(h.sum_seconds));
-        self.sample(&format!("{name}_count"), labels, h.count);
-    }
+fn counters<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let samples = samples.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+    family(enc, name, help, samples, MetricType::Counter)
 }
 
-/// A float in the exposition format (`+Inf`, `-Inf`, `NaN` spelled as Prometheus does).
-struct F(f64);
-
-impl Display for F {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_nan() {
-            f.write_str("NaN")
-        } else if self.0.is_infinite() {
-            f.write_str(if self.0 > 0.0 { "+Inf" } else { "-Inf" })
-        } else {
-            write!(f, "{}", self.0)
-        }
-    }
+fn gauges<'a, N>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, N)>,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let samples = samples.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+    family(enc, name, help, samples, MetricType::Gauge)
 }
 
-/// Escapes a label value: backslash, double quote and line feed.
-pub fn escape_label(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
+/// One histogram family; the snapshots' buckets are cumulative, the client wants each
+/// bucket's own count.
+fn histograms<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, HistogramSnapshot)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in samples {
+        let mut below = 0;
+        let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(h.buckets.len() + 1);
+        for &(bound, cumulative) in &h.buckets {
+            buckets.push((bound, cumulative.saturating_sub(below)));
+            below = cumulative;
         }
+        buckets.push((f64::INFINITY, h.count.saturating_sub(below)));
+        let labels: &[(&str, &str)] = &labels;
+        metric
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &buckets, None)?;
     }
+    Ok(())
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
@@ -150,59 +158,90 @@ fn state_name(s: ReadyState) -> &'static str {
     }
 }
 
-/// Renders the whole page.
-pub(super) fn render(state: &AdminState) -> String {
-    let feeds = snapshot_feeds(state);
-    let sinks = state.registry.sinks();
-    let mut out = Out {
-        buf: String::with_capacity(16 * 1024),
-    };
-
-    out.family(
-        "sse_bridge_build_info",
-        "gauge",
-        "Always 1; the version of sse-bridge in a label.",
-    );
-    out.sample(
-        "sse_bridge_build_info",
-        &[("version", env!("CARGO_PKG_VERSION"))],
-        1,
-    );
-    out.family(
-        "sse_bridge_start_time_seconds",
-        "gauge",
-        "When the process started, in seconds since the Unix epoch.",
-    );
-    out.sample(
-        "sse_bridge_start_time_seconds",
-        &[],
-        F(unix_seconds(state.registry.started_at)),
-    );
-
-    type_families(&mut out, &feeds);
-    feed_families(&mut out, &feeds);
-    sink_families(&mut out, &sinks);
-
-    out.family("sse_bridge_tap_clients", "gauge", "Live /tap connections.");
-    out.sample(
-        "sse_bridge_tap_clients",
-        &[],
-        state.taps.active.load(Ordering::Relaxed),
-    );
-    out.family(
-        "sse_bridge_tap_skipped_events_total",
-        "counter",
-        "Events /tap connections skipped because they read too slowly (the bridge never waits for a tap).",
-    );
-    out.sample(
-        "sse_bridge_tap_skipped_events_total",
-        &[],
-        state.taps.skipped.load(Ordering::Relaxed),
-    );
-    out.buf
+/// Everything one scrape shows, read once from the registry and the admin endpoint's own
+/// counters; encoded by `prometheus-client` as a collector.
+pub(super) struct Page {
+    feeds: Vec<FeedSnapshot>,
+    sinks: Vec<(String, SinkView)>,
+    started_at: SystemTime,
+    tap_clients: usize,
+    tap_skipped: u64,
 }
 
-fn type_families(out: &mut Out, feeds: &[FeedSnapshot]) {
+impl std::fmt::Debug for Page {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Page")
+            .field("feeds", &self.feeds.len())
+            .field("sinks", &self.sinks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Page {
+    pub(super) fn read(state: &AdminState) -> Page {
+        Page {
+            feeds: snapshot_feeds(state),
+            sinks: state.registry.sinks(),
+            started_at: state.registry.started_at,
+            tap_clients: state.taps.active.load(Ordering::Relaxed),
+            tap_skipped: state.taps.skipped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Collector for Page {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        gauges(
+            &mut enc,
+            "sse_bridge_build_info",
+            "Always 1; the version of sse-bridge in a label.",
+            [(vec![("version", env!("CARGO_PKG_VERSION"))], 1i64)],
+        )?;
+        gauges(
+            &mut enc,
+            "sse_bridge_start_time_seconds",
+            "When the process started, in seconds since the Unix epoch.",
+            [(vec![], unix_seconds(self.started_at))],
+        )?;
+        type_families(&mut enc, &self.feeds)?;
+        feed_families(&mut enc, &self.feeds)?;
+        sink_families(&mut enc, &self.sinks)?;
+        gauges(
+            &mut enc,
+            "sse_bridge_tap_clients",
+            "Live /tap connections.",
+            [(vec![], self.tap_clients as i64)],
+        )?;
+        counters(
+            &mut enc,
+            "sse_bridge_tap_skipped_events_total",
+            "Events /tap connections skipped because they read too slowly (the bridge never waits for a tap).",
+            [(vec![], self.tap_skipped)],
+        )
+    }
+}
+
+/// Renders the whole page.
+pub(super) fn render(state: &AdminState) -> String {
+    encode_page(Page::read(state))
+}
+
+fn encode_page(page: Page) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(page));
+    let mut out = String::with_capacity(16 * 1024);
+    // Writing to a String cannot fail; an encoder error would leave a partial page, which
+    // Prometheus rejects as a whole (the scrape fails, visibly), so it is only logged.
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        tracing::error!("encoding /metrics failed: {e}");
+    }
+    out
+}
+
+fn type_families(
+    enc: &mut DescriptorEncoder,
+    feeds: &[FeedSnapshot],
+) -> Result<(), std::fmt::Error> {
     type Pick = fn(&TypeStats) -> u64;
     let families: [(&str, &str, Pick); 6] = [
         (
@@ -237,221 +276,204 @@ fn type_families(out: &mut Out, feeds: &[FeedSnapshot]) {
         ),
     ];
     for (name, help, pick) in families {
-        out.family(name, "counter", help);
-        for f in feeds {
-            for (ty, stats) in &f.types {
-                out.sample(
-                    name,
-                    &[("feed", &f.view.config.name), ("type", ty)],
+        let samples = feeds.iter().flat_map(|f| {
+            f.types.iter().map(move |(ty, stats)| {
+                (
+                    vec![("feed", f.view.config.name.as_str()), ("type", ty.as_str())],
                     pick(stats),
-                );
-            }
-        }
+                )
+            })
+        });
+        counters(enc, name, help, samples)?;
     }
+    Ok(())
 }
 
-fn feed_families(out: &mut Out, feeds: &[FeedSnapshot]) {
-    out.family(
+fn feed_families(
+    enc: &mut DescriptorEncoder,
+    feeds: &[FeedSnapshot],
+) -> Result<(), std::fmt::Error> {
+    fn feed(f: &FeedSnapshot) -> &str {
+        f.view.config.name.as_str()
+    }
+    counters(
+        enc,
         "sse_bridge_feed_received_bytes_total",
-        "counter",
         "Bytes read from the feed's HTTP response bodies.",
-    );
-    for f in feeds {
-        out.sample(
-            "sse_bridge_feed_received_bytes_total",
-            &[("feed", &f.view.config.name)],
-            f.view.status.received_bytes(),
-        );
-    }
-    out.family(
+        feeds
+            .iter()
+            .map(|f| (vec![("feed", feed(f))], f.view.status.received_bytes())),
+    )?;
+    gauges(
+        enc,
         "sse_bridge_feed_state",
-        "gauge",
         "1 for the feed's current state (connecting, open, closed, stopped), 0 for the others.",
-    );
-    for f in feeds {
-        for s in [
-            ReadyState::Connecting,
-            ReadyState::Open,
-            ReadyState::Closed,
-            ReadyState::Stopped,
-        ] {
-            out.sample(
-                "sse_bridge_feed_state",
-                &[("feed", &f.view.config.name), ("state", state_name(s))],
-                u8::from(f.status.state == s),
-            );
-        }
-    }
-    out.family(
+        feeds.iter().flat_map(|f| {
+            [
+                ReadyState::Connecting,
+                ReadyState::Open,
+                ReadyState::Closed,
+                ReadyState::Stopped,
+            ]
+            .into_iter()
+            .map(move |s| {
+                (
+                    vec![("feed", feed(f)), ("state", state_name(s))],
+                    i64::from(f.status.state == s),
+                )
+            })
+        }),
+    )?;
+    counters(
+        enc,
         "sse_bridge_feed_reconnects_total",
-        "counter",
         "Connection attempts after the first one.",
-    );
-    for f in feeds {
-        out.sample(
-            "sse_bridge_feed_reconnects_total",
-            &[("feed", &f.view.config.name)],
-            f.status.reconnects,
-        );
-    }
-    out.family(
+        feeds
+            .iter()
+            .map(|f| (vec![("feed", feed(f))], f.status.reconnects)),
+    )?;
+    counters(
+        enc,
         "sse_bridge_feed_errors_total",
-        "counter",
         "Failed connections and broken streams, by class: network, eof, too_large, unavailable (5xx, 408, 429), client (other 4xx, wrong content type, redirects), id_rejected, no_content (204), local (token unreadable).",
-    );
-    for f in feeds {
-        for class in ERROR_CLASSES {
-            out.sample(
-                "sse_bridge_feed_errors_total",
-                &[("feed", &f.view.config.name), ("class", class)],
-                f.status.errors.get(class).copied().unwrap_or(0),
-            );
-        }
-    }
-    out.family(
+        feeds.iter().flat_map(|f| {
+            ERROR_CLASSES.iter().map(move |class| {
+                (
+                    vec![("feed", feed(f)), ("class", *class)],
+                    f.status.errors.get(class).copied().unwrap_or(0),
+                )
+            })
+        }),
+    )?;
+    gauges(
+        enc,
         "sse_bridge_feed_backoff_seconds",
-        "gauge",
         "The delay the feed is waiting out before its next connection attempt (0 when none).",
-    );
-    for f in feeds {
-        out.sample(
-            "sse_bridge_feed_backoff_seconds",
-            &[("feed", &f.view.config.name)],
-            F(f.status.current_backoff.map_or(0.0, |d| d.as_secs_f64())),
-        );
-    }
-    out.family(
+        feeds.iter().map(|f| {
+            (
+                vec![("feed", feed(f))],
+                f.status.current_backoff.map_or(0.0, |d| d.as_secs_f64()),
+            )
+        }),
+    )?;
+    gauges(
+        enc,
         "sse_bridge_feed_last_event_timestamp_seconds",
-        "gauge",
         "When the feed's last event was received, in seconds since the Unix epoch (absent before the first).",
-    );
-    for f in feeds {
-        if let Some(t) = f.last_event_at {
-            out.sample(
-                "sse_bridge_feed_last_event_timestamp_seconds",
-                &[("feed", &f.view.config.name)],
-                F(unix_seconds(t)),
-            );
-        }
-    }
-    out.family(
+        feeds.iter().filter_map(|f| {
+            f.last_event_at
+                .map(|t| (vec![("feed", feed(f))], unix_seconds(t)))
+        }),
+    )?;
+    gauges(
+        enc,
         "sse_bridge_feed_pending_events",
-        "gauge",
         "Events received and not yet stored by every sink they were routed to.",
-    );
-    for f in feeds {
-        out.sample(
-            "sse_bridge_feed_pending_events",
-            &[("feed", &f.view.config.name)],
-            f.pending,
-        );
-    }
-    out.family(
+        feeds
+            .iter()
+            .map(|f| (vec![("feed", feed(f))], f.pending as u64)),
+    )?;
+    gauges(
+        enc,
         "sse_bridge_checkpoint_lag_events",
-        "gauge",
         "Events received that the committed checkpoint does not cover yet.",
-    );
-    for f in feeds {
-        out.sample(
-            "sse_bridge_checkpoint_lag_events",
-            &[("feed", &f.view.config.name)],
-            f.head.saturating_sub(f.committed),
-        );
-    }
-    out.family(
+        feeds
+            .iter()
+            .map(|f| (vec![("feed", feed(f))], f.head.saturating_sub(f.committed))),
+    )?;
+    gauges(
+        enc,
         "sse_bridge_checkpoint_lag_seconds",
-        "gauge",
         "Age of the oldest received event that the committed checkpoint does not cover yet (0 when it covers everything); up to one second too high.",
-    );
-    for f in feeds {
-        out.sample(
-            "sse_bridge_checkpoint_lag_seconds",
-            &[("feed", &f.view.config.name)],
-            F(f.lag.as_secs_f64()),
-        );
-    }
+        feeds
+            .iter()
+            .map(|f| (vec![("feed", feed(f))], f.lag.as_secs_f64())),
+    )
 }
 
 /// A family of sink-kind counters: its help and `(sink, value)` samples.
 type OwnFamily<'a> = (&'static str, Vec<(&'a str, u64)>);
 
-fn sink_families(out: &mut Out, sinks: &[(String, SinkView)]) {
-    out.family(
+fn sink_families(
+    enc: &mut DescriptorEncoder,
+    sinks: &[(String, SinkView)],
+) -> Result<(), std::fmt::Error> {
+    gauges(
+        enc,
         "sse_bridge_sink_info",
-        "gauge",
         "Always 1; the sink's type in a label.",
-    );
-    for (name, s) in sinks {
-        out.sample(
-            "sse_bridge_sink_info",
-            &[("sink", name), ("kind", s.kind)],
-            1,
-        );
-    }
+        sinks
+            .iter()
+            .map(|(name, s)| (vec![("sink", name.as_str()), ("kind", s.kind)], 1i64)),
+    )?;
     type Pick = fn(&SinkView) -> u64;
-    let families: [(&str, &str, &str, Pick); 8] = [
+    let families: [(&str, MetricType, &str, Pick); 8] = [
         (
             "sse_bridge_sink_events_stored_total",
-            "counter",
+            MetricType::Counter,
             "Events the sink stored and acknowledged.",
             |s| s.gauge.health.written.load(Ordering::Relaxed),
         ),
         (
             "sse_bridge_sink_events_dropped_total",
-            "counter",
+            MetricType::Counter,
             "Events dropped because the sink's buffer was full (when_full = \"drop_newest\").",
             |s| s.gauge.health.dropped.load(Ordering::Relaxed),
         ),
         (
             "sse_bridge_sink_write_errors_total",
-            "counter",
+            MetricType::Counter,
             "Failed write attempts (each is retried; nothing is acknowledged until stored).",
             |s| s.gauge.health.errors.load(Ordering::Relaxed),
         ),
         (
             "sse_bridge_sink_healthy",
-            "gauge",
+            MetricType::Gauge,
             "1 while the sink's writes succeed, 0 while they are failing.",
             |s| u64::from(s.gauge.health.healthy.load(Ordering::Relaxed)),
         ),
         (
             "sse_bridge_sink_queue_events",
-            "gauge",
+            MetricType::Gauge,
             "Events queued in the sink's buffer and not yet stored.",
             |s| s.gauge.queued() as u64,
         ),
         (
             "sse_bridge_sink_queue_capacity_events",
-            "gauge",
+            MetricType::Gauge,
             "The size of the sink's buffer (buffer.max_events).",
             |s| s.gauge.max_events as u64,
         ),
         (
             "sse_bridge_sink_queue_bytes",
-            "gauge",
+            MetricType::Gauge,
             "Bytes of events queued in the sink's buffer and not yet stored.",
             |s| s.gauge.queued_bytes(),
         ),
         (
             "sse_bridge_sink_queue_capacity_bytes",
-            "gauge",
+            MetricType::Gauge,
             "The byte bound of the sink's buffer (buffer.max_bytes).",
             |s| s.gauge.max_bytes,
         ),
     ];
     for (name, kind, help, pick) in families {
-        out.family(name, kind, help);
-        for (sink, s) in sinks {
-            out.sample(name, &[("sink", sink)], pick(s));
+        let samples = sinks
+            .iter()
+            .map(|(sink, s)| (vec![("sink", sink.as_str())], pick(s)));
+        if kind == MetricType::Counter {
+            counters(enc, name, help, samples)?;
+        } else {
+            gauges(enc, name, help, samples)?;
         }
     }
     // The counters of particular kinds of sinks (Kafka), one family per name.
     let mut own: std::collections::BTreeMap<&str, OwnFamily> = Default::default();
     for (sink, s) in sinks {
-        let Some(counters) = &s.gauge.health.own else {
+        let Some(kind_counters) = &s.gauge.health.own else {
             continue;
         };
-        for (name, help, value) in counters.counters() {
+        for (name, help, value) in kind_counters.counters() {
             own.entry(name)
                 .or_insert((help, Vec::new()))
                 .1
@@ -459,59 +481,238 @@ fn sink_families(out: &mut Out, sinks: &[(String, SinkView)]) {
         }
     }
     for (name, (help, samples)) in own {
-        out.family(name, "counter", help);
-        for (sink, value) in samples {
-            out.sample(name, &[("sink", sink)], value);
-        }
+        counters(
+            enc,
+            name,
+            help,
+            samples
+                .into_iter()
+                .map(|(sink, v)| (vec![("sink", sink)], v)),
+        )?;
     }
-    out.family(
+    histograms(
+        enc,
         "sse_bridge_sink_write_duration_seconds",
-        "histogram",
         "Time one write (a batch of up to 8192 events, fsync or commit included) took, failed attempts included.",
-    );
-    for (sink, s) in sinks {
-        out.histogram(
-            "sse_bridge_sink_write_duration_seconds",
-            &[("sink", sink)],
-            &s.gauge.health.write_seconds.snapshot(),
-        );
-    }
+        sinks.iter().map(|(sink, s)| {
+            (
+                vec![("sink", sink.as_str())],
+                s.gauge.health.write_seconds.snapshot(),
+            )
+        }),
+    )
 }
 
 #[cfg(test)]
 mod tests {
+    use prometheus_parse::{Scrape, Value};
+    use tokio_util::sync::CancellationToken;
+
     use super::*;
+    use crate::checkpoint::{FeedTracker, Position};
+    use crate::config::FeedConfig;
+    use crate::event::Event;
+    use crate::route::Outcome;
+    use crate::sink::runner;
+    use crate::sink::{BufferConfig, Sink, SinkError};
+    use crate::telemetry::{FeedStats, TypeCache};
 
-    #[test]
-    fn label_values_are_escaped() {
-        let mut s = String::new();
-        escape_label(&mut s, "a\\b\"c\nd é");
-        assert_eq!(s, "a\\\\b\\\"c\\nd é");
+    struct Nowhere;
+
+    impl Sink for Nowhere {
+        fn write(&mut self, _events: &[Arc<Event>]) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
     }
 
-    #[test]
-    fn samples_and_histograms_are_well_formed() {
-        let mut out = Out { buf: String::new() };
-        out.family("x_total", "counter", "help");
-        out.sample("x_total", &[("feed", "f"), ("type", "a\"b")], 3);
-        let h = super::super::stats::Histogram::default();
-        h.observe(Duration::from_millis(2));
-        out.histogram("lat_seconds", &[("sink", "s")], &h.snapshot());
-        let text = out.buf;
-        assert!(text.contains("# TYPE x_total counter\n"));
-        assert!(text.contains("x_total{feed=\"f\",type=\"a\\\"b\"} 3\n"));
-        assert!(text.contains("lat_seconds_bucket{sink=\"s\",le=\"0.001\"} 0\n"));
-        assert!(text.contains("lat_seconds_bucket{sink=\"s\",le=\"0.0025\"} 1\n"));
-        assert!(text.contains("lat_seconds_bucket{sink=\"s\",le=\"+Inf\"} 1\n"));
-        assert!(text.contains("lat_seconds_count{sink=\"s\"} 1\n"));
-        assert!(text.contains("lat_seconds_sum{sink=\"s\"} 0.002\n"));
+    /// A page with one feed (types `edit`, and one whose name needs escaping) and one sink
+    /// that took one write of 2 ms.
+    fn page() -> (Page, runner::SinkWorker) {
+        let view = FeedView {
+            config: Arc::new(FeedConfig::new("wiki", "http://127.0.0.1:9/")),
+            status: Default::default(),
+            tracker: Arc::new(FeedTracker::new(Position {
+                seq: 0,
+                last_event_id: Arc::from(""),
+            })),
+            stats: Arc::new(FeedStats::starting_at(0)),
+        };
+        let mut cache = TypeCache::default();
+        cache
+            .get(&view.stats.types, "edit")
+            .record_many(3, 30, Outcome::Routed, true);
+        cache
+            .get(&view.stats.types, "we\"ird\\")
+            .record_many(1, 5, Outcome::Unrouted, false);
+        let (handle, worker) = runner::spawn(
+            "archive",
+            Box::new(Nowhere),
+            &BufferConfig::default(),
+            CancellationToken::new(),
+            None,
+        )
+        .expect("runner");
+        let gauge = handle.gauge();
+        gauge.health.write_seconds.observe(Duration::from_millis(2));
+        let feed = FeedSnapshot {
+            status: view.status.get(),
+            types: view.stats.types.snapshot(),
+            head: 4,
+            committed: 1,
+            pending: 3,
+            lag: Duration::from_millis(1500),
+            last_event_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            view,
+        };
+        let page = Page {
+            feeds: vec![feed],
+            sinks: vec![(
+                "archive".to_string(),
+                SinkView {
+                    kind: "file",
+                    gauge,
+                },
+            )],
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000),
+            tap_clients: 2,
+            tap_skipped: 7,
+        };
+        (page, worker)
     }
 
-    #[test]
-    fn floats_use_prometheus_spelling() {
-        assert_eq!(F(f64::INFINITY).to_string(), "+Inf");
-        assert_eq!(F(f64::NAN).to_string(), "NaN");
-        assert_eq!(F(1.0).to_string(), "1");
-        assert_eq!(F(0.25).to_string(), "0.25");
+    fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Value {
+        let found: Vec<&prometheus_parse::Sample> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .collect();
+        assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
+        found[0].value.clone()
+    }
+
+    #[tokio::test]
+    async fn the_page_parses_with_the_names_types_and_labels_the_readme_lists() {
+        let (page, _worker) = page();
+        let text = encode_page(page);
+        // Every line is a comment, a sample or empty: nothing the parser would skip.
+        for line in text.lines() {
+            assert_ne!(
+                prometheus_parse::LineInfo::parse(line),
+                prometheus_parse::LineInfo::Ignored,
+                "{line:?}\n{text}"
+            );
+        }
+        assert!(
+            text.contains("# TYPE sse_bridge_events_received_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE sse_bridge_sink_write_duration_seconds histogram\n"));
+        assert!(text.contains("# TYPE sse_bridge_feed_state gauge\n"));
+        // Label values are escaped as the format says.
+        assert!(
+            text.contains(r#"sse_bridge_events_unrouted_total{feed="wiki",type="we\"ird\\"} 1"#),
+            "{text}"
+        );
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses");
+        let edit = [("feed", "wiki"), ("type", "edit")];
+        assert_eq!(
+            value(&scrape, "sse_bridge_events_received_total", &edit),
+            Value::Counter(3.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_event_data_bytes_total", &edit),
+            Value::Counter(30.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_events_routed_total", &edit),
+            Value::Counter(3.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "sse_bridge_feed_state",
+                &[("feed", "wiki"), ("state", "connecting")]
+            ),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "sse_bridge_feed_errors_total",
+                &[("feed", "wiki"), ("class", "network")]
+            ),
+            Value::Counter(0.0)
+        );
+        let feed = [("feed", "wiki")];
+        for (name, want) in [
+            ("sse_bridge_checkpoint_lag_events", 3.0),
+            ("sse_bridge_checkpoint_lag_seconds", 1.5),
+            ("sse_bridge_feed_pending_events", 3.0),
+            ("sse_bridge_feed_backoff_seconds", 0.0),
+            ("sse_bridge_feed_last_event_timestamp_seconds", 1.7e9),
+        ] {
+            assert_eq!(value(&scrape, name, &feed), Value::Gauge(want), "{name}");
+        }
+        let sink = [("sink", "archive")];
+        assert_eq!(
+            value(
+                &scrape,
+                "sse_bridge_sink_info",
+                &[("sink", "archive"), ("kind", "file")]
+            ),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_sink_events_stored_total", &sink),
+            Value::Counter(0.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_sink_healthy", &sink),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_sink_queue_capacity_events", &sink),
+            Value::Gauge(10_000.0)
+        );
+        let Value::Histogram(buckets) =
+            value(&scrape, "sse_bridge_sink_write_duration_seconds", &sink)
+        else {
+            panic!("not a histogram\n{text}");
+        };
+        let bounds: Vec<f64> = buckets.iter().map(|b| b.less_than).collect();
+        let mut want: Vec<f64> = crate::telemetry::LATENCY_BUCKETS.to_vec();
+        want.push(f64::INFINITY);
+        assert_eq!(bounds, want);
+        let counts: Vec<f64> = buckets.iter().map(|b| b.count).collect();
+        assert_eq!(&counts[..4], [0.0, 0.0, 0.0, 0.0], "cumulative, 2 ms");
+        assert!(counts[4..].iter().all(|&c| c == 1.0), "{counts:?}");
+        assert!(text.contains("sse_bridge_sink_write_duration_seconds_count{sink=\"archive\"} 1\n"));
+        assert!(
+            text.contains("sse_bridge_sink_write_duration_seconds_sum{sink=\"archive\"} 0.002\n"),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "sse_bridge_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_start_time_seconds", &[]),
+            Value::Gauge(1.6e9)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_tap_clients", &[]),
+            Value::Gauge(2.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_tap_skipped_events_total", &[]),
+            Value::Counter(7.0)
+        );
     }
 }

@@ -7,7 +7,6 @@
 //! back.
 
 pub mod client;
-mod lag;
 mod metrics;
 mod server;
 pub mod stats;

@@ -22,13 +22,14 @@ use tokio::sync::broadcast::Receiver;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::lag::{LagTracker, SAMPLE_EVERY};
 use super::metrics::{self, snapshot_feeds};
 use super::AdminConfig;
 use crate::event::Event;
+use crate::pipeline::FeedView;
 use crate::sink::jsonl;
 use crate::sse::status::ReadyState;
 use crate::supervisor::Registry;
+use crate::telemetry::lag::{LagTracker, SAMPLE_EVERY};
 
 /// Concurrent `/tap` connections allowed.
 const MAX_TAPS: usize = 16;
@@ -161,7 +162,8 @@ impl AdminServer {
                 ticker.tick().await;
                 let feeds = state.registry.feeds();
                 state.feeds.store(feeds.len(), Ordering::Relaxed);
-                state.lag.sample(&feeds, tokio::time::Instant::now());
+                let inputs: Vec<_> = feeds.iter().map(FeedView::lag_input).collect();
+                state.lag.sample(&inputs, tokio::time::Instant::now());
             }
         });
         tracing::info!(
