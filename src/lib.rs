@@ -20,5 +20,6 @@ pub mod serve;
 pub mod sink;
 pub mod sse;
 pub mod state;
+pub mod store;
 pub mod supervisor;
 pub mod text;
