@@ -367,16 +367,10 @@ impl SqliteLog {
             );
         }
         if let Some(t) = filter.since {
-            add(
-                "+received_at >=",
-                Value::Text(jsonl::format_time(t)),
-            );
+            add("+received_at >=", Value::Text(jsonl::format_time(t)));
         }
         if let Some(t) = filter.until {
-            add(
-                "+received_at <",
-                Value::Text(jsonl::format_time(t)),
-            );
+            add("+received_at <", Value::Text(jsonl::format_time(t)));
         }
         sql.push_str(&format!(" ORDER BY pos LIMIT {PAGE}"));
         let mut page: Vec<(i64, Event)> = Vec::with_capacity(PAGE);

@@ -159,7 +159,7 @@ pub(crate) fn db_error(path: &str, context: &str, e: rusqlite::Error) -> StateEr
     StateError::Sql {
         path: path.to_string(),
         context: context.to_string(),
-        error: e,
+        error: Box::new(e),
         hint,
     }
 }

@@ -144,7 +144,8 @@ pub enum StateError {
     Sql {
         path: String,
         context: String,
-        error: rusqlite::Error,
+        /// Boxed: the error travels through every state call's `Result`.
+        error: Box<rusqlite::Error>,
         hint: &'static str,
     },
     /// The directory of the database could not be created.

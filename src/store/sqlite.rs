@@ -25,7 +25,8 @@ pub const EVENT_COLUMNS: &str = "pos, feed, seq, id, type, data, received_at";
 
 /// The names in [`EVENT_COLUMNS`]: a database whose `events` table lacks one was not written
 /// by a `sqlite` sink.
-pub const EVENT_COLUMN_NAMES: [&str; 7] = ["pos", "feed", "seq", "id", "type", "data", "received_at"];
+pub const EVENT_COLUMN_NAMES: [&str; 7] =
+    ["pos", "feed", "seq", "id", "type", "data", "received_at"];
 
 const POS: usize = 0;
 const FEED: usize = 1;
@@ -47,7 +48,8 @@ pub const CHECKPOINT_COLUMNS: &str = "feed, url, last_event_id, seq, updated_at"
 /// an SQLite sink shares the state database (the committer and the sink), each only positions
 /// that are stored, and whichever commits last must not undo the other's progress
 /// (ARCHITECTURE.md §4). The same seq with another ID (an ID-only dispatch) still moves it.
-const UPSERT_CHECKPOINT: &str = "INSERT INTO checkpoints (feed, url, last_event_id, seq, updated_at)
+const UPSERT_CHECKPOINT: &str =
+    "INSERT INTO checkpoints (feed, url, last_event_id, seq, updated_at)
      VALUES (?1, ?2, ?3, ?4, ?5)
      ON CONFLICT (feed, url) DO UPDATE SET
          last_event_id = excluded.last_event_id,
@@ -162,8 +164,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, OpenError> {
         }
     };
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn =
-        Connection::open_with_flags(path, flags).map_err(sql("cannot open the database"))?;
+    let conn = Connection::open_with_flags(path, flags).map_err(sql("cannot open the database"))?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(sql("cannot set the busy timeout"))?;
     let tables: Vec<String> = conn
@@ -210,7 +211,12 @@ pub fn last_pos(conn: &Connection) -> rusqlite::Result<i64> {
 
 /// The `pos` of the first event of `feed` with this id, at or before `up_to`, if any: where a
 /// server resuming after `Last-Event-ID` continues from.
-pub fn pos_of_id(conn: &Connection, feed: &str, id: &str, up_to: i64) -> rusqlite::Result<Option<i64>> {
+pub fn pos_of_id(
+    conn: &Connection,
+    feed: &str,
+    id: &str,
+    up_to: i64,
+) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached("SELECT MIN(pos) FROM events WHERE feed = ?1 AND id = ?2 AND pos <= ?3")?
         .query_row((feed, id, up_to), |r| r.get::<_, Option<i64>>(0))
         .optional()
@@ -460,14 +466,19 @@ mod tests {
         assert_eq!(f.len(), 2);
         assert_eq!(f[1].1, events[2]);
         assert_eq!(last_pos(&conn).unwrap(), got[2].0);
-        assert_eq!(pos_of_id(&conn, "f", "a", i64::MAX).unwrap(), Some(got[0].0));
+        assert_eq!(
+            pos_of_id(&conn, "f", "a", i64::MAX).unwrap(),
+            Some(got[0].0)
+        );
         assert_eq!(pos_of_id(&conn, "f", "a", got[0].0 - 1).unwrap(), None);
         assert_eq!(pos_of_id(&conn, "f", "zz", i64::MAX).unwrap(), None);
         assert!(pos_is_of_feed(&conn, "g", got[1].0).unwrap());
         assert!(!pos_is_of_feed(&conn, "f", got[1].0).unwrap());
         // The time as every other stored time is written.
         let at: String = conn
-            .query_row("SELECT received_at FROM events WHERE seq = 2", [], |r| r.get(0))
+            .query_row("SELECT received_at FROM events WHERE seq = 2", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(at, "2026-11-24T08:00:00.000002Z");
         // A read-only reader sees the same.
@@ -514,7 +525,10 @@ mod tests {
         };
         upsert_checkpoint(&conn, &cp("10", 10)).unwrap();
         upsert_checkpoint(&conn, &cp("7", 7)).unwrap();
-        assert_eq!(read(), ("10".into(), 10, "2026-11-24T08:00:00.000000Z".into()));
+        assert_eq!(
+            read(),
+            ("10".into(), 10, "2026-11-24T08:00:00.000000Z".into())
+        );
         upsert_checkpoint(&conn, &cp("10b", 10)).unwrap();
         assert_eq!(read().0, "10b");
         assert!(upsert_checkpoint(&conn, &cp("x", u64::MAX)).is_err());
@@ -530,7 +544,10 @@ mod tests {
             .execute_batch("CREATE TABLE orders (x); CREATE TABLE users (y);")
             .unwrap();
         let err = open_read_only(&none).unwrap_err().to_string();
-        assert!(err.contains("no `events` table") && err.contains("orders, users"), "{err}");
+        assert!(
+            err.contains("no `events` table") && err.contains("orders, users"),
+            "{err}"
+        );
         let other = dir.path().join("other.db");
         Connection::open(&other)
             .unwrap()
@@ -559,10 +576,25 @@ mod tests {
             Ok::<_, rusqlite::Error>(true)
         })
         .unwrap();
-        assert!(errors[0].contains("column `seq` holds Text where a sequence number"), "{errors:?}");
-        assert!(errors[1].contains("`received_at` is not an RFC 3339 time (\"yesterday\")"), "{errors:?}");
-        assert!(errors[2].contains("column `data` holds Blob where text"), "{errors:?}");
-        assert!(errors[3].contains("column `type` holds Blob where text"), "{errors:?}");
-        assert!(errors.iter().all(|e| e.starts_with("row pos=")), "{errors:?}");
+        assert!(
+            errors[0].contains("column `seq` holds Text where a sequence number"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].contains("`received_at` is not an RFC 3339 time (\"yesterday\")"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[2].contains("column `data` holds Blob where text"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[3].contains("column `type` holds Blob where text"),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().all(|e| e.starts_with("row pos=")),
+            "{errors:?}"
+        );
     }
 }
