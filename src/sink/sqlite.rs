@@ -137,8 +137,6 @@ pub struct SqliteSink {
     /// Whether this is the state database: checkpoints are written with the events.
     co_located: bool,
     options: WriteOptions,
-    /// Reused buffer for timestamps.
-    time: Vec<u8>,
 }
 
 impl SqliteSink {
@@ -212,7 +210,6 @@ impl SqliteSink {
                 max_batch_wait: c.batch_max_wait.min(MAX_BATCH_WAIT),
                 checkpoints: co_located,
             },
-            time: Vec::with_capacity(32),
         })
     }
 
@@ -245,7 +242,6 @@ impl SqliteSink {
         }
         let Self {
             conn,
-            time,
             shown,
             name,
             co_located,
@@ -259,15 +255,19 @@ impl SqliteSink {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| err("cannot start a transaction".into(), e))?;
         let mut ignored = 0usize;
-        for e in events {
-            let stored = store::insert_event(&tx, e, time).map_err(|x| {
-                err(
-                    format!("cannot store event seq {} of feed `{}`", e.seq, e.feed),
-                    x,
-                )
-            })?;
-            if !stored {
-                ignored += 1;
+        {
+            let mut insert = store::EventInserter::new(&tx)
+                .map_err(|e| err("cannot prepare the insert".into(), e))?;
+            for e in events {
+                let stored = insert.insert(e).map_err(|x| {
+                    err(
+                        format!("cannot store event seq {} of feed `{}`", e.seq, e.feed),
+                        x,
+                    )
+                })?;
+                if !stored {
+                    ignored += 1;
+                }
             }
         }
         if *co_located {

@@ -619,7 +619,40 @@ mod tests {
         );
     }
 
+    #[test]
+    fn format_time_is_the_rfc3339_the_state_store_wrote_before() {
+        // Rows written before the formatters were one: text comparisons still hold.
+        for micros in [
+            0,
+            1,
+            999_999,
+            1_790_000_000_123_456,
+            253_402_300_799_999_999,
+        ] {
+            let t = DateTime::from_timestamp_micros(micros).unwrap();
+            assert_eq!(
+                format_time(t),
+                t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            );
+        }
+        assert_eq!(
+            format_time(Utc.timestamp_opt(0, 999_999_999).unwrap()),
+            "1970-01-01T00:00:00.999999Z"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn format_time_matches_chrono_for_years_0_to_9999(
+            micros in -62_167_219_200_000_000i64..253_402_300_800_000_000,
+        ) {
+            let t = DateTime::from_timestamp_micros(micros).unwrap();
+            prop_assert_eq!(
+                format_time(t),
+                t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            );
+        }
+
         #[test]
         fn same_bytes_as_serde_json(
             event_type in any::<String>(),

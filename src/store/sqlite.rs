@@ -1,5 +1,5 @@
 //! SQLite storage: the `events` table and the `checkpoints` upsert, in one place. The `sqlite`
-//! sink writes events through [`insert_event`]; the sink (when it shares the state database)
+//! sink writes events through [`EventInserter`]; the sink (when it shares the state database)
 //! and the state store write checkpoints through [`upsert_checkpoint`]; `replay` and `serve`
 //! read events with [`EVENT_COLUMNS`] and decode them with [`RowView`]. The tables themselves
 //! are created by the numbered files in `migrations/` (`crate::state::migrate`).
@@ -76,28 +76,41 @@ pub fn seq_to_sql(feed: &str, seq: u64) -> Result<i64, SeqTooLarge> {
     })
 }
 
-/// Inserts `event` through the connection's cached insert (inside the caller's transaction);
-/// `Ok(false)` when it was already stored. `time` is a reused buffer. A sequence number beyond
-/// [`seq_to_sql`] is an error without anything written; callers check a whole batch first.
-pub fn insert_event(
-    conn: &Connection,
-    event: &Event,
-    time: &mut Vec<u8>,
-) -> rusqlite::Result<bool> {
-    let seq = seq_to_sql(&event.feed, event.seq)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    time.clear();
-    push_time(time, event.received_at);
-    let at = time_text(time, event.received_at);
-    let n = conn.prepare_cached(INSERT_EVENT)?.execute((
-        &*event.feed,
-        seq,
-        &*event.id,
-        &*event.event_type,
-        &event.data,
-        &*at,
-    ))?;
-    Ok(n > 0)
+/// Inserts events inside the caller's transaction, through one prepared (and cached)
+/// statement for the whole batch: the SQLite sink's hot path.
+pub struct EventInserter<'c> {
+    stmt: rusqlite::CachedStatement<'c>,
+    /// The receive time's text, reused.
+    time: Vec<u8>,
+}
+
+impl<'c> EventInserter<'c> {
+    pub fn new(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(EventInserter {
+            stmt: conn.prepare_cached(INSERT_EVENT)?,
+            time: Vec::with_capacity(32),
+        })
+    }
+
+    /// Inserts `event`; `Ok(false)` when it was already stored. A sequence number beyond
+    /// [`seq_to_sql`] is an error without anything written (callers check a whole batch
+    /// first, so that a batch fails before any of it is written).
+    pub fn insert(&mut self, event: &Event) -> rusqlite::Result<bool> {
+        let seq = seq_to_sql(&event.feed, event.seq)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        self.time.clear();
+        push_time(&mut self.time, event.received_at);
+        let at = time_text(&self.time, event.received_at);
+        let n = self.stmt.execute((
+            &*event.feed,
+            seq,
+            &*event.id,
+            &*event.event_type,
+            &event.data,
+            &*at,
+        ))?;
+        Ok(n > 0)
+    }
 }
 
 /// [`push_time`] only writes ASCII, so this is always the buffer itself.
@@ -448,15 +461,16 @@ mod tests {
     #[test]
     fn events_round_trip_once_and_are_read_by_feed_and_position() {
         let (_dir, path, conn) = db();
-        let mut time = Vec::new();
         let events = [event("f", 1, "a"), event("g", 1, "a"), event("f", 2, "")];
+        let mut insert = EventInserter::new(&conn).unwrap();
         for e in &events {
-            assert!(insert_event(&conn, e, &mut time).unwrap());
+            assert!(insert.insert(e).unwrap());
         }
         // Stored once: the same events again are ignored.
         for e in &events {
-            assert!(!insert_event(&conn, e, &mut time).unwrap());
+            assert!(!insert.insert(e).unwrap());
         }
+        drop(insert);
         let got = all(&conn, None);
         assert_eq!(
             got.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
@@ -497,7 +511,10 @@ mod tests {
     #[test]
     fn a_sequence_number_sqlite_cannot_hold_is_refused_before_writing() {
         let (_dir, _path, conn) = db();
-        let err = insert_event(&conn, &event("f", u64::MAX, "x"), &mut Vec::new()).unwrap_err();
+        let err = EventInserter::new(&conn)
+            .unwrap()
+            .insert(&event("f", u64::MAX, "x"))
+            .unwrap_err();
         assert!(err.to_string().contains("too large"), "{err}");
         assert_eq!(last_pos(&conn).unwrap(), 0);
         assert_eq!(seq_to_sql("f", 7), Ok(7));
