@@ -21,6 +21,7 @@ pub mod serve;
 pub mod sink;
 pub mod sse;
 pub mod state;
+pub mod store;
 pub mod supervisor;
 pub mod telemetry;
 pub mod text;

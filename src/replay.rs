@@ -18,12 +18,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, NaiveDate, Utc};
 use globset::{GlobBuilder, GlobMatcher};
-use rusqlite::types::{Value, ValueRef};
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::types::Value;
+use rusqlite::Connection;
 
 use crate::config::LoadedConfig;
 use crate::event::Event;
-use crate::sink::{jsonl, Sink};
+use crate::sink::Sink;
+use crate::sse::encode::encode_sse;
+use crate::store::jsonl;
+use crate::store::sqlite::{self as store, RowView, EVENT_COLUMNS};
 
 /// Events per page read from a database, and per batch handed to a sink.
 const PAGE: usize = 1000;
@@ -178,8 +181,26 @@ impl Filter {
     }
 }
 
+/// A `--since`, `--until` or `--rate` value that cannot be used; the caller names the option.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    #[error(
+        "expected an RFC 3339 time (2026-11-24T08:00:00Z), a date (2026-11-24) or a \
+         duration ago (2h, 7d)"
+    )]
+    NotATime,
+    #[error("too far in the past")]
+    TooFarBack,
+    #[error("unknown unit `{0}`: use /s, /m or /h")]
+    RateUnit(String),
+    #[error("`{0}` is not a rate such as 500/s")]
+    NotARate(String),
+    #[error("`{0}`: the rate must be greater than zero")]
+    RateNotPositive(String),
+}
+
 /// Parses `--since`/`--until`: RFC 3339, a date, or a duration before `now`.
-pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, ArgError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
@@ -189,27 +210,22 @@ pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> 
         }
     }
     if let Ok(d) = humantime::parse_duration(s) {
-        let d = chrono::Duration::from_std(d).map_err(|e| e.to_string())?;
-        return now
-            .checked_sub_signed(d)
-            .ok_or_else(|| "too far in the past".to_string());
+        // A duration chrono cannot hold is as far back as one it can but the clock cannot.
+        let d = chrono::Duration::from_std(d).map_err(|_| ArgError::TooFarBack)?;
+        return now.checked_sub_signed(d).ok_or(ArgError::TooFarBack);
     }
-    Err(
-        "expected an RFC 3339 time (2026-11-24T08:00:00Z), a date (2026-11-24) or a \
-         duration ago (2h, 7d)"
-            .into(),
-    )
+    Err(ArgError::NotATime)
 }
 
 /// Parses `--rate`: events per second.
-pub fn parse_rate(s: &str) -> Result<f64, String> {
+pub fn parse_rate(s: &str) -> Result<f64, ArgError> {
     let (n, per) = match s.split_once('/') {
         Some((n, unit)) => {
             let per = match unit.trim() {
                 "s" | "sec" | "second" => 1.0,
                 "m" | "min" | "minute" => 60.0,
                 "h" | "hour" => 3600.0,
-                other => return Err(format!("unknown unit `{other}`: use /s, /m or /h")),
+                other => return Err(ArgError::RateUnit(other.to_string())),
             };
             (n, per)
         }
@@ -218,57 +234,11 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     let n: f64 = n
         .trim()
         .parse()
-        .map_err(|_| format!("`{s}` is not a rate such as 500/s"))?;
+        .map_err(|_| ArgError::NotARate(s.to_string()))?;
     if !(n.is_finite() && n > 0.0) {
-        return Err(format!("`{s}`: the rate must be greater than zero"));
+        return Err(ArgError::RateNotPositive(s.to_string()));
     }
     Ok(n / per)
-}
-
-/// Appends one event in `text/event-stream` framing: an `id:` line (when `id` is given;
-/// `Some("")` writes `id:` alone, which resets the last event ID), an `event:` line, one
-/// `data:` line per line of data, and the blank line that dispatches it. It parses back to
-/// the same type, data and id, as long as the data holds no CR (a CR ends a line in SSE and
-/// is written as a line break) and the id and type hold no line breaks (written as spaces;
-/// the bridge's parser never produces either).
-pub fn encode_sse(id: Option<&str>, event_type: &str, data: &str, out: &mut Vec<u8>) {
-    if let Some(id) = id {
-        out.extend_from_slice(b"id:");
-        if !id.is_empty() {
-            out.push(b' ');
-            push_single_line(out, id);
-        }
-        out.push(b'\n');
-    }
-    out.extend_from_slice(b"event: ");
-    push_single_line(out, event_type);
-    out.push(b'\n');
-    let mut rest = data;
-    loop {
-        out.extend_from_slice(b"data: ");
-        match rest.find(['\r', '\n']) {
-            Some(i) => {
-                out.extend_from_slice(&rest.as_bytes()[..i]);
-                out.push(b'\n');
-                let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
-                rest = &rest[i + skip..];
-            }
-            None => {
-                out.extend_from_slice(rest.as_bytes());
-                out.push(b'\n');
-                break;
-            }
-        }
-    }
-    out.push(b'\n');
-}
-
-fn push_single_line(out: &mut Vec<u8>, s: &str) {
-    if s.contains(['\r', '\n']) {
-        out.extend_from_slice(s.replace(['\r', '\n'], " ").as_bytes());
-    } else {
-        out.extend_from_slice(s.as_bytes());
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,13 +305,10 @@ pub struct SqliteLog {
     end: Option<i64>,
 }
 
-/// The columns replay and serve read, in this order.
-pub const EVENT_COLUMNS: &str = "pos, feed, seq, id, type, data, received_at";
-
 impl SqliteLog {
     /// Opens a database read-only and checks that it has the sink's `events` table.
     pub fn open(path: &Path) -> anyhow::Result<SqliteLog> {
-        let conn = open_event_db(path)?;
+        let conn = store::open_read_only(path)?;
         Ok(SqliteLog {
             path: path.to_path_buf(),
             conn,
@@ -359,10 +326,7 @@ impl SqliteLog {
         let end = match self.end {
             Some(end) => end,
             None => {
-                let end: i64 = self
-                    .conn
-                    .query_row("SELECT COALESCE(MAX(pos), 0) FROM events", [], |r| r.get(0))
-                    .map_err(sql_err)?;
+                let end = store::last_pos(&self.conn).map_err(sql_err)?;
                 self.end = Some(end);
                 end
             }
@@ -375,14 +339,7 @@ impl SqliteLog {
             .map_err(sql_err)?;
         let mut start = 0i64;
         if let (Some(id), Some(feed)) = (&filter.after_id, &filter.feed) {
-            let found: Option<i64> = self
-                .conn
-                .query_row(
-                    "SELECT MIN(pos) FROM events WHERE feed = ?1 AND id = ?2 AND pos <= ?3",
-                    (feed, id, end),
-                    |r| r.get(0),
-                )
-                .map_err(sql_err)?;
+            let found = store::pos_of_id(&self.conn, feed, id, end).map_err(sql_err)?;
             match found {
                 Some(pos) => start = pos,
                 None => bail!("{shown}: feed `{feed}` has no event with id {id:?}"),
@@ -410,16 +367,10 @@ impl SqliteLog {
             );
         }
         if let Some(t) = filter.since {
-            add(
-                "+received_at >=",
-                Value::Text(crate::sink::sqlite::format_time(t)),
-            );
+            add("+received_at >=", Value::Text(jsonl::format_time(t)));
         }
         if let Some(t) = filter.until {
-            add(
-                "+received_at <",
-                Value::Text(crate::sink::sqlite::format_time(t)),
-            );
+            add("+received_at <", Value::Text(jsonl::format_time(t)));
         }
         sql.push_str(&format!(" ORDER BY pos LIMIT {PAGE}"));
         let mut page: Vec<(i64, Event)> = Vec::with_capacity(PAGE);
@@ -431,7 +382,9 @@ impl SqliteLog {
                     .query(rusqlite::params_from_iter(params.iter()))
                     .map_err(sql_err)?;
                 while let Some(row) = rows.next().map_err(sql_err)? {
-                    page.push(decode_row(row).map_err(|e| anyhow!("{shown}: {e}"))?);
+                    let row = RowView::new(row).map_err(|e| anyhow!("{shown}: {e}"))?;
+                    let event = row.event().map_err(|e| anyhow!("{shown}: {e}"))?;
+                    page.push((row.pos, event));
                 }
             }
             let Some(&(last, _)) = page.last() else { break };
@@ -448,105 +401,9 @@ impl SqliteLog {
 }
 
 /// Opens an SQLite database read-only and checks for the sink's `events` table, with errors
-/// that name the file and say what is wrong.
-pub fn open_event_db(path: &Path) -> anyhow::Result<Connection> {
-    let shown = path.display();
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| anyhow!("{shown}: cannot open the database: {e}"))?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(|e| anyhow!("{shown}: {e}"))?;
-    let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .and_then(|mut s| {
-            s.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(|e| anyhow!("{shown}: cannot read the database schema: {e}"))?;
-    if !tables.iter().any(|t| t == "events") {
-        let list = if tables.is_empty() {
-            "none".to_string()
-        } else {
-            tables.join(", ")
-        };
-        bail!(
-            "{shown}: no `events` table, so this is not a database written by a sqlite sink \
-             (its tables: {list})"
-        );
-    }
-    let columns: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_table_info('events')")
-        .and_then(|mut s| {
-            s.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(|e| anyhow!("{shown}: cannot read the schema of `events`: {e}"))?;
-    for needed in ["pos", "feed", "seq", "id", "type", "data", "received_at"] {
-        if !columns.iter().any(|c| c == needed) {
-            bail!(
-                "{shown}: table `events` has no column `{needed}`, so it was not written by a \
-                 sqlite sink (its columns: {})",
-                columns.join(", ")
-            );
-        }
-    }
-    Ok(conn)
-}
-
-/// Decodes one row selected with [`EVENT_COLUMNS`]; the error names the row.
-pub fn decode_row(row: &rusqlite::Row<'_>) -> Result<(i64, Event), String> {
-    let pos: i64 = row
-        .get(0)
-        .map_err(|e| format!("a row with a bad `pos`: {e}"))?;
-    let text = |i: usize, name: &str| -> Result<String, String> {
-        match row.get_ref(i) {
-            Ok(ValueRef::Text(b)) => String::from_utf8(b.to_vec())
-                .map_err(|_| format!("row pos={pos}: column `{name}` is not valid UTF-8")),
-            Ok(other) => Err(format!(
-                "row pos={pos}: column `{name}` holds {:?} where text was expected",
-                other.data_type()
-            )),
-            Err(e) => Err(format!("row pos={pos}: column `{name}`: {e}")),
-        }
-    };
-    let seq = match row.get_ref(2) {
-        Ok(ValueRef::Integer(n)) if n >= 0 => n as u64,
-        Ok(other) => {
-            return Err(format!(
-                "row pos={pos}: column `seq` holds {} where a sequence number was expected",
-                describe(other)
-            ))
-        }
-        Err(e) => return Err(format!("row pos={pos}: column `seq`: {e}")),
-    };
-    let feed = text(1, "feed")?;
-    let id = text(3, "id")?;
-    let event_type = text(4, "type")?;
-    let data = text(5, "data")?;
-    let at = text(6, "received_at")?;
-    let received_at = DateTime::parse_from_rfc3339(&at)
-        .map_err(|e| {
-            format!("row pos={pos}: column `received_at` is not an RFC 3339 time ({at:?}): {e}")
-        })?
-        .with_timezone(&Utc);
-    Ok((
-        pos,
-        Event {
-            feed: Arc::from(feed),
-            event_type: event_type.into(),
-            data,
-            id: id.into(),
-            received_at,
-            seq,
-        },
-    ))
-}
-
-fn describe(v: ValueRef<'_>) -> String {
-    match v {
-        ValueRef::Integer(n) => format!("{n}"),
-        other => format!("{:?}", other.data_type()),
-    }
+/// that name the file and say what is wrong (`store::sqlite::open_read_only`).
+pub fn open_event_db(path: &Path) -> Result<Connection, store::OpenError> {
+    store::open_read_only(path)
 }
 
 /// A JSON Lines file written by the file sink.
@@ -902,99 +759,9 @@ pub fn run(args: &ReplayArgs, loaded: &LoadedConfig) -> anyhow::Result<Summary> 
     Ok(summary)
 }
 
-/// Reads the rows of an SQLite log after `pos`, for `serve`: at most `limit` events of `feed`
-/// (or of every feed when `None`), in log order.
-pub fn read_after(
-    conn: &Connection,
-    feed: Option<&str>,
-    after_pos: i64,
-    limit: usize,
-) -> Result<Vec<(i64, Event)>, String> {
-    let sql = match feed {
-        Some(_) => format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE pos > ?1 AND +feed = ?2 ORDER BY pos LIMIT ?3"
-        ),
-        None => format!("SELECT {EVENT_COLUMNS} FROM events WHERE pos > ?1 ORDER BY pos LIMIT ?2"),
-    };
-    let mut stmt = conn.prepare_cached(&sql).map_err(|e| e.to_string())?;
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let mut rows = match feed {
-        Some(f) => stmt.query((after_pos, f, limit)),
-        None => stmt.query((after_pos, limit)),
-    }
-    .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next().map_err(|e| e.to_string())? {
-        out.push(decode_row(row)?);
-    }
-    Ok(out)
-}
-
-/// The `pos` of the first event of `feed` with this id, if any.
-pub fn pos_of_id(conn: &Connection, feed: &str, id: &str) -> Result<Option<i64>, String> {
-    conn.prepare_cached("SELECT MIN(pos) FROM events WHERE feed = ?1 AND id = ?2")
-        .and_then(|mut s| s.query_row((feed, id), |r| r.get::<_, Option<i64>>(0)))
-        .optional()
-        .map(Option::flatten)
-        .map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::parser::{Item, Limits, Parser};
-
-    fn parse(bytes: &[u8]) -> Vec<(String, String, String)> {
-        let mut parser = Parser::new(Limits {
-            max_line_bytes: 1 << 20,
-            max_event_bytes: 1 << 20,
-            ..Limits::default()
-        });
-        let mut items = Vec::new();
-        parser.push(bytes, &mut items).unwrap();
-        items
-            .into_iter()
-            .filter_map(|i| match i {
-                Item::Event(e) => Some((e.id.to_string(), e.event_type.to_string(), e.data)),
-                Item::LastEventId(_) => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn sse_framing_round_trips_through_the_parser() {
-        let cases = [
-            ("1", "message", "plain"),
-            ("2", "edit", "two\nlines"),
-            ("3", "edit", "\nleading and trailing\n"),
-            ("", "reset", "id reset to empty"),
-            ("4 with spaces", "x", " leading space kept"),
-            ("5", "t", ""),
-            ("6", "t", "a\n\nb"),
-            ("7", "caf\u{e9}", "\u{1F600} : not a comment"),
-        ];
-        let mut out = Vec::new();
-        for (id, t, d) in cases {
-            encode_sse(Some(id), t, d, &mut out);
-        }
-        let got = parse(&out);
-        let want: Vec<(String, String, String)> = cases
-            .iter()
-            .map(|(i, t, d)| (i.to_string(), t.to_string(), d.to_string()))
-            .collect();
-        assert_eq!(got, want);
-        // Line breaks the format cannot carry do not break the framing.
-        let mut out = Vec::new();
-        encode_sse(Some("a\nb"), "x\ry", "one\r\ntwo\rthree", &mut out);
-        assert_eq!(
-            parse(&out),
-            [(
-                "a b".to_string(),
-                "x y".to_string(),
-                "one\ntwo\nthree".to_string()
-            )]
-        );
-    }
 
     #[test]
     fn times_and_rates_parse() {
@@ -1006,13 +773,24 @@ mod tests {
         assert_eq!(t("2026-11-20"), "2026-11-20T00:00:00+00:00");
         assert_eq!(t("2h"), "2026-11-24T06:00:00+00:00");
         assert_eq!(t("7d"), "2026-11-17T08:00:00+00:00");
-        assert!(parse_time("yesterday", now).is_err());
+        assert_eq!(parse_time("yesterday", now), Err(ArgError::NotATime));
+        assert_eq!(
+            parse_time("100000000000y", now),
+            Err(ArgError::TooFarBack),
+            "a duration beyond the calendar"
+        );
         assert_eq!(parse_rate("500").unwrap(), 500.0);
         assert_eq!(parse_rate("500/s").unwrap(), 500.0);
         assert_eq!(parse_rate("120/m").unwrap(), 2.0);
-        assert!(parse_rate("0/s").is_err());
-        assert!(parse_rate("5/week").is_err());
-        assert!(parse_rate("fast").is_err());
+        assert_eq!(
+            parse_rate("0/s"),
+            Err(ArgError::RateNotPositive("0/s".into()))
+        );
+        assert_eq!(parse_rate("5/week"), Err(ArgError::RateUnit("week".into())));
+        assert_eq!(
+            parse_rate("fast").unwrap_err().to_string(),
+            "`fast` is not a rate such as 500/s"
+        );
     }
 
     #[test]

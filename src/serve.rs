@@ -57,7 +57,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::units::parse_byte_size;
 use crate::http_server::Hangup;
-use crate::replay::{encode_sse, open_event_db, pos_of_id};
+use crate::sse::encode::encode_sse;
+use crate::store::sqlite::{self as store, open_read_only as open_event_db};
 
 /// Rows per database page.
 const PAGE: usize = 500;
@@ -240,6 +241,21 @@ fn render(pos: i64, id: &str, event_type: &str, data: &str) -> Bytes {
     Bytes::from(out)
 }
 
+/// Why the event database could not be read for a client or the poller.
+#[derive(Debug, thiserror::Error)]
+enum DbError {
+    #[error(transparent)]
+    Open(#[from] store::OpenError),
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Row(#[from] store::RowError),
+    #[error("the database pool is closed")]
+    Closed,
+    #[error("a database read failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Rows after `after` (of `feed`, or of every feed), rendered, in `pos` order: at most
 /// [`PAGE`] rows, and no more once `max_bytes` are reached (at least one row).
 fn read_rows(
@@ -247,43 +263,21 @@ fn read_rows(
     feed: Option<&str>,
     after: i64,
     max_bytes: usize,
-) -> Result<Vec<Row>, String> {
-    let sql = match feed {
-        Some(_) => {
-            "SELECT pos, feed, id, type, data FROM events WHERE pos > ?1 AND +feed = ?2 \
-                    ORDER BY pos LIMIT ?3"
-        }
-        None => "SELECT pos, feed, id, type, data FROM events WHERE pos > ?1 ORDER BY pos LIMIT ?2",
-    };
-    let mut stmt = conn.prepare_cached(sql).map_err(|e| e.to_string())?;
-    let limit = PAGE as i64;
-    let mut rows = match feed {
-        Some(f) => stmt.query((after, f, limit)),
-        None => stmt.query((after, limit)),
-    }
-    .map_err(|e| e.to_string())?;
+) -> Result<Vec<Row>, DbError> {
     let mut out = Vec::new();
     let mut bytes = 0;
-    while let Some(row) = rows.next().map_err(|e| e.to_string())? {
-        let pos: i64 = row.get(0).map_err(|e| e.to_string())?;
-        let text = |i: usize| {
-            row.get_ref(i)
-                .map_err(|e| e.to_string())
-                .and_then(|v| v.as_str().map_err(|e| e.to_string()))
-                .map_err(|e| format!("events row pos {pos}: {e}"))
-        };
-        let rendered = render(pos, text(2)?, text(3)?, text(4)?);
+    store::for_each_after(conn, feed, after, PAGE, |row| -> Result<bool, DbError> {
+        let event_type = row.event_type()?;
+        let rendered = render(row.pos, row.id()?, event_type, row.data()?);
         bytes += rendered.len();
         out.push(Row {
-            pos,
-            feed: text(1)?.to_string(),
-            event_type: text(3)?.to_string(),
+            pos: row.pos,
+            feed: row.feed()?.to_string(),
+            event_type: event_type.to_string(),
             bytes: rendered,
         });
-        if bytes >= max_bytes {
-            break;
-        }
-    }
+        Ok(bytes < max_bytes)
+    })?;
     Ok(out)
 }
 
@@ -314,19 +308,16 @@ impl Pool {
     async fn with<T: Send + 'static>(
         self: &Arc<Self>,
         first: bool,
-        f: impl FnOnce(&Connection) -> Result<T, String> + Send + 'static,
-    ) -> Result<T, String> {
+        f: impl FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, DbError> {
         let lane = if first { &self.first } else { &self.bulk };
-        let _permit = lane
-            .acquire()
-            .await
-            .map_err(|_| "the database pool is closed".to_string())?;
+        let _permit = lane.acquire().await.map_err(|_| DbError::Closed)?;
         let pool = self.clone();
         tokio::task::spawn_blocking(move || {
             let idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let conn = match idle {
                 Some(c) => c,
-                None => open_event_db(&pool.path).map_err(|e| format!("{e:#}"))?,
+                None => open_event_db(&pool.path)?,
             };
             let result = f(&conn);
             if result.is_ok() {
@@ -337,8 +328,7 @@ impl Pool {
             }
             result
         })
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
     }
 }
 
@@ -352,7 +342,7 @@ pub async fn serve(
     let db = options.database.clone();
     let start = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
         let conn = open_event_db(&db)?;
-        conn.query_row("SELECT COALESCE(MAX(pos), 0) FROM events", [], |r| r.get(0))
+        store::last_pos(&conn)
             .with_context(|| format!("{}: cannot read the events table", db.display()))
     })
     .await??;
@@ -508,18 +498,11 @@ async fn events(
             let found = shared
                 .pool
                 .with(true, move |conn| {
-                    if let Some(pos) = pos_of_id(conn, &lookup_feed, &id)? {
+                    if let Some(pos) = store::pos_of_id(conn, &lookup_feed, &id, i64::MAX)? {
                         return Ok(Some(pos));
                     }
                     if let Some(pos) = id.strip_prefix('@').and_then(|p| p.parse::<i64>().ok()) {
-                        let exists = conn
-                            .query_row(
-                                "SELECT EXISTS (SELECT 1 FROM events WHERE pos = ?1 AND feed = ?2)",
-                                (pos, &lookup_feed),
-                                |r| r.get::<_, bool>(0),
-                            )
-                            .map_err(|e| e.to_string())?;
-                        if exists {
+                        if store::pos_is_of_feed(conn, &lookup_feed, pos)? {
                             return Ok(Some(pos));
                         }
                     }
@@ -732,7 +715,7 @@ enum End {
     /// Catching up from the database took so long that the ring moved on: subscribe again.
     Resubscribe,
     /// The database could not be read.
-    Failed(String),
+    Failed(DbError),
 }
 
 /// Feeds one client: the backlog from the database, then live frames.

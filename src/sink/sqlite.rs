@@ -2,7 +2,8 @@
 //! exactly once, and read back by `sse-bridge replay` and `sse-bridge serve`.
 //!
 //! The schema comes from `migrations/` (the same runner and numbered sequence as the state
-//! store): one `events` table, see `migrations/0002_events.sql`.
+//! store): one `events` table, see `migrations/0002_events.sql`. Rows are written, and the
+//! checkpoint upserted, by `crate::store::sqlite`, the one place that knows the table.
 //!
 //! - **Batched transactions.** Each `write` is one transaction (`BEGIN IMMEDIATE`, so the write
 //!   lock is taken up front and waits for `busy_timeout`), through one prepared, cached
@@ -23,28 +24,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 use super::{BufferConfig, SinkError, WriteOptions};
 use crate::event::Event;
-use crate::state::{migrate, Checkpoint, StateError};
-
-/// The insert: duplicates (by the `events_identity` key) are ignored.
-const INSERT_EVENT: &str = "INSERT OR IGNORE INTO events (feed, seq, id, type, data, received_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-
-/// The checkpoint upsert of a sink that shares the state database (same as the state store's:
-/// a checkpoint never moves back, whichever of the sink and the committer commits last).
-const UPSERT_CHECKPOINT: &str =
-    "INSERT INTO checkpoints (feed, url, last_event_id, seq, updated_at)
-     VALUES (?1, ?2, ?3, ?4, ?5)
-     ON CONFLICT (feed, url) DO UPDATE SET
-         last_event_id = excluded.last_event_id,
-         seq = excluded.seq,
-         updated_at = excluded.updated_at
-     WHERE excluded.seq >= checkpoints.seq";
+use crate::state::{migrate, Checkpoint};
+use crate::store::sqlite as store;
 
 /// Largest `batch_max_events` accepted.
 const MAX_BATCH_EVENTS: usize = 1_000_000;
@@ -151,8 +137,6 @@ pub struct SqliteSink {
     /// Whether this is the state database: checkpoints are written with the events.
     co_located: bool,
     options: WriteOptions,
-    /// Reused buffer for timestamps.
-    time: String,
 }
 
 impl SqliteSink {
@@ -207,9 +191,7 @@ impl SqliteSink {
         };
         conn.pragma_update(None, "synchronous", sync)
             .map_err(|e| sql("cannot set synchronous", e))?;
-        migrate::migrate(&mut conn, &shown).map_err(|e| match e {
-            StateError::Db { path, message } => fail_with(name, &path, message),
-        })?;
+        migrate::migrate(&mut conn, &shown).map_err(|e| fail(e.detail()))?;
         let co_located = match state_path {
             Some(state) => same_file(&c.path, state),
             None => false,
@@ -228,7 +210,6 @@ impl SqliteSink {
                 max_batch_wait: c.batch_max_wait.min(MAX_BATCH_WAIT),
                 checkpoints: co_located,
             },
-            time: String::with_capacity(32),
         })
     }
 
@@ -252,19 +233,15 @@ impl SqliteSink {
     ) -> Result<(), SinkError> {
         // Checked before anything is written: SQLite integers are signed.
         for e in events {
-            if i64::try_from(e.seq).is_err() {
+            if let Err(e) = store::seq_to_sql(&e.feed, e.seq) {
                 return Err(SinkError::Db {
                     sink: self.name.clone(),
-                    message: format!(
-                        "feed `{}`: sequence number {} is beyond what SQLite can store",
-                        e.feed, e.seq
-                    ),
+                    message: e.to_string(),
                 });
             }
         }
         let Self {
             conn,
-            time,
             shown,
             name,
             co_located,
@@ -279,44 +256,31 @@ impl SqliteSink {
             .map_err(|e| err("cannot start a transaction".into(), e))?;
         let mut ignored = 0usize;
         {
-            let mut insert = tx
-                .prepare_cached(INSERT_EVENT)
+            let mut insert = store::EventInserter::new(&tx)
                 .map_err(|e| err("cannot prepare the insert".into(), e))?;
             for e in events {
-                time.clear();
-                push_time(time, e.received_at);
-                let seq = e.seq as i64; // checked above
-                let n = insert
-                    .execute((&*e.feed, seq, &e.id, &e.event_type, &e.data, &*time))
-                    .map_err(|x| {
-                        err(
-                            format!("cannot store event seq {} of feed `{}`", e.seq, e.feed),
-                            x,
-                        )
-                    })?;
-                if n == 0 {
+                let stored = insert.insert(e).map_err(|x| {
+                    err(
+                        format!("cannot store event seq {} of feed `{}`", e.seq, e.feed),
+                        x,
+                    )
+                })?;
+                if !stored {
                     ignored += 1;
                 }
             }
         }
-        if *co_located && !checkpoints.is_empty() {
-            let mut upsert = tx
-                .prepare_cached(UPSERT_CHECKPOINT)
-                .map_err(|e| err("cannot prepare the checkpoint upsert".into(), e))?;
+        if *co_located {
             for cp in checkpoints {
-                let Ok(seq) = i64::try_from(cp.seq) else {
+                if store::seq_to_sql(&cp.feed, cp.seq).is_err() {
                     continue; // cannot happen after the check above; the committer reports it
-                };
-                time.clear();
-                push_time(time, cp.updated_at);
-                upsert
-                    .execute((&cp.feed, &cp.url, &cp.last_event_id, seq, &*time))
-                    .map_err(|e| {
-                        err(
-                            format!("cannot save the checkpoint of feed `{}`", cp.feed),
-                            e,
-                        )
-                    })?;
+                }
+                store::upsert_checkpoint(&tx, cp).map_err(|e| {
+                    err(
+                        format!("cannot save the checkpoint of feed `{}`", cp.feed),
+                        e,
+                    )
+                })?;
             }
         }
         tx.commit()
@@ -351,13 +315,6 @@ impl super::Sink for SqliteSink {
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .map_err(|e| self.error("cannot checkpoint the WAL", &e))
-    }
-}
-
-fn fail_with(sink: &str, path: &str, message: String) -> SinkError {
-    SinkError::Db {
-        sink: sink.to_string(),
-        message: format!("database {path}: {message}"),
     }
 }
 
@@ -402,42 +359,15 @@ fn canonical(p: &Path) -> Option<PathBuf> {
     Some(parent.canonicalize().ok()?.join(name))
 }
 
-/// Appends `t` as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (the JSON Lines format's `received_at`).
-pub fn push_time(out: &mut String, t: DateTime<Utc>) {
-    use std::fmt::Write;
-    let nanos = t.nanosecond();
-    let (second, micros) = if nanos >= 1_000_000_000 {
-        (60, (nanos - 1_000_000_000) / 1000)
-    } else {
-        (t.second(), nanos / 1000)
-    };
-    // Writing into a String cannot fail.
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        t.month(),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        second,
-        micros
-    );
-}
-
-/// Formats `t` as stored in the `received_at` column.
-pub fn format_time(t: DateTime<Utc>) -> String {
-    let mut s = String::with_capacity(27);
-    push_time(&mut s, t);
-    s
-}
+/// The stored-time formatter, at its old path (`crate::store::jsonl` is its home).
+pub use crate::store::jsonl::{format_time, push_time};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::checkpoint::{FeedTracker, Position};
     use crate::sink::Sink;
-    use chrono::TimeZone;
+    use chrono::{TimeZone, Utc};
 
     fn config(path: &Path) -> SqliteSinkConfig {
         toml::from_str(&format!("path = {:?}", path.display().to_string())).unwrap()
@@ -593,7 +523,7 @@ mod tests {
             .write(&[event("f", 2, "b", "y"), event("f", u64::MAX, "c", "z")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("beyond"), "{err}");
+        assert!(err.contains("too large") && err.contains("`f`"), "{err}");
         assert_eq!(rows(&path).len(), 1);
     }
 

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod connection;
+pub mod encode;
 pub mod http1;
 pub mod parser;
 pub mod retry;

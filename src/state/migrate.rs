@@ -12,7 +12,7 @@
 //!   and two processes starting at once cannot both apply the same migration;
 //! - refuses a file that is not an SQLite database with an error naming the file.
 
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::StateError;
@@ -78,7 +78,7 @@ pub(crate) fn run(
 
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| db_error(path, "cannot start the schema migration", &e))?;
+        .map_err(|e| db_error(path, "cannot start the schema migration", e))?;
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    INTEGER PRIMARY KEY,
@@ -86,13 +86,13 @@ pub(crate) fn run(
              applied_at TEXT    NOT NULL
          );",
     )
-    .map_err(|e| db_error(path, "cannot create the schema_migrations table", &e))?;
+    .map_err(|e| db_error(path, "cannot create the schema_migrations table", e))?;
     let current: i64 = tx
         .query_row("SELECT MAX(version) FROM schema_migrations", [], |row| {
             row.get::<_, Option<i64>>(0)
         })
         .optional()
-        .map_err(|e| db_error(path, "cannot read the schema version", &e))?
+        .map_err(|e| db_error(path, "cannot read the schema version", e))?
         .flatten()
         .unwrap_or(0);
     if current > i64::from(known) {
@@ -105,7 +105,7 @@ pub(crate) fn run(
         });
     }
 
-    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+    let now = crate::store::jsonl::format_time(Utc::now());
     let mut version = u32::try_from(current).unwrap_or(0);
     for m in migrations.iter().filter(|m| i64::from(m.version) > current) {
         let label = format!("{:04}_{}", m.version, m.name);
@@ -113,25 +113,25 @@ pub(crate) fn run(
             db_error(
                 path,
                 &format!("migration {label} failed, nothing was changed"),
-                &e,
+                e,
             )
         })?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
             (m.version, m.name, &now),
         )
-        .map_err(|e| db_error(path, &format!("cannot record migration {label}"), &e))?;
+        .map_err(|e| db_error(path, &format!("cannot record migration {label}"), e))?;
         tracing::info!(database = path, migration = %label, "applied schema migration");
         version = m.version;
     }
     tx.commit()
-        .map_err(|e| db_error(path, "cannot commit the schema migration", &e))?;
+        .map_err(|e| db_error(path, "cannot commit the schema migration", e))?;
     Ok(version)
 }
 
 /// Turns an SQLite error into a [`StateError`] whose message says what happened and, for the
 /// common cases, what to do about it. `context` says what the store was doing.
-pub(crate) fn db_error(path: &str, context: &str, e: &rusqlite::Error) -> StateError {
+pub(crate) fn db_error(path: &str, context: &str, e: rusqlite::Error) -> StateError {
     let hint = match e.sqlite_error_code() {
         Some(ErrorCode::NotADatabase) => {
             " (the file is not an SQLite database: point state.path at another file, or move \
@@ -156,9 +156,11 @@ pub(crate) fn db_error(path: &str, context: &str, e: &rusqlite::Error) -> StateE
         Some(ErrorCode::SystemIoFailure) => " (an I/O error: check the disk and the kernel log)",
         _ => "",
     };
-    StateError::Db {
+    StateError::Sql {
         path: path.to_string(),
-        message: format!("{context}: {e}{hint}"),
+        context: context.to_string(),
+        error: Box::new(e),
+        hint,
     }
 }
 

@@ -18,7 +18,7 @@ pub mod migrate;
 use std::path::Path;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 use serde::Serialize;
 
@@ -133,10 +133,69 @@ pub enum Recorded {
     Repeat(u64),
 }
 
+/// Why the state database cannot be used. Each names the database; the SQLite and I/O errors
+/// are part of the sentence (every caller prints it whole) and held, not chained as
+/// `source()`, so `{:#}` does not print them twice: [`StateError::sqlite_code`] gives
+/// programs the SQLite error code.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// An SQLite call failed; `hint` says what to do for the common causes.
+    #[error("state database {path}: {context}: {error}{hint}")]
+    Sql {
+        path: String,
+        context: String,
+        /// Boxed: the error travels through every state call's `Result`.
+        error: Box<rusqlite::Error>,
+        hint: &'static str,
+    },
+    /// The directory of the database could not be created.
+    #[error("state database {path}: cannot create the directory {dir}: {error}")]
+    CreateDir {
+        path: String,
+        dir: String,
+        error: std::io::Error,
+    },
+    /// A sequence number SQLite cannot hold; nothing was written.
+    #[error("state database {path}: {error}")]
+    SeqTooLarge {
+        path: String,
+        error: crate::store::sqlite::SeqTooLarge,
+    },
+    /// Anything else: a path that is not a database file, a schema from a newer sse-bridge, a
+    /// stored row this one cannot read.
     #[error("state database {path}: {message}")]
     Db { path: String, message: String },
+}
+
+impl StateError {
+    /// The database as named in the message.
+    pub fn path(&self) -> &str {
+        match self {
+            StateError::Sql { path, .. }
+            | StateError::CreateDir { path, .. }
+            | StateError::SeqTooLarge { path, .. }
+            | StateError::Db { path, .. } => path,
+        }
+    }
+
+    /// The message without its `state database PATH: ` prefix (for a caller that names the
+    /// database its own way, as the SQLite sink does).
+    pub fn detail(&self) -> String {
+        let whole = self.to_string();
+        let prefix = format!("state database {}: ", self.path());
+        match whole.strip_prefix(&prefix) {
+            Some(rest) => rest.to_string(),
+            None => whole,
+        }
+    }
+
+    /// The SQLite error code, when an SQLite call failed.
+    pub fn sqlite_code(&self) -> Option<rusqlite::ErrorCode> {
+        match self {
+            StateError::Sql { error, .. } => error.sqlite_error_code(),
+            _ => None,
+        }
+    }
 }
 
 /// The open state database. Not shared between threads: one owner commits checkpoints and
@@ -162,7 +221,7 @@ type GapRow = (
     String,
 );
 
-const CHECKPOINT_COLUMNS: &str = "feed, url, last_event_id, seq, updated_at";
+use crate::store::sqlite::CHECKPOINT_COLUMNS;
 const GAP_COLUMNS: &str = "feed, url, reason, detail, last_event_id, seq, at, repeats, last_at";
 
 impl StateStore {
@@ -178,11 +237,10 @@ impl StateStore {
             return Err(fail("the path is empty; set state.path".into()));
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                fail(format!(
-                    "cannot create the directory {}: {e}",
-                    parent.display()
-                ))
+            std::fs::create_dir_all(parent).map_err(|error| StateError::CreateDir {
+                path: shown.clone(),
+                dir: parent.display().to_string(),
+                error,
             })?;
         }
         if path.is_dir() {
@@ -195,12 +253,12 @@ impl StateStore {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn = Connection::open_with_flags(path, flags)
-            .map_err(|e| migrate::db_error(&shown, "cannot open", &e))?;
+            .map_err(|e| migrate::db_error(&shown, "cannot open", e))?;
         conn.busy_timeout(Duration::from_secs(5))
-            .map_err(|e| migrate::db_error(&shown, "cannot set the busy timeout", &e))?;
+            .map_err(|e| migrate::db_error(&shown, "cannot set the busy timeout", e))?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(|e| migrate::db_error(&shown, "cannot switch to WAL mode", &e))?;
+            .map_err(|e| migrate::db_error(&shown, "cannot switch to WAL mode", e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             // Still correct (synchronous=FULL commits are durable in any journal mode),
             // just slower and blocking readers during commits.
@@ -211,7 +269,7 @@ impl StateStore {
             );
         }
         conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| migrate::db_error(&shown, "cannot set synchronous=FULL", &e))?;
+            .map_err(|e| migrate::db_error(&shown, "cannot set synchronous=FULL", e))?;
         migrate::migrate(&mut conn, &shown)?;
         Ok(StateStore { conn, path: shown })
     }
@@ -228,7 +286,7 @@ impl StateStore {
         }
     }
 
-    fn sql_error(&self, context: &str, e: &rusqlite::Error) -> StateError {
+    fn sql_error(&self, context: &str, e: rusqlite::Error) -> StateError {
         migrate::db_error(&self.path, context, e)
     }
 
@@ -241,7 +299,7 @@ impl StateStore {
                 "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE feed = ?1 AND url = ?2"
             ))
             .and_then(|mut stmt| stmt.query_row((feed, url), checkpoint_row).optional())
-            .map_err(|e| self.sql_error(&context(), &e))?;
+            .map_err(|e| self.sql_error(&context(), e))?;
         row.map(|r| self.checkpoint_from(r)).transpose()
     }
 
@@ -254,7 +312,7 @@ impl StateStore {
             )
             .and_then(|mut stmt| stmt.query_row((feed, url), |row| row.get(0)))
             .map_err(|e| {
-                self.sql_error(&format!("cannot read the checkpoints of feed `{feed}`"), &e)
+                self.sql_error(&format!("cannot read the checkpoints of feed `{feed}`"), e)
             })
     }
 
@@ -264,47 +322,26 @@ impl StateStore {
     /// shares the state database, the committer and the sink; each only writes positions that
     /// are stored, and whichever commits last must not undo the other's progress.)
     pub fn save_checkpoints(&mut self, cps: &[Checkpoint]) -> Result<(), StateError> {
-        // Convert first, so that a bad value fails before anything is written.
-        let rows = cps
-            .iter()
-            .map(|cp| {
-                Ok((
-                    cp,
-                    self.seq_to_sql(cp.seq, &cp.feed)?,
-                    timestamp(cp.updated_at),
-                ))
-            })
-            .collect::<Result<Vec<_>, StateError>>()?;
+        // Checked first, so that a bad value fails before anything is written.
+        for cp in cps {
+            self.seq_to_sql(cp.seq, &cp.feed)?;
+        }
         let path = self.path.clone();
         let tx = self
             .conn
             .transaction()
-            .map_err(|e| migrate::db_error(&path, "cannot start a transaction", &e))?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO checkpoints (feed, url, last_event_id, seq, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (feed, url) DO UPDATE SET
-                         last_event_id = excluded.last_event_id,
-                         seq = excluded.seq,
-                         updated_at = excluded.updated_at
-                     WHERE excluded.seq >= checkpoints.seq",
+            .map_err(|e| migrate::db_error(&path, "cannot start a transaction", e))?;
+        for cp in cps {
+            crate::store::sqlite::upsert_checkpoint(&tx, cp).map_err(|e| {
+                migrate::db_error(
+                    &path,
+                    &format!("cannot save the checkpoint of feed `{}`", cp.feed),
+                    e,
                 )
-                .map_err(|e| migrate::db_error(&path, "cannot save checkpoints", &e))?;
-            for (cp, seq, at) in &rows {
-                stmt.execute((&cp.feed, &cp.url, &cp.last_event_id, seq, at))
-                    .map_err(|e| {
-                        migrate::db_error(
-                            &path,
-                            &format!("cannot save the checkpoint of feed `{}`", cp.feed),
-                            &e,
-                        )
-                    })?;
-            }
+            })?;
         }
         tx.commit()
-            .map_err(|e| migrate::db_error(&path, "cannot commit checkpoints", &e))
+            .map_err(|e| migrate::db_error(&path, "cannot commit checkpoints", e))
     }
 
     /// Sets the last event ID of `feed` at `url` by hand (operator command), keeping the
@@ -320,7 +357,7 @@ impl StateStore {
                 (feed, url, id, timestamp(Utc::now())),
             )
             .map(|_| ())
-            .map_err(|e| self.sql_error(&format!("cannot set the checkpoint of feed `{feed}`"), &e))
+            .map_err(|e| self.sql_error(&format!("cannot set the checkpoint of feed `{feed}`"), e))
     }
 
     /// Every checkpoint, ordered by feed and URL.
@@ -334,7 +371,7 @@ impl StateStore {
                 stmt.query_map([], checkpoint_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
-            .map_err(|e| self.sql_error("cannot list checkpoints", &e))?;
+            .map_err(|e| self.sql_error("cannot list checkpoints", e))?;
         rows.into_iter().map(|r| self.checkpoint_from(r)).collect()
     }
 
@@ -344,7 +381,7 @@ impl StateStore {
         self.conn
             .execute("DELETE FROM checkpoints WHERE feed = ?1", [feed])
             .map_err(|e| {
-                self.sql_error(&format!("cannot reset the checkpoint of feed `{feed}`"), &e)
+                self.sql_error(&format!("cannot reset the checkpoint of feed `{feed}`"), e)
             })
     }
 
@@ -405,7 +442,7 @@ impl StateStore {
             tx.commit()?;
             Ok(recorded)
         })();
-        result.map_err(|e| self.sql_error(&context, &e))
+        result.map_err(|e| self.sql_error(&context, e))
     }
 
     /// The recorded gaps, of one feed or of all, in the order they were recorded.
@@ -428,16 +465,14 @@ impl StateStore {
                         .collect::<rusqlite::Result<Vec<_>>>()
                 }),
         }
-        .map_err(|e| self.sql_error("cannot list gaps", &e))?;
+        .map_err(|e| self.sql_error("cannot list gaps", e))?;
         rows.into_iter().map(|r| self.gap_from(r)).collect()
     }
 
     fn seq_to_sql(&self, seq: u64, feed: &str) -> Result<i64, StateError> {
-        i64::try_from(seq).map_err(|_| {
-            self.fail(format!(
-                "sequence number {seq} of feed `{feed}` is too large to store (at most {})",
-                i64::MAX
-            ))
+        crate::store::sqlite::seq_to_sql(feed, seq).map_err(|error| StateError::SeqTooLarge {
+            path: self.path.clone(),
+            error,
         })
     }
 
@@ -515,10 +550,9 @@ fn gap_row(row: &Row<'_>) -> rusqlite::Result<GapRow> {
     ))
 }
 
-/// The stored form of a timestamp: RFC 3339 UTC with microseconds and `Z`. Fixed width, so
-/// text order is time order (for years 0000 to 9999).
+/// The stored form of a timestamp: the one stored-time format (`store::jsonl::push_time`).
 fn timestamp(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+    crate::store::jsonl::format_time(t)
 }
 
 #[cfg(test)]
