@@ -1,4 +1,4 @@
-//! `type = "file"`: JSON Lines files (format in [`jsonl`](super::jsonl)), one line per event,
+//! `type = "file"`: JSON Lines files (format in [`jsonl`](crate::sink::jsonl)), one line per event,
 //! with paths templated by feed and event type.
 //!
 //! Durability follows `fsync`: with `always` a batch is acknowledged (and the checkpoint may
@@ -8,7 +8,7 @@
 //! or a duplicate.
 //!
 //! Names built from event data are confined (ARCHITECTURE.md, "Hostile input and bounded
-//! resources"): `{feed}` and `{type}` expand to their safe names ([`naming`]: percent-encoded,
+//! resources"): `{feed}` and `{type}` expand to their safe names ([`naming`](crate::sink::naming): percent-encoded,
 //! at most 200 bytes, never `.`, `..` or a separator), every rendered path is checked to stay
 //! under the template's base directory, and a templated file name always ends with the sink's
 //! own extension. Strftime fields are allowed only in the file name and may not render a `/`.
@@ -51,7 +51,7 @@ use chrono::{DateTime, Utc};
 
 use super::{jsonl, SinkError};
 use crate::event::Event;
-use crate::sink::naming::path::{Series, Template};
+use crate::sink::naming::path::{RenderError, Series, Template};
 use retention::{Claims, Maintenance, Worker};
 use writer::{Batch, OpenFile, Undo};
 
@@ -180,13 +180,19 @@ impl FileSink {
         }
     }
 
+    fn name_error(&self, source: RenderError) -> SinkError {
+        SinkError::Name {
+            sink: self.name.clone(),
+            source,
+        }
+    }
+
     fn config(&self, message: String) -> SinkError {
         SinkError::Config {
             sink: self.name.clone(),
             message,
         }
     }
-
 }
 
 impl super::Sink for FileSink {

@@ -468,7 +468,11 @@ pub(super) fn compress_to(
 }
 
 /// Copies `input` to `output` in chunks; false if `stop` was set first.
-pub(super) fn pump(input: &mut File, output: &mut impl Write, stop: &AtomicBool) -> std::io::Result<bool> {
+pub(super) fn pump(
+    input: &mut File,
+    output: &mut impl Write,
+    stop: &AtomicBool,
+) -> std::io::Result<bool> {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         if stop.load(Ordering::Relaxed) {

@@ -12,8 +12,8 @@ use crate::sink::naming::template::format_time;
 use crate::sink::SinkError;
 
 /// The rotation stamp inserted into rotated file names: UTC, fixed width, sorts by time.
-pub(super) const STAMP_FORMAT: &str = "%Y-%m-%dT%H-%M-%S%.3fZ";
-pub(super) const STAMP_LEN: usize = 24;
+const STAMP_FORMAT: &str = "%Y-%m-%dT%H-%M-%S%.3fZ";
+const STAMP_LEN: usize = 24;
 /// Room a file name keeps for `.STAMP` when files are rotated by renaming.
 pub(super) const ROTATION_RESERVE: usize = 1 + STAMP_LEN;
 
@@ -29,13 +29,14 @@ pub(super) struct Member {
     pub(super) stamp: Option<i64>,
 }
 
-/// The file sink's reading of a series' file names.
+/// How the file sink reads the names of a series' files: the series (`naming::path`) knows
+/// the name's fields; the rotation stamp and the compression suffix are the file sink's.
 pub(super) trait Members {
+    /// Recognises a file name of this series.
     fn classify(&self, name: &str) -> Option<Member>;
 }
 
 impl Members for Series {
-    /// Recognises a file name of this series.
     fn classify(&self, name: &str) -> Option<Member> {
         let (logical, compressed) = if let Some(n) = name.strip_suffix(".gz") {
             (n, Some(Compress::Gzip))

@@ -64,8 +64,7 @@ fn errors(path: &str) -> Vec<String> {
 
 #[test]
 fn config_defaults_and_unknown_keys() {
-    let c: SinkConfig =
-        toml::from_str("type = \"file\"\npath = \"data/{feed}.jsonl\"").unwrap();
+    let c: SinkConfig = toml::from_str("type = \"file\"\npath = \"data/{feed}.jsonl\"").unwrap();
     let SinkConfig::File(f) = &c else {
         panic!("not a file sink: {c:?}")
     };
@@ -82,13 +81,12 @@ fn config_defaults_and_unknown_keys() {
     assert_eq!(f.fsync, FsyncPolicy::Interval);
     assert_eq!(f.fsync_interval, Duration::from_millis(250));
     assert!(
-        toml::from_str::<SinkConfig>("type = \"file\"\npath = \"x\"\nfsnyc = \"never\"")
+        toml::from_str::<SinkConfig>("type = \"file\"\npath = \"x\"\nfsnyc = \"never\"").is_err()
+    );
+    assert!(
+        toml::from_str::<SinkConfig>("type = \"file\"\npath = \"x\"\nfsync = \"sometimes\"")
             .is_err()
     );
-    assert!(toml::from_str::<SinkConfig>(
-        "type = \"file\"\npath = \"x\"\nfsync = \"sometimes\""
-    )
-    .is_err());
 }
 
 #[test]
@@ -612,8 +610,7 @@ fn rotation_keys_in_the_config() {
         "rotate_files = 3",
     ] {
         assert!(
-            toml::from_str::<SinkConfig>(&format!("type = \"file\"\npath = \"x\"\n{bad}"))
-                .is_err(),
+            toml::from_str::<SinkConfig>(&format!("type = \"file\"\npath = \"x\"\n{bad}")).is_err(),
             "{bad}"
         );
     }
@@ -1162,8 +1159,7 @@ fn compressed_files_hold_exactly_the_original() {
         let tmp = dir.join("copy.tmp");
         assert!(compress_to(&src, &tmp, codec, &AtomicBool::new(false)).unwrap());
         assert!(same_content(&src, &tmp, codec).unwrap());
-        let copy_time: DateTime<Utc> =
-            std::fs::metadata(&tmp).unwrap().modified().unwrap().into();
+        let copy_time: DateTime<Utc> = std::fs::metadata(&tmp).unwrap().modified().unwrap().into();
         assert_eq!(copy_time, modified);
         assert!(!compress_to(&src, &tmp, codec, &AtomicBool::new(true)).unwrap());
         std::fs::write(&tmp, b"not compressed").unwrap();
@@ -1352,4 +1348,13 @@ fn rotated_names_sort_by_age_when_the_clock_goes_back() {
     );
     let order: Vec<u64> = names(dir).iter().flat_map(|n| seqs(&dir.join(n))).collect();
     assert_eq!(order, [1, 2, 3, 4]);
+}
+
+#[test]
+fn the_file_sink_keeps_no_cursor_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Never);
+    sink.write(&[event("f", "t", 1, "a")]).unwrap();
+    // The checkpoint in the state database alone decides where the feed resumes.
+    assert_eq!(sink.cursor("f").unwrap(), None);
 }

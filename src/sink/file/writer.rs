@@ -91,7 +91,11 @@ impl FileSink {
 
     /// Flushes, fsyncs (unless `fsync = "never"`) and closes the handle of `key`, keeping it
     /// in use when `keep_held`. On failure the handle stays open.
-    pub(super) fn close_file(&mut self, key: &str, keep_held: bool) -> Result<Option<Arc<Series>>, SinkError> {
+    pub(super) fn close_file(
+        &mut self,
+        key: &str,
+        keep_held: bool,
+    ) -> Result<Option<Arc<Series>>, SinkError> {
         let Some(mut f) = self.files.remove(key) else {
             return Ok(None);
         };
@@ -125,11 +129,15 @@ impl FileSink {
 
     /// The series of (`feed`, `event_type`); the first time one is seen, the helper is asked
     /// to look at its old files (compression or retention left over from an earlier run).
-    pub(super) fn series_for(&mut self, feed: &str, event_type: &str) -> Result<Arc<Series>, SinkError> {
+    pub(super) fn series_for(
+        &mut self,
+        feed: &str,
+        event_type: &str,
+    ) -> Result<Arc<Series>, SinkError> {
         let series = self
             .template
             .series(feed, event_type)
-            .map_err(|m| self.config(m))?;
+            .map_err(|e| self.name_error(e))?;
         if let Some(known) = self.series.get(&series.key) {
             return Ok(known.clone());
         }
@@ -140,7 +148,12 @@ impl FileSink {
     }
 
     /// Opens (creating it and its directories if needed) the file at `key` for appending.
-    pub(super) fn open(&mut self, key: &str, feed: &str, event_type: &str) -> Result<OpenFile, SinkError> {
+    pub(super) fn open(
+        &mut self,
+        key: &str,
+        feed: &str,
+        event_type: &str,
+    ) -> Result<OpenFile, SinkError> {
         let series = self.series_for(feed, event_type)?;
         let path = Path::new(key);
         if !self.template.is_confined(path) {
@@ -378,7 +391,13 @@ impl FileSink {
     /// that cutting that line cannot destroy anything else: its last complete line decodes
     /// as one of the sink's JSON lines, or, with no complete line, what is there is the start
     /// of one. A last line too long to decode in memory is judged by its start and end.
-    pub(super) fn is_own_tail(&self, file: &File, key: &str, keep: u64, len: u64) -> Result<bool, SinkError> {
+    pub(super) fn is_own_tail(
+        &self,
+        file: &File,
+        key: &str,
+        keep: u64,
+        len: u64,
+    ) -> Result<bool, SinkError> {
         use std::os::unix::fs::FileExt;
         const START: &[u8] = b"{\"feed\":";
         const MAX_DECODED: u64 = 64 * 1024 * 1024;
@@ -445,7 +464,7 @@ impl FileSink {
                         &self.times,
                         &mut self.rendered,
                     )
-                    .map_err(|m| self.config(m))?;
+                    .map_err(|e| self.name_error(e))?;
                 if !self.files.contains_key(self.rendered.as_str()) {
                     if self.files.len() >= MAX_OPEN_FILES {
                         self.close_all()?;

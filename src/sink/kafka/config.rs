@@ -115,11 +115,11 @@ pub struct KafkaSinkConfig {
     pub buffer: BufferConfig,
 }
 
-pub(super) fn default_true() -> bool {
+fn default_true() -> bool {
     true
 }
 
-pub(super) fn default_delivery_timeout() -> Duration {
+fn default_delivery_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
@@ -167,7 +167,7 @@ impl<'de> Deserialize<'de> for KeySource {
 }
 
 /// What is wrong with a JSON pointer, if anything: `~` must be followed by `0` or `1`.
-pub(super) fn pointer_problem(p: &str) -> Option<&'static str> {
+fn pointer_problem(p: &str) -> Option<&'static str> {
     let mut chars = p.chars();
     while let Some(c) = chars.next() {
         if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
@@ -316,7 +316,7 @@ impl<'de> Deserialize<'de> for OptionValue {
 }
 
 /// Whether the value of option `key` must never be shown.
-pub(super) fn is_sensitive_key(key: &str) -> bool {
+fn is_sensitive_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     ["password", "secret", "key", "token", "credential", "jaas"]
         .iter()
@@ -330,8 +330,27 @@ pub(super) struct Resolved {
     pub(super) secret: bool,
 }
 
+/// Why an option's value could not be read. Names the key's variable or file, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionError {
+    #[error("environment variable `{var}` is empty")]
+    EnvEmpty { var: String },
+    #[error("environment variable `{var}` is not set (or not UTF-8)")]
+    EnvMissing {
+        var: String,
+        #[source]
+        source: std::env::VarError,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Reads an option's value. Errors name the key (and the variable or file), never the value.
-pub(super) fn resolve_option(key: &str, value: &OptionValue) -> Result<Resolved, String> {
+pub(super) fn resolve_option(key: &str, value: &OptionValue) -> Result<Resolved, OptionError> {
     match value {
         OptionValue::Plain(v) => Ok(Resolved {
             value: v.clone(),
@@ -342,10 +361,11 @@ pub(super) fn resolve_option(key: &str, value: &OptionValue) -> Result<Resolved,
                 value: v,
                 secret: true,
             }),
-            Ok(_) => Err(format!("environment variable `{var}` is empty")),
-            Err(_) => Err(format!(
-                "environment variable `{var}` is not set (or not UTF-8)"
-            )),
+            Ok(_) => Err(OptionError::EnvEmpty { var: var.clone() }),
+            Err(source) => Err(OptionError::EnvMissing {
+                var: var.clone(),
+                source,
+            }),
         },
         OptionValue::File(path) => match std::fs::read_to_string(path) {
             Ok(v) => {
@@ -356,7 +376,10 @@ pub(super) fn resolve_option(key: &str, value: &OptionValue) -> Result<Resolved,
                     secret: true,
                 })
             }
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            Err(source) => Err(OptionError::File {
+                path: path.clone(),
+                source,
+            }),
         },
     }
 }
@@ -457,7 +480,7 @@ impl KafkaSinkConfig {
                         .entries
                         .push((key.clone(), r.value, r.secret, Some(okey)));
                 }
-                Err(e) => errors.push((okey, e)),
+                Err(e) => errors.push((okey, e.to_string())),
             }
         }
         if errors.is_empty() {
@@ -467,4 +490,3 @@ impl KafkaSinkConfig {
         }
     }
 }
-

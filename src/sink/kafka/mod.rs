@@ -3,7 +3,7 @@
 //!
 //! - **Acknowledged after the broker confirmed.** `write` enqueues the whole batch, then waits
 //!   for the delivery report of every record before it returns `Ok`; only then does the runner
-//!   acknowledge the events and may the checkpoint move past them (DESIGN.md §4). So the
+//!   acknowledge the events and may the checkpoint move past them (ARCHITECTURE.md §4). So the
 //!   records in flight are bounded by one batch (the runner merges at most 8192 events), and
 //!   a slow or unreachable broker fills the sink's buffer and holds the feeds back.
 //! - **Nothing is lost on a timeout.** A record that librdkafka could not deliver within
@@ -14,9 +14,9 @@
 //! - **Permanent errors** (the topic does not exist, authorization, a record too large)
 //!   hold the batch back too (`on_error = "block"`, the default) until the operator fixes the
 //!   cause, or are counted and skipped (`on_error = "skip"`).
-//! - **Names built from event data are checked** (DESIGN.md §7): a topic rendered from
+//! - **Names built from event data are checked** (ARCHITECTURE.md §7): a topic rendered from
 //!   `{type}` is 1 to 249 characters of `A-Z a-z 0-9 . _ -`; other types are refused at
-//!   routing time ([`KafkaSinkConfig::accepts_type`]) and never sent.
+//!   routing time ([`KafkaSinkConfig::accepts_type`]; the names in [`naming::topic`](crate::sink::naming::topic)) and never sent.
 //! - **Secrets** in `options` can come from the environment or a file; option values never
 //!   appear in logs or error messages for keys that look secret, nor for values read from the
 //!   environment or a file.
@@ -25,8 +25,10 @@ mod config;
 mod delivery;
 mod producer;
 
-pub use config::{Acks, Compression, KafkaSinkConfig, KeySource, OnError, OptionValue};
 pub use crate::sink::naming::topic::{is_valid_topic, MAX_TOPIC_LEN};
+pub use config::{
+    Acks, Compression, KafkaSinkConfig, KeySource, OnError, OptionError, OptionValue,
+};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,8 +4,8 @@ use std::sync::Mutex;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 
-use crate::sink::BufferConfig;
 use crate::checkpoint::{FeedTracker, Position};
+use crate::sink::BufferConfig;
 use crate::sink::{runner, Sink, SinkConfig};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -388,8 +388,7 @@ fn mock() -> MockCluster<'static, DefaultProducerContext> {
 #[test]
 fn ssl_reaches_the_broker_through_a_verified_tls_session() {
     let rcgen::CertifiedKey { cert, key_pair } =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .unwrap();
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     let b64 = {
@@ -406,9 +405,9 @@ fn ssl_reaches_the_broker_through_a_verified_tls_session() {
         lines.join("\n")
     );
     std::fs::write(&ca, pem).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        rustls::pki_types::PrivatePkcs8KeyDer::from(key_pair.serialize_der()),
-    );
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        key_pair.serialize_der(),
+    ));
     let server = Arc::new(
         rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -425,8 +424,7 @@ fn ssl_reaches_the_broker_through_a_verified_tls_session() {
     std::thread::spawn(move || {
         let (tcp, _) = listener.accept().unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut tls =
-            rustls::StreamOwned::new(rustls::ServerConnection::new(server).unwrap(), tcp);
+        let mut tls = rustls::StreamOwned::new(rustls::ServerConnection::new(server).unwrap(), tcp);
         let mut head = [0u8; 6];
         let read = std::io::Read::read_exact(&mut tls, &mut head).map(|()| head);
         let _ = tx.send(read.map_err(|e| e.to_string()));
@@ -697,8 +695,7 @@ fn an_invalid_rendered_topic_is_never_sent() {
     // A different batch is sent whole.
     blocking.write(&[event("wiki", "edit", 4, "d")]).unwrap();
 
-    let mut skipping =
-        KafkaSink::build("k", &mock_config(&mock, "on_error = \"skip\"")).unwrap();
+    let mut skipping = KafkaSink::build("k", &mock_config(&mock, "on_error = \"skip\"")).unwrap();
     skipping.write(&batch).unwrap();
     assert_eq!(skipping.counters().skipped.load(Ordering::Relaxed), 1);
     assert_eq!(seqs(&read(&mock, "t-edit")), [1, 3, 4, 1, 3]);

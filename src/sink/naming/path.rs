@@ -14,6 +14,31 @@ use super::template::{
 };
 use super::{encode_into, encoded_len, is_encodable, MAX_COMPONENT_LEN, MAX_FEED_LEN};
 
+/// Why a feed and event type cannot be rendered into a path. The router keeps such types
+/// away from the sink ([`Template::accepts_type`]), so at write time this is a defect or a
+/// feed name the config loader should have refused; the batch is retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("feed name {0:?} is not usable in a path")]
+    Feed(String),
+    #[error("event type {0:?} is not usable in a path")]
+    Type(String),
+    /// The strftime fields of the file name (as written) rendered a `/` or nothing.
+    #[error("the time fields of `{0}` cannot be rendered")]
+    Time(String),
+    #[error(
+        "the file name for feed `{feed}` and type `{event_type}` would be longer than {limit} \
+         bytes"
+    )]
+    TooLong {
+        feed: String,
+        event_type: String,
+        limit: usize,
+    },
+    #[error("the path has no file name")]
+    NoFileName,
+}
+
 /// A parsed `path` template.
 #[derive(Debug, Clone)]
 pub(crate) struct Template {
@@ -214,7 +239,9 @@ impl Template {
         if self.formats.is_empty() {
             return Ok(());
         }
-        let series = self.series("feed", "type").map_err(|e| vec![e])?;
+        let series = self
+            .series("feed", "type")
+            .map_err(|e| vec![e.to_string()])?;
         for t in sample_times() {
             let t = t.naive_utc();
             let ok = series.head_at(t).is_some_and(
@@ -315,23 +342,16 @@ impl Template {
         event_type: &str,
         times: &[String],
         out: &mut String,
-    ) -> Result<(), String> {
+    ) -> Result<(), RenderError> {
         match piece {
             Piece::Lit(l) => out.push_str(l),
             Piece::Feed if is_encodable(feed) => encode_into(feed, out),
             Piece::Type if is_encodable(event_type) => encode_into(event_type, out),
-            Piece::Feed => return Err(format!("feed name {feed:?} is not usable in a path")),
-            Piece::Type => {
-                return Err(format!("event type {event_type:?} is not usable in a path"))
-            }
+            Piece::Feed => return Err(RenderError::Feed(feed.to_string())),
+            Piece::Type => return Err(RenderError::Type(event_type.to_string())),
             Piece::Time(i) => match times.get(*i) {
                 Some(t) if !t.contains('/') => out.push_str(t),
-                _ => {
-                    return Err(format!(
-                        "the time fields of `{}` cannot be rendered",
-                        self.name()
-                    ))
-                }
+                _ => return Err(RenderError::Time(self.name())),
             },
         }
         Ok(())
@@ -353,7 +373,7 @@ impl Template {
         event_type: &str,
         times: &[String],
         out: &mut String,
-    ) -> Result<(), String> {
+    ) -> Result<(), RenderError> {
         out.clear();
         out.push_str(&self.prefix);
         for (i, component) in self.components.iter().enumerate() {
@@ -365,11 +385,11 @@ impl Template {
                 self.push_piece(piece, feed, event_type, times, out)?;
             }
             if out.len() - start > self.limit(i) {
-                return Err(format!(
-                    "the file name for feed `{feed}` and type `{event_type}` would be longer \
-                     than {} bytes",
-                    self.limit(i)
-                ));
+                return Err(RenderError::TooLong {
+                    feed: feed.to_string(),
+                    event_type: event_type.to_string(),
+                    limit: self.limit(i),
+                });
             }
         }
         Ok(())
@@ -377,9 +397,9 @@ impl Template {
 
     /// The family of files that (`feed`, `event_type`) writes to: its directory, and the file
     /// name with the strftime fields left open.
-    pub(crate) fn series(&self, feed: &str, event_type: &str) -> Result<Series, String> {
+    pub(crate) fn series(&self, feed: &str, event_type: &str) -> Result<Series, RenderError> {
         let Some((name, dirs)) = self.components.split_last() else {
-            return Err("the path has no file name".to_string());
+            return Err(RenderError::NoFileName);
         };
         let mut dir_prefix = self.prefix.clone();
         for component in dirs {

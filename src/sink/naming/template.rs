@@ -183,3 +183,58 @@ pub(crate) fn period_start(parsed: &Parsed) -> Option<NaiveDateTime> {
     Some(p.to_naive_date().ok()?.and_time(p.to_naive_time().ok()?))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::file::FileSinkConfig;
+    use crate::sink::kafka::KafkaSinkConfig;
+
+    fn literal(pieces: &mut Vec<Piece>, text: &str) -> Result<(), String> {
+        pieces.push(Piece::Lit(text.to_string()));
+        Ok(())
+    }
+
+    #[test]
+    fn placeholders_and_literal_runs() {
+        let pieces = parse_placeholders("a{feed}.{type}{feed}z", literal).expect("valid");
+        assert_eq!(
+            pieces,
+            [
+                Piece::Lit("a".into()),
+                Piece::Feed,
+                Piece::Lit(".".into()),
+                Piece::Type,
+                Piece::Feed,
+                Piece::Lit("z".into()),
+            ]
+        );
+        assert_eq!(parse_placeholders("{type}", literal), Ok(vec![Piece::Type]));
+    }
+
+    /// The file and Kafka sinks read `{feed}`/`{type}` with this one parser, so a malformed
+    /// template gets the same sentence from both.
+    #[test]
+    fn both_sinks_refuse_the_same_templates_in_the_same_words() {
+        for (template, expected) in [
+            ("x{feed", "unbalanced `{` in `x{feed`"),
+            ("x}", "unbalanced `}` in `x}`"),
+            ("{fed}", "unknown placeholder `{fed}`"),
+            ("{{type}}", "unbalanced `{` in `{{type}}`"),
+        ] {
+            let direct = parse_placeholders(template, literal).expect_err(template);
+            assert!(direct.contains(expected), "{template}: {direct}");
+            let file = FileSinkConfig::new(format!("d/{template}.jsonl")).validate();
+            let kafka: KafkaSinkConfig = toml::from_str(&format!(
+                "brokers = \"localhost:9092\"\ntopic = \"{template}\""
+            ))
+            .expect("parses");
+            let kafka = kafka.validate();
+            for (sink, issues, key) in [("file", &file, "path"), ("kafka", &kafka, "topic")] {
+                assert!(
+                    issues.iter().any(|(k, m)| k == key && m.contains(expected)),
+                    "{sink} sink, {template}: {issues:?}"
+                );
+            }
+        }
+    }
+}
