@@ -20,7 +20,7 @@ use crate::sink::naming::path::Series;
 use crate::sink::SinkError;
 
 /// With `max_age`, how often every known file is checked, in seconds.
-pub(super) const AGE_SWEEP_SECS: i64 = 60;
+const AGE_SWEEP_SECS: i64 = 60;
 
 /// Who may touch which file: the sink thread and the helper thread.
 #[derive(Debug, Default)]
@@ -102,7 +102,7 @@ impl FileSink {
 }
 
 /// Work for the helper thread.
-pub(super) enum Job {
+enum Job {
     /// Look at the closed files of a series: delete what retention no longer keeps, then
     /// compress the rest.
     Sweep(Arc<Series>),
@@ -114,7 +114,7 @@ pub(super) enum Job {
 /// after at most one chunk of the file being compressed (whose original stays untouched)
 /// and waits for it: a later instance of the sink never races with it.
 pub(super) struct Maintenance {
-    pub(super) jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::Sender<Job>>,
     pub(super) thread: Option<JoinHandle<()>>,
     pub(super) stop: Arc<AtomicBool>,
     pub(super) claims: Arc<Mutex<Claims>>,
@@ -157,7 +157,7 @@ impl Drop for Maintenance {
 }
 
 /// A closed file of a series, compressed or not (or both, after a crash).
-pub(super) struct Closed {
+struct Closed {
     pub(super) name: String,
     pub(super) period: Option<NaiveDateTime>,
     pub(super) stamp: Option<i64>,
@@ -177,7 +177,7 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) fn run(self, jobs: mpsc::Receiver<Job>) {
+    fn run(self, jobs: mpsc::Receiver<Job>) {
         while let Ok(first) = jobs.recv() {
             let mut batch = vec![first];
             batch.extend(jobs.try_iter());
@@ -201,12 +201,12 @@ impl Worker {
         }
     }
 
-    pub(super) fn stopped(&self) -> bool {
+    fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 
     /// Takes `path` for this thread, unless the sink uses it.
-    pub(super) fn claim(&self, path: &Path) -> bool {
+    fn claim(&self, path: &Path) -> bool {
         let mut claims = lock(&self.claims);
         if claims.in_use.contains(path) {
             return false;
@@ -215,12 +215,12 @@ impl Worker {
         true
     }
 
-    pub(super) fn unclaim(&self, path: &Path) {
+    fn unclaim(&self, path: &Path) {
         lock(&self.claims).claimed.remove(path);
     }
 
     /// The closed files of `series`, oldest first; removes leftover `.tmp` files.
-    pub(super) fn closed_files(&self, series: &Series, now: DateTime<Utc>) -> Vec<Closed> {
+    fn closed_files(&self, series: &Series, now: DateTime<Utc>) -> Vec<Closed> {
         let current = if series.has_time() {
             match series.period_at(now) {
                 Some(p) => Some(p),
@@ -337,7 +337,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn delete(&self, series: &Series, file: &Closed) {
+    fn delete(&self, series: &Series, file: &Closed) {
         let mut paths = Vec::new();
         if file.plain {
             paths.push(series.path_of(&file.name));
@@ -363,7 +363,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn compress(&self, series: &Series, file: &Closed) {
+    fn compress(&self, series: &Series, file: &Closed) {
         let src = series.path_of(&file.name);
         if !self.claim(&src) {
             return;
@@ -381,7 +381,7 @@ impl Worker {
 
     /// Compresses `src` (claimed). `existing`: compressed copies already there, from a crash
     /// between the rename and the delete.
-    pub(super) fn compress_claimed(
+    fn compress_claimed(
         &self,
         dir: &Path,
         src: &Path,
@@ -424,7 +424,7 @@ impl Worker {
     }
 }
 
-pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -468,11 +468,7 @@ pub(super) fn compress_to(
 }
 
 /// Copies `input` to `output` in chunks; false if `stop` was set first.
-pub(super) fn pump(
-    input: &mut File,
-    output: &mut impl Write,
-    stop: &AtomicBool,
-) -> std::io::Result<bool> {
+fn pump(input: &mut File, output: &mut impl Write, stop: &AtomicBool) -> std::io::Result<bool> {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -499,7 +495,7 @@ pub(super) fn same_content(src: &Path, done: &Path, codec: Compress) -> std::io:
     }
 }
 
-pub(super) fn streams_equal(a: impl Read, b: impl Read) -> std::io::Result<bool> {
+fn streams_equal(a: impl Read, b: impl Read) -> std::io::Result<bool> {
     let mut a = BufReader::new(a);
     let mut b = BufReader::new(b);
     loop {

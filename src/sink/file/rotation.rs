@@ -73,12 +73,12 @@ impl Members for Series {
 }
 
 /// The rotation stamp for `ms` milliseconds since the epoch.
-pub(super) fn format_stamp(ms: i64) -> Option<String> {
+fn format_stamp(ms: i64) -> Option<String> {
     let s = format_time(DateTime::<Utc>::from_timestamp_millis(ms)?, STAMP_FORMAT)?;
     (s.len() == STAMP_LEN).then_some(s)
 }
 
-pub(super) fn parse_stamp(s: &str) -> Option<i64> {
+fn parse_stamp(s: &str) -> Option<i64> {
     if s.len() != STAMP_LEN {
         return None;
     }
@@ -103,7 +103,7 @@ pub(super) fn period_index(t: DateTime<Utc>, every: i64) -> i64 {
 impl FileSink {
     /// A free name to rotate `key` to: its stamp is now, or just after the newest stamp of
     /// the series if the clock is behind it, so names always sort by age.
-    pub(super) fn rotation_target(
+    fn rotation_target(
         &mut self,
         key: &str,
         series: &Series,
@@ -157,7 +157,7 @@ impl FileSink {
     }
 
     /// Renders the strftime texts for `now`; true when they changed.
-    pub(super) fn refresh_times(&mut self, now: DateTime<Utc>) -> Result<bool, SinkError> {
+    fn refresh_times(&mut self, now: DateTime<Utc>) -> Result<bool, SinkError> {
         if self.template.formats.is_empty() {
             return Ok(false);
         }
@@ -217,7 +217,7 @@ impl FileSink {
 }
 
 /// The newest rotation stamp among the files of `series` (`i64::MIN` if none).
-pub(super) fn newest_stamp(series: &Series) -> i64 {
+fn newest_stamp(series: &Series) -> i64 {
     let Ok(entries) = std::fs::read_dir(&series.dir) else {
         return i64::MIN;
     };

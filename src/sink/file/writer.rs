@@ -19,7 +19,7 @@ use crate::sink::{jsonl, SinkError};
 /// Open file handles kept per sink; when more are needed, all are closed first.
 pub(super) const MAX_OPEN_FILES: usize = 256;
 /// The encoded-line buffer keeps at most this capacity between batches (see `write_batch`).
-pub(super) const RETAINED_LINE_CAPACITY: usize = 1024 * 1024;
+const RETAINED_LINE_CAPACITY: usize = 1024 * 1024;
 
 /// One open output file.
 pub(super) struct OpenFile {
@@ -129,11 +129,7 @@ impl FileSink {
 
     /// The series of (`feed`, `event_type`); the first time one is seen, the helper is asked
     /// to look at its old files (compression or retention left over from an earlier run).
-    pub(super) fn series_for(
-        &mut self,
-        feed: &str,
-        event_type: &str,
-    ) -> Result<Arc<Series>, SinkError> {
+    fn series_for(&mut self, feed: &str, event_type: &str) -> Result<Arc<Series>, SinkError> {
         let series = self
             .template
             .series(feed, event_type)
@@ -198,7 +194,7 @@ impl FileSink {
     /// `O_NOFOLLOW`, and so is the file, so a link planted in the sink's tree can neither
     /// redirect a write nor a truncation (ARCHITECTURE.md, "Hostile input and bounded
     /// resources"). `O_NONBLOCK` keeps a FIFO planted at the path from hanging the sink.
-    pub(super) fn open_file(&mut self, key: &str) -> Result<File, SinkError> {
+    fn open_file(&mut self, key: &str) -> Result<File, SinkError> {
         use rustix::fs::{Mode, OFlags};
         use rustix::io::Errno;
         let path = Path::new(key);
@@ -317,14 +313,14 @@ impl FileSink {
         }
     }
 
-    pub(super) fn symlink_error(&self, path: &Path) -> SinkError {
+    fn symlink_error(&self, path: &Path) -> SinkError {
         self.io(
             format!("refusing to write {}", path.display()),
             std::io::Error::other("it is a symbolic link; the file sink never follows links"),
         )
     }
 
-    pub(super) fn not_regular(&self, key: &str) -> SinkError {
+    fn not_regular(&self, key: &str) -> SinkError {
         self.io(
             format!("cannot open {key}"),
             std::io::Error::other("it exists and is not a regular file"),
@@ -336,7 +332,7 @@ impl FileSink {
     /// lose the end of what was written. That batch was never acknowledged (a batch is
     /// acknowledged only once written whole), so its events are fetched again after the
     /// restart; the unfinished line is cut off here, before anything is appended to it.
-    pub(super) fn cut_torn_tail(&self, file: &File, key: &str) -> Result<(), SinkError> {
+    fn cut_torn_tail(&self, file: &File, key: &str) -> Result<(), SinkError> {
         use std::os::unix::fs::FileExt;
         let len = file
             .metadata()
@@ -391,13 +387,7 @@ impl FileSink {
     /// that cutting that line cannot destroy anything else: its last complete line decodes
     /// as one of the sink's JSON lines, or, with no complete line, what is there is the start
     /// of one. A last line too long to decode in memory is judged by its start and end.
-    pub(super) fn is_own_tail(
-        &self,
-        file: &File,
-        key: &str,
-        keep: u64,
-        len: u64,
-    ) -> Result<bool, SinkError> {
+    fn is_own_tail(&self, file: &File, key: &str, keep: u64, len: u64) -> Result<bool, SinkError> {
         use std::os::unix::fs::FileExt;
         const START: &[u8] = b"{\"feed\":";
         const MAX_DECODED: u64 = 64 * 1024 * 1024;
@@ -654,7 +644,7 @@ impl FileSink {
 }
 
 /// Whether `name` in the directory `dir` is a symbolic link.
-pub(super) fn is_symlink_at(dir: &rustix::fd::OwnedFd, name: &std::ffi::OsStr) -> bool {
+fn is_symlink_at(dir: &rustix::fd::OwnedFd, name: &std::ffi::OsStr) -> bool {
     rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
         rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink
     })

@@ -14,7 +14,7 @@ use crate::sink::naming::topic::TopicTemplate;
 use crate::sink::BufferConfig;
 
 /// Options that have their own key in `[sink.NAME]`, or that the sink cannot honour.
-pub(super) const RESERVED_OPTIONS: &[(&str, &str)] = &[
+const RESERVED_OPTIONS: &[(&str, &str)] = &[
     ("bootstrap.servers", "set `brokers` instead"),
     ("metadata.broker.list", "set `brokers` instead"),
     ("compression.type", "set `compression` instead"),
@@ -350,7 +350,7 @@ pub enum OptionError {
 }
 
 /// Reads an option's value. Errors name the key (and the variable or file), never the value.
-pub(super) fn resolve_option(key: &str, value: &OptionValue) -> Result<Resolved, OptionError> {
+fn resolve_option(key: &str, value: &OptionValue) -> Result<Resolved, OptionError> {
     match value {
         OptionValue::Plain(v) => Ok(Resolved {
             value: v.clone(),

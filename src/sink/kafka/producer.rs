@@ -15,7 +15,7 @@ use crate::secret::Secret;
 use crate::sink::SinkError;
 
 /// librdkafka's own errors (connection refused, ...) are logged at most this often.
-pub(super) const CLIENT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+const CLIENT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Resolved librdkafka settings: `(key, value, secret, config key)`.
 #[derive(Default)]
@@ -24,7 +24,7 @@ pub(super) struct Settings {
 }
 
 impl Settings {
-    pub(super) fn to_client_config(&self) -> ClientConfig {
+    fn to_client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         for (k, v, ..) in &self.entries {
             config.set(k, v);
@@ -91,7 +91,7 @@ pub(super) fn redact_all(message: &str, settings: &Settings) -> String {
 
 /// `message` with every one of `values` replaced by `***`, longest first (a value that holds
 /// another is replaced whole).
-pub(super) fn redact_values(message: &str, values: &[Secret]) -> String {
+fn redact_values(message: &str, values: &[Secret]) -> String {
     let mut out = message.to_string();
     for value in values {
         if out.contains(value.expose()) {

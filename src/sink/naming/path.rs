@@ -45,25 +45,25 @@ pub(crate) struct Template {
     /// The leading directories without placeholders (`.` when there are none).
     pub(crate) base: PathBuf,
     /// `base` as it starts a rendered path: with a trailing `/`, or empty for `.`.
-    pub(crate) prefix: String,
+    prefix: String,
     /// The components after the base; the last one is the file name, which ends with
     /// `Lit(ext)` when `ext` is not empty.
     pub(crate) components: Vec<Vec<Piece>>,
-    pub(crate) uses_type: bool,
+    uses_type: bool,
     /// The strftime texts of the file name, in order.
     pub(crate) formats: Arc<[String]>,
     /// The longest each format renders to.
-    pub(crate) format_len: Vec<usize>,
+    format_len: Vec<usize>,
     /// The file name's extension (from its last `.`, when what follows is plain text), kept
     /// last when a stamp is inserted: `.jsonl`, or empty.
     pub(crate) ext: String,
     /// Bytes the file name keeps free for rotation and compression suffixes.
-    pub(crate) reserve: usize,
+    reserve: usize,
 }
 
 /// Splits a file name into the part that may hold placeholders and strftime fields, and its
 /// extension: from the last `.` (not the first character) when only plain text follows.
-pub(crate) fn split_ext(name: &str) -> (&str, &str) {
+fn split_ext(name: &str) -> (&str, &str) {
     match name.rfind('.') {
         Some(i) if i > 0 && !name[i..].contains(['%', '{', '}']) => name.split_at(i),
         _ => (name, ""),
@@ -181,7 +181,7 @@ impl Template {
     }
 
     /// The longest a component can render to, given the length of the event type.
-    pub(crate) fn max_len(&self, component: &[Piece], type_len: usize) -> usize {
+    fn max_len(&self, component: &[Piece], type_len: usize) -> usize {
         component
             .iter()
             .map(|p| match p {
@@ -194,7 +194,7 @@ impl Template {
     }
 
     /// The byte limit of component `i` once rendered.
-    pub(crate) fn limit(&self, i: usize) -> usize {
+    fn limit(&self, i: usize) -> usize {
         if i + 1 == self.components.len() {
             MAX_COMPONENT_LEN.saturating_sub(self.reserve)
         } else {
@@ -203,7 +203,7 @@ impl Template {
     }
 
     /// Components without `{type}` must fit whatever the feed name and the time.
-    pub(crate) fn check_lengths(&self) -> Result<(), Vec<String>> {
+    fn check_lengths(&self) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
         for (i, c) in self.components.iter().enumerate() {
             if c.contains(&Piece::Type) {
@@ -235,7 +235,7 @@ impl Template {
 
     /// With strftime fields, the file names of different periods must be told apart and
     /// ordered: each sample time must render to a name that parses back to a period start.
-    pub(crate) fn check_time_order(&self, raw_name: &str) -> Result<(), Vec<String>> {
+    fn check_time_order(&self, raw_name: &str) -> Result<(), Vec<String>> {
         if self.formats.is_empty() {
             return Ok(());
         }
@@ -335,7 +335,7 @@ impl Template {
     }
 
     /// Appends one rendered piece to `out`.
-    pub(crate) fn push_piece(
+    fn push_piece(
         &self,
         piece: &Piece,
         feed: &str,
@@ -358,7 +358,7 @@ impl Template {
     }
 
     /// The file name part of the template, as written.
-    pub(crate) fn name(&self) -> String {
+    fn name(&self) -> String {
         self.components
             .last()
             .map(|c| literal_text_with(c, &self.formats))
@@ -482,7 +482,7 @@ fn parse_component(raw: &str, mut formats: Option<&mut Vec<String>>) -> Result<V
 
 /// Whether `text` is what `pieces` can render to, a placeholder or strftime field standing
 /// for any text.
-pub(crate) fn glob_match(pieces: &[Piece], text: &str) -> bool {
+fn glob_match(pieces: &[Piece], text: &str) -> bool {
     match pieces.split_first() {
         None => text.is_empty(),
         Some((Piece::Lit(l), rest)) => text
@@ -516,12 +516,12 @@ pub(crate) fn absolute(path: &Path, cwd: &Path) -> PathBuf {
     out
 }
 
-pub(crate) fn literal_text(component: &[Piece]) -> String {
+fn literal_text(component: &[Piece]) -> String {
     literal_text_with(component, &[])
 }
 
 /// A component as written in the template.
-pub(crate) fn literal_text_with(component: &[Piece], formats: &[String]) -> String {
+fn literal_text_with(component: &[Piece], formats: &[String]) -> String {
     component
         .iter()
         .map(|p| match p {
@@ -543,9 +543,9 @@ pub(crate) struct Series {
     /// The directory, for listing (`.` for the working directory).
     pub(crate) dir: PathBuf,
     /// What a file name in it is prefixed with to make a path, as rendered paths are.
-    pub(crate) dir_prefix: String,
+    dir_prefix: String,
     /// The file name without its extension.
-    pub(crate) head: Vec<NamePiece>,
+    head: Vec<NamePiece>,
     pub(crate) ext: String,
     pub(crate) formats: Arc<[String]>,
 }
@@ -573,7 +573,7 @@ impl Series {
     }
 
     /// The file name head for time `t`.
-    pub(crate) fn head_at(&self, t: NaiveDateTime) -> Option<String> {
+    fn head_at(&self, t: NaiveDateTime) -> Option<String> {
         let mut out = String::new();
         for piece in &self.head {
             match piece {
