@@ -1,4 +1,4 @@
-//! `type = "file"`: JSON Lines files (format in [`jsonl`](crate::sink::jsonl)), one line per event,
+//! `type = "file"`: JSON Lines files (format in [`jsonl`]), one line per event,
 //! with paths templated by feed and event type.
 //!
 //! Durability follows `fsync`: with `always` a batch is acknowledged (and the checkpoint may

@@ -15,8 +15,8 @@ use super::template::{
 use super::{encode_into, encoded_len, is_encodable, MAX_COMPONENT_LEN, MAX_FEED_LEN};
 
 /// Why a feed and event type cannot be rendered into a path. The router keeps such types
-/// away from the sink ([`Template::accepts_type`]), so at write time this is a defect or a
-/// feed name the config loader should have refused; the batch is retried.
+/// away from the sink (`FileSinkConfig::accepts_type`), so at write time this is a defect or
+/// a feed name the config loader should have refused; the batch is retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {
     #[error("feed name {0:?} is not usable in a path")]
