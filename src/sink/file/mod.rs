@@ -55,6 +55,7 @@ use crate::sink::naming::path::{RenderError, Series, Template};
 use retention::{Claims, Maintenance, Worker};
 use writer::{Batch, OpenFile, Undo};
 
+/// The directory holding `path` (`.` for a bare name): the one to fsync when its entry changes.
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -62,6 +63,7 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// `path` with `suffix` appended to its file name (`x.jsonl` -> `x.jsonl.gz`).
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_os_string();
     s.push(suffix);
