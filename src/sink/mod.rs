@@ -166,9 +166,29 @@ pub enum SinkError {
     },
     #[error("sink `{sink}`: {message}")]
     Db { sink: String, message: String },
+    /// A path or topic the sink cannot build from a feed name and event type
+    /// (ARCHITECTURE.md §7).
+    #[error("sink `{sink}`: {source}")]
+    Name {
+        sink: String,
+        #[source]
+        source: naming::path::RenderError,
+    },
     /// Records a broker did not confirm (Kafka).
     #[error("sink `{sink}`: {message}")]
     Delivery { sink: String, message: String },
+}
+
+/// Where a sink's own durable storage says a feed has got to: the last event of the feed it
+/// stored, written atomically with the events themselves. A sink that keeps one can resume a
+/// feed from it when the state database's checkpoint is older (the checkpoint is committed
+/// every `commit_interval`, the sink's cursor with every batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// The `seq` of the last event of the feed the sink stored.
+    pub seq: u64,
+    /// That event's `id`: the stream's last event ID as of the event (may be empty).
+    pub id: Arc<str>,
 }
 
 /// How the runner drives a sink. The defaults suit most sinks.
@@ -237,6 +257,15 @@ pub trait Sink: Send {
     /// runner starts.
     fn counters(&self) -> Option<Arc<dyn SinkCounters>> {
         None
+    }
+
+    /// The feed's [`Cursor`] as the sink's own storage records it. The default, `Ok(None)`, is
+    /// for sinks that keep no cursor of their own (every sink today): the checkpoint in the
+    /// state database alone decides where a feed resumes. Nothing asks for it yet; it is the
+    /// seam for a sink that stores its events and its position in one transaction.
+    fn cursor(&mut self, feed: &str) -> Result<Option<Cursor>, SinkError> {
+        let _ = feed;
+        Ok(None)
     }
 
     /// Makes everything written so far durable; called at shutdown.

@@ -1,5 +1,8 @@
-//! Safe names built from event data: the reversible encoding that lets any event type (or
-//! feed name) be one component of a file name.
+//! Names built from event data (ARCHITECTURE.md §7), in one place for every sink: the
+//! `{feed}`/`{type}` templates and strftime fields ([`template`]), file paths confined under
+//! their base directory ([`path`]), Kafka topic names ([`topic`]), the length limits, and the
+//! reversible encoding that lets any event type (or feed name) be one component of a file
+//! name (below).
 //!
 //! Every byte outside `A-Z a-z 0-9 . _ -` is written `%XX` (two uppercase hex digits of the
 //! UTF-8 byte), and so is a leading `.`: the result is never empty of meaning, never `.` or
@@ -7,6 +10,24 @@
 //! exactly the original text (`été` -> `%C3%A9t%C3%A9`, `a/b` -> `a%2Fb`, `..` -> `%2E.`,
 //! `%` -> `%25`). Names that need no escape are left as they are, so existing files keep their
 //! names. Kafka topics cannot hold `%`, so the Kafka sink does not use this encoding.
+
+pub mod path;
+pub mod template;
+pub mod topic;
+
+/// Longest feed name (the config loader enforces it); bounds what `{feed}` renders to.
+pub const MAX_FEED_LEN: usize = 100;
+/// Longest value a placeholder of a file path expands to, encoded.
+pub const MAX_VALUE_LEN: usize = 200;
+/// Longest file name (one path component) on common filesystems, in bytes.
+pub const MAX_COMPONENT_LEN: usize = 255;
+
+/// Whether `v` may replace a placeholder of a file path: not empty, and at most
+/// [`MAX_VALUE_LEN`] bytes once encoded into a safe name (never `.` or `..`, never a
+/// separator).
+pub fn is_encodable(v: &str) -> bool {
+    !v.is_empty() && encoded_len(v) <= MAX_VALUE_LEN
+}
 
 /// Whether `b` stands for itself in an encoded name.
 fn is_plain(b: u8) -> bool {
