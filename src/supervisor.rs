@@ -774,7 +774,7 @@ impl FeedTask {
             match next {
                 Next::Items => {}
                 Next::Gap { reason, detail } => {
-                    self.record_gap(reason, detail).await;
+                    self.record_gap(reason.into(), detail).await;
                     continue;
                 }
                 Next::Stopped { reason } => {
