@@ -542,4 +542,253 @@ mod tests {
         let err = EventSource::new(feed, String::new(), StatusHandle::new()).unwrap_err();
         assert!(err.to_string().starts_with("feed `f`:"), "{err}");
     }
+
+    /// A transport that answers from a script and records what it was asked: the state
+    /// machine without a socket.
+    mod scripted {
+        use std::collections::VecDeque;
+        use std::sync::Mutex;
+        use std::task::{Context, Poll};
+
+        use bytes::Bytes;
+
+        use crate::sse::transport::{
+            Body, Response, ResponseFuture, Transport, TransportError,
+        };
+
+        /// One answer: a response whose body hands out `chunks` then ends (or waits forever
+        /// when `end` is false), or a connection failure.
+        #[derive(Debug)]
+        pub enum Reply {
+            Response {
+                status: u16,
+                headers: Vec<(&'static str, &'static str)>,
+                chunks: Vec<Bytes>,
+                end: bool,
+            },
+            Refused,
+        }
+
+        impl Reply {
+            /// A 200 event stream with `chunks`, that ends after them if `end`.
+            pub fn stream(chunks: Vec<Bytes>, end: bool) -> Reply {
+                Reply::Response {
+                    status: 200,
+                    headers: vec![("content-type", "text/event-stream")],
+                    chunks,
+                    end,
+                }
+            }
+
+            pub fn status(status: u16) -> Reply {
+                Reply::Response {
+                    status,
+                    headers: Vec::new(),
+                    chunks: Vec::new(),
+                    end: true,
+                }
+            }
+        }
+
+        #[derive(Debug, Default)]
+        pub struct Scripted {
+            replies: Mutex<VecDeque<Reply>>,
+            /// The requests' headers, in order.
+            pub requests: Mutex<Vec<http::HeaderMap>>,
+        }
+
+        impl Scripted {
+            pub fn new(replies: Vec<Reply>) -> Scripted {
+                Scripted {
+                    replies: Mutex::new(replies.into()),
+                    requests: Mutex::default(),
+                }
+            }
+
+            pub fn sent(&self) -> Vec<http::HeaderMap> {
+                self.requests.lock().unwrap().clone()
+            }
+        }
+
+        impl Transport for Scripted {
+            fn send(self: std::sync::Arc<Self>, request: http::Request<()>) -> ResponseFuture {
+                self.requests
+                    .lock()
+                    .unwrap()
+                    .push(request.headers().clone());
+                let reply = self.replies.lock().unwrap().pop_front();
+                Box::pin(async move {
+                    match reply {
+                        // The script ran out: nobody answers.
+                        None => std::future::pending().await,
+                        Some(Reply::Refused) => Err(TransportError::NoAddress {
+                            host: "scripted".into(),
+                        }),
+                        Some(Reply::Response {
+                            status,
+                            headers,
+                            chunks,
+                            end,
+                        }) => {
+                            let body: Box<dyn Body> = Box::new(ScriptedBody {
+                                chunks: chunks.into(),
+                                end,
+                            });
+                            let mut response = Response::new(body);
+                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            for (k, v) in headers {
+                                response.headers_mut().append(k, v.parse().unwrap());
+                            }
+                            Ok(response)
+                        }
+                    }
+                })
+            }
+        }
+
+        #[derive(Debug)]
+        struct ScriptedBody {
+            chunks: VecDeque<Bytes>,
+            end: bool,
+        }
+
+        impl Body for ScriptedBody {
+            fn poll_chunk(
+                &mut self,
+                _: &mut Context<'_>,
+            ) -> Poll<Result<Option<Bytes>, TransportError>> {
+                match self.chunks.pop_front() {
+                    Some(chunk) => Poll::Ready(Ok(Some(chunk))),
+                    None if self.end => Poll::Ready(Ok(None)),
+                    None => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    use bytes::Bytes;
+    use scripted::{Reply, Scripted};
+
+    /// Options with fast, jitter-free reconnections (the 100 ms floor still applies).
+    fn fast() -> ClientOptions {
+        let mut o = ClientOptions::new("f", "http://scripted.invalid/s");
+        o.default_retry = Duration::from_millis(100);
+        o.backoff.initial = Duration::from_millis(200);
+        o.backoff.jitter = 0.0;
+        o
+    }
+
+    fn source(o: &ClientOptions, t: &Arc<Scripted>, id: &str) -> EventSource {
+        EventSource::with_transport(o, t.clone(), id.into(), StatusHandle::new()).unwrap()
+    }
+
+    /// Calls `next` until `n` items arrived (or fails after 5 s), returning them and every
+    /// other `Next` seen on the way.
+    async fn items(es: &mut EventSource, n: usize) -> (Vec<Item>, Vec<Next>) {
+        let mut out = Vec::new();
+        let mut others = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, es.next(&mut out)).await {
+                Ok(Next::Items) => {}
+                Ok(other) => others.push(other),
+                Err(_) => panic!("only {out:?} (and {others:?}) within 5 s"),
+            }
+        }
+        (out, others)
+    }
+
+    #[tokio::test]
+    async fn an_immediate_204_stops_for_good_without_asking_again() {
+        let t = Arc::new(Scripted::new(vec![Reply::status(204)]));
+        let mut es = source(&fast(), &t, "");
+        let mut out = Vec::new();
+        match es.next(&mut out).await {
+            Next::Stopped { reason } => assert!(reason.contains("HTTP 204 No Content"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(es.next(&mut out).await, Next::Stopped { .. }));
+        assert!(out.is_empty());
+        assert_eq!(t.sent().len(), 1);
+        let s = es.status().get();
+        assert_eq!(s.state, ReadyState::Stopped);
+        assert_eq!(s.errors.get("no_content"), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn a_500_backs_off_then_reconnects_and_reads() {
+        let t = Arc::new(Scripted::new(vec![
+            Reply::status(500),
+            Reply::stream(vec![Bytes::from_static(b"data: a\n\n")], false),
+        ]));
+        let mut es = source(&fast(), &t, "");
+        let started = Instant::now();
+        let (got, others) = items(&mut es, 1).await;
+        // The first failure waits backoff.initial (no jitter), never less.
+        assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+        assert!(others.is_empty(), "{others:?}");
+        assert!(matches!(&got[0], Item::Event(e) if e.data == "a"), "{got:?}");
+        let s = es.status().get();
+        assert_eq!(s.state, ReadyState::Open);
+        assert_eq!(s.reconnects, 1);
+        assert_eq!(s.errors.get("unavailable"), Some(&1));
+        assert!(s.last_error.unwrap().contains("HTTP 500 Internal Server Error"));
+        assert_eq!(t.sent().len(), 2);
+        for headers in t.sent() {
+            assert_eq!(headers["accept"], "text/event-stream");
+            assert_eq!(headers["cache-control"], "no-cache");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_split_into_any_chunks_parses_the_same() {
+        let stream: &[u8] =
+            b"\xEF\xBB\xBFid: 1\r\nevent: x\r\ndata: h\xC3\xA9llo\r\ndata: world\r\n\r\n: c\nid: 2\rdata: z\n\n";
+        let whole = Arc::new(Scripted::new(vec![Reply::stream(
+            vec![Bytes::from_static(stream)],
+            false,
+        )]));
+        let (want, _) = items(&mut source(&fast(), &whole, ""), 2).await;
+        assert_eq!(want.len(), 2);
+        assert!(matches!(&want[0], Item::Event(e) if e.data == "h\u{e9}llo\nworld" && &*e.id == "1"));
+        for size in [1, 2, 3, 7] {
+            // Empty chunks (framing only) between the pieces change nothing either.
+            let chunks = stream
+                .chunks(size)
+                .flat_map(|c| [Bytes::copy_from_slice(c), Bytes::new()])
+                .collect();
+            let t = Arc::new(Scripted::new(vec![Reply::stream(chunks, false)]));
+            let (got, _) = items(&mut source(&fast(), &t, ""), 2).await;
+            assert_eq!(got, want, "chunks of {size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reconnections_resume_from_the_last_id_and_a_rejected_id_is_a_gap() {
+        let t = Arc::new(Scripted::new(vec![
+            Reply::Refused,
+            Reply::stream(vec![Bytes::from_static(b"id: 7\ndata: a\n\n")], true),
+            Reply::status(410),
+            Reply::stream(vec![Bytes::from_static(b"data: b\n\n")], false),
+        ]));
+        let mut es = source(&fast(), &t, "5");
+        let (got, others) = items(&mut es, 2).await;
+        assert!(matches!(&got[1], Item::Event(e) if e.data == "b" && e.id.is_empty()), "{got:?}");
+        match &others[..] {
+            [Next::Gap { reason: GapKind::IdRejected, detail }] => {
+                assert!(detail.contains("HTTP 410") && detail.contains('7'), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let ids: Vec<Option<String>> = t
+            .sent()
+            .iter()
+            .map(|h| h.get("last-event-id").map(|v| v.to_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(
+            ids,
+            [Some("5".into()), Some("5".into()), Some("7".into()), None]
+        );
+        assert_eq!(es.status().get().errors.get("network"), Some(&1));
+    }
 }

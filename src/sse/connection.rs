@@ -15,9 +15,9 @@
 //! - userinfo in the URL sent as `Authorization: Basic` unless another `Authorization` is set;
 //! - the bearer token read afresh at every attempt, from a variable or a file.
 //!
-//! Codings: the bridge asks for none (no `Accept-Encoding`) and decodes none, so a 200 with a
-//! `Content-Encoding` other than `identity`, or a `Transfer-Encoding` coding other than
-//! `chunked`, is a failure naming the coding instead of compressed bytes fed to the parser.
+//! What a response means is [`super::response`]'s: the bridge asks for no coding and decodes
+//! none, so a 200 with a `Content-Encoding` or a `Transfer-Encoding` other than `chunked` is a
+//! failure naming the coding instead of compressed bytes fed to the parser.
 //!
 //! Secrets: error messages name the feed and the URL without userinfo or query string (where
 //! tokens like to hide), never a header value, and every message is scrubbed of the feed's
@@ -28,21 +28,17 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING,
-    CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING,
-};
-use http::StatusCode;
+use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use url::Url;
 
 use super::options::ClientOptions;
-use super::retry::parse_retry_after;
+use super::response::{self, Verdict};
 use super::secret::{is_secret_header, Redactor, Secret, MIN_SECRET_LEN, REDACTED};
 use super::transport::http1::Http1Transport;
 use super::transport::proxy::system_proxies;
@@ -55,8 +51,7 @@ pub use super::transport::tls::tls_config_with_ca_file;
 /// The `Last-Event-ID` request header (lower case, as `HeaderName` spells it).
 pub const LAST_EVENT_ID: &str = "last-event-id";
 
-/// The media type of an event stream.
-pub const EVENT_STREAM: &str = "text/event-stream";
+pub use super::response::{is_event_stream, EVENT_STREAM};
 
 /// Headers the bridge sets itself; a feed's `headers` cannot override them (config validation
 /// rejects them too, this keeps the transport correct on its own).
@@ -217,7 +212,6 @@ enum TokenSource {
     Env(String),
     File(PathBuf),
 }
-
 
 impl Connector {
     /// Checks the feed's URL, headers and token variable, and the TLS settings; requests go
@@ -523,99 +517,37 @@ impl Inner {
     ) -> Result<Connection, Failure> {
         let (parts, body) = response.into_parts();
         let code = parts.status.as_u16();
-        let reason = parts.status.canonical_reason();
-        let via = match parts.extensions.get::<FinalUrl>() {
-            Some(FinalUrl(url)) if *url != self.request_url => {
-                format!(" (redirected to {})", display_url(url))
-            }
-            _ => String::new(),
+        let redirected_to = match parts.extensions.get::<FinalUrl>() {
+            Some(FinalUrl(url)) if *url != self.request_url => Some(display_url(url)),
+            _ => None,
         };
-        let answer = match reason {
-            Some(reason) => format!("HTTP {code} {reason}{via}"),
-            None => format!("HTTP {code}{via}"),
-        };
-        let with_status = |kind, what: String| Failure {
-            status: Some(code),
-            ..self.failure(kind, what)
-        };
-        let text = |name| {
-            parts
-                .headers
-                .get(name)
-                .map(|v: &HeaderValue| v.to_str().ok().map(str::trim))
-        };
-
-        if parts.status == StatusCode::OK {
-            if let Some(problem) = unreadable_coding(&parts.headers) {
-                // Not a client error: a proxy or server may stop compressing; retried with backoff.
-                return Err(with_status(
-                    FailureKind::Network,
-                    format!("{answer} with {problem}, which the bridge does not decode (it sends no Accept-Encoding); dropping the response"),
-                ));
-            }
-            return match text(CONTENT_TYPE) {
-                Some(Some(v)) if is_event_stream(v) => Ok(Connection {
-                    status: code,
-                    deadline: self
-                        .idle_timeout
-                        .and_then(|t| Instant::now().checked_add(t)),
-                    body,
-                    sent_last_event_id: sent_id,
-                    inner: self.clone(),
-                }),
-                Some(v) => Err(with_status(
-                    FailureKind::Client,
-                    format!(
-                        "{answer} with Content-Type `{}`, not {EVENT_STREAM}",
-                        // Scrubbed before it is shortened, which could cut a secret in two.
-                        shorten(&self.scrub_text(v.unwrap_or("<not ASCII>")))
-                    ),
-                )),
-                None => Err(with_status(
-                    FailureKind::Client,
-                    format!("{answer} without a Content-Type (expected {EVENT_STREAM})"),
-                )),
-            };
-        }
-        if code == 204 {
-            return Err(with_status(
-                FailureKind::NoContent,
-                format!("{answer}: the server asks the client to stop reconnecting"),
-            ));
-        }
-        if (500..600).contains(&code) || code == 408 || code == 429 {
-            let retry_after = text(RETRY_AFTER)
-                .flatten()
-                .and_then(|v| parse_retry_after(v, SystemTime::now()));
-            let what = match retry_after {
-                // An HTTP date leaves a remainder down to nanoseconds: shown in milliseconds.
-                Some(d) => format!(
-                    "{answer}, Retry-After {}",
-                    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
-                ),
-                None => answer,
-            };
-            return Err(Failure {
+        let rejected = sent_id && self.rejected_id_statuses.contains(&code);
+        match response::classify(
+            parts.status,
+            &parts.headers,
+            redirected_to.as_deref(),
+            rejected,
+            |text| self.scrub_text(text),
+        ) {
+            Verdict::Open => Ok(Connection {
+                status: code,
+                deadline: self
+                    .idle_timeout
+                    .and_then(|t| Instant::now().checked_add(t)),
+                body,
+                sent_last_event_id: sent_id,
+                inner: self.clone(),
+            }),
+            Verdict::Fail {
+                kind,
+                what,
                 retry_after,
-                ..with_status(FailureKind::Unavailable, what)
-            });
+            } => Err(Failure {
+                status: Some(code),
+                retry_after,
+                ..self.failure(kind, what)
+            }),
         }
-        if sent_id && self.rejected_id_statuses.contains(&code) {
-            return Err(with_status(
-                FailureKind::IdRejected,
-                format!(
-                    "{answer} to the request with a Last-Event-ID (listed in rejected_id_statuses)"
-                ),
-            ));
-        }
-        let what = if (400..500).contains(&code) {
-            answer
-        } else if (300..400).contains(&code) {
-            format!("{answer}: a redirect that was not followed (no usable Location header?)")
-        } else {
-            format!("{answer}: unexpected status (expected 200 with {EVENT_STREAM})")
-        };
-        Err(with_status(FailureKind::Client, what))
     }
 }
 
@@ -708,15 +640,6 @@ fn read_env_token(var: &str) -> Result<Secret, TokenError> {
     }
 }
 
-/// Whether a `Content-Type` value is the `text/event-stream` media type: parameters such as
-/// `; charset=utf-8` allowed, case-insensitive, surrounding whitespace ignored.
-pub fn is_event_stream(content_type: &str) -> bool {
-    content_type
-        .split(';')
-        .next()
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case(EVENT_STREAM))
-}
-
 /// Whether a last event ID can be sent as a `Last-Event-ID` header value (the parser already
 /// excludes CR, LF and NUL; other control characters are possible).
 pub fn is_sendable_last_event_id(id: &str) -> bool {
@@ -731,98 +654,11 @@ pub fn last_event_id_header(id: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(id).ok()
 }
 
-/// What makes a response's body unreadable: a `Content-Encoding` other than `identity`, or a
-/// `Transfer-Encoding` coding other than `chunked` (the bridge decodes neither).
-fn unreadable_coding(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get(CONTENT_ENCODING) {
-        let text = v.to_str().ok().map(str::trim);
-        let codings: Vec<&str> = text
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
-            .collect();
-        if !codings.is_empty() || text.is_none() {
-            return Some(format!(
-                "Content-Encoding `{}`",
-                shorten(&escape_controls(text.unwrap_or("<not ASCII>")))
-            ));
-        }
-    }
-    let codings: Vec<String> = headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
-        .map(str::to_ascii_lowercase)
-        .collect();
-    if !codings.is_empty() {
-        return Some(format!(
-            "Transfer-Encoding `{}`",
-            shorten(&codings.join(", "))
-        ));
-    }
-    None
-}
-
-/// `s` with control characters (C0, DEL, C1) escaped, as every text for people is
-/// (ARCHITECTURE.md §8).
-fn escape_controls(s: &str) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if !matches!(c, '\0'..='\x1f' | '\x7f'..='\u{9f}') {
-            out.push(c);
-        } else if (c as u32) < 0x80 {
-            let _ = write!(out, "\\x{:02x}", c as u32);
-        } else {
-            let _ = write!(out, "\\u{{{:x}}}", c as u32);
-        }
-    }
-    out
-}
-
-/// At most 100 characters of a server-provided string, for messages.
-fn shorten(s: &str) -> String {
-    if s.chars().count() <= 100 {
-        s.to_string()
-    } else {
-        let mut out: String = s.chars().take(100).collect();
-        out.push('…');
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use hyper_util::client::proxy::matcher::Matcher as ProxyMatcher;
     use std::net::SocketAddr;
-
-    #[test]
-    fn event_stream_media_type() {
-        for ok in [
-            "text/event-stream",
-            "TEXT/Event-Stream",
-            "text/event-stream; charset=utf-8",
-            " text/event-stream ;charset=UTF-8",
-            "text/event-stream;",
-        ] {
-            assert!(is_event_stream(ok), "{ok:?}");
-        }
-        for bad in [
-            "",
-            "text/plain",
-            "text/event-streams",
-            "text/event-stream-x",
-            "application/json; x=text/event-stream",
-            "text/html, text/event-stream",
-        ] {
-            assert!(!is_event_stream(bad), "{bad:?}");
-        }
-    }
 
     #[test]
     fn shown_url_drops_userinfo_query_and_fragment() {
@@ -1223,12 +1059,5 @@ mod tests {
             head.starts_with("GET /s HTTP/1.1\r\nHost: localhost:"),
             "{head}"
         );
-    }
-
-    #[test]
-    fn long_server_strings_are_shortened() {
-        assert_eq!(shorten("abc"), "abc");
-        let long = "x".repeat(500);
-        assert_eq!(shorten(&long).chars().count(), 101);
     }
 }

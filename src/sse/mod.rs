@@ -7,6 +7,7 @@ pub mod client;
 pub mod connection;
 pub mod options;
 pub mod parser;
+pub mod response;
 pub mod retry;
 pub mod secret;
 pub mod status;
