@@ -27,7 +27,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -43,7 +43,7 @@ use super::secret::{is_secret_header, Redactor, Secret, MIN_SECRET_LEN, REDACTED
 use super::transport::http1::Http1Transport;
 use super::transport::proxy::system_proxies;
 use super::transport::redirect::RedirectRules;
-use super::transport::{self, Body, FinalUrl, Transport, TransportError};
+use super::transport::{self, Body, ConnectTimeout, FinalUrl, Transport, TransportError};
 
 pub use super::transport::display_url;
 pub use super::transport::tls::tls_config_with_ca_file;
@@ -192,8 +192,10 @@ struct Inner {
     response_timeout: Duration,
     idle_timeout: Option<Duration>,
     /// The URL without userinfo or fragment: what the request goes to.
-    request_url: Url,
-    uri: http::Uri,
+    /// Sent with every request (as its [`RedirectRules`] extension), so that one transport
+    /// serves every feed with the same TLS settings.
+    max_redirects: usize,
+    forward_headers_on_redirect: bool,
     transport: Arc<dyn Transport>,
 }
 
@@ -215,18 +217,29 @@ enum TokenSource {
 
 impl Connector {
     /// Checks the feed's URL, headers and token variable, and the TLS settings; requests go
-    /// through the lean HTTP/1.1 transport with the environment's proxies.
+    /// through the lean HTTP/1.1 transport with the environment's proxies, one shared by every
+    /// feed without a `ca_file`.
     pub fn new(feed: &ClientOptions) -> Result<Connector, ClientError> {
-        let tls = match &feed.ca_file {
-            None => transport::tls::shared_config().map_err(|e| format!("cannot set up TLS: {e}")),
+        static SHARED: OnceLock<Result<Arc<Http1Transport>, String>> = OnceLock::new();
+        let transport: Result<Arc<dyn Transport>, String> = match &feed.ca_file {
+            None => SHARED
+                .get_or_init(|| {
+                    transport::tls::shared_config()
+                        .map(|tls| Arc::new(Http1Transport::new(system_proxies(), tls)))
+                        .map_err(|e| format!("cannot set up TLS: {e}"))
+                })
+                .clone()
+                .map(|t| t as Arc<dyn Transport>),
             // Its own settings: only feeds with a ca_file pay for a root store of their own.
-            Some(path) => tls_config_with_ca_file(path).map_err(|e| format!("`ca_file`: {e}")),
-        }
-        .map_err(|message| ClientError {
+            Some(path) => tls_config_with_ca_file(path)
+                .map(|tls| Arc::new(Http1Transport::new(system_proxies(), tls)) as Arc<dyn Transport>)
+                .map_err(|e| format!("`ca_file`: {e}")),
+        };
+        let transport = transport.map_err(|message| ClientError {
             feed: feed.name.clone(),
             message,
         })?;
-        Connector::with_settings(feed, system_proxies(), tls)
+        Connector::with_transport(feed, transport)
     }
 
     /// [`Connector::new`] with given proxy rules and TLS settings instead of the environment's
@@ -236,17 +249,7 @@ impl Connector {
         proxies: Arc<hyper_util::client::proxy::matcher::Matcher>,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<Connector, ClientError> {
-        let transport = Http1Transport::new(
-            feed.connect_timeout,
-            RedirectRules {
-                max: feed.max_redirects,
-                forward_headers: feed.forward_headers_on_redirect,
-                keep_across_origins: &KEEP_ACROSS_ORIGINS,
-            },
-            proxies,
-            tls,
-        );
-        Connector::with_transport(feed, Arc::new(transport))
+        Connector::with_transport(feed, Arc::new(Http1Transport::new(proxies, tls)))
     }
 
     /// A connector whose requests go through `transport` (which follows redirects itself).
@@ -267,11 +270,7 @@ impl Connector {
                 display_url(&url)
             )));
         }
-        let mut request_url = url.clone();
-        let _ = request_url.set_username("");
-        let _ = request_url.set_password(None);
-        request_url.set_fragment(None);
-        let uri: http::Uri = request_url.as_str().parse().map_err(|e| {
+        request_target(&url).map_err(|e| {
             err(format!(
                 "`url` {} cannot be requested: {e}",
                 display_url(&url)
@@ -341,8 +340,8 @@ impl Connector {
                 connect_timeout: feed.connect_timeout,
                 response_timeout: feed.response_timeout,
                 idle_timeout: (!feed.idle_timeout.is_zero()).then_some(feed.idle_timeout),
-                request_url,
-                uri,
+                max_redirects: feed.max_redirects,
+                forward_headers_on_redirect: feed.forward_headers_on_redirect,
                 transport,
             }),
         })
@@ -469,9 +468,19 @@ impl Inner {
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
+        // Checked when the connector was made: the URL does not change.
+        let (uri, request_url) = request_target(&self.url)
+            .map_err(|e| self.failure(FailureKind::Local, format_args!("invalid URL: {e}")))?;
         let mut request = http::Request::new(());
-        *request.uri_mut() = self.uri.clone();
+        *request.uri_mut() = uri;
         *request.headers_mut() = headers;
+        let extensions = request.extensions_mut();
+        extensions.insert(RedirectRules {
+            max: self.max_redirects,
+            forward_headers: self.forward_headers_on_redirect,
+            keep_across_origins: &KEEP_ACROSS_ORIGINS,
+        });
+        extensions.insert(ConnectTimeout(self.connect_timeout));
 
         let send = self.transport.clone().send(request);
         let result = match tokio::time::timeout(self.header_timeout, send).await {
@@ -482,7 +491,7 @@ impl Inner {
                 humantime::format_duration(self.response_timeout),
             ))),
             Ok(Err(e)) => Err(self.transport_failure(&e)),
-            Ok(Ok(response)) => self.classify(response, sent_id),
+            Ok(Ok(response)) => self.classify(response, &request_url, sent_id),
         };
         result.map_err(|f| self.scrub(f, token.as_ref()))
     }
@@ -513,12 +522,13 @@ impl Inner {
     fn classify(
         self: &Arc<Self>,
         response: transport::Response,
+        request_url: &Url,
         sent_id: bool,
     ) -> Result<Connection, Failure> {
         let (parts, body) = response.into_parts();
         let code = parts.status.as_u16();
         let redirected_to = match parts.extensions.get::<FinalUrl>() {
-            Some(FinalUrl(url)) if *url != self.request_url => Some(display_url(url)),
+            Some(FinalUrl(url)) if url != request_url => Some(display_url(url)),
             _ => None,
         };
         let rejected = sent_id && self.rejected_id_statuses.contains(&code);
@@ -629,6 +639,16 @@ impl Connection {
         self.inner
             .failure(FailureKind::Network, "the server ended the stream (EOF)")
     }
+}
+
+/// The request target of `url`: without userinfo (sent as `Authorization` instead) or
+/// fragment, as a URI and as a URL.
+fn request_target(url: &Url) -> Result<(http::Uri, Url), http::uri::InvalidUri> {
+    let mut target = url.clone();
+    let _ = target.set_username("");
+    let _ = target.set_password(None);
+    target.set_fragment(None);
+    Ok((target.as_str().parse()?, target))
 }
 
 /// Reads a bearer token from an environment variable; the error never contains the value.

@@ -53,13 +53,23 @@ pub type Response = http::Response<Box<dyn Body>>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinalUrl(pub url::Url);
 
+/// The bound on connecting (DNS, TCP, proxy tunnel, TLS handshake) for one request: a
+/// request extension, so that one transport serves clients with different settings. Without
+/// it, [`DEFAULT_CONNECT_TIMEOUT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectTimeout(pub Duration);
+
+/// The connect timeout of a request without [`ConnectTimeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A request in flight.
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response, TransportError>> + Send>>;
 
 /// Sends requests and follows redirects. One per client; cheap to share.
 pub trait Transport: Send + Sync + fmt::Debug {
     /// Sends `request` (a GET; its URI absolute) and waits for the response head, following
-    /// redirects the transport's rules allow. The future owns everything it needs, so the
+    /// redirects as its [`redirect::RedirectRules`] extension allows (none without it); a
+    /// [`ConnectTimeout`] extension bounds each connection. The future owns everything it needs, so the
     /// client may run it as a task of its own.
     fn send(self: Arc<Self>, request: http::Request<()>) -> ResponseFuture;
 }

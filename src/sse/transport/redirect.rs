@@ -6,8 +6,9 @@ use url::Url;
 
 use super::display_url;
 
-/// The redirect rules of a transport.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The redirect rules of a request (a request extension; without it no redirect is
+/// followed).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RedirectRules {
     /// Most redirects followed for one request.
     pub max: usize,

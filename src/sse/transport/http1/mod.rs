@@ -22,32 +22,23 @@ use self::head::{read_head, request_head, write_all, Head};
 use super::connect::{tcp_connect, Stream};
 use super::proxy::{route, tunnel, Route};
 use super::redirect::{self, RedirectRules};
-use super::{display_url, Body, FinalUrl, Response, ResponseFuture, Transport, TransportError};
+use super::{
+    display_url, Body, ConnectTimeout, FinalUrl, Response, ResponseFuture, Transport,
+    TransportError, DEFAULT_CONNECT_TIMEOUT,
+};
 
-/// The HTTP/1.1 transport of one client (its settings; shared as the client's
-/// `Arc<dyn Transport>`, so a feed pays for one small allocation).
+/// The HTTP/1.1 transport: proxy rules and TLS settings. Per-request settings (the connect
+/// timeout, the redirect rules) come with each request, so one transport serves every feed
+/// with the same TLS settings and an idle feed holds only a pointer to it.
 #[derive(Debug)]
 pub struct Http1Transport {
-    /// Bound on DNS, TCP, the proxy tunnel and the TLS handshake of each connection.
-    connect_timeout: Duration,
-    redirects: RedirectRules,
     proxies: Arc<Matcher>,
     tls: Arc<rustls::ClientConfig>,
 }
 
 impl Http1Transport {
-    pub fn new(
-        connect_timeout: Duration,
-        redirects: RedirectRules,
-        proxies: Arc<Matcher>,
-        tls: Arc<rustls::ClientConfig>,
-    ) -> Self {
-        Http1Transport {
-            connect_timeout,
-            redirects,
-            proxies,
-            tls,
-        }
+    pub fn new(proxies: Arc<Matcher>, tls: Arc<rustls::ClientConfig>) -> Self {
+        Http1Transport { proxies, tls }
     }
 }
 
@@ -68,7 +59,12 @@ impl Http1Transport {
     /// Sends the GET and follows redirects; returns the first response that is not a
     /// redirect to follow. A failure after a redirect names its target.
     async fn request(&self, request: http::Request<()>) -> Result<Response, TransportError> {
-        let (parts, ()) = request.into_parts();
+        let (mut parts, ()) = request.into_parts();
+        let rules = parts.extensions.remove::<RedirectRules>().unwrap_or_default();
+        let connect_timeout = parts
+            .extensions
+            .get::<ConnectTimeout>()
+            .map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.0);
         let mut url = Url::parse(&parts.uri.to_string())
             .map_err(|e| TransportError::InvalidRequest(format!("not an absolute URL: {e}")))?;
         let mut headers = parts.headers;
@@ -86,7 +82,7 @@ impl Http1Transport {
                 }
             };
             let answer = self
-                .exchange(&url, &headers)
+                .exchange(&url, &headers, connect_timeout)
                 .await
                 .map_err(|e| redirected(e, &url))?;
             let next = matches!(answer.head.status.as_u16(), 301 | 302 | 303 | 307 | 308)
@@ -107,10 +103,10 @@ impl Http1Transport {
                 response.extensions_mut().insert(FinalUrl(url));
                 return Ok(response);
             };
-            let cross_origin = redirect::check(&url, &next, followed, self.redirects.max)
+            let cross_origin = redirect::check(&url, &next, followed, rules.max)
                 .map_err(|source| redirected(TransportError::Redirect { source }, &url))?;
             if cross_origin {
-                redirect::cross_origin_headers(&mut headers, &self.redirects);
+                redirect::cross_origin_headers(&mut headers, &rules);
             }
             tracing::debug!(
                 status = answer.head.status.as_u16(),
@@ -123,8 +119,13 @@ impl Http1Transport {
     }
 
     /// One request and its response head on a new connection.
-    async fn exchange(&self, url: &Url, headers: &HeaderMap) -> Result<Answer, TransportError> {
-        let (mut stream, route) = self.open(url).await?;
+    async fn exchange(
+        &self,
+        url: &Url,
+        headers: &HeaderMap,
+        connect_timeout: Duration,
+    ) -> Result<Answer, TransportError> {
+        let (mut stream, route) = self.open(url, connect_timeout).await?;
         let request = request_head(url, headers, route.proxy.as_ref().map(Option::as_ref));
         write_all(&mut stream, &request)
             .await
@@ -141,10 +142,14 @@ impl Http1Transport {
 
     /// Opens the connection for `url` (through a proxy if the environment says so), within
     /// `connect_timeout`.
-    async fn open(&self, url: &Url) -> Result<(Stream, Route), TransportError> {
+    async fn open(
+        &self,
+        url: &Url,
+        connect_timeout: Duration,
+    ) -> Result<(Stream, Route), TransportError> {
         let route = route(&self.proxies, url)?;
         let open = async {
-            let tcp = tcp_connect(&route.host, route.port, self.connect_timeout).await?;
+            let tcp = tcp_connect(&route.host, route.port, connect_timeout).await?;
             if url.scheme() != "https" {
                 return Ok(Stream::Plain(tcp));
             }
@@ -154,11 +159,11 @@ impl Http1Transport {
             };
             super::tls::handshake(&self.tls, tcp, url.host()).await
         };
-        match tokio::time::timeout(self.connect_timeout, open).await {
+        match tokio::time::timeout(connect_timeout, open).await {
             Ok(Ok(stream)) => Ok((stream, route)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(TransportError::ConnectTimeout {
-                timeout: self.connect_timeout,
+                timeout: connect_timeout,
                 host: route.host,
                 port: route.port,
             }),
