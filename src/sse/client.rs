@@ -552,9 +552,7 @@ mod tests {
 
         use bytes::Bytes;
 
-        use crate::sse::transport::{
-            Body, Response, ResponseFuture, Transport, TransportError,
-        };
+        use super::super::super::transport::{Body, Response, ResponseFuture, Transport, TransportError};
 
         /// One answer: a response whose body hands out `chunks` then ends (or waits forever
         /// when `end` is false), or a connection failure.
@@ -725,14 +723,24 @@ mod tests {
         let started = Instant::now();
         let (got, others) = items(&mut es, 1).await;
         // The first failure waits backoff.initial (no jitter), never less.
-        assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(others.is_empty(), "{others:?}");
-        assert!(matches!(&got[0], Item::Event(e) if e.data == "a"), "{got:?}");
+        assert!(
+            matches!(&got[0], Item::Event(e) if e.data == "a"),
+            "{got:?}"
+        );
         let s = es.status().get();
         assert_eq!(s.state, ReadyState::Open);
         assert_eq!(s.reconnects, 1);
         assert_eq!(s.errors.get("unavailable"), Some(&1));
-        assert!(s.last_error.unwrap().contains("HTTP 500 Internal Server Error"));
+        assert!(s
+            .last_error
+            .unwrap()
+            .contains("HTTP 500 Internal Server Error"));
         assert_eq!(t.sent().len(), 2);
         for headers in t.sent() {
             assert_eq!(headers["accept"], "text/event-stream");
@@ -750,7 +758,9 @@ mod tests {
         )]));
         let (want, _) = items(&mut source(&fast(), &whole, ""), 2).await;
         assert_eq!(want.len(), 2);
-        assert!(matches!(&want[0], Item::Event(e) if e.data == "h\u{e9}llo\nworld" && &*e.id == "1"));
+        assert!(
+            matches!(&want[0], Item::Event(e) if e.data == "h\u{e9}llo\nworld" && &*e.id == "1")
+        );
         for size in [1, 2, 3, 7] {
             // Empty chunks (framing only) between the pieces change nothing either.
             let chunks = stream
@@ -773,17 +783,29 @@ mod tests {
         ]));
         let mut es = source(&fast(), &t, "5");
         let (got, others) = items(&mut es, 2).await;
-        assert!(matches!(&got[1], Item::Event(e) if e.data == "b" && e.id.is_empty()), "{got:?}");
+        assert!(
+            matches!(&got[1], Item::Event(e) if e.data == "b" && e.id.is_empty()),
+            "{got:?}"
+        );
         match &others[..] {
-            [Next::Gap { reason: GapKind::IdRejected, detail }] => {
-                assert!(detail.contains("HTTP 410") && detail.contains('7'), "{detail}")
+            [Next::Gap {
+                reason: GapKind::IdRejected,
+                detail,
+            }] => {
+                assert!(
+                    detail.contains("HTTP 410") && detail.contains('7'),
+                    "{detail}"
+                )
             }
             other => panic!("{other:?}"),
         }
         let ids: Vec<Option<String>> = t
             .sent()
             .iter()
-            .map(|h| h.get("last-event-id").map(|v| v.to_str().unwrap().to_owned()))
+            .map(|h| {
+                h.get("last-event-id")
+                    .map(|v| v.to_str().unwrap().to_owned())
+            })
             .collect();
         assert_eq!(
             ids,

@@ -232,7 +232,9 @@ impl Connector {
                 .map(|t| t as Arc<dyn Transport>),
             // Its own settings: only feeds with a ca_file pay for a root store of their own.
             Some(path) => tls_config_with_ca_file(path)
-                .map(|tls| Arc::new(Http1Transport::new(system_proxies(), tls)) as Arc<dyn Transport>)
+                .map(|tls| {
+                    Arc::new(Http1Transport::new(system_proxies(), tls)) as Arc<dyn Transport>
+                })
                 .map_err(|e| format!("`ca_file`: {e}")),
         };
         let transport = transport.map_err(|message| ClientError {
@@ -732,7 +734,8 @@ mod tests {
         assert!(Connector::new(&f).is_err());
         let mut f = ClientOptions::new("f", "http://example.org/");
         f.bearer_token_file = Some("/nonexistent".into());
-        f.headers.push(("Authorization".into(), Secret::new("Basic x")));
+        f.headers
+            .push(("Authorization".into(), Secret::new("Basic x")));
         assert!(Connector::new(&f)
             .unwrap_err()
             .message
@@ -811,7 +814,10 @@ mod tests {
         f.headers.push(("X-Custom".into(), Secret::new("kept")));
         let connector = plain_connector(&f);
         let mut conn = connector.connect("42").outcome().await.unwrap();
-        assert_eq!(conn.next_chunk().await.unwrap().as_deref(), Some(&b"data: x\n\n"[..]));
+        assert_eq!(
+            conn.next_chunk().await.unwrap().as_deref(),
+            Some(&b"data: x\n\n"[..])
+        );
 
         let first_heads = first_heads.lock().unwrap().clone();
         assert!(
@@ -896,7 +902,8 @@ mod tests {
         .into_bytes()])
         .await;
         let mut f = ClientOptions::new("f", format!("http://user:s3cretpw@{addr}/"));
-        f.headers.push(("X-Api-Key".into(), Secret::new("key-123456")));
+        f.headers
+            .push(("X-Api-Key".into(), Secret::new("key-123456")));
         let failure = plain_connector(&f).connect("").outcome().await.unwrap_err();
         assert!(!failure.message.contains(&basic), "{failure}");
         assert!(!failure.message.contains("key-123456"), "{failure}");
@@ -933,9 +940,13 @@ mod tests {
         );
         let f = ClientOptions::new("f", "http://stream.example.invalid:8080/s?q=1#frag");
         let connector =
-            Connector::with_settings(&f, proxies, transport::tls::shared_config().unwrap()).unwrap();
+            Connector::with_settings(&f, proxies, transport::tls::shared_config().unwrap())
+                .unwrap();
         let mut conn = connector.connect("").outcome().await.unwrap();
-        assert_eq!(conn.next_chunk().await.unwrap().as_deref(), Some(&b"data: x\n\n"[..]));
+        assert_eq!(
+            conn.next_chunk().await.unwrap().as_deref(),
+            Some(&b"data: x\n\n"[..])
+        );
         let head = heads.lock().unwrap()[0].clone();
         assert!(
             head.starts_with("GET http://stream.example.invalid:8080/s?q=1 HTTP/1.1\r\n"),
@@ -966,7 +977,8 @@ mod tests {
         );
         let f = ClientOptions::new("f", "https://stream.example.invalid/s?token=s3cret");
         let connector =
-            Connector::with_settings(&f, proxies, transport::tls::shared_config().unwrap()).unwrap();
+            Connector::with_settings(&f, proxies, transport::tls::shared_config().unwrap())
+                .unwrap();
         let failure = connector.connect("").outcome().await.unwrap_err();
         assert_eq!(failure.kind, FailureKind::Network);
         assert!(
@@ -994,7 +1006,10 @@ mod tests {
         let connector = plain_connector(&f);
         let mut conn = connector.connect("").outcome().await.unwrap();
         // The chunk before the malformed size line still arrives.
-        assert_eq!(conn.next_chunk().await.unwrap().as_deref(), Some(&b"hello"[..]));
+        assert_eq!(
+            conn.next_chunk().await.unwrap().as_deref(),
+            Some(&b"hello"[..])
+        );
         let failure = conn.next_chunk().await.unwrap_err();
         assert_eq!(failure.kind, FailureKind::Network);
         assert!(
@@ -1064,7 +1079,10 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = transport::tls::shared_config().unwrap().alpn_protocols.clone();
+        config.alpn_protocols = transport::tls::shared_config()
+            .unwrap()
+            .alpn_protocols
+            .clone();
         let f = ClientOptions::new("f", format!("https://localhost:{port}/s"));
         let connector = Connector::with_settings(&f, no_proxies(), Arc::new(config)).unwrap();
         let mut conn = connector.connect("").outcome().await.unwrap();

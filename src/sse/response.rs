@@ -5,7 +5,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{HeaderMap, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING};
+use http::header::{
+    HeaderMap, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING,
+};
 use http::StatusCode;
 
 use super::connection::FailureKind;
@@ -109,7 +111,9 @@ pub fn classify(
     if id_rejected {
         return fail(
             FailureKind::IdRejected,
-            format!("{answer} to the request with a Last-Event-ID (listed in rejected_id_statuses)"),
+            format!(
+                "{answer} to the request with a Last-Event-ID (listed in rejected_id_statuses)"
+            ),
         );
     }
     let what = if (400..500).contains(&code) {
@@ -195,7 +199,6 @@ fn shorten(s: &str) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,22 +231,36 @@ mod tests {
     fn statuses_and_content_types_decide_the_verdict() {
         let sse = [("content-type", "text/event-stream; charset=utf-8")];
         assert_eq!(verdict(200, &sse, false), Verdict::Open);
-        assert_eq!(kind(&verdict(204, &[], false)), Some(FailureKind::NoContent));
+        assert_eq!(
+            kind(&verdict(204, &[], false)),
+            Some(FailureKind::NoContent)
+        );
         for code in [500, 503, 408, 429] {
-            assert_eq!(kind(&verdict(code, &[], false)), Some(FailureKind::Unavailable));
+            assert_eq!(
+                kind(&verdict(code, &[], false)),
+                Some(FailureKind::Unavailable)
+            );
         }
-        assert_eq!(kind(&verdict(410, &[], true)), Some(FailureKind::IdRejected));
+        assert_eq!(
+            kind(&verdict(410, &[], true)),
+            Some(FailureKind::IdRejected)
+        );
         assert_eq!(kind(&verdict(410, &[], false)), Some(FailureKind::Client));
         assert_eq!(kind(&verdict(302, &[], false)), Some(FailureKind::Client));
         match verdict(200, &[("content-type", "text/html; k=s3cret")], false) {
             Verdict::Fail { kind, what, .. } => {
                 assert_eq!(kind, FailureKind::Client);
-                assert!(what.contains("[redacted]") && !what.contains("s3cret"), "{what}");
+                assert!(
+                    what.contains("[redacted]") && !what.contains("s3cret"),
+                    "{what}"
+                );
             }
             other => panic!("{other:?}"),
         }
         match verdict(503, &[("retry-after", "7")], false) {
-            Verdict::Fail { retry_after, what, .. } => {
+            Verdict::Fail {
+                retry_after, what, ..
+            } => {
                 assert_eq!(retry_after, Some(Duration::from_secs(7)));
                 assert!(what.contains("Retry-After 7s"), "{what}");
             }
@@ -256,7 +273,10 @@ mod tests {
         let sse = ("content-type", "text/event-stream");
         for (header, shown) in [
             (("content-encoding", "gzip"), "Content-Encoding `gzip`"),
-            (("transfer-encoding", "gzip, chunked"), "Transfer-Encoding `gzip`"),
+            (
+                ("transfer-encoding", "gzip, chunked"),
+                "Transfer-Encoding `gzip`",
+            ),
         ] {
             match verdict(200, &[sse, header], false) {
                 Verdict::Fail { kind, what, .. } => {
@@ -267,7 +287,15 @@ mod tests {
             }
         }
         assert_eq!(
-            verdict(200, &[sse, ("content-encoding", "identity"), ("transfer-encoding", "chunked")], false),
+            verdict(
+                200,
+                &[
+                    sse,
+                    ("content-encoding", "identity"),
+                    ("transfer-encoding", "chunked")
+                ],
+                false
+            ),
             Verdict::Open
         );
     }

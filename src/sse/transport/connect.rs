@@ -24,7 +24,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 /// Resolves `host` and connects to its addresses in turn. Each address but the last gets an
 /// equal share of `timeout`, so one that drops SYNs does not use up the time for the others
 /// (the caller bounds the whole).
-pub async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, TransportError> {
+pub async fn tcp_connect(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, TransportError> {
     let addrs: Vec<SocketAddr> = match url::Host::parse(host) {
         Ok(url::Host::Ipv4(ip)) => vec![SocketAddr::new(IpAddr::V4(ip), port)],
         Ok(url::Host::Ipv6(ip)) => vec![SocketAddr::new(IpAddr::V6(ip), port)],

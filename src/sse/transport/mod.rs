@@ -105,7 +105,9 @@ pub enum TransportError {
         #[source]
         source: proxy::TunnelError,
     },
-    #[error("TLS handshake failed (the connection is not retried without TLS verification): {source}")]
+    #[error(
+        "TLS handshake failed (the connection is not retried without TLS verification): {source}"
+    )]
     Tls {
         #[source]
         source: io::Error,

@@ -19,7 +19,9 @@ use super::TransportError;
 /// The proxy settings of the environment, read once (as reqwest read them once per client).
 pub fn system_proxies() -> Arc<Matcher> {
     static PROXIES: OnceLock<Arc<Matcher>> = OnceLock::new();
-    PROXIES.get_or_init(|| Arc::new(Matcher::from_env())).clone()
+    PROXIES
+        .get_or_init(|| Arc::new(Matcher::from_env()))
+        .clone()
 }
 
 /// Where to open the TCP connection for a URL.
@@ -98,7 +100,9 @@ pub async fn tunnel(
     }
     request.extend_from_slice(b"\r\n");
     let result = async {
-        write_all(&mut tcp, &request).await.map_err(TunnelError::Io)?;
+        write_all(&mut tcp, &request)
+            .await
+            .map_err(TunnelError::Io)?;
         let (head, early) = read_head(&mut tcp).await.map_err(TunnelError::Head)?;
         if !(200..300).contains(&head.status.as_u16()) {
             return Err(TunnelError::Refused(head.status.as_u16()));

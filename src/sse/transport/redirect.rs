@@ -82,7 +82,10 @@ mod tests {
         let u = |s: &str| Url::parse(s).unwrap();
         let https = u("https://a.example/x");
         assert_eq!(check(&https, &u("https://a.example/y"), 0, 1), Ok(false));
-        assert_eq!(check(&https, &u("https://a.example:443/y"), 0, 1), Ok(false));
+        assert_eq!(
+            check(&https, &u("https://a.example:443/y"), 0, 1),
+            Ok(false)
+        );
         assert_eq!(check(&https, &u("https://b.example/y"), 0, 1), Ok(true));
         assert_eq!(check(&https, &u("https://a.example:8443/"), 0, 1), Ok(true));
         let e = check(&https, &u("http://a.example/y"), 0, 10).unwrap_err();
@@ -100,7 +103,10 @@ mod tests {
         assert_eq!(check(&u("http://a.example/"), &https, 0, 1), Ok(true));
     }
 
-    static KEEP: [HeaderName; 2] = [http::header::ACCEPT, HeaderName::from_static("last-event-id")];
+    static KEEP: [HeaderName; 2] = [
+        http::header::ACCEPT,
+        HeaderName::from_static("last-event-id"),
+    ];
 
     #[test]
     fn another_origin_keeps_only_what_describes_the_request() {

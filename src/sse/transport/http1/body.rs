@@ -95,7 +95,10 @@ impl ChunkedDecoder {
     /// to the end of `input`): returns how many bytes it used and where that data lies in
     /// `input`. The data is not copied: a read of many chunks hands them out one by one, as
     /// hyper did. Bytes after the end of the body are not used.
-    pub fn next(&mut self, input: &[u8]) -> Result<(usize, Option<(usize, usize)>), MalformedChunk> {
+    pub fn next(
+        &mut self,
+        input: &[u8],
+    ) -> Result<(usize, Option<(usize, usize)>), MalformedChunk> {
         let mut i = 0;
         while i < input.len() {
             match self.state {
@@ -122,9 +125,7 @@ impl ChunkedDecoder {
 
     /// One byte outside chunk data.
     fn step(&mut self, b: u8) -> Result<(), MalformedChunk> {
-        let bad = |what: &str| {
-            Err(MalformedChunk(format!("{what} (byte {:?})", char::from(b))))
-        };
+        let bad = |what: &str| Err(MalformedChunk(format!("{what} (byte {:?})", char::from(b))));
         self.state = match self.state {
             ChunkState::Size { size, digits } => match hex(b) {
                 Some(d) if digits < 16 => ChunkState::Size {
@@ -367,8 +368,8 @@ impl Body for BodyReader {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::head::write_all;
+    use super::*;
     use tokio::net::TcpStream;
 
     /// Decodes `input` cut at `cuts`, returning the data and whether the body ended.
@@ -376,10 +377,7 @@ mod tests {
         decode_split_typed(input, cuts).map_err(|e| e.to_string())
     }
 
-    fn decode_split_typed(
-        input: &[u8],
-        cuts: &[usize],
-    ) -> Result<(Vec<u8>, bool), MalformedChunk> {
+    fn decode_split_typed(input: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, bool), MalformedChunk> {
         let mut decoder = ChunkedDecoder::default();
         let mut out = Vec::new();
         let mut start = 0;

@@ -56,7 +56,11 @@ pub async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> s
 /// The request head of a GET for `url`: origin form, or absolute form through an HTTP proxy
 /// (`proxy` set, http:// URLs only, with that `Proxy-Authorization`). `Host` and `User-Agent`
 /// unless `headers` set them.
-pub fn request_head(url: &url::Url, headers: &HeaderMap, proxy: Option<Option<&HeaderValue>>) -> Vec<u8> {
+pub fn request_head(
+    url: &url::Url,
+    headers: &HeaderMap,
+    proxy: Option<Option<&HeaderValue>>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"GET ");
     let through_proxy = proxy.is_some() && url.scheme() == "http";
@@ -236,7 +240,9 @@ mod tests {
             .unwrap();
         assert!(head.headers["content-type"].to_str().is_err());
 
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Ty").unwrap().is_none());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Ty")
+            .unwrap()
+            .is_none());
         for bad in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",

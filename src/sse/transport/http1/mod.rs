@@ -60,7 +60,10 @@ impl Http1Transport {
     /// redirect to follow. A failure after a redirect names its target.
     async fn request(&self, request: http::Request<()>) -> Result<Response, TransportError> {
         let (mut parts, ()) = request.into_parts();
-        let rules = parts.extensions.remove::<RedirectRules>().unwrap_or_default();
+        let rules = parts
+            .extensions
+            .remove::<RedirectRules>()
+            .unwrap_or_default();
         let connect_timeout = parts
             .extensions
             .get::<ConnectTimeout>()
