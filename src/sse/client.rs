@@ -552,7 +552,9 @@ mod tests {
 
         use bytes::Bytes;
 
-        use super::super::super::transport::{Body, Response, ResponseFuture, Transport, TransportError};
+        use super::super::super::transport::{
+            Body, Response, ResponseFuture, Transport, TransportError,
+        };
 
         /// One answer: a response whose body hands out `chunks` then ends (or waits forever
         /// when `end` is false), or a connection failure.
