@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::units::ByteSize;
+use crate::sse::options::{self as sse, ClientOptions};
+use crate::sse::secret::Secret;
 
 /// One SSE feed. Each feed runs as its own task with its own connection, parser and
 /// checkpoint; one feed's failure never affects another.
@@ -230,6 +232,62 @@ impl Default for BackoffConfig {
             jitter: defaults::backoff_jitter(),
             reset_after: defaults::backoff_reset_after(),
         }
+    }
+}
+
+/// The one place a feed's configuration becomes the EventSource client's options.
+impl From<&FeedConfig> for ClientOptions {
+    fn from(feed: &FeedConfig) -> Self {
+        ClientOptions {
+            name: feed.name.clone(),
+            url: Secret::new(feed.url.as_str()),
+            headers: feed
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), Secret::new(value.as_str())))
+                .collect(),
+            secret_headers: feed.secret_headers.clone(),
+            forward_headers_on_redirect: feed.forward_headers_on_redirect,
+            bearer_token_env: feed.bearer_token_env.clone(),
+            bearer_token_file: feed.bearer_token_file.clone(),
+            ca_file: feed.ca_file.clone(),
+            connect_timeout: feed.connect_timeout,
+            response_timeout: feed.response_timeout,
+            idle_timeout: feed.idle_timeout,
+            max_event_size: feed.max_event_size.as_usize(),
+            max_id_size: feed.max_id_size.as_usize(),
+            max_redirects: feed.max_redirects,
+            policy: match feed.policy {
+                Policy::Daemon => sse::Policy::Daemon,
+                Policy::Browser => sse::Policy::Browser,
+            },
+            on_client_error: match feed.on_client_error {
+                OnClientError::Retry => sse::OnClientError::Retry,
+                OnClientError::Stop => sse::OnClientError::Stop,
+            },
+            client_error_delay: feed.client_error_delay,
+            rejected_id_statuses: feed.rejected_id_statuses.clone(),
+            default_retry: feed.default_retry,
+            backoff: sse::BackoffOptions {
+                initial: feed.backoff.initial,
+                max: feed.backoff.max,
+                multiplier: feed.backoff.multiplier,
+                jitter: feed.backoff.jitter,
+                reset_after: feed.backoff.reset_after,
+            },
+        }
+    }
+}
+
+impl From<std::sync::Arc<FeedConfig>> for ClientOptions {
+    fn from(feed: std::sync::Arc<FeedConfig>) -> Self {
+        ClientOptions::from(&*feed)
+    }
+}
+
+impl From<FeedConfig> for ClientOptions {
+    fn from(feed: FeedConfig) -> Self {
+        ClientOptions::from(&feed)
     }
 }
 

@@ -247,8 +247,8 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
         (None, None) => {}
     }
     if let Some(path) = &feed.ca_file {
-        if let Err(e) = crate::sse::connection::tls_config_with_ca_file(path) {
-            issues.add(key("ca_file"), e);
+        if let Err(e) = crate::sse::transport::tls::tls_config_with_ca_file(path) {
+            issues.add(key("ca_file"), e.to_string());
         }
     }
     positive(issues, &key("connect_timeout"), feed.connect_timeout);

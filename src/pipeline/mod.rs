@@ -167,7 +167,7 @@ impl<S: Source> FeedTask<S> {
             match next {
                 Next::Items => {}
                 Next::Gap { reason, detail } => {
-                    self.record_gap(reason, detail).await;
+                    self.record_gap(reason.into(), detail).await;
                     continue;
                 }
                 Next::Stopped { reason } => {

@@ -19,7 +19,7 @@ use crate::state::StateStore;
 /// One step of a scripted stream.
 enum Step {
     Items(Vec<Item>),
-    Gap(GapReason, &'static str),
+    Gap(crate::sse::client::GapKind, &'static str),
     Stop(&'static str),
 }
 
@@ -327,7 +327,7 @@ async fn a_gap_is_recorded_with_the_position_it_happened_at() {
         7,
         vec![
             Step::Items(vec![event("edit", "a1")]),
-            Step::Gap(GapReason::IdRejected, "the server refused a1"),
+            Step::Gap(crate::sse::client::GapKind::IdRejected, "the server refused a1"),
             Step::Items(vec![event("edit", "b1")]),
         ],
         false,

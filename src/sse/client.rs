@@ -16,11 +16,11 @@ use tokio::time::Instant;
 use super::connection::{
     is_sendable_last_event_id, Attempt, Connection, Connector, Failure, FailureKind,
 };
+use super::options::{ClientOptions, OnClientError, Policy};
 use super::parser::{Item, Limits, Parser};
 use super::retry::{Backoff, FailureClass, MAX_SERVER_DELAY};
 use super::status::{ReadyState, StatusHandle};
-use crate::config::{FeedConfig, OnClientError, Policy};
-use crate::state::GapReason;
+use super::transport::Transport;
 
 pub use super::connection::ClientError;
 
@@ -31,10 +31,21 @@ pub enum Next {
     Items,
     /// The feed could not resume faithfully; record it. Returned before any item of the
     /// connection it concerns.
-    Gap { reason: GapReason, detail: String },
+    Gap { reason: GapKind, detail: String },
     /// The feed stopped for good (204, or the policy failed the connection); `next` keeps
     /// returning this without connecting again. The status handle says `Stopped`.
     Stopped { reason: String },
+}
+
+/// Why a client could not resume faithfully (events may have been lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapKind {
+    /// It reconnected while its last event ID was empty, after events were received: the
+    /// stream carries no ids, so events sent while it was away are lost.
+    ReconnectWithoutId,
+    /// The server rejected the last event ID (a status in `rejected_id_statuses`), or the ID
+    /// could not be sent as a header; the client reconnects without it.
+    IdRejected,
 }
 
 /// Where the loop stands between two calls of `next`.
@@ -67,7 +78,11 @@ enum Level {
 
 /// A reconnecting EventSource for one feed.
 pub struct EventSource {
-    feed: Arc<FeedConfig>,
+    /// The name messages carry, and the two options the loop itself applies (the rest live in
+    /// the connector and the backoff): no copy of the options is kept per feed.
+    name: String,
+    policy: Policy,
+    on_client_error: OnClientError,
     connector: Connector,
     parser: Parser,
     backoff: Backoff,
@@ -87,7 +102,7 @@ pub struct EventSource {
 impl std::fmt::Debug for EventSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventSource")
-            .field("feed", &self.feed.name)
+            .field("feed", &self.name)
             .field("last_event_id", &self.parser.last_event_id())
             .field("attempts", &self.attempts)
             .finish_non_exhaustive()
@@ -95,20 +110,52 @@ impl std::fmt::Debug for EventSource {
 }
 
 impl EventSource {
-    /// A client for `feed`, resuming from `start_last_event_id` (the checkpoint; may be empty).
-    /// Fails on what can never work: a bad URL or header, a missing token variable. Nothing is
-    /// connected until [`EventSource::next`] is polled.
+    /// A client for `options`, resuming from `start_last_event_id` (the checkpoint; may be
+    /// empty), over the lean HTTP/1.1 transport. Fails on what can never work: a bad URL or
+    /// header, a missing token variable. Nothing is connected until [`EventSource::next`] is
+    /// polled.
     pub fn new(
-        feed: Arc<FeedConfig>,
+        options: impl Into<ClientOptions>,
         start_last_event_id: String,
         status: StatusHandle,
     ) -> Result<Self, ClientError> {
-        let connector = Connector::new(&feed)?;
-        let size = feed.max_event_size.as_usize();
+        let options = options.into();
+        let connector = Connector::new(&options)?;
+        Ok(EventSource::with_connector(
+            &options,
+            connector,
+            start_last_event_id,
+            status,
+        ))
+    }
+
+    /// [`EventSource::new`] over the given transport (which follows redirects itself).
+    pub fn with_transport(
+        options: &ClientOptions,
+        transport: Arc<dyn Transport>,
+        start_last_event_id: String,
+        status: StatusHandle,
+    ) -> Result<Self, ClientError> {
+        let connector = Connector::with_transport(options, transport)?;
+        Ok(EventSource::with_connector(
+            options,
+            connector,
+            start_last_event_id,
+            status,
+        ))
+    }
+
+    fn with_connector(
+        feed: &ClientOptions,
+        connector: Connector,
+        start_last_event_id: String,
+        status: StatusHandle,
+    ) -> Self {
+        let size = feed.max_event_size;
         let mut parser = Parser::new(Limits {
             max_line_bytes: size,
             max_event_bytes: size,
-            max_id_bytes: feed.max_id_size.as_usize(),
+            max_id_bytes: feed.max_id_size,
         });
         parser.start_stream(&start_last_event_id);
         status.update(|s| {
@@ -117,9 +164,11 @@ impl EventSource {
             s.current_backoff = None;
             s.open_since = None;
         });
-        Ok(EventSource {
-            backoff: Backoff::for_feed(&feed),
-            feed,
+        EventSource {
+            backoff: Backoff::for_feed(feed),
+            name: feed.name.clone(),
+            policy: feed.policy,
+            on_client_error: feed.on_client_error,
             connector,
             parser,
             status,
@@ -128,7 +177,7 @@ impl EventSource {
             events_seen: 0,
             gap_reported: false,
             shown_id: start_last_event_id,
-        })
+        }
     }
 
     /// The last event ID the next reconnection would send (empty: none).
@@ -195,7 +244,7 @@ impl EventSource {
                         }
                     };
                     let before = out.len();
-                    let result = self.parser.push(chunk, out);
+                    let result = self.parser.push(&chunk, out);
                     self.after_push(before, out);
                     if let Err(e) = result {
                         let failure = Failure {
@@ -204,7 +253,7 @@ impl EventSource {
                             retry_after: None,
                             message: format!(
                                 "feed `{}`: GET {}: {e}; dropping the connection (the next one resumes from last event ID `{}`)",
-                                self.feed.name,
+                                self.name,
                                 self.connector.shown_url(),
                                 self.parser.last_event_id()
                             ),
@@ -232,8 +281,8 @@ impl EventSource {
             );
             let message = self
                 .connector
-                .scrub(&format!("feed `{}`: {detail}", self.feed.name));
-            tracing::warn!(feed = %self.feed.name, "{message}");
+                .scrub(&format!("feed `{}`: {detail}", self.name));
+            tracing::warn!(feed = %self.name, "{message}");
             self.parser.start_stream("");
             self.gap_reported = true;
             self.status.update(|s| {
@@ -241,7 +290,7 @@ impl EventSource {
                 s.last_error_at = Some(SystemTime::now());
             });
             gap = Some(Next::Gap {
-                reason: GapReason::IdRejected,
+                reason: GapKind::IdRejected,
                 detail,
             });
         }
@@ -249,7 +298,7 @@ impl EventSource {
         self.attempts += 1;
         let id = self.parser.last_event_id().to_owned();
         tracing::debug!(
-            feed = %self.feed.name,
+            feed = %self.name,
             attempt = self.attempts,
             last_event_id = %id,
             "connecting to {}",
@@ -277,7 +326,7 @@ impl EventSource {
         let id = self.parser.last_event_id().to_owned();
         self.parser.start_stream(&id);
         tracing::info!(
-            feed = %self.feed.name,
+            feed = %self.name,
             status = conn.status(),
             last_event_id = %id,
             reconnects = self.attempts.saturating_sub(1),
@@ -291,7 +340,7 @@ impl EventSource {
         });
         let gap = (id.is_empty() && self.events_seen > 0 && !self.gap_reported).then(|| {
             Next::Gap {
-                reason: GapReason::ReconnectWithoutId,
+                reason: GapKind::ReconnectWithoutId,
                 detail: format!(
                     "reconnected without a Last-Event-ID after {} events (the stream carries no ids): events sent while disconnected are lost",
                     self.events_seen
@@ -316,7 +365,7 @@ impl EventSource {
         if let Some(ms) = self.parser.take_retry() {
             self.backoff.set_reconnection_time_ms(ms);
             tracing::debug!(
-                feed = %self.feed.name,
+                feed = %self.name,
                 "reconnection time set to {} by the stream",
                 humantime::format_duration(self.backoff.reconnection_time())
             );
@@ -347,7 +396,7 @@ impl EventSource {
         let class = error_class(kind, level);
         self.status
             .update(|s| *s.errors.entry(class).or_default() += 1);
-        let browser = self.feed.policy == Policy::Browser;
+        let browser = self.policy == Policy::Browser;
         match kind {
             FailureKind::NoContent => return Some(self.stop(failure.message)),
             FailureKind::Unavailable | FailureKind::IdRejected | FailureKind::Client if browser => {
@@ -356,7 +405,7 @@ impl EventSource {
                     failure.message
                 )))
             }
-            FailureKind::Client if self.feed.on_client_error == OnClientError::Stop => {
+            FailureKind::Client if self.on_client_error == OnClientError::Stop => {
                 return Some(self.stop(format!("{}; on_client_error = \"stop\"", failure.message)))
             }
             _ => {}
@@ -372,7 +421,7 @@ impl EventSource {
         let shown_delay =
             humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
         let failures = self.backoff.failures();
-        let name = &self.feed.name;
+        let name = &self.name;
         let message = &failure.message;
         match kind {
             FailureKind::Client => tracing::error!(
@@ -402,7 +451,7 @@ impl EventSource {
             self.parser.start_stream("");
             self.gap_reported = true;
             Next::Gap {
-                reason: GapReason::IdRejected,
+                reason: GapKind::IdRejected,
                 detail: format!(
                     "the server answered HTTP {} to Last-Event-ID `{id}`; reconnecting without an ID, events since then may be lost",
                     failure.status.unwrap_or_default()
@@ -432,7 +481,7 @@ impl EventSource {
     /// Stops the feed for good and publishes it.
     fn stop(&mut self, reason: String) -> Next {
         let reason = self.connector.scrub(&reason);
-        tracing::error!(feed = %self.feed.name, "{reason}; the feed is stopped until restarted");
+        tracing::error!(feed = %self.name, "{reason}; the feed is stopped until restarted");
         self.status.update(|s| {
             s.state = ReadyState::Stopped;
             s.last_error = Some(reason.clone());
@@ -477,7 +526,7 @@ mod tests {
     #[tokio::test]
     async fn new_publishes_connecting_and_the_start_id_without_connecting() {
         let status = StatusHandle::new();
-        let feed = Arc::new(FeedConfig::new("f", "http://127.0.0.1:9/"));
+        let feed = ClientOptions::new("f", "http://127.0.0.1:9/");
         let es = EventSource::new(feed, "41".into(), status.clone()).unwrap();
         assert_eq!(es.last_event_id(), "41");
         let s = status.get();
@@ -489,8 +538,281 @@ mod tests {
 
     #[test]
     fn new_rejects_a_bad_url() {
-        let feed = Arc::new(FeedConfig::new("f", "nope"));
+        let feed = ClientOptions::new("f", "nope");
         let err = EventSource::new(feed, String::new(), StatusHandle::new()).unwrap_err();
         assert!(err.to_string().starts_with("feed `f`:"), "{err}");
+    }
+
+    /// A transport that answers from a script and records what it was asked: the state
+    /// machine without a socket.
+    mod scripted {
+        use std::collections::VecDeque;
+        use std::sync::Mutex;
+        use std::task::{Context, Poll};
+
+        use bytes::Bytes;
+
+        use super::super::super::transport::{
+            Body, Response, ResponseFuture, Transport, TransportError,
+        };
+
+        /// One answer: a response whose body hands out `chunks` then ends (or waits forever
+        /// when `end` is false), or a connection failure.
+        #[derive(Debug)]
+        pub enum Reply {
+            Response {
+                status: u16,
+                headers: Vec<(&'static str, &'static str)>,
+                chunks: Vec<Bytes>,
+                end: bool,
+            },
+            Refused,
+        }
+
+        impl Reply {
+            /// A 200 event stream with `chunks`, that ends after them if `end`.
+            pub fn stream(chunks: Vec<Bytes>, end: bool) -> Reply {
+                Reply::Response {
+                    status: 200,
+                    headers: vec![("content-type", "text/event-stream")],
+                    chunks,
+                    end,
+                }
+            }
+
+            pub fn status(status: u16) -> Reply {
+                Reply::Response {
+                    status,
+                    headers: Vec::new(),
+                    chunks: Vec::new(),
+                    end: true,
+                }
+            }
+        }
+
+        #[derive(Debug, Default)]
+        pub struct Scripted {
+            replies: Mutex<VecDeque<Reply>>,
+            /// The requests' headers, in order.
+            pub requests: Mutex<Vec<http::HeaderMap>>,
+        }
+
+        impl Scripted {
+            pub fn new(replies: Vec<Reply>) -> Scripted {
+                Scripted {
+                    replies: Mutex::new(replies.into()),
+                    requests: Mutex::default(),
+                }
+            }
+
+            pub fn sent(&self) -> Vec<http::HeaderMap> {
+                self.requests.lock().unwrap().clone()
+            }
+        }
+
+        impl Transport for Scripted {
+            fn send(self: std::sync::Arc<Self>, request: http::Request<()>) -> ResponseFuture {
+                self.requests
+                    .lock()
+                    .unwrap()
+                    .push(request.headers().clone());
+                let reply = self.replies.lock().unwrap().pop_front();
+                Box::pin(async move {
+                    match reply {
+                        // The script ran out: nobody answers.
+                        None => std::future::pending().await,
+                        Some(Reply::Refused) => Err(TransportError::NoAddress {
+                            host: "scripted".into(),
+                        }),
+                        Some(Reply::Response {
+                            status,
+                            headers,
+                            chunks,
+                            end,
+                        }) => {
+                            let body: Box<dyn Body> = Box::new(ScriptedBody {
+                                chunks: chunks.into(),
+                                end,
+                            });
+                            let mut response = Response::new(body);
+                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            for (k, v) in headers {
+                                response.headers_mut().append(k, v.parse().unwrap());
+                            }
+                            Ok(response)
+                        }
+                    }
+                })
+            }
+        }
+
+        #[derive(Debug)]
+        struct ScriptedBody {
+            chunks: VecDeque<Bytes>,
+            end: bool,
+        }
+
+        impl Body for ScriptedBody {
+            fn poll_chunk(
+                &mut self,
+                _: &mut Context<'_>,
+            ) -> Poll<Result<Option<Bytes>, TransportError>> {
+                match self.chunks.pop_front() {
+                    Some(chunk) => Poll::Ready(Ok(Some(chunk))),
+                    None if self.end => Poll::Ready(Ok(None)),
+                    None => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    use bytes::Bytes;
+    use scripted::{Reply, Scripted};
+
+    /// Options with fast, jitter-free reconnections (the 100 ms floor still applies).
+    fn fast() -> ClientOptions {
+        let mut o = ClientOptions::new("f", "http://scripted.invalid/s");
+        o.default_retry = Duration::from_millis(100);
+        o.backoff.initial = Duration::from_millis(200);
+        o.backoff.jitter = 0.0;
+        o
+    }
+
+    fn source(o: &ClientOptions, t: &Arc<Scripted>, id: &str) -> EventSource {
+        EventSource::with_transport(o, t.clone(), id.into(), StatusHandle::new()).unwrap()
+    }
+
+    /// Calls `next` until `n` items arrived (or fails after 5 s), returning them and every
+    /// other `Next` seen on the way.
+    async fn items(es: &mut EventSource, n: usize) -> (Vec<Item>, Vec<Next>) {
+        let mut out = Vec::new();
+        let mut others = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, es.next(&mut out)).await {
+                Ok(Next::Items) => {}
+                Ok(other) => others.push(other),
+                Err(_) => panic!("only {out:?} (and {others:?}) within 5 s"),
+            }
+        }
+        (out, others)
+    }
+
+    #[tokio::test]
+    async fn an_immediate_204_stops_for_good_without_asking_again() {
+        let t = Arc::new(Scripted::new(vec![Reply::status(204)]));
+        let mut es = source(&fast(), &t, "");
+        let mut out = Vec::new();
+        match es.next(&mut out).await {
+            Next::Stopped { reason } => assert!(reason.contains("HTTP 204 No Content"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(es.next(&mut out).await, Next::Stopped { .. }));
+        assert!(out.is_empty());
+        assert_eq!(t.sent().len(), 1);
+        let s = es.status().get();
+        assert_eq!(s.state, ReadyState::Stopped);
+        assert_eq!(s.errors.get("no_content"), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn a_500_backs_off_then_reconnects_and_reads() {
+        let t = Arc::new(Scripted::new(vec![
+            Reply::status(500),
+            Reply::stream(vec![Bytes::from_static(b"data: a\n\n")], false),
+        ]));
+        let mut es = source(&fast(), &t, "");
+        let started = Instant::now();
+        let (got, others) = items(&mut es, 1).await;
+        // The first failure waits backoff.initial (no jitter), never less.
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(others.is_empty(), "{others:?}");
+        assert!(
+            matches!(&got[0], Item::Event(e) if e.data == "a"),
+            "{got:?}"
+        );
+        let s = es.status().get();
+        assert_eq!(s.state, ReadyState::Open);
+        assert_eq!(s.reconnects, 1);
+        assert_eq!(s.errors.get("unavailable"), Some(&1));
+        assert!(s
+            .last_error
+            .unwrap()
+            .contains("HTTP 500 Internal Server Error"));
+        assert_eq!(t.sent().len(), 2);
+        for headers in t.sent() {
+            assert_eq!(headers["accept"], "text/event-stream");
+            assert_eq!(headers["cache-control"], "no-cache");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_split_into_any_chunks_parses_the_same() {
+        let stream: &[u8] =
+            b"\xEF\xBB\xBFid: 1\r\nevent: x\r\ndata: h\xC3\xA9llo\r\ndata: world\r\n\r\n: c\nid: 2\rdata: z\n\n";
+        let whole = Arc::new(Scripted::new(vec![Reply::stream(
+            vec![Bytes::from_static(stream)],
+            false,
+        )]));
+        let (want, _) = items(&mut source(&fast(), &whole, ""), 2).await;
+        assert_eq!(want.len(), 2);
+        assert!(
+            matches!(&want[0], Item::Event(e) if e.data == "h\u{e9}llo\nworld" && &*e.id == "1")
+        );
+        for size in [1, 2, 3, 7] {
+            // Empty chunks (framing only) between the pieces change nothing either.
+            let chunks = stream
+                .chunks(size)
+                .flat_map(|c| [Bytes::copy_from_slice(c), Bytes::new()])
+                .collect();
+            let t = Arc::new(Scripted::new(vec![Reply::stream(chunks, false)]));
+            let (got, _) = items(&mut source(&fast(), &t, ""), 2).await;
+            assert_eq!(got, want, "chunks of {size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reconnections_resume_from_the_last_id_and_a_rejected_id_is_a_gap() {
+        let t = Arc::new(Scripted::new(vec![
+            Reply::Refused,
+            Reply::stream(vec![Bytes::from_static(b"id: 7\ndata: a\n\n")], true),
+            Reply::status(410),
+            Reply::stream(vec![Bytes::from_static(b"data: b\n\n")], false),
+        ]));
+        let mut es = source(&fast(), &t, "5");
+        let (got, others) = items(&mut es, 2).await;
+        assert!(
+            matches!(&got[1], Item::Event(e) if e.data == "b" && e.id.is_empty()),
+            "{got:?}"
+        );
+        match &others[..] {
+            [Next::Gap {
+                reason: GapKind::IdRejected,
+                detail,
+            }] => {
+                assert!(
+                    detail.contains("HTTP 410") && detail.contains('7'),
+                    "{detail}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let ids: Vec<Option<String>> = t
+            .sent()
+            .iter()
+            .map(|h| {
+                h.get("last-event-id")
+                    .map(|v| v.to_str().unwrap().to_owned())
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            [Some("5".into()), Some("5".into()), Some("7".into()), None]
+        );
+        assert_eq!(es.status().get().errors.get("network"), Some(&1));
     }
 }

@@ -4,7 +4,7 @@
 //! class, how long the connection had been open) and gets a [`Duration`] back, so every rule is
 //! unit-tested in microseconds. The random source is injected (a seeded `StdRng` in tests).
 //!
-//! The rules, as documented on [`BackoffConfig`] and [`FeedConfig`]:
+//! The rules, as the feed configuration documents them for users (`[feed.backoff]`):
 //! - `daemon` policy: the n-th consecutive failure waits
 //!   `max(retry, min(max, max(initial, retry) * multiplier^(n-1)))` plus a random
 //!   `0..jitter` fraction of that on top, where `retry` is the stream's reconnection time
@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::{BackoffConfig, FeedConfig, Policy};
+use super::options::{BackoffOptions, ClientOptions, Policy};
 
 /// The longest reconnection time (from `retry:`) or `Retry-After` honoured. A server asking
 /// for more (a `retry:` of 2^64 ms is syntactically valid) would otherwise silently park the
@@ -54,7 +54,7 @@ pub enum FailureClass {
 #[derive(Debug, Clone)]
 pub struct Backoff<R = SmallRng> {
     policy: Policy,
-    config: BackoffConfig,
+    config: BackoffOptions,
     client_error_delay: Duration,
     /// The stream's reconnection time: `default_retry` until a `retry:` field changes it.
     reconnection_time: Duration,
@@ -66,14 +66,14 @@ pub struct Backoff<R = SmallRng> {
 impl Backoff<SmallRng> {
     /// The policy of `feed`, with an RNG seeded from the OS so that feeds failing together do
     /// not reconnect together.
-    pub fn for_feed(feed: &FeedConfig) -> Self {
+    pub fn for_feed(feed: &ClientOptions) -> Self {
         Backoff::new(feed, SmallRng::from_entropy())
     }
 }
 
 impl<R: Rng> Backoff<R> {
     /// The policy of `feed` with the given random source (seed it in tests).
-    pub fn new(feed: &FeedConfig, rng: R) -> Self {
+    pub fn new(feed: &ClientOptions, rng: R) -> Self {
         Backoff {
             policy: feed.policy,
             config: feed.backoff.clone(),
@@ -158,7 +158,7 @@ impl<R: Rng> Backoff<R> {
 /// Computed in floating point and clamped before converting back, so huge `n` or multipliers
 /// saturate at `max` instead of overflowing. A multiplier below 1 or not finite counts as 1
 /// (validation rejects those; this keeps the function total).
-pub fn exponential(config: &BackoffConfig, retry: Duration, n: u32) -> Duration {
+pub fn exponential(config: &BackoffOptions, retry: Duration, n: u32) -> Duration {
     let start = config.initial.max(retry);
     let multiplier = if config.multiplier.is_finite() && config.multiplier >= 1.0 {
         config.multiplier
@@ -208,9 +208,9 @@ mod tests {
     }
 
     /// initial 1 s, max 60 s, multiplier 2, no jitter, reset after 60 s, retry 3 s.
-    fn feed() -> FeedConfig {
-        let mut f = FeedConfig::new("t", "http://example.org/");
-        f.backoff = BackoffConfig {
+    fn feed() -> ClientOptions {
+        let mut f = ClientOptions::new("t", "http://example.org/");
+        f.backoff = BackoffOptions {
             initial: ms(1000),
             max: ms(60_000),
             multiplier: 2.0,
@@ -222,7 +222,7 @@ mod tests {
         f
     }
 
-    fn backoff(f: &FeedConfig) -> Backoff {
+    fn backoff(f: &ClientOptions) -> Backoff {
         Backoff::new(f, StdRng::seed_from_u64(7))
     }
 
@@ -425,7 +425,7 @@ mod tests {
     #[test]
     fn default_config_values() {
         // The documented defaults: 3 s retry floor, 1 s initial -> 3, 6, 12, ... 60 s, +0..30 %.
-        let f = FeedConfig::new("t", "http://example.org/");
+        let f = ClientOptions::new("t", "http://example.org/");
         let mut b = Backoff::new(&f, StdRng::seed_from_u64(1));
         let d = b.next_delay(FailureClass::Transient, None);
         assert!(d >= ms(3000) && d < ms(3900), "{d:?}");

@@ -40,6 +40,16 @@ pub enum GapReason {
     ManualChange,
 }
 
+/// The EventSource client's own gap kinds, as the state store records them.
+impl From<crate::sse::client::GapKind> for GapReason {
+    fn from(kind: crate::sse::client::GapKind) -> Self {
+        match kind {
+            crate::sse::client::GapKind::ReconnectWithoutId => GapReason::ReconnectWithoutId,
+            crate::sse::client::GapKind::IdRejected => GapReason::IdRejected,
+        }
+    }
+}
+
 impl GapReason {
     /// Every reason, for parsing and listing.
     pub const ALL: [GapReason; 5] = [
