@@ -455,8 +455,9 @@ async fn write_with_retry(
             }
             Err(e) => {
                 failures += 1;
-                health.errors.fetch_add(1, Ordering::Relaxed);
-                health.healthy.store(false, Ordering::Relaxed);
+                // Unhealthy first: whoever sees the error count grow sees the sink unhealthy.
+                health.healthy.store(false, Ordering::Release);
+                health.errors.fetch_add(1, Ordering::Release);
                 let message = e.to_string();
                 if last_logged.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
                     tracing::error!(

@@ -740,11 +740,11 @@ fn a_broker_down_holds_the_feed_back_until_it_returns() {
         handle.send(more, &tracker).await;
         // Past the delivery timeout: the batch failed at least once, nothing acknowledged.
         let deadline = Instant::now() + Duration::from_secs(15);
-        while handle.health.errors.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        while handle.health.errors.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(handle.health.errors.load(Ordering::Relaxed) >= 1);
-        assert!(!handle.health.healthy.load(Ordering::Relaxed));
+        assert!(handle.health.errors.load(Ordering::Acquire) >= 1);
+        assert!(!handle.health.healthy.load(Ordering::Acquire));
         let error = handle.health.last_error().unwrap_or_default();
         assert!(
             error.contains("timed out") && error.contains("(transient)"),
