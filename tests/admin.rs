@@ -7,28 +7,16 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{bin, write_file, LogServer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::broadcast;
-use tokio::task::JoinHandle;
+use support::server::{Fault, Options, Server};
+use support::{bin, free_port, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// The bridge as a child process, killed if a test fails before stopping it.
 struct Bridge {
@@ -420,117 +408,15 @@ fn the_test_parser_rejects_malformed_text() {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// An SSE server the test controls: pushes what it is told to every client, can be stopped
-// (listener closed, connections dropped) and started again on the same port.
-
-struct PushServer {
-    addr: SocketAddr,
-    tx: broadcast::Sender<String>,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl PushServer {
-    async fn start() -> PushServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut server = PushServer {
-            addr,
-            tx: broadcast::channel(1024).0,
-            tasks: Arc::default(),
-            accept: None,
-        };
-        server.serve(listener);
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/stream", self.addr)
-    }
-
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let tx = self.tx.clone();
-        let tasks = self.tasks.clone();
-        self.accept = Some(tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let mut rx = tx.subscribe();
-                let task = tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let start = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n: hello\nretry: 100\n\n";
-                    if sock.write_all(start.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    loop {
-                        let text = tokio::select! {
-                            m = rx.recv() => match m {
-                                Ok(t) => t,
-                                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                                Err(_) => return,
-                            },
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => ": heartbeat\n".to_string(),
-                        };
-                        if sock.write_all(text.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                tasks.lock().expect("lock").push(task);
-            }
-        }));
-    }
-
-    /// Clients connected now.
-    fn clients(&self) -> usize {
-        self.tx.receiver_count()
-    }
-
-    fn push(&self, text: &str) {
-        let _ = self.tx.send(text.to_string());
-    }
-
-    /// Closes the listener and every connection: the port refuses connections.
-    fn stop(&mut self) {
-        if let Some(a) = self.accept.take() {
-            a.abort();
-        }
-        for t in self.tasks.lock().expect("lock").drain(..) {
-            t.abort();
-        }
-    }
-
-    /// Listens on the same port again.
-    async fn restart(&mut self) {
-        let listener = tokio::net::TcpListener::bind(self.addr)
-            .await
-            .expect("rebind the same port");
-        self.serve(listener);
-    }
+/// An SSE server the test controls: pushes what it is told to every client, can be stopped
+/// (listener closed, connections dropped) and started again on the same port.
+async fn push_server() -> Server {
+    Server::start(Options::paced(0, 1, Duration::ZERO), |_| Fault::Push).await
 }
 
 /// Answers every request with 204 No Content: "stop reconnecting".
-async fn no_content_server() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = axum::Router::new().route(
-        "/stream",
-        axum::routing::get(|| async { axum::http::StatusCode::NO_CONTENT }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
+async fn no_content_server() -> Server {
+    Server::start(Options::log(0), |_| Fault::status(204, "No Content")).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -544,7 +430,7 @@ fn event_data(n: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_count_the_events_sent() {
     const N: u64 = 300;
-    let server = LogServer::start(N, 100, Duration::from_millis(10)).await;
+    let server = Server::log(N, 100, Duration::from_millis(10)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     // edit -> stored, log -> dropped by a route, new -> unrouted (no default route).
@@ -813,8 +699,9 @@ drop = true
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_not_ready_while_a_feeds_server_is_down() {
-    let mut server = PushServer::start().await;
-    let gone = no_content_server().await;
+    let mut server = push_server().await;
+    let no_content = no_content_server().await;
+    let gone = no_content.url();
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let text = format!(
@@ -831,7 +718,7 @@ backoff = {{ initial = "100ms", max = "200ms", jitter = 0.0 }}
 
 [[feed]]
 name = "retired"
-url = "http://{gone}/stream"
+url = "{gone}"
 
 [sink.archive]
 type = "file"
@@ -977,7 +864,7 @@ async fn wait_child(child: &mut Child, within: Duration) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_prints_events_live_and_status_lists_the_feeds() {
-    let server = PushServer::start().await;
+    let server = push_server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let text = format!(

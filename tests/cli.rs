@@ -9,7 +9,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use rand::Rng;
-use support::{bin, wait_for, write_file, LogServer};
+use support::server::Server;
+use support::{bin, wait_for, write_file};
 
 fn validate(config: &Path) -> Output {
     Command::new(bin())
@@ -242,7 +243,7 @@ fn checkpoint(state: &Path) -> Option<(String, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     // 100 000 events in chunks of 500 every 20 ms: about 4 s of stream.
-    let server = LogServer::start(TOTAL, 500, Duration::from_millis(20)).await;
+    let server = Server::log(TOTAL, 500, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = e2e_config(dir.path(), &server.url());
     let out = dir.path().join("events/wiki.jsonl");
@@ -370,7 +371,7 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_feed_does_not_affect_a_good_one_and_every_event_is_accounted_for() {
     const N: u64 = 3000;
-    let server = LogServer::start(N, 300, Duration::from_millis(5)).await;
+    let server = Server::log(N, 300, Duration::from_millis(5)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     // Port 9 (discard) on loopback: nothing listens, every attempt is refused.
     let text = format!(

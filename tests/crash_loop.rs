@@ -23,17 +23,16 @@
 
 mod support;
 
-#[path = "support/bridge.rs"]
-mod bridge;
 #[path = "support/kafka.rs"]
 mod kafka;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bridge::{checkpoint, parse_line, Bridge, Tail};
+use support::bridge::{checkpoint, parse_line, Bridge, Tail};
 use rand::{Rng, SeedableRng};
-use support::{event_type, write_file, LogServer};
+use support::server::Server;
+use support::{event_type, write_file};
 
 const FEED: &str = "wiki";
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
@@ -364,7 +363,7 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
     let started = Instant::now();
 
     // 1 000 events every 25 ms: 40 000 events/s, 25 s of stream if nothing stopped it.
-    let server = LogServer::start(total, CHUNK, PAUSE).await;
+    let server = Server::log(total, CHUNK, PAUSE).await;
     let broker = kafka::Broker::start().await;
     if let Some(b) = &broker {
         b.create_topics(&[(TOPIC, 1)]).await;

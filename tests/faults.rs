@@ -17,10 +17,6 @@
 
 mod support;
 
-#[path = "support/bridge.rs"]
-mod bridge;
-#[path = "support/faults.rs"]
-mod faults;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,8 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bridge::{checkpoint, line_count, read_jsonl, Bridge, LogLine, Seen, Stored};
-use faults::{Fault, FaultServer, Options, Record};
+use support::bridge::{checkpoint, line_count, read_jsonl, Bridge, LogLine, Seen, Stored};
+use support::bridge;
+use support::server::{Fault, Options, Record, Server};
 use rand::{Rng, SeedableRng};
 use support::{event_type, wait_for, write_file};
 
@@ -262,7 +259,7 @@ struct Outcome {
 /// wait until all `N` log events (plus `extra` others) are stored and committed, stop with
 /// SIGTERM (exit 0), and check delivery: every log event once and in order, exactly `extra`
 /// other events, the checkpoint never ahead of the file and finally at the last event.
-async fn run_to_completion(server: &FaultServer, s: &Setup, extra: u64) -> Outcome {
+async fn run_to_completion(server: &Server, s: &Setup, extra: u64) -> Outcome {
     let monitor = Monitor::start(s);
     let bridge = Bridge::spawn(&s.config);
     wait_stored(s, &bridge, (N + extra) as usize, N + extra).await;
@@ -297,7 +294,7 @@ fn show(logs: &[LogLine]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_reset_mid_event_resumes_after_the_last_whole_event() {
-    let server = FaultServer::scripted(N, vec![Fault::Reset { after: K }]).await;
+    let server = Server::scripted(N, vec![Fault::Reset { after: K }]).await;
     let s = setup(&server.url(), &[]);
     let o = run_to_completion(&server, &s, 0).await;
 
@@ -322,7 +319,7 @@ async fn connection_reset_mid_event_resumes_after_the_last_whole_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_eof_mid_event_discards_the_half_event_and_resumes() {
-    let server = FaultServer::scripted(N, vec![Fault::Eof { after: K }]).await;
+    let server = Server::scripted(N, vec![Fault::Eof { after: K }]).await;
     let s = setup(&server.url(), &[]);
     let o = run_to_completion(&server, &s, 0).await;
 
@@ -383,7 +380,7 @@ fn garbage() -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_nul_bytes_are_parsed_as_the_standard_says_without_a_reconnect() {
-    let server = FaultServer::scripted(
+    let server = Server::scripted(
         N,
         vec![Fault::Inject {
             after: K,
@@ -436,7 +433,7 @@ async fn invalid_utf8_is_replaced_even_when_split_across_reads() {
         b" bad \xc3\x28 \xed\xa0\x80 end\nunknown\xff: x\n\n".to_vec(),
     ];
     let data_bytes = b"caf\xc3\xa9 split bad \xc3\x28 \xed\xa0\x80 end";
-    let server = FaultServer::scripted(N, vec![Fault::Inject { after: K, writes }]).await;
+    let server = Server::scripted(N, vec![Fault::Inject { after: K, writes }]).await;
     let s = setup(&server.url(), &[]);
     let o = run_to_completion(&server, &s, 1).await;
 
@@ -462,7 +459,7 @@ async fn invalid_utf8_is_replaced_even_when_split_across_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mb_line_is_refused_with_its_size_and_memory_stays_bounded() {
     const SIZE: usize = 100 * 1024 * 1024;
-    let server = FaultServer::scripted(
+    let server = Server::scripted(
         N,
         vec![Fault::GiantLine {
             after: K,
@@ -517,7 +514,7 @@ async fn a_100_mb_line_is_refused_with_its_size_and_memory_stays_bounded() {
 async fn a_drip_of_one_byte_per_second_never_trips_the_idle_timeout() {
     // 6 bytes at 1 byte/s: 6 s for one event, three times the idle timeout, yet every gap
     // between bytes is shorter than it.
-    let server = FaultServer::scripted(
+    let server = Server::scripted(
         N,
         vec![Fault::Drip {
             after: K,
@@ -550,7 +547,7 @@ async fn a_drip_of_one_byte_per_second_never_trips_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_then_silence_trips_the_idle_timeout_and_the_feed_resumes() {
-    let server = FaultServer::scripted(
+    let server = Server::scripted(
         N,
         vec![Fault::Silence { after: 0 }, Fault::Silence { after: K }],
     )
@@ -590,7 +587,7 @@ async fn headers_then_silence_trips_the_idle_timeout_and_the_feed_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_accepts_and_never_answers_hits_the_header_timeout() {
-    let server = FaultServer::scripted(N, vec![Fault::Eof { after: K }, Fault::NeverAnswer]).await;
+    let server = Server::scripted(N, vec![Fault::Eof { after: K }, Fault::NeverAnswer]).await;
     let s = setup(&server.url(), &[]);
     let o = run_to_completion(&server, &s, 0).await;
 
@@ -619,7 +616,7 @@ async fn a_server_that_accepts_and_never_answers_hits_the_header_timeout() {
 async fn a_server_that_never_accepts_hits_the_connect_timeout() {
     // A listener whose accept queue is full: the kernel drops the bridge's SYNs, so the TCP
     // connection itself never completes.
-    let server = FaultServer::start(
+    let server = Server::start(
         Options {
             accept_paused: true,
             ..Options::log(N)
@@ -673,7 +670,7 @@ async fn a_storm_of_500s_backs_off_to_the_cap_without_a_hot_loop() {
     const STORM: usize = 8;
     let mut plan = vec![Fault::Eof { after: K }];
     plan.extend((0..STORM).map(|_| Fault::status(500, "Internal Server Error")));
-    let server = FaultServer::scripted(N, plan).await;
+    let server = Server::scripted(N, plan).await;
     let s = setup(&server.url(), &[]);
     let o = run_to_completion(&server, &s, 0).await;
 
@@ -729,7 +726,7 @@ async fn a_storm_of_500s_backs_off_to_the_cap_without_a_hot_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_requests_with_retry_after_seconds_is_honoured() {
-    let server = FaultServer::scripted(
+    let server = Server::scripted(
         N,
         vec![
             Fault::Eof { after: K },
@@ -757,7 +754,7 @@ async fn too_many_requests_with_retry_after_seconds_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_unavailable_with_a_retry_after_date_is_honoured() {
-    let server = FaultServer::start(Options::log(N), |r| match r.index {
+    let server = Server::start(Options::log(N), |r| match r.index {
         0 => Fault::Eof { after: K },
         1 => {
             let at = SystemTime::now() + Duration::from_secs(3);
@@ -794,7 +791,7 @@ async fn service_unavailable_with_a_retry_after_date_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_content_stops_the_feed_until_a_restart_resumes_it() {
-    let server = FaultServer::scripted(
+    let server = Server::scripted(
         N,
         vec![Fault::Eof { after: K }, Fault::status(204, "No Content")],
     )
@@ -845,16 +842,16 @@ async fn no_content_stops_the_feed_until_a_restart_resumes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_content_type_is_retried_slowly_and_loudly() {
-    let server = FaultServer::scripted(
+    let server = Server::scripted(
         N,
         vec![
             Fault::Eof { after: K },
-            Fault::Status {
-                code: 200,
-                reason: "OK",
-                headers: vec![("Content-Type".into(), "text/html; charset=utf-8".into())],
-                body: "<html><body>data: not an event\n\n</body></html>".into(),
-            },
+            Fault::response(
+                200,
+                "OK",
+                &[("Content-Type", "text/html; charset=utf-8")],
+                "<html><body>data: not an event\n\n</body></html>",
+            ),
         ],
     )
     .await;
@@ -887,7 +884,7 @@ async fn a_wrong_content_type_is_retried_slowly_and_loudly() {
 async fn a_redirect_loop_is_refused_and_retried_slowly() {
     // /stream: first served (then EOF), then two attempts redirected into a loop, then fixed.
     // /loop redirects to itself, for ever.
-    let server = FaultServer::start(Options::log(N), |r| {
+    let server = Server::start(Options::log(N), |r| {
         let to_loop = Fault::status(302, "Found").with_header("Location", "/loop");
         match (r.path.as_str(), r.nth_on_path) {
             ("/stream", 0) => Fault::Eof { after: K },
@@ -932,8 +929,8 @@ async fn a_redirect_loop_is_refused_and_retried_slowly() {
 // TLS.
 
 /// A server that sends the whole log over TLS, with a fresh self-signed certificate.
-async fn tls_server() -> FaultServer {
-    FaultServer::start(
+async fn tls_server() -> Server {
+    Server::start(
         Options {
             tls: true,
             ..Options::log(N)
@@ -1177,7 +1174,7 @@ async fn a_torn_last_line_left_by_a_crash_is_cut_before_the_next_event() {
     // file then ends inside a line. That batch was never acknowledged, so the checkpoint is
     // before it and its events come again; the fragment must not be glued to the first of
     // them. (Simulated here: the crash loop's kills rarely land inside a write.)
-    let server = FaultServer::scripted(N, vec![Fault::Silence { after: K }]).await;
+    let server = Server::scripted(N, vec![Fault::Silence { after: K }]).await;
     let s = setup(&server.url(), &[("idle_timeout", "\"30s\"")]);
     let bridge = Bridge::spawn(&s.config);
     wait_stored(&s, &bridge, K as usize, K).await;

@@ -22,7 +22,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kafka_broker::{Broker, Record};
-use support::{bin, event_type, wait_for, write_file, LogServer};
+use support::server::Server;
+use support::{bin, event_type, wait_for, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // The broker: tansu on a free port, shared with the crash loop (tests/support/kafka.rs).
@@ -196,7 +197,7 @@ async fn kafka_end_to_end_100k_events_routed_by_type_into_two_topics() {
     broker
         .create_topics(&[("wiki-edits", 3), ("wiki-rest", 2)])
         .await;
-    let server = LogServer::start(TOTAL, 1000, Duration::from_millis(1)).await;
+    let server = Server::log(TOTAL, 1000, Duration::from_millis(1)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(
         dir.path(),
@@ -302,7 +303,7 @@ async fn kafka_broker_frozen_20s_holds_the_feed_back_and_loses_nothing() {
     };
     broker.create_topics(&[("wiki", 1)]).await;
     // About 10 000 events/s for 4 s: the freeze comes in the middle of the stream.
-    let server = LogServer::start(N, 200, Duration::from_millis(20)).await;
+    let server = Server::log(N, 200, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(
         dir.path(),
@@ -398,7 +399,7 @@ async fn kafka_kill_9_then_restart_loses_nothing_and_duplicates_carry_the_same_i
     };
     broker.create_topics(&[("wiki", 1)]).await;
     // About 25 000 events/s for 4 s.
-    let server = LogServer::start(TOTAL, 500, Duration::from_millis(20)).await;
+    let server = Server::log(TOTAL, 500, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(
         dir.path(),
@@ -511,7 +512,7 @@ async fn kafka_missing_topic_blocks_until_created_or_is_skipped_and_counted() {
     let Some(broker) = Broker::start().await else {
         return;
     };
-    let server = LogServer::start(N, 100, Duration::from_millis(10)).await;
+    let server = Server::log(N, 100, Duration::from_millis(10)).await;
     let sink = |topic: &str, on_error: &str| {
         format!(
             r#"

@@ -19,11 +19,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::Response;
-use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use rand::Rng;
 use rusqlite::Connection;
@@ -32,7 +27,8 @@ use sse_bridge::sink::file::{FileSink, FileSinkConfig};
 use sse_bridge::sink::sqlite::{SqliteSink, SqliteSinkConfig};
 use sse_bridge::sink::{jsonl, BufferConfig, Sink};
 use sse_bridge::sse::parser::{Item, Limits, Parser};
-use support::{bin, wait_for, write_file, LogServer};
+use support::server::{Fault, Options, Server};
+use support::{bin, wait_for, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -237,11 +233,6 @@ async fn read_events(
 // A resumable upstream with awkward events: multi-line data, events without `id:` (they keep
 // the previous id), unicode.
 
-#[derive(Clone)]
-struct RichState {
-    total: u64,
-}
-
 fn rich_type(n: u64) -> &'static str {
     ["edit", "log", "new"][(n % 3) as usize]
 }
@@ -275,52 +266,16 @@ fn rich_text(n: u64) -> String {
     s
 }
 
-async fn rich_stream(State(state): State<RichState>, headers: HeaderMap) -> Response {
-    let last: u64 = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
-    tokio::spawn(async move {
-        let mut n = last + 1;
-        while n <= state.total {
-            let end = (n + 199).min(state.total);
-            let text: String = (n..=end).map(rich_text).collect();
-            if tx.send(Ok(Bytes::from(text))).await.is_err() {
-                return;
-            }
-            n = end + 1;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if tx.send(Ok(Bytes::from_static(b": idle\n"))).await.is_err() {
-                return;
-            }
-        }
-    });
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (b, rx))
-    }));
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(body)
-        .expect("response")
-}
-
-async fn start_rich(total: u64) -> String {
-    let app = axum::Router::new()
-        .route("/rich", axum::routing::get(rich_stream))
-        .with_state(RichState { total });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}/rich")
+/// The upstream: `total` rich events, 200 per write, 5 ms apart, then heartbeats.
+async fn start_rich(total: u64) -> Server {
+    let options = Options {
+        chunk: 200,
+        pause: Duration::from_millis(5),
+        heartbeat: Duration::from_millis(200),
+        events: rich_text,
+        ..Options::log(total)
+    };
+    Server::start(options, |_| Fault::Normal).await
 }
 
 fn bridge_config(
@@ -354,7 +309,7 @@ const TOTAL: u64 = 100_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loop_with_the_sink_in_the_state_database_stores_every_event_exactly_once() {
     // 100 000 events with ids, 500 every 20 ms: about 4 s of stream when nobody waits.
-    let server = LogServer::start(TOTAL, 500, Duration::from_millis(20)).await;
+    let server = Server::log(TOTAL, 500, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state.db");
     // The same file, spelled differently: the sink must still recognise the state database.
@@ -449,7 +404,7 @@ async fn kill_9_loop_with_the_sink_in_the_state_database_stores_every_event_exac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_in_its_own_database_ignores_what_is_fetched_again_after_kill_9() {
     const N: u64 = 20_000;
-    let server = LogServer::start(N, 500, Duration::from_millis(20)).await;
+    let server = Server::log(N, 500, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state.db");
     let db = dir.path().join("events.db");
@@ -510,7 +465,8 @@ async fn a_sink_in_its_own_database_ignores_what_is_fetched_again_after_kill_9()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_round_trip_into_a_second_bridge_and_resume_in_the_middle() {
     const N: u64 = 3_000;
-    let upstream = start_rich(N).await;
+    let rich = start_rich(N).await;
+    let upstream = rich.url_for("/rich");
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
 

@@ -3,87 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-use crate::bridge::{bin, checkpoint, line_count, Bridge, LogLine};
+use crate::support::bridge::{bin, checkpoint, line_count, Bridge, LogLine};
+use crate::support::server::{Reply, Server};
 use crate::support::{wait_for, write_file};
 
-/// What a [`RawServer`] handler writes for one request: the body pieces (each its own write,
-/// generated lazily), and whether the connection then stays open.
-struct Reply {
-    pieces: Box<dyn Iterator<Item = Vec<u8>> + Send>,
-    hold: bool,
-}
-
-/// A minimal SSE server over TCP on 127.0.0.1: answers every request with `200
-/// text/event-stream` and what the handler (given the request's index) returns, then closes
-/// or holds the connection. Counts requests.
-struct RawServer {
-    url: String,
-    requests: Arc<AtomicUsize>,
-}
-
-impl RawServer {
-    async fn start(handler: impl Fn(usize) -> Reply + Send + Sync + 'static) -> RawServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/stream", listener.local_addr().expect("addr"));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let count = requests.clone();
-        let handler = Arc::new(handler);
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let index = count.fetch_add(1, Ordering::SeqCst);
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    // Read the request head (the bridge sends no body).
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let reply = handler(index);
-                    let start = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                                  cache-control: no-cache\r\nconnection: close\r\n\r\n";
-                    if socket.write_all(start).await.is_err() {
-                        return;
-                    }
-                    for piece in reply.pieces {
-                        if socket.write_all(&piece).await.is_err() {
-                            return;
-                        }
-                    }
-                    if reply.hold {
-                        let mut sink = [0u8; 64];
-                        loop {
-                            tokio::select! {
-                                r = socket.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { return },
-                                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                                    if socket.write_all(b": hb\n").await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    let _ = socket.shutdown().await;
-                });
-            }
-        });
-        RawServer { url, requests }
-    }
-
-    fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
+/// The heartbeat of a stream that stays open.
+const HOLD: Duration = Duration::from_millis(500);
 
 fn config(dir: &Path, feed_url: &str, feed_extra: &str, sink: &str) -> PathBuf {
     let text = format!(
@@ -128,22 +55,20 @@ const MIB: u64 = 1024 * 1024;
 async fn a_stalled_sink_holds_large_events_within_its_byte_bound() {
     const EVENTS: usize = 150;
     const SIZE: usize = 1000 * 1024;
-    let server = RawServer::start(|index| {
+    let server = Server::answer(|r| {
         // One pass of the log; a reconnection (not expected) would resume nowhere.
-        let pieces = (1..=EVENTS).map(|n| {
-            let mut e = format!("id: {n}\ndata: ").into_bytes();
-            e.resize(e.len() + SIZE, b'a' + (n % 26) as u8);
-            e.extend_from_slice(b"\n\n");
-            e
-        });
-        Reply {
-            pieces: if index == 0 {
-                Box::new(pieces)
-            } else {
-                Box::new(std::iter::empty())
-            },
-            hold: true,
+        let reply = Reply::sse().heartbeat(HOLD);
+        if r.index > 0 {
+            return reply;
         }
+        reply.pieces(|| {
+            (1..=EVENTS).map(|n| {
+                let mut e = format!("id: {n}\ndata: ").into_bytes();
+                e.resize(e.len() + SIZE, b'a' + (n % 26) as u8);
+                e.extend_from_slice(b"\n\n");
+                e
+            })
+        })
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -151,7 +76,7 @@ async fn a_stalled_sink_holds_large_events_within_its_byte_bound() {
     std::fs::write(&blocked, "not a directory").expect("block");
     let cfg = config(
         dir.path(),
-        &server.url,
+        &server.url(),
         r#"max_event_size = "2 MiB"
 idle_timeout = "0s""#,
         &format!(
@@ -223,7 +148,7 @@ buffer.max_bytes = "16 MiB""#,
     let (status, _) = bridge.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
     assert_eq!(line_count(&file), EVENTS, "each event once");
-    assert_eq!(server.requests(), 1);
+    assert_eq!(server.count(), 1);
 }
 
 /// One 200 MiB event (under a `max_event_size` that allows it), then small ones: once it is
@@ -232,25 +157,24 @@ buffer.max_bytes = "16 MiB""#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_of_a_huge_event_is_given_back_once_it_is_stored() {
     const SIZE: usize = 200 * 1024 * 1024;
-    let server = RawServer::start(|index| {
-        let mut big = b"id: big\ndata: ".to_vec();
-        big.resize(big.len() + SIZE, b'z');
-        big.extend_from_slice(b"\n\n");
-        let small = (1..=100).map(|n| format!("id: {n}\ndata: small {n}\n\n").into_bytes());
-        Reply {
-            pieces: if index == 0 {
-                Box::new(std::iter::once(big).chain(small))
-            } else {
-                Box::new(std::iter::empty())
-            },
-            hold: true,
+    let server = Server::answer(|r| {
+        let reply = Reply::sse().heartbeat(HOLD);
+        if r.index > 0 {
+            return reply;
         }
+        reply.pieces(|| {
+            let mut big = b"id: big\ndata: ".to_vec();
+            big.resize(big.len() + SIZE, b'z');
+            big.extend_from_slice(b"\n\n");
+            let small = (1..=100).map(|n| format!("id: {n}\ndata: small {n}\n\n").into_bytes());
+            std::iter::once(big).chain(small)
+        })
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(
         dir.path(),
-        &server.url,
+        &server.url(),
         r#"max_event_size = "256 MiB""#,
         &format!(
             "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
@@ -286,15 +210,11 @@ async fn the_memory_of_a_huge_event_is_given_back_once_it_is_stored() {
 /// the gaps fold into one row with a count, and the log stays small.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
-    let server = RawServer::start(|_| Reply {
-        pieces: Box::new(std::iter::once(b"retry: 0\ndata: x\n\n".to_vec())),
-        hold: false,
-    })
-    .await;
+    let server = Server::answer(|_| Reply::sse().send("retry: 0\ndata: x\n\n")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(
         dir.path(),
-        &server.url,
+        &server.url(),
         r#"policy = "browser""#,
         &format!(
             "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
@@ -302,11 +222,11 @@ async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
         ),
     );
     let bridge = Bridge::spawn(&cfg);
-    assert!(wait_for(Duration::from_secs(20), || server.requests() >= 2).await);
+    assert!(wait_for(Duration::from_secs(20), || server.count() >= 2).await);
     let start = Instant::now();
-    let first = server.requests();
+    let first = server.count();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let made = server.requests() - first;
+    let made = server.count() - first;
     let per_second = made as f64 / start.elapsed().as_secs_f64();
     let (status, logs) = bridge.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
@@ -352,9 +272,9 @@ async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
 /// be stored with every later event), the feed reconnects, and what is stored stays small.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_id_is_refused_not_repeated_on_every_event() {
-    let server = RawServer::start(|index| {
+    let server = Server::answer(|r| {
         let mut body = Vec::new();
-        if index == 0 {
+        if r.index == 0 {
             body.extend_from_slice(b"id: ");
             body.resize(body.len() + 900 * 1024, b'i');
             body.extend_from_slice(b"\ndata: big-id\n\n");
@@ -362,16 +282,13 @@ async fn a_huge_id_is_refused_not_repeated_on_every_event() {
         for n in 1..=300 {
             body.extend_from_slice(format!("id: {n}\ndata: {n}\n\n").as_bytes());
         }
-        Reply {
-            pieces: Box::new(std::iter::once(body)),
-            hold: true,
-        }
+        Reply::sse().send(body).heartbeat(HOLD)
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(
         dir.path(),
-        &server.url,
+        &server.url(),
         "",
         &format!(
             "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
@@ -404,22 +321,18 @@ async fn a_huge_id_is_refused_not_repeated_on_every_event() {
     // 300 small lines; with the id repeated on each it was 277 MB.
     assert!(bytes < 200 * 1024, "{bytes} bytes stored");
     assert_eq!(line_count(&file), 300);
-    assert_eq!(server.requests(), 2);
+    assert_eq!(server.count(), 2);
 }
 
 /// A second `run` on the same state database exits 1 naming the first one's PID, and
 /// `checkpoints set|reset` refuse while the bridge runs; `checkpoints list` still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bridge_per_state_database() {
-    let server = RawServer::start(|_| Reply {
-        pieces: Box::new(std::iter::once(b"id: 1\ndata: x\n\n".to_vec())),
-        hold: true,
-    })
-    .await;
+    let server = Server::answer(|_| Reply::sse().send("id: 1\ndata: x\n\n").heartbeat(HOLD)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(
         dir.path(),
-        &server.url,
+        &server.url(),
         "",
         &format!(
             "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"",
@@ -468,7 +381,7 @@ async fn one_bridge_per_state_database() {
         "{}",
         String::from_utf8_lossy(&list.stderr)
     );
-    assert_eq!(server.requests(), 1, "the second bridge never connected");
+    assert_eq!(server.count(), 1, "the second bridge never connected");
     let (status, _) = first.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
     // Free again once the first is gone (kill -9 frees it too: the kernel drops the lock).

@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::io::AsyncWriteExt;
 
-use crate::support::{bin, write_file};
+use crate::support::server::{Fault, Options, Server};
+use crate::support::{bin, free_port, write_file};
 
 /// Raises this test process's soft open-file limit to `want` (or the hard limit): the floods
 /// below hold thousands of sockets.
@@ -245,97 +245,18 @@ fn clients_that_never_read_leave_serve_bounded_and_a_fresh_client_served_at_once
     drop(clients);
 }
 
-/// An SSE server whose streams the test closes at will: each connection gets `retry: 100`
-/// and an event every 20 ms (ids counting on from the request's `Last-Event-ID`), until
-/// [`ClosableFeed::close_all`].
-struct ClosableFeed {
-    addr: SocketAddr,
-    /// The `Last-Event-ID` of every request, in order.
-    requests: Arc<Mutex<Vec<Option<String>>>>,
-    close: watch::Sender<u64>,
-}
-
-impl ClosableFeed {
-    async fn start() -> ClosableFeed {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let requests: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
-        let close = watch::channel(0u64).0;
-        let (log, closer) = (requests.clone(), close.clone());
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let log = log.clone();
-                let mut closed = closer.subscribe();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&head).to_string();
-                    let last = head.lines().find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("last-event-id")
-                            .then(|| v.trim().to_string())
-                    });
-                    let mut n = last
-                        .as_deref()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0);
-                    log.lock().expect("lock").push(last);
-                    closed.borrow_and_update();
-                    let opening = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
-                                   Cache-Control: no-cache\r\nConnection: close\r\n\r\nretry: 100\n\n";
-                    if sock.write_all(opening.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    loop {
-                        tokio::select! {
-                            _ = closed.changed() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                                n += 1;
-                                let event = format!("id: {n}\nevent: tick\ndata: {n}\n\n");
-                                if sock.write_all(event.as_bytes()).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        ClosableFeed {
-            addr,
-            requests,
-            close,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/stream", self.addr)
-    }
-
-    fn requests(&self) -> Vec<Option<String>> {
-        self.requests.lock().expect("lock").clone()
-    }
-
-    /// Ends every open stream (a clean end of the body): the client must reconnect.
-    fn close_all(&self) {
-        self.close.send_modify(|g| *g += 1);
-    }
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
+/// An SSE server whose streams the test closes at will ([`Server::close_all`]): each
+/// connection gets `retry: 100` and an event every 20 ms (ids counting on from the request's
+/// `Last-Event-ID`).
+async fn closable_feed() -> Server {
+    let options = Options {
+        chunk: 1,
+        pause: Duration::from_millis(20),
+        preamble: "retry: 100\n\n",
+        events: |n| format!("id: {n}\nevent: tick\ndata: {n}\n\n"),
+        ..Options::log(u64::MAX - 1)
+    };
+    Server::start(options, |_| Fault::Normal).await
 }
 
 /// `GET /healthz` on a fresh connection: the status code, or `None` when there was no
@@ -365,7 +286,7 @@ async fn half_sent_admin_requests_never_take_the_descriptors_a_feed_needs() {
     const STALLED: usize = 1100;
     const NOFILE: u64 = 512;
     raise_open_file_limit(STALLED as u64 + 1000);
-    let feed = ClosableFeed::start().await;
+    let feed = closable_feed().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let admin: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -406,7 +327,7 @@ header_timeout = "2s"
         .arg(&config)
         .env("RUST_LOG", "info");
     let bridge = Proc::spawn(command);
-    let stored = |p: &Path| crate::bridge::line_count(p);
+    let stored = |p: &Path| crate::support::bridge::line_count(p);
     let end = Instant::now() + Duration::from_secs(30);
     while stored(&out) < 10 {
         assert!(
@@ -446,7 +367,7 @@ header_timeout = "2s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let resumed = feed.requests().last().cloned().flatten();
+    let resumed = feed.requests().last().and_then(|r| r.last_event_id.clone());
     assert!(
         resumed.is_some(),
         "the feed reconnected without Last-Event-ID"

@@ -2,8 +2,6 @@
 //! JSON logs (parsed live from standard error), its JSON Lines output, its state database, its
 //! memory high-water mark, and real signals (SIGTERM drains, SIGKILL crashes).
 //!
-//! Included with `#[path = "support/bridge.rs"] mod bridge;` next to `mod support;`, so that
-//! test files that do not need it do not compile it.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
