@@ -7,73 +7,17 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::server::{Fault, Options, Server};
+use support::bridge::Bridge;
 use support::{bin, free_port, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The bridge as a child process, killed if a test fails before stopping it.
-struct Bridge {
-    child: Child,
-    log: PathBuf,
-    admin: String,
-}
-
-impl Bridge {
-    fn start(config: &Path, dir: &Path, admin_port: u16) -> Bridge {
-        let log = dir.join("bridge.log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin())
-            .args(["run", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn sse-bridge");
-        Bridge {
-            child,
-            log,
-            admin: format!("http://127.0.0.1:{admin_port}"),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit code.
-    async fn stop(mut self) -> Option<i32> {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
-        let end = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < end {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// GET, returning the status and body; `None` while the endpoint does not answer.
 async fn get(url: &str) -> Option<(u16, String)> {
@@ -106,6 +50,10 @@ where
 
 fn admin_section(port: u16) -> String {
     format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
+fn admin_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,8 +411,8 @@ drop = true
         admin = admin_section(port),
     );
     let config = write_file(dir.path(), "bridge.toml", &text);
-    let bridge = Bridge::start(&config, dir.path(), port);
-    let admin = bridge.admin.clone();
+    let mut bridge = Bridge::spawn_plain(&config);
+    let admin = admin_url(port);
 
     // Everything received, stored and committed.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -484,7 +432,7 @@ drop = true
         assert!(
             Instant::now() < deadline,
             "metrics never settled: {m:?}\n{}",
-            bridge.log()
+            bridge.raw_log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -694,7 +642,7 @@ drop = true
     );
     assert!(stdout.trim_end().ends_with("ready"), "{stdout}");
 
-    assert_eq!(bridge.stop().await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(15)).await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -734,8 +682,9 @@ default = ["archive"]
         admin = admin_section(port),
     );
     let config = write_file(dir.path(), "bridge.toml", &text);
-    let bridge = Bridge::start(&config, dir.path(), port);
-    let readyz = format!("{}/readyz", bridge.admin);
+    let mut bridge = Bridge::spawn_plain(&config);
+    let admin = admin_url(port);
+    let readyz = format!("{}/readyz", admin);
 
     // Open, and the feed whose server said 204 is stopped on purpose: ready.
     assert!(
@@ -745,9 +694,9 @@ default = ["archive"]
         .await,
         "never ready: {:?}\n{}",
         get(&readyz).await,
-        bridge.log()
+        bridge.raw_log()
     );
-    let m = scrape(&bridge.admin).await.expect("metrics");
+    let m = scrape(&admin).await.expect("metrics");
     assert_eq!(
         m.value(
             "sse_bridge_feed_state",
@@ -773,7 +722,7 @@ default = ["archive"]
         assert!(
             Instant::now() < deadline,
             "still ready with the server down\n{}",
-            bridge.log()
+            bridge.raw_log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -788,7 +737,7 @@ default = ["archive"]
     // It keeps failing while down; failures are counted by class.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let Some(m) = scrape(&bridge.admin).await else {
+            let Some(m) = scrape(&admin).await else {
                 return false;
             };
             m.value(
@@ -807,9 +756,9 @@ default = ["archive"]
         })
         .await,
         "{:?}",
-        get(&format!("{}/feeds", bridge.admin)).await
+        get(&format!("{}/feeds", admin)).await
     );
-    let (_, feeds) = get(&format!("{}/feeds", bridge.admin))
+    let (_, feeds) = get(&format!("{}/feeds", admin))
         .await
         .expect("feeds");
     let feeds: serde_json::Value = serde_json::from_str(&feeds).expect("JSON");
@@ -829,9 +778,9 @@ default = ["archive"]
         .await,
         "not ready again after the server came back: {:?}\n{}",
         get(&readyz).await,
-        bridge.log()
+        bridge.raw_log()
     );
-    assert_eq!(bridge.stop().await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(15)).await, Some(0));
 }
 
 /// Reads a child's stdout lines into a shared vector.
@@ -890,8 +839,8 @@ default = ["archive"]
         admin = admin_section(port),
     );
     let config = write_file(dir.path(), "bridge.toml", &text);
-    let bridge = Bridge::start(&config, dir.path(), port);
-    let admin = bridge.admin.clone();
+    let mut bridge = Bridge::spawn_plain(&config);
+    let admin = admin_url(port);
     assert!(
         eventually(Duration::from_secs(15), || async {
             server.clients() == 1
@@ -901,7 +850,7 @@ default = ["archive"]
         })
         .await,
         "{}",
-        bridge.log()
+        bridge.raw_log()
     );
 
     // `status --admin URL` lists the feed without a configuration.
@@ -971,7 +920,7 @@ default = ["archive"]
         "jsonl: {:?}\npretty: {:?}\n{}",
         jsonl.lock().expect("lock"),
         pretty.lock().expect("lock"),
-        bridge.log()
+        bridge.raw_log()
     );
 
     // The JSONL tap prints exactly the file sink's lines for the matching events.
@@ -1011,7 +960,7 @@ default = ["archive"]
     assert!(pretty_text.contains("    \"x\": 3"), "{pretty_text}");
 
     // The bridge stops: the taps end cleanly.
-    assert_eq!(bridge.stop().await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(15)).await, Some(0));
     for tap in [&mut jsonl_tap, &mut pretty_tap] {
         let code = wait_child(tap, Duration::from_secs(10)).await;
         let mut stderr = String::new();

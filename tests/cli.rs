@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use rand::Rng;
+use support::bridge::{checkpoint, line_count, Bridge};
 use support::server::Server;
 use support::{bin, wait_for, write_file};
 
@@ -203,18 +204,6 @@ sinks = ["archive"]
     write_file(dir, "bridge.toml", &text)
 }
 
-fn spawn_bridge(config: &Path, log: &Path) -> std::process::Child {
-    let log = std::fs::File::create(log).expect("log file");
-    Command::new(bin())
-        .args(["run", "-c"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn sse-bridge")
-}
-
 fn read_lines(path: &Path) -> Vec<serde_json::Value> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
@@ -222,22 +211,6 @@ fn read_lines(path: &Path) -> Vec<serde_json::Value> {
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSONL line {l:?}: {e}")))
         .collect()
-}
-
-fn line_count(path: &Path) -> usize {
-    std::fs::read(path)
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
-}
-
-fn checkpoint(state: &Path) -> Option<(String, u64)> {
-    let conn = rusqlite::Connection::open(state).ok()?;
-    conn.query_row(
-        "SELECT last_event_id, seq FROM checkpoints WHERE feed = 'wiki'",
-        [],
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
-    )
-    .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,17 +223,16 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     let state = dir.path().join("state.db");
 
     // Run 1: kill -9 at a random point in the stream.
-    let mut child = spawn_bridge(&config, &dir.path().join("run1.log"));
+    let mut bridge = Bridge::spawn(&config);
     let kill_after = rand::thread_rng().gen_range(5_000..60_000);
     assert!(
         wait_for(Duration::from_secs(60), || line_count(&out) >= kill_after).await,
         "the bridge stored {} events, wanted {kill_after}",
         line_count(&out)
     );
-    child.kill().expect("kill -9");
-    let _ = child.wait();
+    bridge.kill();
     let stored_before = read_lines(&out);
-    let (cp_id, cp_seq) = checkpoint(&state).expect("a checkpoint was committed before the kill");
+    let (cp_id, cp_seq) = checkpoint(&state, "wiki").expect("a checkpoint was committed before the kill");
     let last_stored: u64 = stored_before
         .last()
         .and_then(|v| v["id"].as_str())
@@ -274,7 +246,7 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     assert_eq!(cp_seq, cp_n, "seq and id advance together in this stream");
 
     // Run 2: resumes from the committed checkpoint.
-    let mut child = spawn_bridge(&config, &dir.path().join("run2.log"));
+    let bridge = Bridge::spawn(&config);
     let expected_lines = TOTAL as usize + (last_stored - cp_n) as usize;
     assert!(
         wait_for(Duration::from_secs(120), || line_count(&out)
@@ -293,25 +265,10 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     );
 
     // SIGTERM: drain, commit, exit 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let started = std::time::Instant::now();
-    let exit = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(25),
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (exit, _) = bridge.terminate(Duration::from_secs(25)).await;
     assert_eq!(exit.code(), Some(0), "exit status after SIGTERM");
     assert_eq!(
-        checkpoint(&state),
+        checkpoint(&state, "wiki"),
         Some((TOTAL.to_string(), TOTAL)),
         "final checkpoint is the last stored id"
     );

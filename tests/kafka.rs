@@ -18,26 +18,18 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kafka_broker::{Broker, Record};
 use support::server::Server;
-use support::{bin, event_type, wait_for, write_file};
+use support::bridge::{checkpoint, Bridge};
+use support::{event_type, free_port, wait_for, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // The broker: tansu on a free port, shared with the crash loop (tests/support/kafka.rs).
 
 /// How long the topic must stay quiet before reading it back is done.
 const QUIET: Duration = Duration::from_secs(2);
-
-fn signal(sig: &str, pid: &str) {
-    let status = Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
 
 impl Record {
     /// The event number, from the `sse-id` header.
@@ -76,86 +68,8 @@ fn expected_data(n: u64) -> String {
     format!("{{\"n\":{n},\"title\":\"Page {n}\",\"comment\":\"résumé ✓\"}}")
 }
 
-// ---------------------------------------------------------------------------------------------
-// The bridge.
-
-struct Bridge {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Bridge {
-    fn start(config: &Path, log: PathBuf) -> Bridge {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin())
-            .args(["run", "--log-format", "json", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn sse-bridge");
-        Bridge { child, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The bridge's resident memory in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn kill_9(&mut self) {
-        self.child.kill().expect("kill -9");
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then the exit code (within `within`).
-    async fn terminate(&mut self, within: Duration) -> Option<i32> {
-        signal("-TERM", &self.child.id().to_string());
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            assert!(
-                started.elapsed() < within,
-                "no exit within {within:?} after SIGTERM; logs:\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The committed checkpoint of feed `wiki`: `(last event id, seq)`.
-fn checkpoint(state: &Path) -> Option<(String, u64)> {
-    let conn = rusqlite::Connection::open(state).ok()?;
-    conn.query_row(
-        "SELECT last_event_id, seq FROM checkpoints WHERE feed = 'wiki'",
-        [],
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
-    )
-    .ok()
-}
-
 fn checkpoint_seq(state: &Path) -> u64 {
-    checkpoint(state).map(|(_, s)| s).unwrap_or(0)
+    checkpoint(state, "wiki").map(|(_, s)| s).unwrap_or(0)
 }
 
 /// A config with one feed `wiki` from `url`; `sinks_and_routes` is appended.
@@ -230,17 +144,17 @@ sinks = ["rest"]
     );
     let state = dir.path().join("state.db");
     let started = Instant::now();
-    let mut bridge = Bridge::start(&config, dir.path().join("bridge.log"));
+    let mut bridge = Bridge::spawn(&config);
     assert!(
         wait_for(Duration::from_secs(120), || checkpoint_seq(&state) == TOTAL).await,
         "checkpoint {:?} after {:?}; logs:\n{}",
-        checkpoint(&state),
+        checkpoint(&state, "wiki"),
         started.elapsed(),
-        bridge.logs()
+        bridge.raw_log()
     );
     let elapsed = started.elapsed();
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
-    assert_eq!(checkpoint(&state), Some((TOTAL.to_string(), TOTAL)));
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(checkpoint(&state, "wiki"), Some((TOTAL.to_string(), TOTAL)));
 
     let read_started = Instant::now();
     let edits = broker.read_topic("wiki-edits", 0, QUIET);
@@ -287,7 +201,7 @@ sinks = ["rest"]
         );
     }
     assert!(seen[1..].iter().all(|s| *s), "every event arrived");
-    let logs = bridge.logs();
+    let logs = bridge.raw_log();
     assert!(!logs.contains("panicked"), "{logs}");
     assert!(logs.contains("kafka sink closed"), "{logs}");
 }
@@ -322,11 +236,11 @@ sinks = ["kafka"]
         ),
     );
     let state = dir.path().join("state.db");
-    let mut bridge = Bridge::start(&config, dir.path().join("bridge.log"));
+    let mut bridge = Bridge::spawn(&config);
     assert!(
         wait_for(Duration::from_secs(60), || checkpoint_seq(&state) >= 5_000).await,
         "no progress before the freeze; logs:\n{}",
-        bridge.logs()
+        bridge.raw_log()
     );
 
     broker.freeze();
@@ -334,7 +248,7 @@ sinks = ["kafka"]
     // Let what the broker answered before it stopped reach the checkpoint.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let held = checkpoint_seq(&state);
-    let rss_start = bridge.rss_kib();
+    let rss_start = bridge.rss().unwrap_or(0) / 1024;
     let mut rss_max = rss_start;
     while frozen_at.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -343,7 +257,7 @@ sinks = ["kafka"]
             held,
             "the checkpoint moved while the broker could not confirm anything"
         );
-        rss_max = rss_max.max(bridge.rss_kib());
+        rss_max = rss_max.max(bridge.rss().unwrap_or(0) / 1024);
     }
     assert!(held < N, "the stream was not over when the broker froze");
     broker.thaw();
@@ -359,10 +273,10 @@ sinks = ["kafka"]
     assert!(
         wait_for(Duration::from_secs(90), || checkpoint_seq(&state) == N).await,
         "checkpoint {:?} after the broker came back; logs:\n{}",
-        checkpoint(&state),
-        bridge.logs()
+        checkpoint(&state, "wiki"),
+        bridge.raw_log()
     );
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
 
     let records = broker.read_topic("wiki", 0, QUIET);
     let mut next = 1u64;
@@ -385,7 +299,7 @@ sinks = ["kafka"]
     }
     assert_eq!(next, N + 1, "every event arrived, in order");
     eprintln!("{} records, {duplicates} duplicates", records.len());
-    assert!(!bridge.logs().contains("panicked"));
+    assert!(!bridge.raw_log().contains("panicked"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -418,33 +332,33 @@ sinks = ["kafka"]
         ),
     );
     let state = dir.path().join("state.db");
-    let mut bridge = Bridge::start(&config, dir.path().join("run1.log"));
+    let mut bridge = Bridge::spawn(&config);
     let kill_after = rand::thread_rng().gen_range(5_000..60_000);
     // Killed mid-stream once a checkpoint exists: records can reach the topic before the
     // first commit (every 200 ms), and a kill before any commit is the plain restart case.
     assert!(
         wait_for(Duration::from_secs(60), || broker.count("wiki", 1)
             >= kill_after
-            && checkpoint(&state).is_some())
+            && checkpoint(&state, "wiki").is_some())
         .await,
         "{} records in the topic, wanted {kill_after}, checkpoint {:?}; logs:\n{}",
         broker.count("wiki", 1),
-        checkpoint(&state),
-        bridge.logs()
+        checkpoint(&state, "wiki"),
+        bridge.raw_log()
     );
-    bridge.kill_9();
-    let (cp_id, cp_seq) = checkpoint(&state).expect("a checkpoint was committed before the kill");
+    bridge.kill();
+    let (cp_id, cp_seq) = checkpoint(&state, "wiki").expect("a checkpoint was committed before the kill");
     let committed: u64 = cp_id.parse().expect("numeric checkpoint");
     assert_eq!(committed, cp_seq);
 
-    let mut bridge = Bridge::start(&config, dir.path().join("run2.log"));
+    let mut bridge = Bridge::spawn(&config);
     assert!(
         wait_for(Duration::from_secs(120), || checkpoint_seq(&state) == TOTAL).await,
         "checkpoint {:?} after the restart; logs:\n{}",
-        checkpoint(&state),
-        bridge.logs()
+        checkpoint(&state, "wiki"),
+        bridge.raw_log()
     );
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
     let requests = server.requests();
     assert_eq!(requests.len(), 2, "{requests:?}");
     assert_eq!(requests[1].last_event_id.as_deref(), Some(cp_id.as_str()));
@@ -534,14 +448,14 @@ sinks = ["kafka"]
     let dir = tempfile::tempdir().expect("tempdir");
     let blocking = config(dir.path(), &server.url(), &sink("late", "block"));
     let state = dir.path().join("state.db");
-    let mut bridge = Bridge::start(&blocking, dir.path().join("block.log"));
+    let mut bridge = Bridge::spawn(&blocking);
     assert!(
         wait_for(Duration::from_secs(30), || bridge
-            .logs()
+            .raw_log()
             .contains("to topic `late`: the topic does not exist"))
         .await,
         "no clear error; logs:\n{}",
-        bridge.logs()
+        bridge.raw_log()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(checkpoint_seq(&state), 0, "nothing acknowledged");
@@ -550,32 +464,30 @@ sinks = ["kafka"]
     assert!(
         wait_for(Duration::from_secs(60), || checkpoint_seq(&state) == N).await,
         "checkpoint {:?} after the topic was created; logs:\n{}",
-        checkpoint(&state),
-        bridge.logs()
+        checkpoint(&state, "wiki"),
+        bridge.raw_log()
     );
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
     let records = broker.read_topic("late", 0, QUIET);
     let mut ids: Vec<u64> = records.iter().map(Record::id).collect();
     ids.dedup();
     assert_eq!(ids, (1..=N).collect::<Vec<_>>());
     assert!(bridge
-        .logs()
+        .raw_log()
         .contains("\"message\":\"sink recovered; held-back events stored\""));
 
     // Skipped and counted, in the logs and in the admin endpoint's metrics.
     let dir = tempfile::tempdir().expect("tempdir");
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
+    let admin = format!("127.0.0.1:{}", free_port());
     let with_admin = format!("{}\n[admin]\nlisten = \"{admin}\"\n", sink("never", "skip"));
     let skipping = config(dir.path(), &server.url(), &with_admin);
     let state = dir.path().join("state.db");
-    let mut bridge = Bridge::start(&skipping, dir.path().join("skip.log"));
+    let mut bridge = Bridge::spawn(&skipping);
     assert!(
         wait_for(Duration::from_secs(60), || checkpoint_seq(&state) == N).await,
         "checkpoint {:?}; logs:\n{}",
-        checkpoint(&state),
-        bridge.logs()
+        checkpoint(&state, "wiki"),
+        bridge.raw_log()
     );
     let metrics = reqwest::get(format!("http://{admin}/metrics"))
         .await
@@ -593,8 +505,8 @@ sinks = ["kafka"]
             "no `{line}` in:\n{metrics}"
         );
     }
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
-    let logs = bridge.logs();
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
+    let logs = bridge.raw_log();
     assert!(
         logs.contains("on_error = \\\"skip\\\": records dropped after a permanent delivery error"),
         "{logs}"

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::bridge::{bin, checkpoint, line_count, Bridge, LogLine};
+use crate::support::bridge::{bin, checkpoint, line_count, rss, Bridge, LogLine};
 use crate::support::server::{Reply, Server};
 use crate::support::{wait_for, write_file};
 
@@ -33,15 +33,6 @@ default = ["out"]
         dir = dir.display()
     );
     write_file(dir, "bridge.toml", &text)
-}
-
-/// Resident set size now (`VmRSS`), in bytes.
-fn rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        let kib = l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim();
-        kib.parse::<u64>().ok().map(|k| k * 1024)
-    })
 }
 
 const MIB: u64 = 1024 * 1024;

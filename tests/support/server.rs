@@ -825,6 +825,10 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Head> {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
+        if !buf[0].is_ascii_uppercase() {
+            // Not HTTP (a TLS handshake, say): answered with a 400, as a real server would.
+            return None;
+        }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
@@ -932,6 +936,15 @@ fn half_event(o: &Options, n: u64) -> String {
     text[..cut.min(text.len() - 3)].to_string()
 }
 
+/// A task that ends with its handle.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Counts a response as open while it lives.
 struct OpenGuard<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -946,6 +959,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + Resettable + 'static,
 {
     let Some(head) = read_head(&mut stream).await else {
+        let bad = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let _ = stream.write_all(bad).await;
+        let _ = stream.shutdown().await;
         return;
     };
     let last_event_id = head
@@ -996,7 +1012,8 @@ where
     }
     let (mut rd, wr) = tokio::io::split(stream);
     let gone = CancellationToken::new();
-    let watcher = {
+    // Aborted when the connection is dropped ([`Server::stop`]): it holds the socket's read half.
+    let mut watcher = AbortOnDrop({
         let gone = gone.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
@@ -1008,7 +1025,7 @@ where
             }
             gone.cancel();
         })
-    };
+    });
     let mut out = Out {
         w: wr,
         gone: gone.clone(),
@@ -1136,9 +1153,9 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(2), gone.cancelled()).await;
     }
     let sent = out.sent;
-    watcher.abort();
+    watcher.0.abort();
     drop(out);
-    let _ = watcher.await;
+    let _ = (&mut watcher.0).await;
     drop(open);
     {
         let mut log = shared.log();
