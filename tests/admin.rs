@@ -7,6 +7,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,12 +49,37 @@ where
     }
 }
 
-fn admin_section(port: u16) -> String {
-    format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n")
-}
+/// Writes a config of `feeds_and_routes` with the state database (committing every 100 ms when `fast_commit`), the `archive` file sink and the
+/// admin endpoint on a free port, and starts the bridge; returns it and the admin URL.
+fn start_bridge(dir: &Path, fast_commit: bool, feeds_and_routes: &str) -> (Bridge, String) {
+    let port = free_port();
+    let commit = if fast_commit {
+        "commit_interval = \"100ms\"\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        r#"
+[state]
+path = "{dir}/state.db"
+{commit}
+{feeds_and_routes}
 
-fn admin_url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
+[sink.archive]
+type = "file"
+path = "{dir}/events/{{feed}}.jsonl"
+fsync = "never"
+
+[admin]
+listen = "127.0.0.1:{port}"
+"#,
+        dir = dir.display(),
+    );
+    let config = write_file(dir, "bridge.toml", &text);
+    (
+        Bridge::spawn_plain(&config),
+        format!("http://127.0.0.1:{port}"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,22 +406,15 @@ async fn metrics_parse_as_prometheus_text_and_count_the_events_sent() {
     const N: u64 = 300;
     let server = Server::log(N, 100, Duration::from_millis(10)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
     // edit -> stored, log -> dropped by a route, new -> unrouted (no default route).
-    let text = format!(
-        r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
-
+    let (mut bridge, admin) = start_bridge(
+        dir.path(),
+        true,
+        &format!(
+            r#"
 [[feed]]
 name = "wiki"
 url = "{url}"
-
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
 
 [[route]]
 event = "edit"
@@ -404,15 +423,10 @@ sinks = ["archive"]
 [[route]]
 event = "log"
 drop = true
-
-{admin}"#,
-        dir = dir.path().display(),
-        url = server.url(),
-        admin = admin_section(port),
+"#,
+            url = server.url(),
+        ),
     );
-    let config = write_file(dir.path(), "bridge.toml", &text);
-    let mut bridge = Bridge::spawn_plain(&config);
-    let admin = admin_url(port);
 
     // Everything received, stored and committed.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -445,73 +459,42 @@ drop = true
             100.0
         );
     }
-    assert_eq!(
-        m.value("sse_bridge_events_routed_total", &feed("edit")),
-        100.0
-    );
-    assert_eq!(m.value("sse_bridge_events_routed_total", &feed("log")), 0.0);
-    assert_eq!(
-        m.value("sse_bridge_events_dropped_total", &feed("log")),
-        100.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_events_unrouted_total", &feed("new")),
-        100.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_events_unrouted_total", &feed("edit")),
-        0.0
-    );
-    assert_eq!(m.sum("sse_bridge_events_misfit_total", &[]), 0.0);
+    let archive = [("sink", "archive")];
     let data_bytes: usize = (1..=N).map(|n| event_data(n).len()).sum();
-    assert_eq!(
-        m.sum("sse_bridge_event_data_bytes_total", &[("feed", "wiki")]),
-        data_bytes as f64
-    );
     let edit_bytes: usize = (1..=N)
         .filter(|n| n % 3 == 0)
         .map(|n| event_data(n).len())
         .sum();
+    let exact: &[(&str, &[(&str, &str)], f64)] = &[
+        ("sse_bridge_events_routed_total", &feed("edit"), 100.0),
+        ("sse_bridge_events_routed_total", &feed("log"), 0.0),
+        ("sse_bridge_events_dropped_total", &feed("log"), 100.0),
+        ("sse_bridge_events_unrouted_total", &feed("new"), 100.0),
+        ("sse_bridge_events_unrouted_total", &feed("edit"), 0.0),
+        ("sse_bridge_event_data_bytes_total", &feed("edit"), edit_bytes as f64),
+        ("sse_bridge_sink_events_stored_total", &archive, 100.0),
+        ("sse_bridge_sink_events_dropped_total", &archive, 0.0),
+        ("sse_bridge_sink_write_errors_total", &archive, 0.0),
+        ("sse_bridge_sink_healthy", &archive, 1.0),
+        ("sse_bridge_sink_queue_events", &archive, 0.0),
+        ("sse_bridge_sink_info", &[("sink", "archive"), ("kind", "file")], 1.0),
+        ("sse_bridge_feed_reconnects_total", &[("feed", "wiki")], 0.0),
+        ("sse_bridge_feed_backoff_seconds", &[("feed", "wiki")], 0.0),
+        ("sse_bridge_feed_pending_events", &[("feed", "wiki")], 0.0),
+        ("sse_bridge_checkpoint_lag_seconds", &[("feed", "wiki")], 0.0),
+        ("sse_bridge_tap_clients", &[], 0.0),
+    ];
+    for (name, labels, want) in exact {
+        assert_eq!(m.value(name, labels), *want, "{name} {labels:?}");
+    }
+    assert_eq!(m.sum("sse_bridge_events_misfit_total", &[]), 0.0);
     assert_eq!(
-        m.value("sse_bridge_event_data_bytes_total", &feed("edit")),
-        edit_bytes as f64
+        m.sum("sse_bridge_event_data_bytes_total", &[("feed", "wiki")]),
+        data_bytes as f64
     );
     assert!(
         m.value("sse_bridge_feed_received_bytes_total", &[("feed", "wiki")]) > data_bytes as f64,
         "the wire carries the data and the field names"
-    );
-    assert_eq!(
-        m.value(
-            "sse_bridge_sink_events_stored_total",
-            &[("sink", "archive")]
-        ),
-        100.0
-    );
-    assert_eq!(
-        m.value(
-            "sse_bridge_sink_events_dropped_total",
-            &[("sink", "archive")]
-        ),
-        0.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_sink_write_errors_total", &[("sink", "archive")]),
-        0.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_sink_healthy", &[("sink", "archive")]),
-        1.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_sink_queue_events", &[("sink", "archive")]),
-        0.0
-    );
-    assert_eq!(
-        m.value(
-            "sse_bridge_sink_info",
-            &[("sink", "archive"), ("kind", "file")]
-        ),
-        1.0
     );
     let writes = m.value(
         "sse_bridge_sink_write_duration_seconds_count",
@@ -534,10 +517,6 @@ drop = true
         );
     }
     assert_eq!(
-        m.value("sse_bridge_feed_reconnects_total", &[("feed", "wiki")]),
-        0.0
-    );
-    assert_eq!(
         m.sum("sse_bridge_feed_errors_total", &[("feed", "wiki")]),
         0.0
     );
@@ -547,18 +526,6 @@ drop = true
             &[("feed", "wiki"), ("class", "network")]
         )
         .is_some());
-    assert_eq!(
-        m.value("sse_bridge_feed_backoff_seconds", &[("feed", "wiki")]),
-        0.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_feed_pending_events", &[("feed", "wiki")]),
-        0.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_checkpoint_lag_seconds", &[("feed", "wiki")]),
-        0.0
-    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -568,7 +535,6 @@ drop = true
         &[("feed", "wiki")],
     );
     assert!((now - last_event).abs() < 60.0, "{now} vs {last_event}");
-    assert_eq!(m.value("sse_bridge_tap_clients", &[]), 0.0);
     assert!(m.get("sse_bridge_build_info", &[]).is_some());
 
     // /feeds
@@ -618,7 +584,7 @@ drop = true
     // `sse-bridge status -c` finds the endpoint in the configuration.
     let out = Command::new(bin())
         .args(["status", "-c"])
-        .arg(&config)
+        .arg(&bridge.config)
         .output()
         .expect("status");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -651,13 +617,11 @@ async fn readyz_is_not_ready_while_a_feeds_server_is_down() {
     let no_content = no_content_server().await;
     let gone = no_content.url();
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let text = format!(
-        r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
-
+    let (mut bridge, admin) = start_bridge(
+        dir.path(),
+        true,
+        &format!(
+            r#"
 [[feed]]
 name = "flaky"
 url = "{url}"
@@ -668,22 +632,12 @@ backoff = {{ initial = "100ms", max = "200ms", jitter = 0.0 }}
 name = "retired"
 url = "{gone}"
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
-
 [routing]
 default = ["archive"]
-
-{admin}"#,
-        dir = dir.path().display(),
-        url = server.url(),
-        admin = admin_section(port),
+"#,
+            url = server.url(),
+        ),
     );
-    let config = write_file(dir.path(), "bridge.toml", &text);
-    let mut bridge = Bridge::spawn_plain(&config);
-    let admin = admin_url(port);
     let readyz = format!("{}/readyz", admin);
 
     // Open, and the feed whose server said 204 is stopped on purpose: ready.
@@ -815,32 +769,21 @@ async fn wait_child(child: &mut Child, within: Duration) -> Option<i32> {
 async fn tap_prints_events_live_and_status_lists_the_feeds() {
     let server = push_server().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let text = format!(
-        r#"
-[state]
-path = "{dir}/state.db"
-
+    let (mut bridge, admin) = start_bridge(
+        dir.path(),
+        false,
+        &format!(
+            r#"
 [[feed]]
 name = "live"
 url = "{url}"
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
-
 [routing]
 default = ["archive"]
-
-{admin}"#,
-        dir = dir.path().display(),
-        url = server.url(),
-        admin = admin_section(port),
+"#,
+            url = server.url(),
+        ),
     );
-    let config = write_file(dir.path(), "bridge.toml", &text);
-    let mut bridge = Bridge::spawn_plain(&config);
-    let admin = admin_url(port);
     assert!(
         eventually(Duration::from_secs(15), || async {
             server.clients() == 1
@@ -855,7 +798,7 @@ default = ["archive"]
 
     // `status --admin URL` lists the feed without a configuration.
     let out = Command::new(bin())
-        .args(["status", "--admin", &format!("127.0.0.1:{port}")])
+        .args(["status", "--admin", admin.trim_start_matches("http://")])
         .env_remove("SSE_BRIDGE_CONFIG")
         .output()
         .expect("status");
@@ -888,7 +831,7 @@ default = ["archive"]
             .expect("spawn tap")
     };
     let mut jsonl_tap = spawn_tap(&["--admin", &admin, "--feed", "l*", "--type", "edit"]);
-    let config_arg = config.display().to_string();
+    let config_arg = bridge.config.display().to_string();
     let mut pretty_tap = spawn_tap(&["-c", &config_arg, "--pretty"]);
     let jsonl = collect_lines(&mut jsonl_tap);
     let pretty = collect_lines(&mut pretty_tap);
