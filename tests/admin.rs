@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use support::server::{Fault, Options, Server};
 use support::bridge::Bridge;
-use support::{bin, free_port, write_file};
+use support::{archive_sink, bin, free_port, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -65,15 +65,13 @@ path = "{dir}/state.db"
 {commit}
 {feeds_and_routes}
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [admin]
 listen = "127.0.0.1:{port}"
 "#,
         dir = dir.display(),
+        archive = archive_sink(dir),
     );
     let config = write_file(dir, "bridge.toml", &text);
     (

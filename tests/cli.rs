@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::Rng;
 use support::bridge::{checkpoint, line_count, Bridge};
 use support::server::Server;
-use support::{bin, wait_for, write_file};
+use support::{archive_sink, bin, state_section, wait_for, write_file};
 
 fn validate(config: &Path) -> Output {
     Command::new(bin())
@@ -178,9 +178,7 @@ const TOTAL: u64 = 100_000;
 fn e2e_config(dir: &Path, url: &str) -> std::path::PathBuf {
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "200ms"
+{state}
 
 [shutdown]
 timeout = "20s"
@@ -190,16 +188,14 @@ name = "wiki"
 url = "{url}"
 default_retry = "100ms"
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [[route]]
 event = "*"
 sinks = ["archive"]
 "#,
-        dir = dir.display()
+        state = state_section(dir, "200ms"),
+        archive = archive_sink(dir),
     );
     write_file(dir, "bridge.toml", &text)
 }
@@ -333,9 +329,7 @@ async fn a_broken_feed_does_not_affect_a_good_one_and_every_event_is_accounted_f
     // Port 9 (discard) on loopback: nothing listens, every attempt is refused.
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
+{state}
 
 [[feed]]
 name = "good"
@@ -364,6 +358,7 @@ event = "log"
 drop = true
 "#,
         dir = dir.path().display(),
+        state = state_section(dir.path(), "100ms"),
         url = server.url()
     );
     let config = write_file(dir.path(), "bridge.toml", &text);

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use support::bridge::{checkpoint, parse_line, Bridge, Tail};
 use rand::{Rng, SeedableRng};
 use support::server::Server;
-use support::{event_type, write_file};
+use support::{archive_sink, event_type, state_section, write_file};
 
 const FEED: &str = "wiki";
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
@@ -68,9 +68,7 @@ fn config(dir: &Path, url: &str, brokers: Option<&str>) -> PathBuf {
     };
     let text = format!(
         r#"
-[state]
-path = "{d}/state.db"
-commit_interval = "{commit}ms"
+{state}
 
 [shutdown]
 timeout = "60s"
@@ -82,10 +80,7 @@ default_retry = "100ms"
 idle_timeout = "10s"
 backoff = {{ initial = "100ms", max = "500ms" }}
 
-[sink.archive]
-type = "file"
-path = "{d}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 # Shares the state database: events and checkpoints commit in one transaction.
 [sink.state_db]
@@ -105,7 +100,8 @@ event = "*"
 sinks = [{sinks}]
 "#,
         d = dir.display(),
-        commit = COMMIT_INTERVAL.as_millis(),
+        state = state_section(dir, &format!("{}ms", COMMIT_INTERVAL.as_millis())),
+        archive = archive_sink(dir),
     );
     write_file(dir, "bridge.toml", &text)
 }

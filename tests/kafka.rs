@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use kafka_broker::{Broker, Record};
 use support::server::Server;
 use support::bridge::{checkpoint, Bridge};
-use support::{event_type, free_port, wait_for, write_file};
+use support::{event_type, free_port, state_section, wait_for, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // The broker: tansu on a free port, shared with the crash loop (tests/support/kafka.rs).
@@ -76,9 +76,7 @@ fn checkpoint_seq(state: &Path) -> u64 {
 fn config(dir: &Path, url: &str, sinks_and_routes: &str) -> PathBuf {
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "200ms"
+{state}
 
 [shutdown]
 timeout = "30s"
@@ -90,7 +88,7 @@ default_retry = "100ms"
 
 {sinks_and_routes}
 "#,
-        dir = dir.display()
+        state = state_section(dir, "200ms"),
     );
     write_file(dir, "bridge.toml", &text)
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use support::server::Server;
-use support::{bin, wait_for, write_file};
+use support::{archive_sink, bin, state_section, wait_for, write_file};
 
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
@@ -25,26 +25,22 @@ fn feed(name: &str, url: &str, extra: &str) -> String {
 }
 
 fn config(dir: &Path, feeds: &str) -> String {
+    let archive = archive_sink(dir);
+    let state = state_section(dir, "100ms");
     format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
+{state}
 
 [shutdown]
 timeout = "10s"
 
 {feeds}
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [routing]
 default = ["archive"]
 "#,
-        dir = dir.display()
     )
 }
 

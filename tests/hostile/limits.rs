@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::bridge::{bin, checkpoint, line_count, rss, Bridge, LogLine};
 use crate::support::server::{Reply, Server};
-use crate::support::{wait_for, write_file};
+use crate::support::{state_section, wait_for, write_file};
 
 /// The heartbeat of a stream that stays open.
 const HOLD: Duration = Duration::from_millis(500);
@@ -15,9 +15,7 @@ const HOLD: Duration = Duration::from_millis(500);
 fn config(dir: &Path, feed_url: &str, feed_extra: &str, sink: &str) -> PathBuf {
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
+{state}
 
 [[feed]]
 name = "f"
@@ -30,7 +28,7 @@ default_retry = "100ms"
 [routing]
 default = ["out"]
 "#,
-        dir = dir.display()
+        state = state_section(dir, "100ms"),
     );
     write_file(dir, "bridge.toml", &text)
 }

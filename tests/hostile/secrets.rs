@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use crate::support::bridge::{bin, checkpoint, write_file, Bridge};
-use crate::support::free_port;
+use crate::support::{archive_sink, free_port, state_section};
 use crate::support::server::{Fault, Options, Record, Server};
 
 const PASSWORD: &str = "s3cretpw";
@@ -39,15 +39,14 @@ backoff = { initial = "100ms", max = "300ms", multiplier = 2.0, jitter = 0.1, re
 /// A config with `[admin]` on `port`, a file sink for every event, and `feeds` (TOML of
 /// `[[feed]]` tables).
 fn config(dir: &Path, port: u16, feeds: &str) -> PathBuf {
-    let d = dir.display();
+    let archive = archive_sink(dir);
+    let state = state_section(dir, "100ms");
     write_file(
         dir,
         "bridge.toml",
         &format!(
             r#"
-[state]
-path = "{d}/state.db"
-commit_interval = "100ms"
+{state}
 
 [shutdown]
 timeout = "10s"
@@ -57,10 +56,7 @@ listen = "127.0.0.1:{port}"
 
 {feeds}
 
-[sink.archive]
-type = "file"
-path = "{d}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [[route]]
 event = "*"

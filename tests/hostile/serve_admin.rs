@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::support::server::{Fault, Options, Server};
 use crate::support::bridge::Bridge;
-use crate::support::{bin, free_port, write_file};
+use crate::support::{archive_sink, bin, free_port, state_section, write_file};
 
 /// Raises this test process's soft open-file limit to `want` (or the hard limit): the floods
 /// below hold thousands of sockets.
@@ -210,18 +210,13 @@ async fn half_sent_admin_requests_never_take_the_descriptors_a_feed_needs() {
     let out = dir.path().join("events/ticks.jsonl");
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
+{state}
 
 [[feed]]
 name = "ticks"
 url = "{url}"
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [routing]
 default = ["archive"]
@@ -230,7 +225,8 @@ default = ["archive"]
 listen = "127.0.0.1:{port}"
 header_timeout = "2s"
 "#,
-        dir = dir.path().display(),
+        state = state_section(dir.path(), "100ms"),
+        archive = archive_sink(dir.path()),
         url = feed.url(),
     );
     let config = write_file(dir.path(), "bridge.toml", &text);

@@ -4,6 +4,7 @@
 //! Every test binary includes it with `mod support;` (`tests/hostile/` with `#[path]`).
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub mod bridge;
@@ -13,6 +14,22 @@ pub mod server;
 pub use bridge::{bin, write_file};
 #[allow(unused_imports)]
 pub use server::{event_text, event_type};
+
+/// `[state]`: the state database `DIR/state.db`, committing every `commit_interval`.
+pub fn state_section(dir: &Path, commit_interval: &str) -> String {
+    format!(
+        "[state]\npath = \"{}/state.db\"\ncommit_interval = \"{commit_interval}\"",
+        dir.display()
+    )
+}
+
+/// `[sink.archive]`: a file sink writing `DIR/events/{feed}.jsonl` without fsync.
+pub fn archive_sink(dir: &Path) -> String {
+    format!(
+        "[sink.archive]\ntype = \"file\"\npath = \"{}/events/{{feed}}.jsonl\"\nfsync = \"never\"",
+        dir.display()
+    )
+}
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
