@@ -361,6 +361,22 @@ impl Bridge {
         rss(self.pid())
     }
 
+    /// User plus system CPU time of the process so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid())
+    }
+
+    /// Panics (with the log) if the process has exited.
+    pub fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.finish_reader();
+            panic!(
+                "sse-bridge exited early ({status}); its log:\n{}",
+                self.raw_log()
+            );
+        }
+    }
+
     /// SIGTERM, then the exit code (panics with the log when there is no exit within
     /// `within`). The log stays readable.
     pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
@@ -414,6 +430,25 @@ impl Bridge {
             let _ = r.join();
         }
     }
+}
+
+/// User plus system CPU time of process `pid` so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
 }
 
 /// The resident set size of process `pid` now (`VmRSS`), in bytes.

@@ -75,8 +75,13 @@ pub enum End {
     Close,
     /// Keep the response open, sending nothing, until the client goes away.
     Hang,
-    /// Keep the response open with a `: heartbeat` comment this often.
-    Heartbeat(Duration),
+    /// Keep the response open with a `: heartbeat` comment this often; with `random_phase`,
+    /// the first one comes at a random point of the first period (so that thousands of
+    /// connections do not beat together).
+    Heartbeat {
+        every: Duration,
+        random_phase: bool,
+    },
 }
 
 /// A scripted response.
@@ -92,7 +97,15 @@ pub struct Reply {
     pub end: End,
     /// Send `Content-Length` (the length of a single `Send`) instead of a close-delimited body.
     pub sized: bool,
+    /// Frame the body with `Transfer-Encoding: chunked`, in chunks of at most [`CHUNK`] bytes,
+    /// [`CHUNKS_PER_WRITE`] to a write.
+    pub chunked: bool,
 }
+
+/// The largest chunk of a chunked body.
+pub const CHUNK: usize = 64 * 1024;
+/// Chunks per write of a chunked body: a fast server, never the bottleneck.
+pub const CHUNKS_PER_WRITE: usize = 16;
 
 impl Reply {
     /// `200` with `Content-Type: text/event-stream`, an empty body so far, closing at the end.
@@ -110,6 +123,7 @@ impl Reply {
             steps: Vec::new(),
             end: End::Close,
             sized: true,
+            chunked: false,
         }
     }
 
@@ -136,6 +150,20 @@ impl Reply {
     pub fn send(mut self, bytes: impl AsRef<[u8]>) -> Reply {
         self.steps
             .push(Step::Send(Bytes::copy_from_slice(bytes.as_ref())));
+        self.sized = false;
+        self
+    }
+
+    /// Writes these bytes (without a copy).
+    pub fn send_bytes(mut self, bytes: Bytes) -> Reply {
+        self.steps.push(Step::Send(bytes));
+        self.sized = false;
+        self
+    }
+
+    /// Frames the body with `Transfer-Encoding: chunked` (heartbeats included).
+    pub fn chunked(mut self) -> Reply {
+        self.chunked = true;
         self.sized = false;
         self
     }
@@ -174,7 +202,20 @@ impl Reply {
 
     /// Keeps the connection open after the steps, with a heartbeat comment every `every`.
     pub fn heartbeat(mut self, every: Duration) -> Reply {
-        self.end = End::Heartbeat(every);
+        self.end = End::Heartbeat {
+            every,
+            random_phase: false,
+        };
+        self.sized = false;
+        self
+    }
+
+    /// [`Reply::heartbeat`], the first one at a random point of the first period.
+    pub fn heartbeat_at_random_phase(mut self, every: Duration) -> Reply {
+        self.end = End::Heartbeat {
+            every,
+            random_phase: true,
+        };
         self.sized = false;
         self
     }
@@ -185,7 +226,8 @@ impl Reply {
         self
     }
 
-    fn head(&self) -> String {
+    /// The status line and headers as written.
+    pub fn head(&self) -> String {
         let reason = self.reason.unwrap_or_else(|| {
             axum::http::StatusCode::from_u16(self.status)
                 .ok()
@@ -207,7 +249,11 @@ impl Reply {
                 .sum();
             head.push_str(&format!("Content-Length: {len}\r\n"));
         }
-        head.push_str("Connection: close\r\n\r\n");
+        if self.chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n\r\n");
+        } else {
+            head.push_str("Connection: close\r\n\r\n");
+        }
         head
     }
 }
@@ -887,6 +933,23 @@ impl<W: AsyncWrite + Unpin> Out<W> {
     async fn heartbeats(&mut self, every: Duration) {
         while self.pause(every).await && self.send(b": heartbeat\n").await {}
     }
+
+    /// Writes `data` as chunks of a chunked body; false once the client is gone.
+    async fn send_chunked(&mut self, data: &[u8]) -> bool {
+        let mut framed = Vec::with_capacity(data.len().min(CHUNK * CHUNKS_PER_WRITE) + 1024);
+        for group in data.chunks(CHUNK * CHUNKS_PER_WRITE) {
+            framed.clear();
+            for chunk in group.chunks(CHUNK) {
+                framed.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                framed.extend_from_slice(chunk);
+                framed.extend_from_slice(b"\r\n");
+            }
+            if !self.send(&framed).await {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 const SSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
@@ -1175,13 +1238,19 @@ async fn play<W: AsyncWrite + Unpin>(out: &mut Out<W>, reply: Reply) -> bool {
     if !out.send(reply.head().as_bytes()).await {
         return true;
     }
+    let chunked = reply.chunked;
     for step in reply.steps {
         let ok = match step {
+            Step::Send(bytes) if chunked => out.send_chunked(&bytes).await,
             Step::Send(bytes) => out.send(&bytes).await,
             Step::Pieces(pieces) => {
                 let mut ok = true;
                 for piece in pieces() {
-                    ok = out.send(&piece).await;
+                    ok = if chunked {
+                        out.send_chunked(&piece).await
+                    } else {
+                        out.send(&piece).await
+                    };
                     if !ok {
                         break;
                     }
@@ -1198,7 +1267,24 @@ async fn play<W: AsyncWrite + Unpin>(out: &mut Out<W>, reply: Reply) -> bool {
     match reply.end {
         End::Close => {}
         End::Hang => out.gone.cancelled().await,
-        End::Heartbeat(every) => out.heartbeats(every).await,
+        End::Heartbeat {
+            every,
+            random_phase,
+        } => {
+            let phase = if random_phase {
+                every.mul_f64(rand::random::<f64>())
+            } else {
+                every
+            };
+            let beat: &[u8] = if chunked {
+                b"c\r\n: heartbeat\n\r\n"
+            } else {
+                b": heartbeat\n"
+            };
+            if out.pause(phase).await && out.send(beat).await {
+                while out.pause(every).await && out.send(beat).await {}
+            }
+        }
     }
     true
 }
