@@ -28,8 +28,8 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -40,12 +40,14 @@ use sse_bridge::event::Event;
 use sse_bridge::sink::jsonl;
 use sse_bridge::sse::parser::{Item, Limits, Parser};
 
-#[path = "../tests/support/bridge.rs"]
-mod bridge;
-#[path = "../tests/support/server.rs"]
-mod server;
-use bridge::{cpu_seconds, Bridge};
-use server::{Reply, Server};
+#[allow(dead_code)]
+#[path = "../tests/support/mod.rs"]
+mod support;
+#[path = "../tests/support/kafka.rs"]
+mod kafka;
+use kafka::Broker;
+use support::bridge::{self, cpu_seconds, Bridge};
+use support::server::{self, Reply, Server};
 
 const SCENARIOS: &[&str] = &["raw", "file", "sqlite", "kafka", "idle", "reconnect"];
 const FEED: &str = "bench";
@@ -923,14 +925,12 @@ fn scenario_sqlite(ctx: &Ctx) {
 /// with in-memory storage, one partition per topic; without tansu the row says so.
 /// `BENCH_KAFKA_EVENTS` (default 500 000) sets the size.
 fn scenario_kafka(ctx: &Ctx) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     use rdkafka::config::ClientConfig;
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
     let events = env_usize("BENCH_KAFKA_EVENTS", 500_000);
-    let Some(tansu) = find_tansu() else {
+    let Some(broker) = ctx.rt.block_on(Broker::start()) else {
         let mut row = Row::new("bridge -> Kafka sink");
         row.ratios.push((
             f64::NAN,
@@ -948,44 +948,12 @@ fn scenario_kafka(ctx: &Ctx) {
     }
     let mb = sse.len() as f64 / 1e6;
 
-    // The broker.
-    let dir = ctx.scratch();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let url = format!("tcp://{addr}");
-    let log = std::fs::File::create(dir.path().join("tansu.log")).expect("tansu log");
-    let mut broker = Command::new(&tansu)
-        .arg("broker")
-        .args(["--listener-url", &url, "--advertised-listener-url", &url])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("tansu log"))
-        .stderr(log)
-        .spawn()
-        .expect("start tansu");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not start on {addr}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The broker's topics.
+    let addr = broker.addr.clone();
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &addr);
-    let admin: AdminClient<DefaultClientContext> = client.create().expect("admin client");
-    let topics = [
-        NewTopic::new("bench-raw", 1, TopicReplication::Fixed(1)),
-        NewTopic::new("bench-sink", 1, TopicReplication::Fixed(1)),
-    ];
-    for result in ctx
-        .rt
-        .block_on(admin.create_topics(&topics, &AdminOptions::new()))
-        .expect("create topics")
-    {
-        result.unwrap_or_else(|(topic, e)| panic!("cannot create topic {topic}: {e}"));
-    }
-    drop(admin);
+    ctx.rt
+        .block_on(broker.create_topics(&[("bench-raw", 1), ("bench-sink", 1)]));
 
     // Raw: the same records as the sink sends, with its producer settings.
     let records: Vec<Event> = (1..=events).map(event_of).collect();
@@ -1087,8 +1055,7 @@ fn scenario_kafka(ctx: &Ctx) {
             .unwrap_or(0) as u64
     });
     std::env::remove_var("SSE_BRIDGE_STATE__COMMIT_INTERVAL");
-    let _ = broker.kill();
-    let _ = broker.wait();
+    drop(broker);
     let row = bridge_row(
         "bridge -> Kafka sink (lz4, idempotent, acks=all)",
         events,
@@ -1103,21 +1070,6 @@ fn scenario_kafka(ctx: &Ctx) {
          50 %); tansu on 127.0.0.1, one partition",
         100.0 * ratio
     ));
-}
-
-/// The tansu broker: on `PATH`, else in `$CARGO_HOME/bin` or `~/.cargo/bin`.
-fn find_tansu() -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("tansu")));
-    }
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        candidates.push(PathBuf::from(home).join("bin/tansu"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/tansu"));
-    }
-    candidates.into_iter().find(|p| p.is_file())
 }
 
 // ---- many feeds -----------------------------------------------------------------------------

@@ -72,6 +72,56 @@ fn checkpoint_seq(state: &Path) -> u64 {
     checkpoint(state, "wiki").map(|(_, s)| s).unwrap_or(0)
 }
 
+/// `[sink.kafka]`: every event to `topic` on `broker`, with `keys` (TOML lines) added.
+fn kafka_sink(broker: &Broker, topic: &str, keys: &str) -> String {
+    format!(
+        "\n[sink.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{topic}\"\n{keys}\n[[route]]\nsinks = [\"kafka\"]\n",
+        broker.addr
+    )
+}
+
+/// What a test of the topic `wiki` runs on.
+struct Wiki {
+    broker: Broker,
+    server: Server,
+    /// Holds the state database and the config until the test ends.
+    _dir: tempfile::TempDir,
+    /// The bridge's state database.
+    state: PathBuf,
+    /// A config sending every event of feed `wiki` to the topic `wiki`.
+    config: PathBuf,
+}
+
+/// A broker with the topic `wiki` (one partition) and a log of `n` events served `chunk` at a
+/// time, 20 ms apart; `None` (the test skips) without a broker.
+async fn wiki(n: u64, chunk: u64) -> Option<Wiki> {
+    let broker = Broker::start().await?;
+    broker.create_topics(&[("wiki", 1)]).await;
+    let server = Server::log(n, chunk, Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), &server.url(), &kafka_sink(&broker, "wiki", ""));
+    let state = dir.path().join("state.db");
+    Some(Wiki {
+        broker,
+        server,
+        _dir: dir,
+        state,
+        config,
+    })
+}
+
+/// Waits (at most `secs`) until the checkpoint of `wiki` is at `seq` (naming `when` if it never
+/// is), then SIGTERM: the bridge exits 0.
+async fn drains_at(bridge: &mut Bridge, state: &Path, seq: u64, secs: u64, when: &str) {
+    assert!(
+        wait_for(Duration::from_secs(secs), || checkpoint_seq(state) == seq).await,
+        "checkpoint {:?} {when}; logs:\n{}",
+        checkpoint(state, "wiki"),
+        bridge.raw_log()
+    );
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
 /// A config with one feed `wiki` from `url`; `sinks_and_routes` is appended.
 fn config(dir: &Path, url: &str, sinks_and_routes: &str) -> PathBuf {
     let text = format!(
@@ -210,31 +260,12 @@ sinks = ["rest"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_broker_frozen_20s_holds_the_feed_back_and_loses_nothing() {
     const N: u64 = 40_000;
-    let Some(broker) = Broker::start().await else {
+    // About 10 000 events/s for 4 s: the freeze comes in the middle of the stream.
+    let Some(w) = wiki(N, 200).await else {
         return;
     };
-    broker.create_topics(&[("wiki", 1)]).await;
-    // About 10 000 events/s for 4 s: the freeze comes in the middle of the stream.
-    let server = Server::log(N, 200, Duration::from_millis(20)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(
-        dir.path(),
-        &server.url(),
-        &format!(
-            r#"
-[sink.kafka]
-type = "kafka"
-brokers = "{addr}"
-topic = "wiki"
-
-[[route]]
-sinks = ["kafka"]
-"#,
-            addr = broker.addr
-        ),
-    );
-    let state = dir.path().join("state.db");
-    let mut bridge = Bridge::spawn(&config);
+    let (broker, state) = (&w.broker, &w.state);
+    let mut bridge = Bridge::spawn(&w.config);
     assert!(
         wait_for(Duration::from_secs(60), || checkpoint_seq(&state) >= 5_000).await,
         "no progress before the freeze; logs:\n{}",
@@ -268,13 +299,7 @@ sinks = ["kafka"]
         "memory grew while the broker was frozen: {rss_start} KiB -> {rss_max} KiB"
     );
 
-    assert!(
-        wait_for(Duration::from_secs(90), || checkpoint_seq(&state) == N).await,
-        "checkpoint {:?} after the broker came back; logs:\n{}",
-        checkpoint(&state, "wiki"),
-        bridge.raw_log()
-    );
-    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
+    drains_at(&mut bridge, state, N, 90, "after the broker came back").await;
 
     let records = broker.read_topic("wiki", 0, QUIET);
     let mut next = 1u64;
@@ -306,31 +331,12 @@ sinks = ["kafka"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_kill_9_then_restart_loses_nothing_and_duplicates_carry_the_same_id() {
     use rand::Rng;
-    let Some(broker) = Broker::start().await else {
+    // About 25 000 events/s for 4 s.
+    let Some(w) = wiki(TOTAL, 500).await else {
         return;
     };
-    broker.create_topics(&[("wiki", 1)]).await;
-    // About 25 000 events/s for 4 s.
-    let server = Server::log(TOTAL, 500, Duration::from_millis(20)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(
-        dir.path(),
-        &server.url(),
-        &format!(
-            r#"
-[sink.kafka]
-type = "kafka"
-brokers = "{addr}"
-topic = "wiki"
-
-[[route]]
-sinks = ["kafka"]
-"#,
-            addr = broker.addr
-        ),
-    );
-    let state = dir.path().join("state.db");
-    let mut bridge = Bridge::spawn(&config);
+    let (broker, server, state) = (&w.broker, &w.server, &w.state);
+    let mut bridge = Bridge::spawn(&w.config);
     let kill_after = rand::thread_rng().gen_range(5_000..60_000);
     // Killed mid-stream once a checkpoint exists: records can reach the topic before the
     // first commit (every 200 ms), and a kill before any commit is the plain restart case.
@@ -349,14 +355,8 @@ sinks = ["kafka"]
     let committed: u64 = cp_id.parse().expect("numeric checkpoint");
     assert_eq!(committed, cp_seq);
 
-    let mut bridge = Bridge::spawn(&config);
-    assert!(
-        wait_for(Duration::from_secs(120), || checkpoint_seq(&state) == TOTAL).await,
-        "checkpoint {:?} after the restart; logs:\n{}",
-        checkpoint(&state, "wiki"),
-        bridge.raw_log()
-    );
-    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
+    let mut bridge = Bridge::spawn(&w.config);
+    drains_at(&mut bridge, state, TOTAL, 120, "after the restart").await;
     let requests = server.requests();
     assert_eq!(requests.len(), 2, "{requests:?}");
     assert_eq!(requests[1].last_event_id.as_deref(), Some(cp_id.as_str()));
@@ -426,20 +426,8 @@ async fn kafka_missing_topic_blocks_until_created_or_is_skipped_and_counted() {
     };
     let server = Server::log(N, 100, Duration::from_millis(10)).await;
     let sink = |topic: &str, on_error: &str| {
-        format!(
-            r#"
-[sink.kafka]
-type = "kafka"
-brokers = "{addr}"
-topic = "{topic}"
-delivery_timeout = "1s"
-on_error = "{on_error}"
-
-[[route]]
-sinks = ["kafka"]
-"#,
-            addr = broker.addr
-        )
+        let keys = format!("delivery_timeout = \"1s\"\non_error = \"{on_error}\"\n");
+        kafka_sink(&broker, topic, &keys)
     };
 
     // Blocked.
@@ -459,13 +447,7 @@ sinks = ["kafka"]
     assert_eq!(checkpoint_seq(&state), 0, "nothing acknowledged");
     // The operator creates the topic: the held-back events go through.
     broker.create_topics(&[("late", 1)]).await;
-    assert!(
-        wait_for(Duration::from_secs(60), || checkpoint_seq(&state) == N).await,
-        "checkpoint {:?} after the topic was created; logs:\n{}",
-        checkpoint(&state, "wiki"),
-        bridge.raw_log()
-    );
-    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
+    drains_at(&mut bridge, &state, N, 60, "after the topic was created").await;
     let records = broker.read_topic("late", 0, QUIET);
     let mut ids: Vec<u64> = records.iter().map(Record::id).collect();
     ids.dedup();

@@ -147,18 +147,52 @@ impl Reply {
     }
 
     /// Writes a chunk (the body then ends at the close).
-    pub fn send(mut self, bytes: impl AsRef<[u8]>) -> Reply {
-        self.steps
-            .push(Step::Send(Bytes::copy_from_slice(bytes.as_ref())));
-        self.sized = false;
-        self
+    pub fn send(self, bytes: impl AsRef<[u8]>) -> Reply {
+        self.step(Step::Send(Bytes::copy_from_slice(bytes.as_ref())))
     }
 
     /// Writes these bytes (without a copy).
-    pub fn send_bytes(mut self, bytes: Bytes) -> Reply {
-        self.steps.push(Step::Send(bytes));
-        self.sized = false;
-        self
+    pub fn send_bytes(self, bytes: Bytes) -> Reply {
+        self.step(Step::Send(bytes))
+    }
+
+    /// Writes what `pieces` yields, generated when the request comes.
+    pub fn pieces<I>(self, pieces: impl Fn() -> I + Send + Sync + 'static) -> Reply
+    where
+        I: Iterator<Item = Vec<u8>> + Send + 'static,
+    {
+        self.step(Step::Pieces(Arc::new(move || Box::new(pieces()))))
+    }
+
+    /// Pauses the body.
+    pub fn wait(self, d: Duration) -> Reply {
+        self.step(Step::Wait(d))
+    }
+
+    /// Breaks the connection after the previous steps.
+    pub fn abort(self) -> Reply {
+        self.step(Step::Abort)
+    }
+
+    /// Keeps the connection open after the steps.
+    pub fn hang(self) -> Reply {
+        self.ending(End::Hang)
+    }
+
+    /// Keeps the connection open after the steps, with a heartbeat comment every `every`.
+    pub fn heartbeat(self, every: Duration) -> Reply {
+        self.ending(End::Heartbeat {
+            every,
+            random_phase: false,
+        })
+    }
+
+    /// [`Reply::heartbeat`], the first one at a random point of the first period.
+    pub fn heartbeat_at_random_phase(self, every: Duration) -> Reply {
+        self.ending(End::Heartbeat {
+            every,
+            random_phase: true,
+        })
     }
 
     /// Frames the body with `Transfer-Encoding: chunked` (heartbeats included).
@@ -168,54 +202,15 @@ impl Reply {
         self
     }
 
-    /// Writes what `pieces` yields, generated when the request comes.
-    pub fn pieces<I>(mut self, pieces: impl Fn() -> I + Send + Sync + 'static) -> Reply
-    where
-        I: Iterator<Item = Vec<u8>> + Send + 'static,
-    {
-        self.steps
-            .push(Step::Pieces(Arc::new(move || Box::new(pieces()))));
+    /// A body step (the body then ends at the close, not at a length).
+    fn step(mut self, step: Step) -> Reply {
+        self.steps.push(step);
         self.sized = false;
         self
     }
 
-    /// Pauses the body.
-    pub fn wait(mut self, d: Duration) -> Reply {
-        self.steps.push(Step::Wait(d));
-        self.sized = false;
-        self
-    }
-
-    /// Breaks the connection after the previous steps.
-    pub fn abort(mut self) -> Reply {
-        self.steps.push(Step::Abort);
-        self.sized = false;
-        self
-    }
-
-    /// Keeps the connection open after the steps.
-    pub fn hang(mut self) -> Reply {
-        self.end = End::Hang;
-        self.sized = false;
-        self
-    }
-
-    /// Keeps the connection open after the steps, with a heartbeat comment every `every`.
-    pub fn heartbeat(mut self, every: Duration) -> Reply {
-        self.end = End::Heartbeat {
-            every,
-            random_phase: false,
-        };
-        self.sized = false;
-        self
-    }
-
-    /// [`Reply::heartbeat`], the first one at a random point of the first period.
-    pub fn heartbeat_at_random_phase(mut self, every: Duration) -> Reply {
-        self.end = End::Heartbeat {
-            every,
-            random_phase: true,
-        };
+    fn ending(mut self, end: End) -> Reply {
+        self.end = end;
         self.sized = false;
         self
     }
