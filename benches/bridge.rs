@@ -182,38 +182,28 @@ impl Ctx {
     }
 
     fn loopback(&self) -> Rate {
-        if let Some(r) = self.limits.lock().expect("limits").loopback {
-            return r;
-        }
-        let r = raw_loopback(self);
-        self.limits.lock().expect("limits").loopback = Some(r);
-        r
+        self.limit(|l| &mut l.loopback, raw_loopback)
     }
 
     fn parse(&self) -> Rate {
-        if let Some(r) = self.limits.lock().expect("limits").parse {
-            return r;
-        }
-        let r = raw_parse(self);
-        self.limits.lock().expect("limits").parse = Some(r);
-        r
+        self.limit(|l| &mut l.parse, raw_parse)
     }
 
     fn pipeline(&self) -> Rate {
-        if let Some(r) = self.limits.lock().expect("limits").pipeline {
-            return r;
-        }
-        let r = raw_pipeline(self);
-        self.limits.lock().expect("limits").pipeline = Some(r);
-        r
+        self.limit(|l| &mut l.pipeline, raw_pipeline)
     }
 
     fn file(&self) -> Rate {
-        if let Some(r) = self.limits.lock().expect("limits").file {
+        self.limit(|l| &mut l.file, raw_file)
+    }
+
+    /// A raw limit, measured once per run by `measure`.
+    fn limit(&self, slot: fn(&mut RawLimits) -> &mut Option<Rate>, measure: fn(&Ctx) -> Rate) -> Rate {
+        if let Some(r) = *slot(&mut self.limits.lock().expect("limits")) {
             return r;
         }
-        let r = raw_file(self);
-        self.limits.lock().expect("limits").file = Some(r);
+        let r = measure(self);
+        *slot(&mut self.limits.lock().expect("limits")) = Some(r);
         r
     }
 
@@ -841,29 +831,11 @@ fn scenario_sqlite(ctx: &Ctx) {
             (e, t)
         })
         .collect();
-    let mut conn = rusqlite::Connection::open(&raw_path).expect("open");
-    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
-        .expect("WAL");
-    conn.pragma_update(None, "synchronous", "FULL")
-        .expect("synchronous");
-    sse_bridge::state::migrate::migrate(&mut conn, "raw.db").expect("schema");
+    let mut conn = support::raw_events_db(&raw_path);
     let cpu0 = thread_cpu();
     let started = Instant::now();
     for chunk in rows.chunks(SQLITE_BATCH) {
-        let tx = conn.transaction().expect("begin");
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO events (feed, seq, id, type, data, received_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .expect("prepare");
-            for (e, t) in chunk {
-                stmt.execute((&*e.feed, e.seq as i64, &e.id, &e.event_type, &e.data, t))
-                    .expect("insert");
-            }
-        }
-        tx.commit().expect("commit");
+        support::insert_events(&mut conn, chunk.iter().map(|(e, t)| (e, t.as_str())));
     }
     let secs = started.elapsed().as_secs_f64();
     let raw = Rate {

@@ -1318,32 +1318,17 @@ fn bench_sqlite_sink_vs_raw_batched_insert() {
     // 2. Raw rusqlite: the same rows, the same schema, pragmas and statement, prebuilt
     //    values, in transactions of the runner's largest batch.
     let raw = dir.path().join("raw.db");
-    let mut conn = Connection::open(&raw).expect("open");
-    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
-        .expect("wal");
-    conn.pragma_update(None, "synchronous", "FULL")
-        .expect("sync");
-    sse_bridge::state::migrate::migrate(&mut conn, "raw.db").expect("schema");
+    let mut conn = support::raw_events_db(&raw);
     let times: Vec<String> = events
         .iter()
         .map(|e| sse_bridge::sink::sqlite::format_time(e.received_at))
         .collect();
     let start = Instant::now();
     for (chunk, times) in events.chunks(8192).zip(times.chunks(8192)) {
-        let tx = conn.transaction().expect("tx");
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO events (feed, seq, id, type, data, received_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .expect("prepare");
-            for (e, t) in chunk.iter().zip(times) {
-                stmt.execute((&*e.feed, e.seq as i64, &e.id, &e.event_type, &e.data, t))
-                    .expect("insert");
-            }
-        }
-        tx.commit().expect("commit");
+        support::insert_events(
+            &mut conn,
+            chunk.iter().map(|e| &**e).zip(times.iter().map(String::as_str)),
+        );
     }
     let raw_rate = N as f64 / start.elapsed().as_secs_f64();
     assert_eq!(count(&raw), N);

@@ -39,6 +39,40 @@ pub fn free_port() -> u16 {
         .expect("port")
 }
 
+/// A database with the events schema and the SQLite sink's pragmas (WAL, `synchronous =
+/// FULL`): where the raw rusqlite insert the sink is compared with runs.
+pub fn raw_events_db(path: &Path) -> rusqlite::Connection {
+    let mut conn = rusqlite::Connection::open(path).expect("open");
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+        .expect("WAL");
+    conn.pragma_update(None, "synchronous", "FULL")
+        .expect("synchronous");
+    sse_bridge::state::migrate::migrate(&mut conn, "raw.db").expect("schema");
+    conn
+}
+
+/// One transaction inserting `rows` (each event with its received time as stored) with the
+/// SQLite sink's statement.
+pub fn insert_events<'a>(
+    conn: &mut rusqlite::Connection,
+    rows: impl IntoIterator<Item = (&'a sse_bridge::event::Event, &'a str)>,
+) {
+    let tx = conn.transaction().expect("begin");
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO events (feed, seq, id, type, data, received_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .expect("prepare");
+        for (e, t) in rows {
+            stmt.execute((&*e.feed, e.seq as i64, &e.id, &e.event_type, &e.data, t))
+                .expect("insert");
+        }
+    }
+    tx.commit().expect("commit");
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 pub async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
