@@ -481,18 +481,7 @@ fn raw_loopback(ctx: &Ctx) -> Rate {
     .join()
     .expect("reader thread");
     stop_generator(&mut generator);
-    let rate = Rate {
-        events_per_s: stream.events as f64 / secs,
-        mb_per_s: stream.mb() / secs,
-        cpu_s: cpu,
-    };
-    let mut row = Row::new("raw: loopback read, discard");
-    row.events = Some(stream.events as u64);
-    row.events_per_s = Some(rate.events_per_s);
-    row.mb_per_s = Some(rate.mb_per_s);
-    row.cpu_s = Some(cpu);
-    ctx.add(row);
-    rate
+    limit_row(ctx, "raw: loopback read, discard", secs, cpu)
 }
 
 /// A bare parse of the stream in memory, in `CHUNK`-byte pushes.
@@ -519,12 +508,12 @@ fn raw_parse(ctx: &Ctx) -> Rate {
         }
     }
     let (secs, cpu) = best.expect("three runs");
-    in_memory_limit(ctx, "raw: bare parse (Parser::push)", secs, cpu)
+    limit_row(ctx, "raw: bare parse (Parser::push)", secs, cpu)
 }
 
-/// Reports a raw limit measured over the whole stream in memory: `secs` of wall time and
-/// `cpu` seconds of this thread.
-fn in_memory_limit(ctx: &Ctx, what: &str, secs: f64, cpu: f64) -> Rate {
+/// Reports a raw limit measured over the whole stream: `secs` of wall time and `cpu` seconds
+/// of the measuring thread.
+fn limit_row(ctx: &Ctx, what: &str, secs: f64, cpu: f64) -> Rate {
     let stream = ctx.stream();
     let rate = Rate {
         events_per_s: stream.events as f64 / secs,
@@ -591,7 +580,7 @@ fn raw_pipeline(ctx: &Ctx) -> Rate {
         }
     }
     let (secs, cpu) = best.expect("three runs");
-    in_memory_limit(
+    limit_row(
         ctx,
         "raw: parse + encode + write, one thread, no fsync",
         secs,

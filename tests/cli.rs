@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::ffi::OsStr;
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -11,7 +12,9 @@ use std::time::Duration;
 use rand::Rng;
 use support::bridge::{checkpoint, line_count, Bridge};
 use support::server::Server;
-use support::{archive_sink, bin, state_section, wait_for, write_file};
+use support::{
+    archive_sink, bin, command, run_ok, state_section, succeeds, wait_for, write_file,
+};
 
 fn validate(config: &Path) -> Output {
     Command::new(bin())
@@ -71,17 +74,7 @@ fn a_good_config_validates() {
 
 #[test]
 fn the_built_in_default_config_validates() {
-    let out = Command::new(bin())
-        .arg("validate")
-        .env_remove("SSE_BRIDGE_CONFIG")
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("built-in default config"));
+    assert!(run_ok(["validate"]).contains("built-in default config"));
 }
 
 #[test]
@@ -144,16 +137,9 @@ fn an_environment_override_is_applied_and_named_when_bad() {
         "{stderr}"
     );
     // Unrelated SSE_BRIDGE_* variables (a token, say) are not config keys.
-    let out = Command::new(bin())
-        .args(["validate", "-c"])
-        .arg(&path)
-        .env("SSE_BRIDGE_TOKEN", "secret")
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeds(
+        command([OsStr::new("validate"), "-c".as_ref(), path.as_os_str()])
+            .env("SSE_BRIDGE_TOKEN", "secret"),
     );
 }
 

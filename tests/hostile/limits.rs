@@ -1,18 +1,21 @@
 //! Bounded resources against the real binary: memory in bytes under a stalled sink, the
 //! reconnection floor, the id length limit, and one bridge per state database.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::bridge::{bin, checkpoint, line_count, rss, Bridge, LogLine};
 use crate::support::server::{Reply, Server};
-use crate::support::{state_section, wait_for, write_file};
+use crate::support::{run_ok, state_section, wait_for, write_file};
 
 /// The heartbeat of a stream that stays open.
 const HOLD: Duration = Duration::from_millis(500);
 
-fn config(dir: &Path, feed_url: &str, feed_extra: &str, sink: &str) -> PathBuf {
+/// A config with feed `f` from `feed_url` (plus `feed_extra` keys) into the file sink `out`
+/// writing `DIR/out/f.jsonl` (plus `sink_extra` keys).
+fn config(dir: &Path, feed_url: &str, feed_extra: &str, sink_extra: &str) -> PathBuf {
     let text = format!(
         r#"
 {state}
@@ -23,12 +26,16 @@ url = "{feed_url}"
 default_retry = "100ms"
 {feed_extra}
 
-{sink}
+[sink.out]
+type = "file"
+path = "{dir}/out/f.jsonl"
+{sink_extra}
 
 [routing]
 default = ["out"]
 "#,
         state = state_section(dir, "100ms"),
+        dir = dir.display(),
     );
     write_file(dir, "bridge.toml", &text)
 }
@@ -68,20 +75,11 @@ async fn a_stalled_sink_holds_large_events_within_its_byte_bound() {
         &server.url(),
         r#"max_event_size = "2 MiB"
 idle_timeout = "0s""#,
-        &format!(
-            r#"[sink.out]
-type = "file"
-path = "{}/out/f.jsonl"
-fsync = "never"
-buffer.max_bytes = "16 MiB""#,
-            dir.path().display()
-        ),
+        "fsync = \"never\"\nbuffer.max_bytes = \"16 MiB\"",
     );
     let bridge = Bridge::spawn(&cfg);
     bridge
-        .wait_log("the sink failing", Duration::from_secs(30), |l| {
-            l.message.contains("write failed")
-        })
+        .wait_message(Duration::from_secs(30), "write failed")
         .await;
     // Let the feed run into the bound: it reads until the buffer is full, then stops.
     let mut last = 0;
@@ -165,10 +163,7 @@ async fn the_memory_of_a_huge_event_is_given_back_once_it_is_stored() {
         dir.path(),
         &server.url(),
         r#"max_event_size = "256 MiB""#,
-        &format!(
-            "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
-            dir.path().display()
-        ),
+        "fsync = \"never\"",
     );
     let bridge = Bridge::spawn(&cfg);
     let state = dir.path().join("state.db");
@@ -205,10 +200,7 @@ async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
         dir.path(),
         &server.url(),
         r#"policy = "browser""#,
-        &format!(
-            "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
-            dir.path().display()
-        ),
+        "fsync = \"never\"",
     );
     let bridge = Bridge::spawn(&cfg);
     assert!(wait_for(Duration::from_secs(20), || server.count() >= 2).await);
@@ -228,17 +220,7 @@ async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
         "the feed should keep reconnecting: {per_second:.1}/s"
     );
 
-    let out = Command::new(bin())
-        .args(["gaps", "--json", "-c"])
-        .arg(&cfg)
-        .output()
-        .expect("gaps");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let rows: Vec<serde_json::Value> = run_ok([OsStr::new("gaps"), "--json".as_ref(), "-c".as_ref(), cfg.as_os_str()])
         .lines()
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
@@ -279,10 +261,7 @@ async fn a_huge_id_is_refused_not_repeated_on_every_event() {
         dir.path(),
         &server.url(),
         "",
-        &format!(
-            "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
-            dir.path().display()
-        ),
+        "fsync = \"never\"",
     );
     let bridge = Bridge::spawn(&cfg);
     let file = dir.path().join("out/f.jsonl");
@@ -323,16 +302,11 @@ async fn one_bridge_per_state_database() {
         dir.path(),
         &server.url(),
         "",
-        &format!(
-            "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"",
-            dir.path().display()
-        ),
+        "",
     );
     let first = Bridge::spawn(&cfg);
     first
-        .wait_log("connected", Duration::from_secs(20), |l| {
-            l.message.contains("connected to")
-        })
+        .wait_message(Duration::from_secs(20), "connected to")
         .await;
     let second = Command::new(bin())
         .args(["run", "-c"])
@@ -360,43 +334,21 @@ async fn one_bridge_per_state_database() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("already using"), "{stderr}");
     }
-    let list = Command::new(bin())
-        .args(["checkpoints", "list", "-c"])
-        .arg(&cfg)
-        .output()
-        .expect("list");
-    assert!(
-        list.status.success(),
-        "{}",
-        String::from_utf8_lossy(&list.stderr)
-    );
+    run_ok([OsStr::new("checkpoints"), "list".as_ref(), "-c".as_ref(), cfg.as_os_str()]);
     assert_eq!(server.count(), 1, "the second bridge never connected");
     let (status, _) = first.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
     // Free again once the first is gone (kill -9 frees it too: the kernel drops the lock).
-    let out = Command::new(bin())
-        .args(["checkpoints", "set", "f", "7", "-c"])
-        .arg(&cfg)
-        .output()
-        .expect("set");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok([OsStr::new("checkpoints"), "set".as_ref(), "f".as_ref(), "7".as_ref(), "-c".as_ref(), cfg.as_os_str()]);
     let again = Bridge::spawn(&cfg);
     again
-        .wait_log("connected", Duration::from_secs(20), |l| {
-            l.message.contains("connected to")
-        })
+        .wait_message(Duration::from_secs(20), "connected to")
         .await;
     let logs = again.kill9();
     assert!(!logs.is_empty());
     let after_kill = Bridge::spawn(&cfg);
     after_kill
-        .wait_log("connected after kill -9", Duration::from_secs(20), |l| {
-            l.message.contains("connected to")
-        })
+        .wait_message(Duration::from_secs(20), "connected to")
         .await;
     let (status, _) = after_kill.terminate(Duration::from_secs(20)).await;
     assert!(status.success());

@@ -309,6 +309,13 @@ impl Bridge {
         lines.swap_remove(0)
     }
 
+    /// Waits (at most `within`) for a log line whose message contains `text`.
+    pub async fn wait_message(&self, within: Duration, text: &str) -> LogLine {
+        let wanted = text.to_string();
+        self.wait_log(text, within, move |l| l.message.contains(&wanted))
+            .await
+    }
+
     /// Like [`Bridge::wait_log`], until `n` lines satisfy `pred`; returns the first `n`.
     pub async fn wait_logs(
         &self,

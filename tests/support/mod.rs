@@ -31,6 +31,30 @@ pub fn archive_sink(dir: &Path) -> String {
     )
 }
 
+/// `sse-bridge ARGS`, without `SSE_BRIDGE_CONFIG` from the test's environment.
+pub fn command<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> std::process::Command {
+    let mut command = std::process::Command::new(bin());
+    command.args(args).env_remove("SSE_BRIDGE_CONFIG");
+    command
+}
+
+/// Runs `command` to its end; panics with its standard error unless it succeeds; returns its
+/// standard output.
+pub fn succeeds(command: &mut std::process::Command) -> String {
+    let out = command.output().expect("run sse-bridge");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// [`succeeds`] for `sse-bridge ARGS`.
+pub fn run_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> String {
+    succeeds(&mut command(args))
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
