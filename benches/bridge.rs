@@ -33,18 +33,17 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use chrono::{TimeZone, Utc};
 use bytes::Bytes;
+use chrono::{TimeZone, Utc};
 
 use sse_bridge::event::Event;
 use sse_bridge::sink::jsonl;
 use sse_bridge::sse::parser::{Item, Limits, Parser};
 
-#[allow(dead_code)]
-#[path = "../tests/support/mod.rs"]
-mod support;
 #[path = "../tests/support/kafka.rs"]
 mod kafka;
+#[path = "../tests/support/mod.rs"]
+mod support;
 use kafka::Broker;
 use support::bridge::{self, cpu_seconds, Bridge};
 use support::server::{self, Reply, Server};
@@ -198,7 +197,11 @@ impl Ctx {
     }
 
     /// A raw limit, measured once per run by `measure`.
-    fn limit(&self, slot: fn(&mut RawLimits) -> &mut Option<Rate>, measure: fn(&Ctx) -> Rate) -> Rate {
+    fn limit(
+        &self,
+        slot: fn(&mut RawLimits) -> &mut Option<Rate>,
+        measure: fn(&Ctx) -> Rate,
+    ) -> Rate {
         if let Some(r) = *slot(&mut self.limits.lock().expect("limits")) {
             return r;
         }
@@ -455,7 +458,11 @@ fn scenario_raw(ctx: &Ctx) {
 /// The stream read over loopback (from the same generator) and discarded.
 fn raw_loopback(ctx: &Ctx) -> Rate {
     let stream = ctx.stream();
-    let mut generator = generator(ctx, Body::Stream(stream.sse.clone()), Duration::from_secs(1));
+    let mut generator = generator(
+        ctx,
+        Body::Stream(stream.sse.clone()),
+        Duration::from_secs(1),
+    );
     let addr = generator.addr;
     let framed: usize = stream
         .sse
@@ -997,24 +1004,31 @@ fn scenario_kafka(ctx: &Ctx) {
         format!("[sink.out]\ntype = \"kafka\"\nbrokers = {addr:?}\ntopic = \"bench-sink\"\n");
     std::env::set_var("SSE_BRIDGE_STATE__COMMIT_INTERVAL", "10ms");
     let mut reader: Option<rusqlite::Connection> = None;
-    let run = run_one_feed(ctx, bridge_dir.path(), events, Bytes::from(sse), &sink, || {
-        if reader.is_none() {
-            reader = rusqlite::Connection::open_with_flags(
-                &state,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .ok();
-        }
-        reader
-            .as_ref()
-            .and_then(|c| {
-                c.query_row("SELECT seq FROM checkpoints WHERE feed = ?1", [FEED], |r| {
-                    r.get::<_, i64>(0)
+    let run = run_one_feed(
+        ctx,
+        bridge_dir.path(),
+        events,
+        Bytes::from(sse),
+        &sink,
+        || {
+            if reader.is_none() {
+                reader = rusqlite::Connection::open_with_flags(
+                    &state,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .ok();
+            }
+            reader
+                .as_ref()
+                .and_then(|c| {
+                    c.query_row("SELECT seq FROM checkpoints WHERE feed = ?1", [FEED], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .ok()
                 })
-                .ok()
-            })
-            .unwrap_or(0) as u64
-    });
+                .unwrap_or(0) as u64
+        },
+    );
     std::env::remove_var("SSE_BRIDGE_STATE__COMMIT_INTERVAL");
     drop(broker);
     let row = bridge_row(

@@ -12,13 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::server::{Fault, Options, Server};
 use support::bridge::Bridge;
+use support::server::{Fault, Options, Server};
 use support::{archive_sink, bin, free_port, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
 
 /// GET, returning the status and body; `None` while the endpoint does not answer.
 async fn get(url: &str) -> Option<(u16, String)> {
@@ -48,6 +47,9 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A metric, its labels and its value.
+type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
 
 /// Writes a config of `feeds_and_routes` with the state database (committing every 100 ms when `fast_commit`), the `archive` file sink and the
 /// admin endpoint on a free port, and starts the bridge; returns it and the admin URL.
@@ -463,23 +465,35 @@ drop = true
         .filter(|n| n % 3 == 0)
         .map(|n| event_data(n).len())
         .sum();
-    let exact: &[(&str, &[(&str, &str)], f64)] = &[
+    let exact: &[Expected] = &[
         ("sse_bridge_events_routed_total", &feed("edit"), 100.0),
         ("sse_bridge_events_routed_total", &feed("log"), 0.0),
         ("sse_bridge_events_dropped_total", &feed("log"), 100.0),
         ("sse_bridge_events_unrouted_total", &feed("new"), 100.0),
         ("sse_bridge_events_unrouted_total", &feed("edit"), 0.0),
-        ("sse_bridge_event_data_bytes_total", &feed("edit"), edit_bytes as f64),
+        (
+            "sse_bridge_event_data_bytes_total",
+            &feed("edit"),
+            edit_bytes as f64,
+        ),
         ("sse_bridge_sink_events_stored_total", &archive, 100.0),
         ("sse_bridge_sink_events_dropped_total", &archive, 0.0),
         ("sse_bridge_sink_write_errors_total", &archive, 0.0),
         ("sse_bridge_sink_healthy", &archive, 1.0),
         ("sse_bridge_sink_queue_events", &archive, 0.0),
-        ("sse_bridge_sink_info", &[("sink", "archive"), ("kind", "file")], 1.0),
+        (
+            "sse_bridge_sink_info",
+            &[("sink", "archive"), ("kind", "file")],
+            1.0,
+        ),
         ("sse_bridge_feed_reconnects_total", &[("feed", "wiki")], 0.0),
         ("sse_bridge_feed_backoff_seconds", &[("feed", "wiki")], 0.0),
         ("sse_bridge_feed_pending_events", &[("feed", "wiki")], 0.0),
-        ("sse_bridge_checkpoint_lag_seconds", &[("feed", "wiki")], 0.0),
+        (
+            "sse_bridge_checkpoint_lag_seconds",
+            &[("feed", "wiki")],
+            0.0,
+        ),
         ("sse_bridge_tap_clients", &[], 0.0),
     ];
     for (name, labels, want) in exact {
@@ -710,9 +724,7 @@ default = ["archive"]
         "{:?}",
         get(&format!("{}/feeds", admin)).await
     );
-    let (_, feeds) = get(&format!("{}/feeds", admin))
-        .await
-        .expect("feeds");
+    let (_, feeds) = get(&format!("{}/feeds", admin)).await.expect("feeds");
     let feeds: serde_json::Value = serde_json::from_str(&feeds).expect("JSON");
     let flaky = feeds
         .as_array()

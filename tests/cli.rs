@@ -3,8 +3,8 @@
 
 mod support;
 
-use std::ffi::OsStr;
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -12,9 +12,7 @@ use std::time::Duration;
 use rand::Rng;
 use support::bridge::{checkpoint, line_count, Bridge};
 use support::server::Server;
-use support::{
-    archive_sink, bin, command, run_ok, state_section, succeeds, wait_for, write_file,
-};
+use support::{archive_sink, bin, command, run_ok, state_section, succeeds, wait_for, write_file};
 
 fn validate(config: &Path) -> Output {
     Command::new(bin())
@@ -214,7 +212,8 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     );
     bridge.kill();
     let stored_before = read_lines(&out);
-    let (cp_id, cp_seq) = checkpoint(&state, "wiki").expect("a checkpoint was committed before the kill");
+    let (cp_id, cp_seq) =
+        checkpoint(&state, "wiki").expect("a checkpoint was committed before the kill");
     let last_stored: u64 = stored_before
         .last()
         .and_then(|v| v["id"].as_str())

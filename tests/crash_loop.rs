@@ -29,8 +29,8 @@ mod kafka;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::bridge::{checkpoint, parse_line, Bridge, Tail};
 use rand::{Rng, SeedableRng};
+use support::bridge::{checkpoint, parse_line, Bridge, Tail};
 use support::server::Server;
 use support::{archive_sink, event_type, state_section, write_file};
 

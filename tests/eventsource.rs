@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use support::server::{gap, Reply, Server};
 use sse_bridge::config::units::ByteSize;
 use sse_bridge::config::{BackoffConfig, FeedConfig, OnClientError, Policy};
 use sse_bridge::sse::client::{EventSource, Next};
 use sse_bridge::sse::parser::{Item, SseEvent};
 use sse_bridge::sse::status::{FeedStatus, ReadyState, StatusHandle};
 use sse_bridge::state::GapReason;
+use support::server::{gap, Reply, Server};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 

@@ -1,5 +1,5 @@
 //! Proof under fire: the real `sse-bridge` binary, a file sink, and a resumable SSE server on
-//! 127.0.0.1 that sabotages chosen connections (`support/faults.rs`). Each test injects one
+//! 127.0.0.1 that sabotages chosen connections (`support/server.rs`). Each test injects one
 //! fault and checks, from outside the process:
 //!
 //! - the feed's state and error message, as its JSON logs announce them (`connected to`:
@@ -17,17 +17,16 @@
 
 mod support;
 
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use support::bridge::{checkpoint, line_count, read_jsonl, Bridge, LogLine, Seen, Stored};
-use support::bridge;
-use support::server::{Fault, Options, Record, Server};
 use rand::{Rng, SeedableRng};
+use support::bridge;
+use support::bridge::{checkpoint, line_count, read_jsonl, Bridge, LogLine, Seen, Stored};
+use support::server::{Fault, Options, Record, Server};
 use support::{archive_sink, event_type, state_section, wait_for, write_file};
 
 const FEED: &str = "wiki";

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kafka_broker::{Broker, Record};
-use support::server::Server;
 use support::bridge::{checkpoint, Bridge};
+use support::server::Server;
 use support::{event_type, free_port, state_section, wait_for, write_file};
 
 // ---------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ async fn kafka_broker_frozen_20s_holds_the_feed_back_and_loses_nothing() {
     let (broker, state) = (&w.broker, &w.state);
     let mut bridge = Bridge::spawn(&w.config);
     assert!(
-        wait_for(Duration::from_secs(60), || checkpoint_seq(&state) >= 5_000).await,
+        wait_for(Duration::from_secs(60), || checkpoint_seq(state) >= 5_000).await,
         "no progress before the freeze; logs:\n{}",
         bridge.raw_log()
     );
@@ -276,13 +276,13 @@ async fn kafka_broker_frozen_20s_holds_the_feed_back_and_loses_nothing() {
     let frozen_at = Instant::now();
     // Let what the broker answered before it stopped reach the checkpoint.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = checkpoint_seq(&state);
+    let held = checkpoint_seq(state);
     let rss_start = bridge.rss().unwrap_or(0) / 1024;
     let mut rss_max = rss_start;
     while frozen_at.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(
-            checkpoint_seq(&state),
+            checkpoint_seq(state),
             held,
             "the checkpoint moved while the broker could not confirm anything"
         );
@@ -343,15 +343,16 @@ async fn kafka_kill_9_then_restart_loses_nothing_and_duplicates_carry_the_same_i
     assert!(
         wait_for(Duration::from_secs(60), || broker.count("wiki", 1)
             >= kill_after
-            && checkpoint(&state, "wiki").is_some())
+            && checkpoint(state, "wiki").is_some())
         .await,
         "{} records in the topic, wanted {kill_after}, checkpoint {:?}; logs:\n{}",
         broker.count("wiki", 1),
-        checkpoint(&state, "wiki"),
+        checkpoint(state, "wiki"),
         bridge.raw_log()
     );
     bridge.kill();
-    let (cp_id, cp_seq) = checkpoint(&state, "wiki").expect("a checkpoint was committed before the kill");
+    let (cp_id, cp_seq) =
+        checkpoint(state, "wiki").expect("a checkpoint was committed before the kill");
     let committed: u64 = cp_id.parse().expect("numeric checkpoint");
     assert_eq!(committed, cp_seq);
 

@@ -106,7 +106,11 @@ impl Served {
                 l.message.contains("listening on http://")
             })
             .await;
-        let addr = line.message.split("listening on http://").nth(1).unwrap_or_default();
+        let addr = line
+            .message
+            .split("listening on http://")
+            .nth(1)
+            .unwrap_or_default();
         let addr = addr.split_whitespace().next().unwrap_or_default();
         Served {
             addr: addr.parse().expect("address"),
@@ -1327,7 +1331,10 @@ fn bench_sqlite_sink_vs_raw_batched_insert() {
     for (chunk, times) in events.chunks(8192).zip(times.chunks(8192)) {
         support::insert_events(
             &mut conn,
-            chunk.iter().map(|e| &**e).zip(times.iter().map(String::as_str)),
+            chunk
+                .iter()
+                .map(|e| &**e)
+                .zip(times.iter().map(String::as_str)),
         );
     }
     let raw_rate = N as f64 / start.elapsed().as_secs_f64();

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use crate::support::bridge::{bin, checkpoint, write_file, Bridge, LogLine};
-use crate::support::server::{Fault, Server, Options};
+use crate::support::server::{Fault, Options, Server};
 use crate::support::wait_for;
 
 /// A server whose first request (no `Last-Event-ID`) gets `stream`, and every later one

@@ -220,10 +220,15 @@ async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
         "the feed should keep reconnecting: {per_second:.1}/s"
     );
 
-    let rows: Vec<serde_json::Value> = run_ok([OsStr::new("gaps"), "--json".as_ref(), "-c".as_ref(), cfg.as_os_str()])
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let rows: Vec<serde_json::Value> = run_ok([
+        OsStr::new("gaps"),
+        "--json".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+    ])
+    .lines()
+    .map(|l| serde_json::from_str(l).expect("json"))
+    .collect();
     assert_eq!(rows.len(), 1, "one folded gap row: {rows:?}");
     assert_eq!(rows[0]["reason"], "reconnect-without-id");
     let repeats = rows[0]["repeats"].as_u64().expect("repeats");
@@ -257,12 +262,7 @@ async fn a_huge_id_is_refused_not_repeated_on_every_event() {
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(
-        dir.path(),
-        &server.url(),
-        "",
-        "fsync = \"never\"",
-    );
+    let cfg = config(dir.path(), &server.url(), "", "fsync = \"never\"");
     let bridge = Bridge::spawn(&cfg);
     let file = dir.path().join("out/f.jsonl");
     assert!(
@@ -298,12 +298,7 @@ async fn a_huge_id_is_refused_not_repeated_on_every_event() {
 async fn one_bridge_per_state_database() {
     let server = Server::answer(|_| Reply::sse().send("id: 1\ndata: x\n\n").heartbeat(HOLD)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(
-        dir.path(),
-        &server.url(),
-        "",
-        "",
-    );
+    let cfg = config(dir.path(), &server.url(), "", "");
     let first = Bridge::spawn(&cfg);
     first
         .wait_message(Duration::from_secs(20), "connected to")
@@ -334,12 +329,24 @@ async fn one_bridge_per_state_database() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("already using"), "{stderr}");
     }
-    run_ok([OsStr::new("checkpoints"), "list".as_ref(), "-c".as_ref(), cfg.as_os_str()]);
+    run_ok([
+        OsStr::new("checkpoints"),
+        "list".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+    ]);
     assert_eq!(server.count(), 1, "the second bridge never connected");
     let (status, _) = first.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
     // Free again once the first is gone (kill -9 frees it too: the kernel drops the lock).
-    run_ok([OsStr::new("checkpoints"), "set".as_ref(), "f".as_ref(), "7".as_ref(), "-c".as_ref(), cfg.as_os_str()]);
+    run_ok([
+        OsStr::new("checkpoints"),
+        "set".as_ref(),
+        "f".as_ref(),
+        "7".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+    ]);
     let again = Bridge::spawn(&cfg);
     again
         .wait_message(Duration::from_secs(20), "connected to")

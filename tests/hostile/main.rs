@@ -7,7 +7,6 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-
 mod file_sink;
 mod limits;
 mod secrets;

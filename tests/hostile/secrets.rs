@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use crate::support::bridge::{bin, checkpoint, write_file, Bridge};
-use crate::support::{archive_sink, free_port, state_section};
 use crate::support::server::{Fault, Options, Record, Server};
+use crate::support::{archive_sink, free_port, state_section};
 
 const PASSWORD: &str = "s3cretpw";
 const TOKEN: &str = "tok-abcdef-987654";

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
-use crate::support::server::{Fault, Options, Server};
 use crate::support::bridge::Bridge;
+use crate::support::server::{Fault, Options, Server};
 use crate::support::{archive_sink, bin, free_port, state_section, write_file};
 
 /// Raises this test process's soft open-file limit to `want` (or the hard limit): the floods
@@ -154,11 +154,7 @@ fn clients_that_never_read_leave_serve_bounded_and_a_fresh_client_served_at_once
         "serve's memory grew to {} MiB under clients that never read",
         hwm / 1024
     );
-    assert!(
-        !serve.raw_log().contains("panicked"),
-        "{}",
-        serve.raw_log()
-    );
+    assert!(!serve.raw_log().contains("panicked"), "{}", serve.raw_log());
     drop(clients);
 }
 

@@ -193,7 +193,10 @@ impl Bridge {
     /// are removed (the feeds are on 127.0.0.1), unless `env` sets them.
     pub fn spawn_with_env(config: &Path, level: &str, env: &[(&str, &str)]) -> Bridge {
         let mut command = Bridge::command(&["run", "--log-format", "json", "-c"]);
-        command.arg(config).env("RUST_LOG", level).envs(env.iter().copied());
+        command
+            .arg(config)
+            .env("RUST_LOG", level)
+            .envs(env.iter().copied());
         Bridge::spawn_command(command, config)
     }
 

@@ -32,7 +32,9 @@ pub fn archive_sink(dir: &Path) -> String {
 }
 
 /// `sse-bridge ARGS`, without `SSE_BRIDGE_CONFIG` from the test's environment.
-pub fn command<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> std::process::Command {
+pub fn command<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> std::process::Command {
     let mut command = std::process::Command::new(bin());
     command.args(args).env_remove("SSE_BRIDGE_CONFIG");
     command

@@ -78,10 +78,7 @@ pub enum End {
     /// Keep the response open with a `: heartbeat` comment this often; with `random_phase`,
     /// the first one comes at a random point of the first period (so that thousands of
     /// connections do not beat together).
-    Heartbeat {
-        every: Duration,
-        random_phase: bool,
-    },
+    Heartbeat { every: Duration, random_phase: bool },
 }
 
 /// A scripted response.
@@ -300,7 +297,12 @@ impl Fault {
     }
 
     /// A complete response: this status line, these headers, this body.
-    pub fn response(code: u16, reason: &'static str, headers: &[(&str, &str)], body: &str) -> Fault {
+    pub fn response(
+        code: u16,
+        reason: &'static str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Fault {
         let mut reply = Reply::status(code).body(body);
         reply.reason = Some(reason);
         for (name, value) in headers {
@@ -635,7 +637,10 @@ impl Server {
 
     /// Sends `text` to every [`Fault::Push`] client connected now.
     pub fn push(&self, text: &str) {
-        let _ = self.shared.push.send(Bytes::copy_from_slice(text.as_bytes()));
+        let _ = self
+            .shared
+            .push
+            .send(Bytes::copy_from_slice(text.as_bytes()));
     }
 
     /// [`Fault::Push`] clients connected now.
@@ -652,7 +657,12 @@ impl Server {
     /// (a connection attempt no longer completes), keeping those connections open. Returns
     /// how many it took.
     pub async fn fill_accept_queue(&self) -> usize {
-        let fillers = || self.shared.fillers.lock().unwrap_or_else(|e| e.into_inner());
+        let fillers = || {
+            self.shared
+                .fillers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        };
         for _ in 0..16 {
             match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(self.addr))
                 .await
@@ -759,7 +769,9 @@ fn listen(addr: SocketAddr, paused: bool) -> TcpListener {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_reuseaddr(true).expect("SO_REUSEADDR");
     socket.bind(addr).expect("bind");
-    socket.listen(if paused { 1 } else { 1024 }).expect("listen")
+    socket
+        .listen(if paused { 1 } else { 1024 })
+        .expect("listen")
 }
 
 fn accept_loop(
@@ -1165,9 +1177,7 @@ where
         }
         Fault::Silence { after } => {
             if out.send(SSE_HEAD).await
-                && send_events(o, &mut out, from, Some(after))
-                    .await
-                    .is_some()
+                && send_events(o, &mut out, from, Some(after)).await.is_some()
             {
                 gone.cancelled().await;
             }
