@@ -28,33 +28,35 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::{TimeZone, Utc};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use sse_bridge::event::Event;
 use sse_bridge::sink::jsonl;
 use sse_bridge::sse::parser::{Item, Limits, Parser};
 
+#[path = "../tests/support/kafka.rs"]
+mod kafka;
+#[path = "../tests/support/mod.rs"]
+mod support;
+use kafka::Broker;
+use support::bridge::{self, cpu_seconds, Bridge};
+use support::server::{self, Reply, Server};
+
 const SCENARIOS: &[&str] = &["raw", "file", "sqlite", "kafka", "idle", "reconnect"];
 const FEED: &str = "bench";
 const EVENT_TYPE: &str = "price-update";
 /// Bytes per chunk of the generator's chunked response (and per bare-parse push).
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = server::CHUNK;
 /// Lines per fdatasync in the raw file write (the runner's largest batch).
 const FILE_BATCH: usize = 8192;
 /// Rows per transaction in the raw rusqlite insert (the runner's largest batch).
 const SQLITE_BATCH: usize = 8192;
-const RESPONSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
-Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
 /// The goal for idle feeds (README, "Benchmark": at most 256 MiB).
 const IDLE_RSS_BUDGET: u64 = 256 * 1024 * 1024;
 
@@ -179,38 +181,32 @@ impl Ctx {
     }
 
     fn loopback(&self) -> Rate {
-        if let Some(r) = self.limits.lock().expect("limits").loopback {
-            return r;
-        }
-        let r = raw_loopback(self);
-        self.limits.lock().expect("limits").loopback = Some(r);
-        r
+        self.limit(|l| &mut l.loopback, raw_loopback)
     }
 
     fn parse(&self) -> Rate {
-        if let Some(r) = self.limits.lock().expect("limits").parse {
-            return r;
-        }
-        let r = raw_parse(self);
-        self.limits.lock().expect("limits").parse = Some(r);
-        r
+        self.limit(|l| &mut l.parse, raw_parse)
     }
 
     fn pipeline(&self) -> Rate {
-        if let Some(r) = self.limits.lock().expect("limits").pipeline {
-            return r;
-        }
-        let r = raw_pipeline(self);
-        self.limits.lock().expect("limits").pipeline = Some(r);
-        r
+        self.limit(|l| &mut l.pipeline, raw_pipeline)
     }
 
     fn file(&self) -> Rate {
-        if let Some(r) = self.limits.lock().expect("limits").file {
+        self.limit(|l| &mut l.file, raw_file)
+    }
+
+    /// A raw limit, measured once per run by `measure`.
+    fn limit(
+        &self,
+        slot: fn(&mut RawLimits) -> &mut Option<Rate>,
+        measure: fn(&Ctx) -> Rate,
+    ) -> Rate {
+        if let Some(r) = *slot(&mut self.limits.lock().expect("limits")) {
             return r;
         }
-        let r = raw_file(self);
-        self.limits.lock().expect("limits").file = Some(r);
+        let r = measure(self);
+        *slot(&mut self.limits.lock().expect("limits")) = Some(r);
         r
     }
 
@@ -237,7 +233,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 struct Stream {
     events: usize,
     /// The `text/event-stream` body.
-    sse: Arc<Vec<u8>>,
+    sse: Bytes,
 }
 
 fn event_text(n: usize, out: &mut Vec<u8>) {
@@ -286,7 +282,7 @@ impl Stream {
         );
         Stream {
             events,
-            sse: Arc::new(sse),
+            sse: Bytes::from(sse),
         }
     }
 
@@ -295,338 +291,106 @@ impl Stream {
     }
 }
 
-// ---- the generator --------------------------------------------------------------------------
+// ---- the generator ---------------------------------------------------------------------------
 
-#[derive(Clone)]
+/// What the generator answers every request with, after the response head.
 enum Body {
     /// The stream (in `CHUNK`-byte chunks), then heartbeats.
-    Stream(Arc<Vec<u8>>),
+    Stream(Bytes),
     /// Heartbeat comments only.
     Idle,
 }
 
-/// An HTTP/1.1 SSE server on 127.0.0.1 (chunked responses, any path), in this process.
-struct Generator {
-    addr: SocketAddr,
-    stop: CancellationToken,
-    /// When each request arrived.
-    arrivals: Arc<Mutex<Vec<Instant>>>,
-    /// Responses being written (the client has not gone away).
-    open: Arc<AtomicUsize>,
-    /// When the first stream body started.
-    body_started: Arc<OnceLock<Instant>>,
-    accept: tokio::task::JoinHandle<()>,
+/// The tests' SSE server (`tests/support/server.rs`) as an HTTP/1.1 SSE generator on
+/// 127.0.0.1, in this process: every request, on any path, gets `body` as a chunked response,
+/// then a heartbeat comment every `heartbeat` (each connection at its own random phase, so
+/// that 10 000 of them do not beat together).
+fn generator(ctx: &Ctx, body: Body, heartbeat: Duration) -> Server {
+    let reply = sse_reply();
+    let reply = match body {
+        Body::Stream(sse) => reply.send_bytes(sse),
+        Body::Idle => reply.send(": connected\n\n"),
+    };
+    let reply = reply.heartbeat_at_random_phase(heartbeat);
+    ctx.rt.block_on(Server::answer(move |_| reply.clone()))
 }
 
-struct OpenGuard(Arc<AtomicUsize>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
+/// The generator's response before its body.
+fn sse_reply() -> Reply {
+    Reply::sse().header("Cache-Control", "no-cache").chunked()
 }
 
-impl Generator {
-    /// Listens on `addr` (port 0: any) and serves `body` to every request, with a heartbeat
-    /// comment every `heartbeat` (each connection at its own random phase).
-    fn start(ctx: &Ctx, addr: SocketAddr, body: Body, heartbeat: Duration) -> Generator {
-        let _guard = ctx.rt.enter();
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-        socket.bind(addr).expect("bind");
-        let listener = socket.listen(4096).expect("listen");
-        let addr = listener.local_addr().expect("addr");
-        let stop = CancellationToken::new();
-        let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let open = Arc::new(AtomicUsize::new(0));
-        let body_started = Arc::new(OnceLock::new());
-        let accept = {
-            let (stop, arrivals, open, body_started) = (
-                stop.clone(),
-                arrivals.clone(),
-                open.clone(),
-                body_started.clone(),
-            );
-            ctx.rt.spawn(async move {
-                loop {
-                    let (conn, _) = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        accepted = listener.accept() => match accepted {
-                            Ok(a) => a,
-                            Err(_) => continue,
-                        },
-                    };
-                    let served = Served {
-                        body: body.clone(),
-                        heartbeat,
-                        stop: stop.clone(),
-                        arrivals: arrivals.clone(),
-                        open: open.clone(),
-                        body_started: body_started.clone(),
-                    };
-                    tokio::spawn(served.serve(conn));
-                }
-            })
-        };
-        Generator {
-            addr,
-            stop,
-            arrivals,
-            open,
-            body_started,
-            accept,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}/{path}", self.addr)
-    }
-
-    fn open(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-
-    fn arrivals(&self) -> Vec<Instant> {
-        self.arrivals.lock().expect("arrivals").clone()
-    }
-
-    /// Closes every connection and the listening socket (a server going away).
-    fn stop(self, ctx: &Ctx) {
-        self.stop.cancel();
-        let open = self.open.clone();
-        let _ = ctx.rt.block_on(self.accept);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
+/// When the first response started (`None`: no request yet).
+fn first_request(generator: &Server) -> Option<Instant> {
+    generator.requests().first().map(|r| r.at)
 }
 
-struct Served {
-    body: Body,
-    heartbeat: Duration,
-    stop: CancellationToken,
-    arrivals: Arc<Mutex<Vec<Instant>>>,
-    open: Arc<AtomicUsize>,
-    body_started: Arc<OnceLock<Instant>>,
-}
-
-/// Appends one HTTP/1.1 chunk holding `data`.
-fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    let _ = write!(out, "{:x}\r\n", data.len());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-}
-
-impl Served {
-    async fn serve(self, mut conn: TcpStream) {
-        // The request head; its contents do not matter.
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-            if head.len() > 64 * 1024 {
-                return;
-            }
-        }
-        self.arrivals.lock().expect("arrivals").push(Instant::now());
-        self.open.fetch_add(1, Ordering::SeqCst);
-        let _open = OpenGuard(self.open.clone());
-        if conn.write_all(RESPONSE_HEAD).await.is_err() {
-            return;
-        }
-        let mut out = Vec::with_capacity(16 * CHUNK + 1024);
-        match &self.body {
-            Body::Stream(sse) => {
-                let _ = self.body_started.set(Instant::now());
-                // 16 chunks per write: a fast server, never the bottleneck.
-                for group in sse.chunks(16 * CHUNK) {
-                    out.clear();
-                    for chunk in group.chunks(CHUNK) {
-                        push_chunk(&mut out, chunk);
-                    }
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return,
-                        written = conn.write_all(&out) => if written.is_err() { return },
-                    }
-                }
-            }
-            Body::Idle => {
-                out.clear();
-                push_chunk(&mut out, b": connected\n\n");
-                if conn.write_all(&out).await.is_err() {
-                    return;
-                }
-            }
-        }
-        // Heartbeats, each connection at its own phase so that 10 000 of them do not beat
-        // together.
-        let phase = self.heartbeat.mul_f64(rand::random::<f64>());
-        let mut next = tokio::time::Instant::now() + phase;
-        let mut discard = [0u8; 1024];
-        loop {
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                _ = tokio::time::sleep_until(next) => {
-                    out.clear();
-                    push_chunk(&mut out, b": heartbeat\n");
-                    if conn.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    next += self.heartbeat;
-                }
-                // The client closing its end.
-                read = conn.read(&mut discard) => if matches!(read, Ok(0) | Err(_)) { return },
-            }
-        }
+/// Closes every connection and the listening socket (a server going away), and waits until
+/// every response is over.
+fn stop_generator(generator: &mut Server) {
+    generator.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while generator.open_connections() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 // ---- the bridge as a child process ----------------------------------------------------------
-
-struct Bridge {
-    child: Child,
-    log: PathBuf,
-}
 
 /// One feed's `[[feed]]` table.
 fn feed_toml(name: &str, url: &str) -> String {
     format!("[[feed]]\nname = {name:?}\nurl = {url:?}\n\n")
 }
 
-impl Bridge {
-    /// Starts `sse-bridge run` in `dir` with `config` (TOML).
-    fn start(dir: &Path, config: &str) -> Bridge {
-        let config_path = dir.join("bridge.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let log = dir.join("bridge.log");
-        // BENCH_WRAP="perf record -g -o bridge.perf --" (or valgrind ...) runs the bridge under
-        // a profiler; CPU and RSS figures are then the wrapper's.
-        let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
-        let mut words = wrap.split_whitespace();
-        let mut command = match words.next() {
-            Some(program) => {
-                let mut c = Command::new(program);
-                c.args(words).arg(env!("CARGO_BIN_EXE_sse-bridge"));
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_sse-bridge")),
-        };
-        let child = command
-            .args(["run", "--log-format", "json", "-c"])
-            .arg(&config_path)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start sse-bridge");
-        Bridge { child, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Panics (with the log) if the bridge has exited.
-    fn check_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            panic!("sse-bridge exited early ({status}); its log:\n{log}");
+/// Starts `sse-bridge run` in `dir` with `config` (TOML), through the tests' process harness.
+fn start_bridge(dir: &Path, config: &str) -> Bridge {
+    let config_path = dir.join("bridge.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    // BENCH_WRAP="perf record -g -o bridge.perf --" (or valgrind ...) runs the bridge under
+    // a profiler; CPU and RSS figures are then the wrapper's.
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(bridge::bin());
+            c
         }
-    }
+        None => Command::new(bridge::bin()),
+    };
+    command
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&config_path)
+        .current_dir(dir);
+    Bridge::spawn_command(command, &config_path)
+}
 
-    /// User plus system CPU time so far.
-    fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(self.pid())
+/// SIGTERM, then waits (at most 60 s) for the drain; returns how long it took.
+fn stop_bridge(ctx: &Ctx, mut bridge: Bridge) -> Duration {
+    let started = Instant::now();
+    let status = ctx.rt.block_on(bridge.stop(Duration::from_secs(60)));
+    if !status.success() {
+        eprintln!(
+            "warning: sse-bridge exited with {status}; log tail:\n{}",
+            tail(&bridge.raw_log(), 20)
+        );
     }
+    started.elapsed()
+}
 
-    /// Peak resident set size so far (VmHWM).
-    fn peak_rss(&self) -> u64 {
-        status_kib(self.pid(), "VmHWM:") * 1024
-    }
-
-    fn rss(&self) -> u64 {
-        status_kib(self.pid(), "VmRSS:") * 1024
-    }
-
-    /// SIGTERM, then waits for the drain; returns how long it took.
-    fn stop(mut self) -> Duration {
-        let started = Instant::now();
-        // SAFETY: kill(2) with a child's pid and a valid signal has no memory effects.
-        unsafe {
-            libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = started + Duration::from_secs(60);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
-                    if !status.success() {
-                        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                        eprintln!(
-                            "warning: sse-bridge exited with {status}; log tail:\n{}",
-                            tail(&log, 20)
-                        );
-                    }
-                    return started.elapsed();
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    eprintln!("warning: sse-bridge did not stop within 60 s; killed");
-                    return started.elapsed();
-                }
-            }
-        }
-    }
-
-    /// Warnings and errors the bridge logged.
-    fn complaints(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
-            .map(str::to_string)
-            .collect()
-    }
+/// Warnings and errors the bridge logged.
+fn complaints(bridge: &Bridge) -> Vec<String> {
+    bridge
+        .logs()
+        .into_iter()
+        .filter(|l| l.level == "WARN" || l.level == "ERROR")
+        .map(|l| l.raw)
+        .collect()
 }
 
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// CPU time of the calling thread.
@@ -694,9 +458,8 @@ fn scenario_raw(ctx: &Ctx) {
 /// The stream read over loopback (from the same generator) and discarded.
 fn raw_loopback(ctx: &Ctx) -> Rate {
     let stream = ctx.stream();
-    let generator = Generator::start(
+    let mut generator = generator(
         ctx,
-        "127.0.0.1:0".parse().expect("addr"),
         Body::Stream(stream.sse.clone()),
         Duration::from_secs(1),
     );
@@ -706,7 +469,7 @@ fn raw_loopback(ctx: &Ctx) -> Rate {
         .chunks(CHUNK)
         .map(|c| format!("{:x}\r\n\r\n", c.len()).len() + c.len())
         .sum();
-    let expected = RESPONSE_HEAD.len() + framed;
+    let expected = sse_reply().head().len() + framed;
     let (secs, cpu) = std::thread::spawn(move || {
         let cpu0 = thread_cpu();
         let started = Instant::now();
@@ -724,19 +487,8 @@ fn raw_loopback(ctx: &Ctx) -> Rate {
     })
     .join()
     .expect("reader thread");
-    generator.stop(ctx);
-    let rate = Rate {
-        events_per_s: stream.events as f64 / secs,
-        mb_per_s: stream.mb() / secs,
-        cpu_s: cpu,
-    };
-    let mut row = Row::new("raw: loopback read, discard");
-    row.events = Some(stream.events as u64);
-    row.events_per_s = Some(rate.events_per_s);
-    row.mb_per_s = Some(rate.mb_per_s);
-    row.cpu_s = Some(cpu);
-    ctx.add(row);
-    rate
+    stop_generator(&mut generator);
+    limit_row(ctx, "raw: loopback read, discard", secs, cpu)
 }
 
 /// A bare parse of the stream in memory, in `CHUNK`-byte pushes.
@@ -763,12 +515,12 @@ fn raw_parse(ctx: &Ctx) -> Rate {
         }
     }
     let (secs, cpu) = best.expect("three runs");
-    in_memory_limit(ctx, "raw: bare parse (Parser::push)", secs, cpu)
+    limit_row(ctx, "raw: bare parse (Parser::push)", secs, cpu)
 }
 
-/// Reports a raw limit measured over the whole stream in memory: `secs` of wall time and
-/// `cpu` seconds of this thread.
-fn in_memory_limit(ctx: &Ctx, what: &str, secs: f64, cpu: f64) -> Rate {
+/// Reports a raw limit measured over the whole stream: `secs` of wall time and `cpu` seconds
+/// of the measuring thread.
+fn limit_row(ctx: &Ctx, what: &str, secs: f64, cpu: f64) -> Rate {
     let stream = ctx.stream();
     let rate = Rate {
         events_per_s: stream.events as f64 / secs,
@@ -835,7 +587,7 @@ fn raw_pipeline(ctx: &Ctx) -> Rate {
         }
     }
     let (secs, cpu) = best.expect("three runs");
-    in_memory_limit(
+    limit_row(
         ctx,
         "raw: parse + encode + write, one thread, no fsync",
         secs,
@@ -914,32 +666,27 @@ fn run_one_feed(
     ctx: &Ctx,
     dir: &Path,
     events: usize,
-    sse: Arc<Vec<u8>>,
+    sse: Bytes,
     sink_toml: &str,
     mut stored: impl FnMut() -> u64,
 ) -> Run {
-    let generator = Generator::start(
-        ctx,
-        "127.0.0.1:0".parse().expect("addr"),
-        Body::Stream(sse),
-        Duration::from_secs(1),
-    );
+    let mut generator = generator(ctx, Body::Stream(sse), Duration::from_secs(1));
     let config = format!(
         "[state]\npath = {:?}\n\n[log]\nlevel = \"warn\"\n\n{}{sink_toml}\n[routing]\ndefault = [\"out\"]\n",
         dir.join("state.db"),
-        feed_toml(FEED, &generator.url("stream")),
+        feed_toml(FEED, &generator.url()),
     );
-    let mut bridge = Bridge::start(dir, &config);
+    let mut bridge = start_bridge(dir, &config);
     assert!(
         wait_until(
             &mut bridge,
             Duration::from_secs(30),
             Duration::from_millis(1),
-            || { generator.body_started.get().is_some() }
+            || { first_request(&generator).is_some() }
         ),
         "the bridge did not connect"
     );
-    let started = *generator.body_started.get().expect("started");
+    let started = first_request(&generator).expect("started");
     let cpu0 = bridge.cpu_seconds();
     let target = events as u64;
     let done = wait_until(
@@ -950,15 +697,15 @@ fn run_one_feed(
     );
     let secs = started.elapsed().as_secs_f64();
     let cpu_s = bridge.cpu_seconds() - cpu0;
-    let peak_rss = bridge.peak_rss();
+    let peak_rss = bridge.peak_rss().unwrap_or(0);
     assert!(
         done,
         "the bridge stored {} of {events} events in 600 s",
         stored()
     );
-    let complaints = bridge.complaints();
-    bridge.stop();
-    generator.stop(ctx);
+    let complaints = complaints(&bridge);
+    stop_bridge(ctx, bridge);
+    stop_generator(&mut generator);
     if !complaints.is_empty() {
         println!(
             "the bridge logged {} warnings/errors, first: {}",
@@ -1080,29 +827,11 @@ fn scenario_sqlite(ctx: &Ctx) {
             (e, t)
         })
         .collect();
-    let mut conn = rusqlite::Connection::open(&raw_path).expect("open");
-    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
-        .expect("WAL");
-    conn.pragma_update(None, "synchronous", "FULL")
-        .expect("synchronous");
-    sse_bridge::state::migrate::migrate(&mut conn, "raw.db").expect("schema");
+    let mut conn = support::raw_events_db(&raw_path);
     let cpu0 = thread_cpu();
     let started = Instant::now();
     for chunk in rows.chunks(SQLITE_BATCH) {
-        let tx = conn.transaction().expect("begin");
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO events (feed, seq, id, type, data, received_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .expect("prepare");
-            for (e, t) in chunk {
-                stmt.execute((&*e.feed, e.seq as i64, &e.id, &e.event_type, &e.data, t))
-                    .expect("insert");
-            }
-        }
-        tx.commit().expect("commit");
+        support::insert_events(&mut conn, chunk.iter().map(|(e, t)| (e, t.as_str())));
     }
     let secs = started.elapsed().as_secs_f64();
     let raw = Rate {
@@ -1127,7 +856,7 @@ fn scenario_sqlite(ctx: &Ctx) {
     let db = dir.path().join("state.db");
     let sink = format!("[sink.out]\ntype = \"sqlite\"\npath = {db:?}\n");
     let mut reader: Option<rusqlite::Connection> = None;
-    let run = run_one_feed(ctx, dir.path(), events, Arc::new(sse), &sink, || {
+    let run = run_one_feed(ctx, dir.path(), events, Bytes::from(sse), &sink, || {
         if reader.is_none() {
             reader = rusqlite::Connection::open_with_flags(
                 &db,
@@ -1164,14 +893,12 @@ fn scenario_sqlite(ctx: &Ctx) {
 /// with in-memory storage, one partition per topic; without tansu the row says so.
 /// `BENCH_KAFKA_EVENTS` (default 500 000) sets the size.
 fn scenario_kafka(ctx: &Ctx) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     use rdkafka::config::ClientConfig;
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
     let events = env_usize("BENCH_KAFKA_EVENTS", 500_000);
-    let Some(tansu) = find_tansu() else {
+    let Some(broker) = ctx.rt.block_on(Broker::start()) else {
         let mut row = Row::new("bridge -> Kafka sink");
         row.ratios.push((
             f64::NAN,
@@ -1189,44 +916,12 @@ fn scenario_kafka(ctx: &Ctx) {
     }
     let mb = sse.len() as f64 / 1e6;
 
-    // The broker.
-    let dir = ctx.scratch();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let url = format!("tcp://{addr}");
-    let log = std::fs::File::create(dir.path().join("tansu.log")).expect("tansu log");
-    let mut broker = Command::new(&tansu)
-        .arg("broker")
-        .args(["--listener-url", &url, "--advertised-listener-url", &url])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("tansu log"))
-        .stderr(log)
-        .spawn()
-        .expect("start tansu");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not start on {addr}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The broker's topics.
+    let addr = broker.addr.clone();
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &addr);
-    let admin: AdminClient<DefaultClientContext> = client.create().expect("admin client");
-    let topics = [
-        NewTopic::new("bench-raw", 1, TopicReplication::Fixed(1)),
-        NewTopic::new("bench-sink", 1, TopicReplication::Fixed(1)),
-    ];
-    for result in ctx
-        .rt
-        .block_on(admin.create_topics(&topics, &AdminOptions::new()))
-        .expect("create topics")
-    {
-        result.unwrap_or_else(|(topic, e)| panic!("cannot create topic {topic}: {e}"));
-    }
-    drop(admin);
+    ctx.rt
+        .block_on(broker.create_topics(&[("bench-raw", 1), ("bench-sink", 1)]));
 
     // Raw: the same records as the sink sends, with its producer settings.
     let records: Vec<Event> = (1..=events).map(event_of).collect();
@@ -1309,27 +1004,33 @@ fn scenario_kafka(ctx: &Ctx) {
         format!("[sink.out]\ntype = \"kafka\"\nbrokers = {addr:?}\ntopic = \"bench-sink\"\n");
     std::env::set_var("SSE_BRIDGE_STATE__COMMIT_INTERVAL", "10ms");
     let mut reader: Option<rusqlite::Connection> = None;
-    let run = run_one_feed(ctx, bridge_dir.path(), events, Arc::new(sse), &sink, || {
-        if reader.is_none() {
-            reader = rusqlite::Connection::open_with_flags(
-                &state,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .ok();
-        }
-        reader
-            .as_ref()
-            .and_then(|c| {
-                c.query_row("SELECT seq FROM checkpoints WHERE feed = ?1", [FEED], |r| {
-                    r.get::<_, i64>(0)
+    let run = run_one_feed(
+        ctx,
+        bridge_dir.path(),
+        events,
+        Bytes::from(sse),
+        &sink,
+        || {
+            if reader.is_none() {
+                reader = rusqlite::Connection::open_with_flags(
+                    &state,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .ok();
+            }
+            reader
+                .as_ref()
+                .and_then(|c| {
+                    c.query_row("SELECT seq FROM checkpoints WHERE feed = ?1", [FEED], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .ok()
                 })
-                .ok()
-            })
-            .unwrap_or(0) as u64
-    });
+                .unwrap_or(0) as u64
+        },
+    );
     std::env::remove_var("SSE_BRIDGE_STATE__COMMIT_INTERVAL");
-    let _ = broker.kill();
-    let _ = broker.wait();
+    drop(broker);
     let row = bridge_row(
         "bridge -> Kafka sink (lz4, idempotent, acks=all)",
         events,
@@ -1346,26 +1047,11 @@ fn scenario_kafka(ctx: &Ctx) {
     ));
 }
 
-/// The tansu broker: on `PATH`, else in `$CARGO_HOME/bin` or `~/.cargo/bin`.
-fn find_tansu() -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("tansu")));
-    }
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        candidates.push(PathBuf::from(home).join("bin/tansu"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/tansu"));
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
-
 // ---- many feeds -----------------------------------------------------------------------------
 
 /// A config with `n` feeds to `generator`, all routed to one file sink (which idle feeds never
 /// write to).
-fn many_feeds_config(dir: &Path, generator: &Generator, n: usize) -> String {
+fn many_feeds_config(dir: &Path, generator: &Server, n: usize) -> String {
     let mut config = format!(
         "[state]\npath = {:?}\n\n[log]\nlevel = \"warn\"\n\n",
         dir.join("state.db")
@@ -1373,7 +1059,7 @@ fn many_feeds_config(dir: &Path, generator: &Generator, n: usize) -> String {
     for i in 0..n {
         config.push_str(&feed_toml(
             &format!("f{i:05}"),
-            &generator.url(&format!("f{i}")),
+            &generator.url_for(&format!("/f{i}")),
         ));
     }
     let _ = write!(
@@ -1388,13 +1074,8 @@ fn scenario_idle(ctx: &Ctx) {
     let feeds = env_usize("BENCH_IDLE_FEEDS", 10_000);
     let idle = Duration::from_secs(env_usize("BENCH_IDLE_SECS", 30) as u64);
     let dir = ctx.scratch();
-    let generator = Generator::start(
-        ctx,
-        "127.0.0.1:0".parse().expect("addr"),
-        Body::Idle,
-        Duration::from_secs(10),
-    );
-    let mut bridge = Bridge::start(
+    let mut generator = generator(ctx, Body::Idle, Duration::from_secs(10));
+    let mut bridge = start_bridge(
         dir.path(),
         &many_feeds_config(dir.path(), &generator, feeds),
     );
@@ -1403,15 +1084,15 @@ fn scenario_idle(ctx: &Ctx) {
         &mut bridge,
         Duration::from_secs(300),
         Duration::from_millis(20),
-        || generator.open() >= feeds,
+        || generator.open_connections() >= feeds,
     );
     let open_secs = started.elapsed().as_secs_f64();
     let startup_cpu = bridge.cpu_seconds();
-    let startup_rss = bridge.peak_rss();
+    let startup_rss = bridge.peak_rss().unwrap_or(0);
     assert!(
         all_open,
         "only {} of {feeds} feeds opened in 300 s",
-        generator.open()
+        generator.open_connections()
     );
     println!(
         "{feeds} feeds open after {open_secs:.1} s; CPU {startup_cpu:.2} s; peak RSS {} so far",
@@ -1419,12 +1100,12 @@ fn scenario_idle(ctx: &Ctx) {
     );
     std::thread::sleep(idle);
     let idle_cpu = bridge.cpu_seconds() - startup_cpu;
-    let peak = bridge.peak_rss();
-    let rss = bridge.rss();
-    let still_open = generator.open();
-    let complaints = bridge.complaints();
-    let drain = bridge.stop();
-    generator.stop(ctx);
+    let peak = bridge.peak_rss().unwrap_or(0);
+    let rss = bridge.rss().unwrap_or(0);
+    let still_open = generator.open_connections();
+    let complaints = complaints(&bridge);
+    let drain = stop_bridge(ctx, bridge);
+    stop_generator(&mut generator);
     let mut row = Row::new(format!(
         "{feeds} idle feeds: start + {} s idle",
         idle.as_secs()
@@ -1454,14 +1135,8 @@ fn scenario_reconnect(ctx: &Ctx) {
     let feeds = env_usize("BENCH_RECONNECT_FEEDS", 1_000);
     let down = Duration::from_secs(1);
     let dir = ctx.scratch();
-    let generator = Generator::start(
-        ctx,
-        "127.0.0.1:0".parse().expect("addr"),
-        Body::Idle,
-        Duration::from_secs(10),
-    );
-    let addr = generator.addr;
-    let mut bridge = Bridge::start(
+    let mut generator = generator(ctx, Body::Idle, Duration::from_secs(10));
+    let mut bridge = start_bridge(
         dir.path(),
         &many_feeds_config(dir.path(), &generator, feeds),
     );
@@ -1470,34 +1145,34 @@ fn scenario_reconnect(ctx: &Ctx) {
             &mut bridge,
             Duration::from_secs(120),
             Duration::from_millis(20),
-            || { generator.open() >= feeds }
+            || { generator.open_connections() >= feeds }
         ),
         "only {} of {feeds} feeds opened",
-        generator.open()
+        generator.open_connections()
     );
     std::thread::sleep(Duration::from_secs(2));
     // The restart: every connection and the listener go away; the server is back after `down`.
     let restart = Instant::now();
     let cpu0 = bridge.cpu_seconds();
-    generator.stop(ctx);
+    stop_generator(&mut generator);
     std::thread::sleep(down.saturating_sub(restart.elapsed()));
-    let generator = Generator::start(ctx, addr, Body::Idle, Duration::from_secs(10));
+    let before = generator.count();
+    ctx.rt.block_on(generator.restart());
     let back = restart.elapsed();
     let all = wait_until(
         &mut bridge,
         Duration::from_secs(120),
         Duration::from_millis(20),
-        || generator.open() >= feeds,
+        || generator.open_connections() >= feeds,
     );
     let cpu = bridge.cpu_seconds() - cpu0;
-    let mut offsets: Vec<f64> = generator
-        .arrivals()
+    let mut offsets: Vec<f64> = generator.requests()[before..]
         .iter()
-        .map(|t| t.duration_since(restart).as_secs_f64())
+        .map(|r| r.at.duration_since(restart).as_secs_f64())
         .collect();
     offsets.sort_by(f64::total_cmp);
-    bridge.stop();
-    generator.stop(ctx);
+    stop_bridge(ctx, bridge);
+    stop_generator(&mut generator);
     assert!(
         all,
         "only {} of {feeds} feeds reconnected in 120 s",

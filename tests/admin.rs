@@ -7,85 +7,17 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{bin, write_file, LogServer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::broadcast;
-use tokio::task::JoinHandle;
+use support::bridge::Bridge;
+use support::server::{Fault, Options, Server};
+use support::{archive_sink, bin, free_port, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// The bridge as a child process, killed if a test fails before stopping it.
-struct Bridge {
-    child: Child,
-    log: PathBuf,
-    admin: String,
-}
-
-impl Bridge {
-    fn start(config: &Path, dir: &Path, admin_port: u16) -> Bridge {
-        let log = dir.join("bridge.log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin())
-            .args(["run", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn sse-bridge");
-        Bridge {
-            child,
-            log,
-            admin: format!("http://127.0.0.1:{admin_port}"),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit code.
-    async fn stop(mut self) -> Option<i32> {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
-        let end = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < end {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// GET, returning the status and body; `None` while the endpoint does not answer.
 async fn get(url: &str) -> Option<(u16, String)> {
@@ -116,8 +48,38 @@ where
     }
 }
 
-fn admin_section(port: u16) -> String {
-    format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n")
+/// A metric, its labels and its value.
+type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
+/// Writes a config of `feeds_and_routes` with the state database (committing every 100 ms when `fast_commit`), the `archive` file sink and the
+/// admin endpoint on a free port, and starts the bridge; returns it and the admin URL.
+fn start_bridge(dir: &Path, fast_commit: bool, feeds_and_routes: &str) -> (Bridge, String) {
+    let port = free_port();
+    let commit = if fast_commit {
+        "commit_interval = \"100ms\"\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        r#"
+[state]
+path = "{dir}/state.db"
+{commit}
+{feeds_and_routes}
+
+{archive}
+
+[admin]
+listen = "127.0.0.1:{port}"
+"#,
+        dir = dir.display(),
+        archive = archive_sink(dir),
+    );
+    let config = write_file(dir, "bridge.toml", &text);
+    (
+        Bridge::spawn_plain(&config),
+        format!("http://127.0.0.1:{port}"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -228,117 +190,15 @@ async fn scrape(admin: &str) -> Option<Metrics> {
     Some(parse_prometheus(&text).unwrap_or_else(|e| panic!("{e}\n{text}")))
 }
 
-// ---------------------------------------------------------------------------------------------
-// An SSE server the test controls: pushes what it is told to every client, can be stopped
-// (listener closed, connections dropped) and started again on the same port.
-
-struct PushServer {
-    addr: SocketAddr,
-    tx: broadcast::Sender<String>,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl PushServer {
-    async fn start() -> PushServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut server = PushServer {
-            addr,
-            tx: broadcast::channel(1024).0,
-            tasks: Arc::default(),
-            accept: None,
-        };
-        server.serve(listener);
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/stream", self.addr)
-    }
-
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let tx = self.tx.clone();
-        let tasks = self.tasks.clone();
-        self.accept = Some(tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let mut rx = tx.subscribe();
-                let task = tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let start = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n: hello\nretry: 100\n\n";
-                    if sock.write_all(start.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    loop {
-                        let text = tokio::select! {
-                            m = rx.recv() => match m {
-                                Ok(t) => t,
-                                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                                Err(_) => return,
-                            },
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => ": heartbeat\n".to_string(),
-                        };
-                        if sock.write_all(text.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                tasks.lock().expect("lock").push(task);
-            }
-        }));
-    }
-
-    /// Clients connected now.
-    fn clients(&self) -> usize {
-        self.tx.receiver_count()
-    }
-
-    fn push(&self, text: &str) {
-        let _ = self.tx.send(text.to_string());
-    }
-
-    /// Closes the listener and every connection: the port refuses connections.
-    fn stop(&mut self) {
-        if let Some(a) = self.accept.take() {
-            a.abort();
-        }
-        for t in self.tasks.lock().expect("lock").drain(..) {
-            t.abort();
-        }
-    }
-
-    /// Listens on the same port again.
-    async fn restart(&mut self) {
-        let listener = tokio::net::TcpListener::bind(self.addr)
-            .await
-            .expect("rebind the same port");
-        self.serve(listener);
-    }
+/// An SSE server the test controls: pushes what it is told to every client, can be stopped
+/// (listener closed, connections dropped) and started again on the same port.
+async fn push_server() -> Server {
+    Server::start(Options::paced(0, 1, Duration::ZERO), |_| Fault::Push).await
 }
 
 /// Answers every request with 204 No Content: "stop reconnecting".
-async fn no_content_server() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = axum::Router::new().route(
-        "/stream",
-        axum::routing::get(|| async { axum::http::StatusCode::NO_CONTENT }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
+async fn no_content_server() -> Server {
+    Server::start(Options::log(0), |_| Fault::status(204, "No Content")).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,24 +212,17 @@ fn event_data(n: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_count_the_events_sent() {
     const N: u64 = 300;
-    let server = LogServer::start(N, 100, Duration::from_millis(10)).await;
+    let server = Server::log(N, 100, Duration::from_millis(10)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
     // edit -> stored, log -> dropped by a route, new -> unrouted (no default route).
-    let text = format!(
-        r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
-
+    let (mut bridge, admin) = start_bridge(
+        dir.path(),
+        true,
+        &format!(
+            r#"
 [[feed]]
 name = "wiki"
 url = "{url}"
-
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
 
 [[route]]
 event = "edit"
@@ -378,15 +231,10 @@ sinks = ["archive"]
 [[route]]
 event = "log"
 drop = true
-
-{admin}"#,
-        dir = dir.path().display(),
-        url = server.url(),
-        admin = admin_section(port),
+"#,
+            url = server.url(),
+        ),
     );
-    let config = write_file(dir.path(), "bridge.toml", &text);
-    let bridge = Bridge::start(&config, dir.path(), port);
-    let admin = bridge.admin.clone();
 
     // Everything received, stored and committed.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -406,7 +254,7 @@ drop = true
         assert!(
             Instant::now() < deadline,
             "metrics never settled: {m:?}\n{}",
-            bridge.log()
+            bridge.raw_log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -419,73 +267,54 @@ drop = true
             100.0
         );
     }
-    assert_eq!(
-        m.value("sse_bridge_events_routed_total", &feed("edit")),
-        100.0
-    );
-    assert_eq!(m.value("sse_bridge_events_routed_total", &feed("log")), 0.0);
-    assert_eq!(
-        m.value("sse_bridge_events_dropped_total", &feed("log")),
-        100.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_events_unrouted_total", &feed("new")),
-        100.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_events_unrouted_total", &feed("edit")),
-        0.0
-    );
-    assert_eq!(m.sum("sse_bridge_events_misfit_total", &[]), 0.0);
+    let archive = [("sink", "archive")];
     let data_bytes: usize = (1..=N).map(|n| event_data(n).len()).sum();
-    assert_eq!(
-        m.sum("sse_bridge_event_data_bytes_total", &[("feed", "wiki")]),
-        data_bytes as f64
-    );
     let edit_bytes: usize = (1..=N)
         .filter(|n| n % 3 == 0)
         .map(|n| event_data(n).len())
         .sum();
+    let exact: &[Expected] = &[
+        ("sse_bridge_events_routed_total", &feed("edit"), 100.0),
+        ("sse_bridge_events_routed_total", &feed("log"), 0.0),
+        ("sse_bridge_events_dropped_total", &feed("log"), 100.0),
+        ("sse_bridge_events_unrouted_total", &feed("new"), 100.0),
+        ("sse_bridge_events_unrouted_total", &feed("edit"), 0.0),
+        (
+            "sse_bridge_event_data_bytes_total",
+            &feed("edit"),
+            edit_bytes as f64,
+        ),
+        ("sse_bridge_sink_events_stored_total", &archive, 100.0),
+        ("sse_bridge_sink_events_dropped_total", &archive, 0.0),
+        ("sse_bridge_sink_write_errors_total", &archive, 0.0),
+        ("sse_bridge_sink_healthy", &archive, 1.0),
+        ("sse_bridge_sink_queue_events", &archive, 0.0),
+        (
+            "sse_bridge_sink_info",
+            &[("sink", "archive"), ("kind", "file")],
+            1.0,
+        ),
+        ("sse_bridge_feed_reconnects_total", &[("feed", "wiki")], 0.0),
+        ("sse_bridge_feed_backoff_seconds", &[("feed", "wiki")], 0.0),
+        ("sse_bridge_feed_pending_events", &[("feed", "wiki")], 0.0),
+        (
+            "sse_bridge_checkpoint_lag_seconds",
+            &[("feed", "wiki")],
+            0.0,
+        ),
+        ("sse_bridge_tap_clients", &[], 0.0),
+    ];
+    for (name, labels, want) in exact {
+        assert_eq!(m.value(name, labels), *want, "{name} {labels:?}");
+    }
+    assert_eq!(m.sum("sse_bridge_events_misfit_total", &[]), 0.0);
     assert_eq!(
-        m.value("sse_bridge_event_data_bytes_total", &feed("edit")),
-        edit_bytes as f64
+        m.sum("sse_bridge_event_data_bytes_total", &[("feed", "wiki")]),
+        data_bytes as f64
     );
     assert!(
         m.value("sse_bridge_feed_received_bytes_total", &[("feed", "wiki")]) > data_bytes as f64,
         "the wire carries the data and the field names"
-    );
-    assert_eq!(
-        m.value(
-            "sse_bridge_sink_events_stored_total",
-            &[("sink", "archive")]
-        ),
-        100.0
-    );
-    assert_eq!(
-        m.value(
-            "sse_bridge_sink_events_dropped_total",
-            &[("sink", "archive")]
-        ),
-        0.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_sink_write_errors_total", &[("sink", "archive")]),
-        0.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_sink_healthy", &[("sink", "archive")]),
-        1.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_sink_queue_events", &[("sink", "archive")]),
-        0.0
-    );
-    assert_eq!(
-        m.value(
-            "sse_bridge_sink_info",
-            &[("sink", "archive"), ("kind", "file")]
-        ),
-        1.0
     );
     let writes = m.value(
         "sse_bridge_sink_write_duration_seconds_count",
@@ -508,10 +337,6 @@ drop = true
         );
     }
     assert_eq!(
-        m.value("sse_bridge_feed_reconnects_total", &[("feed", "wiki")]),
-        0.0
-    );
-    assert_eq!(
         m.sum("sse_bridge_feed_errors_total", &[("feed", "wiki")]),
         0.0
     );
@@ -521,18 +346,6 @@ drop = true
             &[("feed", "wiki"), ("class", "network")]
         )
         .is_some());
-    assert_eq!(
-        m.value("sse_bridge_feed_backoff_seconds", &[("feed", "wiki")]),
-        0.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_feed_pending_events", &[("feed", "wiki")]),
-        0.0
-    );
-    assert_eq!(
-        m.value("sse_bridge_checkpoint_lag_seconds", &[("feed", "wiki")]),
-        0.0
-    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -542,7 +355,6 @@ drop = true
         &[("feed", "wiki")],
     );
     assert!((now - last_event).abs() < 60.0, "{now} vs {last_event}");
-    assert_eq!(m.value("sse_bridge_tap_clients", &[]), 0.0);
     assert!(m.get("sse_bridge_build_info", &[]).is_some());
 
     // /feeds
@@ -592,7 +404,7 @@ drop = true
     // `sse-bridge status -c` finds the endpoint in the configuration.
     let out = Command::new(bin())
         .args(["status", "-c"])
-        .arg(&config)
+        .arg(&bridge.config)
         .output()
         .expect("status");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -616,21 +428,20 @@ drop = true
     );
     assert!(stdout.trim_end().ends_with("ready"), "{stdout}");
 
-    assert_eq!(bridge.stop().await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(15)).await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_not_ready_while_a_feeds_server_is_down() {
-    let mut server = PushServer::start().await;
-    let gone = no_content_server().await;
+    let mut server = push_server().await;
+    let no_content = no_content_server().await;
+    let gone = no_content.url();
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let text = format!(
-        r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
-
+    let (mut bridge, admin) = start_bridge(
+        dir.path(),
+        true,
+        &format!(
+            r#"
 [[feed]]
 name = "flaky"
 url = "{url}"
@@ -639,24 +450,15 @@ backoff = {{ initial = "100ms", max = "200ms", jitter = 0.0 }}
 
 [[feed]]
 name = "retired"
-url = "http://{gone}/stream"
-
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
+url = "{gone}"
 
 [routing]
 default = ["archive"]
-
-{admin}"#,
-        dir = dir.path().display(),
-        url = server.url(),
-        admin = admin_section(port),
+"#,
+            url = server.url(),
+        ),
     );
-    let config = write_file(dir.path(), "bridge.toml", &text);
-    let bridge = Bridge::start(&config, dir.path(), port);
-    let readyz = format!("{}/readyz", bridge.admin);
+    let readyz = format!("{}/readyz", admin);
 
     // Open, and the feed whose server said 204 is stopped on purpose: ready.
     assert!(
@@ -666,9 +468,9 @@ default = ["archive"]
         .await,
         "never ready: {:?}\n{}",
         get(&readyz).await,
-        bridge.log()
+        bridge.raw_log()
     );
-    let m = scrape(&bridge.admin).await.expect("metrics");
+    let m = scrape(&admin).await.expect("metrics");
     assert_eq!(
         m.value(
             "sse_bridge_feed_state",
@@ -694,7 +496,7 @@ default = ["archive"]
         assert!(
             Instant::now() < deadline,
             "still ready with the server down\n{}",
-            bridge.log()
+            bridge.raw_log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -709,7 +511,7 @@ default = ["archive"]
     // It keeps failing while down; failures are counted by class.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let Some(m) = scrape(&bridge.admin).await else {
+            let Some(m) = scrape(&admin).await else {
                 return false;
             };
             m.value(
@@ -728,11 +530,9 @@ default = ["archive"]
         })
         .await,
         "{:?}",
-        get(&format!("{}/feeds", bridge.admin)).await
+        get(&format!("{}/feeds", admin)).await
     );
-    let (_, feeds) = get(&format!("{}/feeds", bridge.admin))
-        .await
-        .expect("feeds");
+    let (_, feeds) = get(&format!("{}/feeds", admin)).await.expect("feeds");
     let feeds: serde_json::Value = serde_json::from_str(&feeds).expect("JSON");
     let flaky = feeds
         .as_array()
@@ -750,9 +550,9 @@ default = ["archive"]
         .await,
         "not ready again after the server came back: {:?}\n{}",
         get(&readyz).await,
-        bridge.log()
+        bridge.raw_log()
     );
-    assert_eq!(bridge.stop().await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(15)).await, Some(0));
 }
 
 /// Reads a child's stdout lines into a shared vector.
@@ -785,34 +585,23 @@ async fn wait_child(child: &mut Child, within: Duration) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_prints_events_live_and_status_lists_the_feeds() {
-    let server = PushServer::start().await;
+    let server = push_server().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let text = format!(
-        r#"
-[state]
-path = "{dir}/state.db"
-
+    let (mut bridge, admin) = start_bridge(
+        dir.path(),
+        false,
+        &format!(
+            r#"
 [[feed]]
 name = "live"
 url = "{url}"
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
-
 [routing]
 default = ["archive"]
-
-{admin}"#,
-        dir = dir.path().display(),
-        url = server.url(),
-        admin = admin_section(port),
+"#,
+            url = server.url(),
+        ),
     );
-    let config = write_file(dir.path(), "bridge.toml", &text);
-    let bridge = Bridge::start(&config, dir.path(), port);
-    let admin = bridge.admin.clone();
     assert!(
         eventually(Duration::from_secs(15), || async {
             server.clients() == 1
@@ -822,12 +611,12 @@ default = ["archive"]
         })
         .await,
         "{}",
-        bridge.log()
+        bridge.raw_log()
     );
 
     // `status --admin URL` lists the feed without a configuration.
     let out = Command::new(bin())
-        .args(["status", "--admin", &format!("127.0.0.1:{port}")])
+        .args(["status", "--admin", admin.trim_start_matches("http://")])
         .env_remove("SSE_BRIDGE_CONFIG")
         .output()
         .expect("status");
@@ -860,7 +649,7 @@ default = ["archive"]
             .expect("spawn tap")
     };
     let mut jsonl_tap = spawn_tap(&["--admin", &admin, "--feed", "l*", "--type", "edit"]);
-    let config_arg = config.display().to_string();
+    let config_arg = bridge.config.display().to_string();
     let mut pretty_tap = spawn_tap(&["-c", &config_arg, "--pretty"]);
     let jsonl = collect_lines(&mut jsonl_tap);
     let pretty = collect_lines(&mut pretty_tap);
@@ -892,7 +681,7 @@ default = ["archive"]
         "jsonl: {:?}\npretty: {:?}\n{}",
         jsonl.lock().expect("lock"),
         pretty.lock().expect("lock"),
-        bridge.log()
+        bridge.raw_log()
     );
 
     // The JSONL tap prints exactly the file sink's lines for the matching events.
@@ -932,7 +721,7 @@ default = ["archive"]
     assert!(pretty_text.contains("    \"x\": 3"), "{pretty_text}");
 
     // The bridge stops: the taps end cleanly.
-    assert_eq!(bridge.stop().await, Some(0));
+    assert_eq!(bridge.exit_code(Duration::from_secs(15)).await, Some(0));
     for tap in [&mut jsonl_tap, &mut pretty_tap] {
         let code = wait_child(tap, Duration::from_secs(10)).await;
         let mut stderr = String::new();

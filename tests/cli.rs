@@ -4,12 +4,15 @@
 mod support;
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use rand::Rng;
-use support::{bin, wait_for, write_file, LogServer};
+use support::bridge::{checkpoint, line_count, Bridge};
+use support::server::Server;
+use support::{archive_sink, bin, command, run_ok, state_section, succeeds, wait_for, write_file};
 
 fn validate(config: &Path) -> Output {
     Command::new(bin())
@@ -69,17 +72,7 @@ fn a_good_config_validates() {
 
 #[test]
 fn the_built_in_default_config_validates() {
-    let out = Command::new(bin())
-        .arg("validate")
-        .env_remove("SSE_BRIDGE_CONFIG")
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("built-in default config"));
+    assert!(run_ok(["validate"]).contains("built-in default config"));
 }
 
 #[test]
@@ -142,16 +135,9 @@ fn an_environment_override_is_applied_and_named_when_bad() {
         "{stderr}"
     );
     // Unrelated SSE_BRIDGE_* variables (a token, say) are not config keys.
-    let out = Command::new(bin())
-        .args(["validate", "-c"])
-        .arg(&path)
-        .env("SSE_BRIDGE_TOKEN", "secret")
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeds(
+        command([OsStr::new("validate"), "-c".as_ref(), path.as_os_str()])
+            .env("SSE_BRIDGE_TOKEN", "secret"),
     );
 }
 
@@ -176,9 +162,7 @@ const TOTAL: u64 = 100_000;
 fn e2e_config(dir: &Path, url: &str) -> std::path::PathBuf {
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "200ms"
+{state}
 
 [shutdown]
 timeout = "20s"
@@ -188,30 +172,16 @@ name = "wiki"
 url = "{url}"
 default_retry = "100ms"
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [[route]]
 event = "*"
 sinks = ["archive"]
 "#,
-        dir = dir.display()
+        state = state_section(dir, "200ms"),
+        archive = archive_sink(dir),
     );
     write_file(dir, "bridge.toml", &text)
-}
-
-fn spawn_bridge(config: &Path, log: &Path) -> std::process::Child {
-    let log = std::fs::File::create(log).expect("log file");
-    Command::new(bin())
-        .args(["run", "-c"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn sse-bridge")
 }
 
 fn read_lines(path: &Path) -> Vec<serde_json::Value> {
@@ -223,43 +193,27 @@ fn read_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn line_count(path: &Path) -> usize {
-    std::fs::read(path)
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
-}
-
-fn checkpoint(state: &Path) -> Option<(String, u64)> {
-    let conn = rusqlite::Connection::open(state).ok()?;
-    conn.query_row(
-        "SELECT last_event_id, seq FROM checkpoints WHERE feed = 'wiki'",
-        [],
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
-    )
-    .ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     // 100 000 events in chunks of 500 every 20 ms: about 4 s of stream.
-    let server = LogServer::start(TOTAL, 500, Duration::from_millis(20)).await;
+    let server = Server::log(TOTAL, 500, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = e2e_config(dir.path(), &server.url());
     let out = dir.path().join("events/wiki.jsonl");
     let state = dir.path().join("state.db");
 
     // Run 1: kill -9 at a random point in the stream.
-    let mut child = spawn_bridge(&config, &dir.path().join("run1.log"));
+    let mut bridge = Bridge::spawn(&config);
     let kill_after = rand::thread_rng().gen_range(5_000..60_000);
     assert!(
         wait_for(Duration::from_secs(60), || line_count(&out) >= kill_after).await,
         "the bridge stored {} events, wanted {kill_after}",
         line_count(&out)
     );
-    child.kill().expect("kill -9");
-    let _ = child.wait();
+    bridge.kill();
     let stored_before = read_lines(&out);
-    let (cp_id, cp_seq) = checkpoint(&state).expect("a checkpoint was committed before the kill");
+    let (cp_id, cp_seq) =
+        checkpoint(&state, "wiki").expect("a checkpoint was committed before the kill");
     let last_stored: u64 = stored_before
         .last()
         .and_then(|v| v["id"].as_str())
@@ -273,7 +227,7 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     assert_eq!(cp_seq, cp_n, "seq and id advance together in this stream");
 
     // Run 2: resumes from the committed checkpoint.
-    let mut child = spawn_bridge(&config, &dir.path().join("run2.log"));
+    let bridge = Bridge::spawn(&config);
     let expected_lines = TOTAL as usize + (last_stored - cp_n) as usize;
     assert!(
         wait_for(Duration::from_secs(120), || line_count(&out)
@@ -292,25 +246,10 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
     );
 
     // SIGTERM: drain, commit, exit 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let started = std::time::Instant::now();
-    let exit = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(25),
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (exit, _) = bridge.terminate(Duration::from_secs(25)).await;
     assert_eq!(exit.code(), Some(0), "exit status after SIGTERM");
     assert_eq!(
-        checkpoint(&state),
+        checkpoint(&state, "wiki"),
         Some((TOTAL.to_string(), TOTAL)),
         "final checkpoint is the last stored id"
     );
@@ -370,14 +309,12 @@ async fn kill_9_then_restart_loses_nothing_and_sigterm_commits_the_last_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_feed_does_not_affect_a_good_one_and_every_event_is_accounted_for() {
     const N: u64 = 3000;
-    let server = LogServer::start(N, 300, Duration::from_millis(5)).await;
+    let server = Server::log(N, 300, Duration::from_millis(5)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     // Port 9 (discard) on loopback: nothing listens, every attempt is refused.
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
+{state}
 
 [[feed]]
 name = "good"
@@ -406,6 +343,7 @@ event = "log"
 drop = true
 "#,
         dir = dir.path().display(),
+        state = state_section(dir.path(), "100ms"),
         url = server.url()
     );
     let config = write_file(dir.path(), "bridge.toml", &text);

@@ -23,17 +23,16 @@
 
 mod support;
 
-#[path = "support/bridge.rs"]
-mod bridge;
 #[path = "support/kafka.rs"]
 mod kafka;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bridge::{checkpoint, parse_line, Bridge, Tail};
 use rand::{Rng, SeedableRng};
-use support::{event_type, write_file, LogServer};
+use support::bridge::{checkpoint, parse_line, Bridge, Tail};
+use support::server::Server;
+use support::{archive_sink, event_type, state_section, write_file};
 
 const FEED: &str = "wiki";
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
@@ -69,9 +68,7 @@ fn config(dir: &Path, url: &str, brokers: Option<&str>) -> PathBuf {
     };
     let text = format!(
         r#"
-[state]
-path = "{d}/state.db"
-commit_interval = "{commit}ms"
+{state}
 
 [shutdown]
 timeout = "60s"
@@ -83,10 +80,7 @@ default_retry = "100ms"
 idle_timeout = "10s"
 backoff = {{ initial = "100ms", max = "500ms" }}
 
-[sink.archive]
-type = "file"
-path = "{d}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 # Shares the state database: events and checkpoints commit in one transaction.
 [sink.state_db]
@@ -106,7 +100,8 @@ event = "*"
 sinks = [{sinks}]
 "#,
         d = dir.display(),
-        commit = COMMIT_INTERVAL.as_millis(),
+        state = state_section(dir, &format!("{}ms", COMMIT_INTERVAL.as_millis())),
+        archive = archive_sink(dir),
     );
     write_file(dir, "bridge.toml", &text)
 }
@@ -364,7 +359,7 @@ async fn a_million_events_through_twenty_kill_9s_lose_nothing() {
     let started = Instant::now();
 
     // 1 000 events every 25 ms: 40 000 events/s, 25 s of stream if nothing stopped it.
-    let server = LogServer::start(total, CHUNK, PAUSE).await;
+    let server = Server::log(total, CHUNK, PAUSE).await;
     let broker = kafka::Broker::start().await;
     if let Some(b) = &broker {
         b.create_topics(&[(TOPIC, 1)]).await;

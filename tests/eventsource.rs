@@ -5,20 +5,20 @@
 //! is on an observable condition with a deadline (the only sleeps are windows in which something
 //! must NOT happen).
 
-mod common;
+mod support;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::{gap, Reply, TestServer};
 use sse_bridge::config::units::ByteSize;
 use sse_bridge::config::{BackoffConfig, FeedConfig, OnClientError, Policy};
 use sse_bridge::sse::client::{EventSource, Next};
 use sse_bridge::sse::parser::{Item, SseEvent};
 use sse_bridge::sse::status::{FeedStatus, ReadyState, StatusHandle};
 use sse_bridge::state::GapReason;
+use support::server::{gap, Reply, Server};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -166,13 +166,13 @@ fn last_error(d: &Driver) -> String {
 
 #[tokio::test]
 async fn multi_event_stream_with_standard_and_custom_headers() {
-    let server = TestServer::scripted(vec![Reply::sse()
+    let server = Server::replies(vec![Reply::sse()
         .send("event: greet\nid: 1\ndata: hello\n\n")
         .send("data: line1\ndata: line2\n\n")
         .send("id: 3\nevent: bye\ndata: x\n\n")
         .hang()])
     .await;
-    let mut f = feed(server.url("/stream"));
+    let mut f = feed(server.url_for("/stream"));
     f.headers.insert("X-Custom".into(), "yes".into());
     let mut d = drive(f, "");
     assert_eq!(
@@ -209,13 +209,13 @@ async fn multi_event_stream_with_standard_and_custom_headers() {
 
 #[tokio::test]
 async fn comments_produce_nothing() {
-    let server = TestServer::scripted(vec![Reply::sse()
+    let server = Server::replies(vec![Reply::sse()
         .send(": hello\n\n:\ndata: a\n\n: between\n")
         .wait(ms(50))
         .send(":x\n\ndata: b\n\n")
         .hang()])
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     assert_eq!(
         d.events(2).await,
         vec![ev("message", "a", ""), ev("message", "b", "")]
@@ -225,13 +225,13 @@ async fn comments_produce_nothing() {
 
 #[tokio::test]
 async fn retry_field_sets_the_next_delays() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::sse().send("retry: 400\nid: 1\ndata: a\n\n"),
         Reply::sse().send("retry: 100\nid: 2\ndata: b\n\n"),
         Reply::sse().send("data: c\n\n").hang(),
     ])
     .await;
-    let mut f = feed(server.url("/"));
+    let mut f = feed(server.url_for("/"));
     // No growth, so each delay is exactly the reconnection time in force.
     f.backoff.multiplier = 1.0;
     f.backoff.initial = ms(50);
@@ -248,12 +248,12 @@ async fn retry_field_sets_the_next_delays() {
 
 #[tokio::test]
 async fn disconnect_mid_event_discards_it_and_resumes_from_last_id() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::sse().send("id: 1\ndata: a\n\nid: 2\ndata: partial"),
         Reply::sse().send("data: b\n\n").hang(),
     ])
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     // "partial" is never dispatched; the ID persists onto b.
     assert_eq!(
         d.events(2).await,
@@ -267,13 +267,13 @@ async fn disconnect_mid_event_discards_it_and_resumes_from_last_id() {
 
 #[tokio::test]
 async fn aborted_connection_reconnects() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         // The wait lets the server flush the event before it breaks the connection.
         Reply::sse().send("id: 7\ndata: a\n\n").wait(ms(50)).abort(),
         Reply::sse().send("data: b\n\n").hang(),
     ])
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     assert_eq!(
         d.events(2).await,
         vec![ev("message", "a", "7"), ev("message", "b", "7")]
@@ -288,12 +288,12 @@ async fn aborted_connection_reconnects() {
 
 #[tokio::test]
 async fn no_content_stops_the_feed_for_good() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::sse().send("id: 5\ndata: a\n\n"),
         Reply::status(204),
     ])
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     assert_eq!(d.events(1).await, vec![ev("message", "a", "5")]);
     let reason = d.stopped().await;
     assert!(reason.contains("204"), "{reason}");
@@ -313,14 +313,14 @@ async fn no_content_stops_the_feed_for_good() {
 
 #[tokio::test]
 async fn server_errors_back_off_exponentially_then_recover() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::status(500),
         Reply::status(500),
         Reply::status(500),
         Reply::sse().send("data: ok\n\n").hang(),
     ])
     .await;
-    let mut d = drive(feed(server.url("/events")), "");
+    let mut d = drive(feed(server.url_for("/events")), "");
     // While waiting after the second failure: connecting, backing off 300 ms.
     let s = d
         .status_until("second backoff", |s| s.current_backoff == Some(ms(300)))
@@ -332,7 +332,7 @@ async fn server_errors_back_off_exponentially_then_recover() {
         err.contains("test-feed") && err.contains("HTTP 500"),
         "{err}"
     );
-    assert!(err.contains(&server.url("/events")), "{err}");
+    assert!(err.contains(&server.url_for("/events")), "{err}");
 
     assert_eq!(d.events(1).await, vec![ev("message", "ok", "")]);
     let r = server.requests();
@@ -353,8 +353,8 @@ async fn server_errors_back_off_exponentially_then_recover() {
 
 #[tokio::test]
 async fn a_storm_of_server_errors_is_not_a_hot_loop() {
-    let server = TestServer::start(|_| Reply::status(500)).await;
-    let mut f = feed(server.url("/"));
+    let server = Server::answer(|_| Reply::status(500)).await;
+    let mut f = feed(server.url_for("/"));
     f.default_retry = ms(50);
     f.backoff.initial = ms(50);
     f.backoff.max = ms(400);
@@ -376,12 +376,12 @@ async fn a_storm_of_server_errors_is_not_a_hot_loop() {
 
 #[tokio::test]
 async fn retry_after_seconds_is_honoured_on_503() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::status(503).header("retry-after", "1"),
         Reply::sse().send("data: a\n\n").hang(),
     ])
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     assert_eq!(d.events(1).await.len(), 1);
     let r = server.requests();
     assert!(gap(&r[0], &r[1]) >= ms(1000), "{:?}", gap(&r[0], &r[1]));
@@ -391,12 +391,12 @@ async fn retry_after_seconds_is_honoured_on_503() {
 #[tokio::test]
 async fn retry_after_http_date_is_honoured_on_429() {
     let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::status(429).header("retry-after", &date),
         Reply::sse().send("data: a\n\n").hang(),
     ])
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     assert_eq!(d.events(1).await.len(), 1);
     let r = server.requests();
     // The date has whole seconds: at least 1 s of the 2 s remain.
@@ -408,7 +408,7 @@ async fn retry_after_http_date_is_honoured_on_429() {
 async fn redirects_are_followed_keeping_last_event_id() {
     let stream_visits = Arc::new(AtomicUsize::new(0));
     let visits = stream_visits.clone();
-    let server = TestServer::start(move |r| match r.path.as_str() {
+    let server = Server::answer(move |r| match r.path.as_str() {
         "/start" => Reply::redirect(301, "/moved"),
         "/moved" => Reply::redirect(307, "/stream"),
         "/stream" if visits.fetch_add(1, Ordering::SeqCst) == 0 => {
@@ -418,7 +418,7 @@ async fn redirects_are_followed_keeping_last_event_id() {
         _ => Reply::status(404),
     })
     .await;
-    let mut d = drive(feed(server.url("/start")), "1");
+    let mut d = drive(feed(server.url_for("/start")), "1");
     assert_eq!(
         d.events(2).await,
         vec![ev("message", "a", "2"), ev("message", "b", "2")]
@@ -441,8 +441,8 @@ async fn redirects_are_followed_keeping_last_event_id() {
 
 #[tokio::test]
 async fn redirect_loop_is_a_client_error_retried_slowly() {
-    let server = TestServer::start(|_| Reply::redirect(302, "/loop")).await;
-    let mut f = feed(server.url("/loop"));
+    let server = Server::answer(|_| Reply::redirect(302, "/loop")).await;
+    let mut f = feed(server.url_for("/loop"));
     f.max_redirects = 3;
     let d = drive(f, "");
     // Two attempts of 1 + 3 requests each.
@@ -470,13 +470,13 @@ async fn redirect_loop_is_a_client_error_retried_slowly() {
 
 #[tokio::test]
 async fn wrong_content_type_is_a_client_error_retried_slowly() {
-    let server = TestServer::start(|_| {
+    let server = Server::answer(|_| {
         Reply::status(200)
             .header("content-type", "text/plain")
             .send("data: not an event stream\n\n")
     })
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     let r = server.wait_for_requests(2, WAIT).await;
     assert!(gap(&r[0], &r[1]) >= ms(400), "{:?}", gap(&r[0], &r[1]));
     let err = last_error(&d);
@@ -490,20 +490,20 @@ async fn wrong_content_type_is_a_client_error_retried_slowly() {
 
 #[tokio::test]
 async fn content_type_parameters_and_case_are_accepted() {
-    let server = TestServer::scripted(vec![Reply::sse()
+    let server = Server::replies(vec![Reply::sse()
         .header("content-type", "Text/Event-Stream; charset=UTF-8")
         .send("data: a\n\n")
         .hang()])
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     assert_eq!(d.events(1).await.len(), 1);
 }
 
 #[tokio::test]
 async fn wrong_content_type_with_stop_policy_stops() {
     let server =
-        TestServer::start(|_| Reply::status(200).header("content-type", "application/json")).await;
-    let mut f = feed(server.url("/"));
+        Server::answer(|_| Reply::status(200).header("content-type", "application/json")).await;
+    let mut f = feed(server.url_for("/"));
     f.on_client_error = OnClientError::Stop;
     let mut d = drive(f, "");
     let reason = d.stopped().await;
@@ -518,15 +518,15 @@ async fn wrong_content_type_with_stop_policy_stops() {
 
 #[tokio::test]
 async fn client_error_status_retries_slowly_and_stops_with_stop_policy() {
-    let server = TestServer::start(|_| Reply::status(404)).await;
-    let d = drive(feed(server.url("/")), "");
+    let server = Server::answer(|_| Reply::status(404)).await;
+    let d = drive(feed(server.url_for("/")), "");
     let r = server.wait_for_requests(2, WAIT).await;
     assert!(gap(&r[0], &r[1]) >= ms(400));
     assert!(last_error(&d).contains("HTTP 404"), "{}", last_error(&d));
     drop(d);
 
-    let server = TestServer::start(|_| Reply::status(401)).await;
-    let mut f = feed(server.url("/"));
+    let server = Server::answer(|_| Reply::status(401)).await;
+    let mut f = feed(server.url_for("/"));
     f.on_client_error = OnClientError::Stop;
     let mut d = drive(f, "");
     assert!(d.stopped().await.contains("401"));
@@ -534,8 +534,8 @@ async fn client_error_status_retries_slowly_and_stops_with_stop_policy() {
 
 #[tokio::test]
 async fn browser_policy_stops_on_a_server_error() {
-    let server = TestServer::start(|_| Reply::status(500)).await;
-    let mut f = feed(server.url("/"));
+    let server = Server::answer(|_| Reply::status(500)).await;
+    let mut f = feed(server.url_for("/"));
     f.policy = Policy::Browser;
     let mut d = drive(f, "");
     let reason = d.stopped().await;
@@ -550,14 +550,14 @@ async fn browser_policy_stops_on_a_server_error() {
 
 #[tokio::test]
 async fn browser_policy_reconnects_after_exactly_the_reconnection_time() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::sse().send("data: 1\n\n"),
         Reply::sse().send("data: 2\n\n"),
         Reply::sse().send("data: 3\n\n"),
         Reply::sse().send("data: 4\n\n").hang(),
     ])
     .await;
-    let mut f = feed(server.url("/"));
+    let mut f = feed(server.url_for("/"));
     f.policy = Policy::Browser;
     // Ignored by the browser policy; the daemon policy would wait 150, 600, 2400 ms + jitter.
     f.backoff.multiplier = 4.0;
@@ -582,12 +582,12 @@ async fn browser_policy_reconnects_after_exactly_the_reconnection_time() {
 
 #[tokio::test]
 async fn silent_connection_hits_the_idle_timeout() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::sse().send("id: 1\ndata: a\n\n").hang(),
         Reply::sse().send("data: b\n\n").hang(),
     ])
     .await;
-    let mut f = feed(server.url("/"));
+    let mut f = feed(server.url_for("/"));
     f.idle_timeout = ms(300);
     let mut d = drive(f, "");
     assert_eq!(d.events(2).await.len(), 2);
@@ -608,8 +608,8 @@ async fn slow_drip_of_comments_keeps_the_connection_alive() {
     for _ in 0..12 {
         reply = reply.send(":\n").wait(ms(100));
     }
-    let server = TestServer::scripted(vec![reply.send("data: done\n\n").hang()]).await;
-    let mut f = feed(server.url("/"));
+    let server = Server::replies(vec![reply.send("data: done\n\n").hang()]).await;
+    let mut f = feed(server.url_for("/"));
     f.idle_timeout = ms(300);
     let mut d = drive(f, "");
     assert_eq!(d.events(1).await, vec![ev("message", "done", "")]);
@@ -619,12 +619,12 @@ async fn slow_drip_of_comments_keeps_the_connection_alive() {
 
 #[tokio::test]
 async fn response_timeout_when_headers_never_come() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::sse().delay_headers(Duration::from_secs(3)),
         Reply::sse().send("data: a\n\n").hang(),
     ])
     .await;
-    let mut f = feed(server.url("/"));
+    let mut f = feed(server.url_for("/"));
     f.connect_timeout = ms(200);
     f.response_timeout = ms(300);
     let mut d = drive(f, "");
@@ -642,12 +642,12 @@ async fn response_timeout_when_headers_never_come() {
 #[tokio::test]
 async fn oversized_event_is_an_error_naming_feed_and_size_then_reconnects() {
     let big = format!("data: {}\n\n", "x".repeat(200));
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::sse().send("id: 1\ndata: ok\n\n").send(big).hang(),
         Reply::sse().send("data: after\n\n").hang(),
     ])
     .await;
-    let mut f = feed(server.url("/"));
+    let mut f = feed(server.url_for("/"));
     f.max_event_size = ByteSize(64);
     let mut d = drive(f, "");
     assert_eq!(
@@ -666,7 +666,7 @@ async fn oversized_event_is_an_error_naming_feed_and_size_then_reconnects() {
 
 #[tokio::test]
 async fn rejected_id_records_a_gap_and_reconnects_without_it() {
-    let server = TestServer::start(|r| {
+    let server = Server::answer(|r| {
         if r.header("last-event-id").is_some() {
             Reply::status(410)
         } else {
@@ -674,7 +674,7 @@ async fn rejected_id_records_a_gap_and_reconnects_without_it() {
         }
     })
     .await;
-    let mut d = drive(feed(server.url("/")), "stale");
+    let mut d = drive(feed(server.url_for("/")), "stale");
     match d.next().await {
         Out::Gap(GapReason::IdRejected, detail) => {
             assert!(
@@ -699,8 +699,8 @@ async fn rejected_id_records_a_gap_and_reconnects_without_it() {
 
 #[tokio::test]
 async fn an_id_that_cannot_be_a_header_is_not_sent_and_reported() {
-    let server = TestServer::scripted(vec![Reply::sse().send("data: a\n\n").hang()]).await;
-    let mut d = drive(feed(server.url("/")), "bad\u{1}id");
+    let server = Server::replies(vec![Reply::sse().send("data: a\n\n").hang()]).await;
+    let mut d = drive(feed(server.url_for("/")), "bad\u{1}id");
     match d.next().await {
         Out::Gap(GapReason::IdRejected, detail) => {
             assert!(detail.contains("not a valid HTTP header value"), "{detail}")
@@ -713,12 +713,12 @@ async fn an_id_that_cannot_be_a_header_is_not_sent_and_reported() {
 
 #[tokio::test]
 async fn reconnecting_without_an_id_after_events_is_a_gap() {
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::sse().send("data: a\n\n"),
         Reply::sse().send("data: b\n\n").hang(),
     ])
     .await;
-    let mut d = drive(feed(server.url("/")), "");
+    let mut d = drive(feed(server.url_for("/")), "");
     assert_eq!(d.events(1).await, vec![ev("message", "a", "")]);
     match d.next().await {
         Out::Gap(GapReason::ReconnectWithoutId, detail) => {
@@ -735,12 +735,12 @@ async fn bearer_token_from_env() {
     // A variable every test process has: setting one would race with other threads reading
     // the environment. The value is just an opaque token here.
     let token = std::env::var("PATH").expect("PATH is set");
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::status(500),
         Reply::sse().send("data: a\n\n").hang(),
     ])
     .await;
-    let mut f = feed(server.url("/"));
+    let mut f = feed(server.url_for("/"));
     f.bearer_token_env = Some("PATH".into());
     let mut d = drive(f, "");
     assert_eq!(d.events(1).await.len(), 1);
@@ -770,7 +770,7 @@ async fn bearer_token_file_is_reread_at_every_attempt() {
     let path = dir.path().join("token");
     std::fs::write(&path, "tok-one\n").expect("write token");
     let file = path.clone();
-    let server = TestServer::start(move |r| {
+    let server = Server::answer(move |r| {
         if r.index == 0 {
             // Rotate the token before the client's next attempt.
             std::fs::write(&file, "  tok-two  \n").expect("rewrite token");
@@ -780,7 +780,7 @@ async fn bearer_token_file_is_reread_at_every_attempt() {
         }
     })
     .await;
-    let mut f = feed(server.url("/"));
+    let mut f = feed(server.url_for("/"));
     f.bearer_token_file = Some(path);
     let mut d = drive(f, "");
     assert_eq!(d.events(1).await.len(), 1);
@@ -834,7 +834,7 @@ async fn secrets_never_appear_in_errors_or_logs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "t0ken-s3cret-value").expect("write token");
-    let server = TestServer::scripted(vec![
+    let server = Server::replies(vec![
         Reply::status(500),
         Reply::status(403),
         Reply::sse().send("data: a\n\n"),
@@ -850,7 +850,7 @@ async fn secrets_never_appear_in_errors_or_logs() {
     let mut d = drive(f, "");
     assert_eq!(d.events(1).await.len(), 1);
     let err = last_error(&d);
-    let shown = server.url("/path");
+    let shown = server.url_for("/path");
     assert!(err.contains(&shown), "{err}");
     let logs = logs.text();
     assert!(
@@ -874,7 +874,7 @@ async fn secrets_never_appear_in_errors_or_logs() {
 #[tokio::test]
 async fn tls_failure_says_tls_and_never_falls_back_to_plain_http() {
     // A plain-HTTP server behind an https:// URL: the TLS handshake cannot succeed.
-    let server = TestServer::start(|_| Reply::sse().send("data: insecure\n\n").hang()).await;
+    let server = Server::answer(|_| Reply::sse().send("data: insecure\n\n").hang()).await;
     let d = drive(feed(format!("https://{}/", server.addr)), "");
     let s = d.status_until("an error", |s| s.last_error.is_some()).await;
     let err = s.last_error.unwrap_or_default();
@@ -892,9 +892,9 @@ async fn next_is_cancel_safe() {
     for i in 0..20 {
         reply = reply.send(format!("id: {i}\ndata: {i}\n\n")).wait(ms(20));
     }
-    let server = TestServer::scripted(vec![Reply::status(500), reply.hang()]).await;
+    let server = Server::replies(vec![Reply::status(500), reply.hang()]).await;
     let status = StatusHandle::new();
-    let mut es = EventSource::new(Arc::new(feed(server.url("/"))), String::new(), status)
+    let mut es = EventSource::new(Arc::new(feed(server.url_for("/"))), String::new(), status)
         .expect("valid feed");
     let mut got = Vec::new();
     let mut cancelled = 0;

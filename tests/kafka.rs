@@ -18,25 +18,18 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kafka_broker::{Broker, Record};
-use support::{bin, event_type, wait_for, write_file, LogServer};
+use support::bridge::{checkpoint, Bridge};
+use support::server::Server;
+use support::{event_type, free_port, state_section, wait_for, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // The broker: tansu on a free port, shared with the crash loop (tests/support/kafka.rs).
 
 /// How long the topic must stay quiet before reading it back is done.
 const QUIET: Duration = Duration::from_secs(2);
-
-fn signal(sig: &str, pid: &str) {
-    let status = Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
 
 impl Record {
     /// The event number, from the `sse-id` header.
@@ -75,95 +68,65 @@ fn expected_data(n: u64) -> String {
     format!("{{\"n\":{n},\"title\":\"Page {n}\",\"comment\":\"résumé ✓\"}}")
 }
 
-// ---------------------------------------------------------------------------------------------
-// The bridge.
-
-struct Bridge {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Bridge {
-    fn start(config: &Path, log: PathBuf) -> Bridge {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin())
-            .args(["run", "--log-format", "json", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn sse-bridge");
-        Bridge { child, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The bridge's resident memory in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn kill_9(&mut self) {
-        self.child.kill().expect("kill -9");
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then the exit code (within `within`).
-    async fn terminate(&mut self, within: Duration) -> Option<i32> {
-        signal("-TERM", &self.child.id().to_string());
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            assert!(
-                started.elapsed() < within,
-                "no exit within {within:?} after SIGTERM; logs:\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The committed checkpoint of feed `wiki`: `(last event id, seq)`.
-fn checkpoint(state: &Path) -> Option<(String, u64)> {
-    let conn = rusqlite::Connection::open(state).ok()?;
-    conn.query_row(
-        "SELECT last_event_id, seq FROM checkpoints WHERE feed = 'wiki'",
-        [],
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
-    )
-    .ok()
-}
-
 fn checkpoint_seq(state: &Path) -> u64 {
-    checkpoint(state).map(|(_, s)| s).unwrap_or(0)
+    checkpoint(state, "wiki").map(|(_, s)| s).unwrap_or(0)
+}
+
+/// `[sink.kafka]`: every event to `topic` on `broker`, with `keys` (TOML lines) added.
+fn kafka_sink(broker: &Broker, topic: &str, keys: &str) -> String {
+    format!(
+        "\n[sink.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{topic}\"\n{keys}\n[[route]]\nsinks = [\"kafka\"]\n",
+        broker.addr
+    )
+}
+
+/// What a test of the topic `wiki` runs on.
+struct Wiki {
+    broker: Broker,
+    server: Server,
+    /// Holds the state database and the config until the test ends.
+    _dir: tempfile::TempDir,
+    /// The bridge's state database.
+    state: PathBuf,
+    /// A config sending every event of feed `wiki` to the topic `wiki`.
+    config: PathBuf,
+}
+
+/// A broker with the topic `wiki` (one partition) and a log of `n` events served `chunk` at a
+/// time, 20 ms apart; `None` (the test skips) without a broker.
+async fn wiki(n: u64, chunk: u64) -> Option<Wiki> {
+    let broker = Broker::start().await?;
+    broker.create_topics(&[("wiki", 1)]).await;
+    let server = Server::log(n, chunk, Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), &server.url(), &kafka_sink(&broker, "wiki", ""));
+    let state = dir.path().join("state.db");
+    Some(Wiki {
+        broker,
+        server,
+        _dir: dir,
+        state,
+        config,
+    })
+}
+
+/// Waits (at most `secs`) until the checkpoint of `wiki` is at `seq` (naming `when` if it never
+/// is), then SIGTERM: the bridge exits 0.
+async fn drains_at(bridge: &mut Bridge, state: &Path, seq: u64, secs: u64, when: &str) {
+    assert!(
+        wait_for(Duration::from_secs(secs), || checkpoint_seq(state) == seq).await,
+        "checkpoint {:?} {when}; logs:\n{}",
+        checkpoint(state, "wiki"),
+        bridge.raw_log()
+    );
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
 }
 
 /// A config with one feed `wiki` from `url`; `sinks_and_routes` is appended.
 fn config(dir: &Path, url: &str, sinks_and_routes: &str) -> PathBuf {
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "200ms"
+{state}
 
 [shutdown]
 timeout = "30s"
@@ -175,7 +138,7 @@ default_retry = "100ms"
 
 {sinks_and_routes}
 "#,
-        dir = dir.display()
+        state = state_section(dir, "200ms"),
     );
     write_file(dir, "bridge.toml", &text)
 }
@@ -196,7 +159,7 @@ async fn kafka_end_to_end_100k_events_routed_by_type_into_two_topics() {
     broker
         .create_topics(&[("wiki-edits", 3), ("wiki-rest", 2)])
         .await;
-    let server = LogServer::start(TOTAL, 1000, Duration::from_millis(1)).await;
+    let server = Server::log(TOTAL, 1000, Duration::from_millis(1)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(
         dir.path(),
@@ -229,17 +192,17 @@ sinks = ["rest"]
     );
     let state = dir.path().join("state.db");
     let started = Instant::now();
-    let mut bridge = Bridge::start(&config, dir.path().join("bridge.log"));
+    let mut bridge = Bridge::spawn(&config);
     assert!(
         wait_for(Duration::from_secs(120), || checkpoint_seq(&state) == TOTAL).await,
         "checkpoint {:?} after {:?}; logs:\n{}",
-        checkpoint(&state),
+        checkpoint(&state, "wiki"),
         started.elapsed(),
-        bridge.logs()
+        bridge.raw_log()
     );
     let elapsed = started.elapsed();
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
-    assert_eq!(checkpoint(&state), Some((TOTAL.to_string(), TOTAL)));
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(checkpoint(&state, "wiki"), Some((TOTAL.to_string(), TOTAL)));
 
     let read_started = Instant::now();
     let edits = broker.read_topic("wiki-edits", 0, QUIET);
@@ -286,7 +249,7 @@ sinks = ["rest"]
         );
     }
     assert!(seen[1..].iter().all(|s| *s), "every event arrived");
-    let logs = bridge.logs();
+    let logs = bridge.raw_log();
     assert!(!logs.contains("panicked"), "{logs}");
     assert!(logs.contains("kafka sink closed"), "{logs}");
 }
@@ -297,52 +260,33 @@ sinks = ["rest"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_broker_frozen_20s_holds_the_feed_back_and_loses_nothing() {
     const N: u64 = 40_000;
-    let Some(broker) = Broker::start().await else {
+    // About 10 000 events/s for 4 s: the freeze comes in the middle of the stream.
+    let Some(w) = wiki(N, 200).await else {
         return;
     };
-    broker.create_topics(&[("wiki", 1)]).await;
-    // About 10 000 events/s for 4 s: the freeze comes in the middle of the stream.
-    let server = LogServer::start(N, 200, Duration::from_millis(20)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(
-        dir.path(),
-        &server.url(),
-        &format!(
-            r#"
-[sink.kafka]
-type = "kafka"
-brokers = "{addr}"
-topic = "wiki"
-
-[[route]]
-sinks = ["kafka"]
-"#,
-            addr = broker.addr
-        ),
-    );
-    let state = dir.path().join("state.db");
-    let mut bridge = Bridge::start(&config, dir.path().join("bridge.log"));
+    let (broker, state) = (&w.broker, &w.state);
+    let mut bridge = Bridge::spawn(&w.config);
     assert!(
-        wait_for(Duration::from_secs(60), || checkpoint_seq(&state) >= 5_000).await,
+        wait_for(Duration::from_secs(60), || checkpoint_seq(state) >= 5_000).await,
         "no progress before the freeze; logs:\n{}",
-        bridge.logs()
+        bridge.raw_log()
     );
 
     broker.freeze();
     let frozen_at = Instant::now();
     // Let what the broker answered before it stopped reach the checkpoint.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = checkpoint_seq(&state);
-    let rss_start = bridge.rss_kib();
+    let held = checkpoint_seq(state);
+    let rss_start = bridge.rss().unwrap_or(0) / 1024;
     let mut rss_max = rss_start;
     while frozen_at.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(
-            checkpoint_seq(&state),
+            checkpoint_seq(state),
             held,
             "the checkpoint moved while the broker could not confirm anything"
         );
-        rss_max = rss_max.max(bridge.rss_kib());
+        rss_max = rss_max.max(bridge.rss().unwrap_or(0) / 1024);
     }
     assert!(held < N, "the stream was not over when the broker froze");
     broker.thaw();
@@ -355,13 +299,7 @@ sinks = ["kafka"]
         "memory grew while the broker was frozen: {rss_start} KiB -> {rss_max} KiB"
     );
 
-    assert!(
-        wait_for(Duration::from_secs(90), || checkpoint_seq(&state) == N).await,
-        "checkpoint {:?} after the broker came back; logs:\n{}",
-        checkpoint(&state),
-        bridge.logs()
-    );
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
+    drains_at(&mut bridge, state, N, 90, "after the broker came back").await;
 
     let records = broker.read_topic("wiki", 0, QUIET);
     let mut next = 1u64;
@@ -384,7 +322,7 @@ sinks = ["kafka"]
     }
     assert_eq!(next, N + 1, "every event arrived, in order");
     eprintln!("{} records, {duplicates} duplicates", records.len());
-    assert!(!bridge.logs().contains("panicked"));
+    assert!(!bridge.raw_log().contains("panicked"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -393,57 +331,33 @@ sinks = ["kafka"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_kill_9_then_restart_loses_nothing_and_duplicates_carry_the_same_id() {
     use rand::Rng;
-    let Some(broker) = Broker::start().await else {
+    // About 25 000 events/s for 4 s.
+    let Some(w) = wiki(TOTAL, 500).await else {
         return;
     };
-    broker.create_topics(&[("wiki", 1)]).await;
-    // About 25 000 events/s for 4 s.
-    let server = LogServer::start(TOTAL, 500, Duration::from_millis(20)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(
-        dir.path(),
-        &server.url(),
-        &format!(
-            r#"
-[sink.kafka]
-type = "kafka"
-brokers = "{addr}"
-topic = "wiki"
-
-[[route]]
-sinks = ["kafka"]
-"#,
-            addr = broker.addr
-        ),
-    );
-    let state = dir.path().join("state.db");
-    let mut bridge = Bridge::start(&config, dir.path().join("run1.log"));
+    let (broker, server, state) = (&w.broker, &w.server, &w.state);
+    let mut bridge = Bridge::spawn(&w.config);
     let kill_after = rand::thread_rng().gen_range(5_000..60_000);
     // Killed mid-stream once a checkpoint exists: records can reach the topic before the
     // first commit (every 200 ms), and a kill before any commit is the plain restart case.
     assert!(
         wait_for(Duration::from_secs(60), || broker.count("wiki", 1)
             >= kill_after
-            && checkpoint(&state).is_some())
+            && checkpoint(state, "wiki").is_some())
         .await,
         "{} records in the topic, wanted {kill_after}, checkpoint {:?}; logs:\n{}",
         broker.count("wiki", 1),
-        checkpoint(&state),
-        bridge.logs()
+        checkpoint(state, "wiki"),
+        bridge.raw_log()
     );
-    bridge.kill_9();
-    let (cp_id, cp_seq) = checkpoint(&state).expect("a checkpoint was committed before the kill");
+    bridge.kill();
+    let (cp_id, cp_seq) =
+        checkpoint(state, "wiki").expect("a checkpoint was committed before the kill");
     let committed: u64 = cp_id.parse().expect("numeric checkpoint");
     assert_eq!(committed, cp_seq);
 
-    let mut bridge = Bridge::start(&config, dir.path().join("run2.log"));
-    assert!(
-        wait_for(Duration::from_secs(120), || checkpoint_seq(&state) == TOTAL).await,
-        "checkpoint {:?} after the restart; logs:\n{}",
-        checkpoint(&state),
-        bridge.logs()
-    );
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
+    let mut bridge = Bridge::spawn(&w.config);
+    drains_at(&mut bridge, state, TOTAL, 120, "after the restart").await;
     let requests = server.requests();
     assert_eq!(requests.len(), 2, "{requests:?}");
     assert_eq!(requests[1].last_event_id.as_deref(), Some(cp_id.as_str()));
@@ -511,70 +425,50 @@ async fn kafka_missing_topic_blocks_until_created_or_is_skipped_and_counted() {
     let Some(broker) = Broker::start().await else {
         return;
     };
-    let server = LogServer::start(N, 100, Duration::from_millis(10)).await;
+    let server = Server::log(N, 100, Duration::from_millis(10)).await;
     let sink = |topic: &str, on_error: &str| {
-        format!(
-            r#"
-[sink.kafka]
-type = "kafka"
-brokers = "{addr}"
-topic = "{topic}"
-delivery_timeout = "1s"
-on_error = "{on_error}"
-
-[[route]]
-sinks = ["kafka"]
-"#,
-            addr = broker.addr
-        )
+        let keys = format!("delivery_timeout = \"1s\"\non_error = \"{on_error}\"\n");
+        kafka_sink(&broker, topic, &keys)
     };
 
     // Blocked.
     let dir = tempfile::tempdir().expect("tempdir");
     let blocking = config(dir.path(), &server.url(), &sink("late", "block"));
     let state = dir.path().join("state.db");
-    let mut bridge = Bridge::start(&blocking, dir.path().join("block.log"));
+    let mut bridge = Bridge::spawn(&blocking);
     assert!(
         wait_for(Duration::from_secs(30), || bridge
-            .logs()
+            .raw_log()
             .contains("to topic `late`: the topic does not exist"))
         .await,
         "no clear error; logs:\n{}",
-        bridge.logs()
+        bridge.raw_log()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(checkpoint_seq(&state), 0, "nothing acknowledged");
     // The operator creates the topic: the held-back events go through.
     broker.create_topics(&[("late", 1)]).await;
-    assert!(
-        wait_for(Duration::from_secs(60), || checkpoint_seq(&state) == N).await,
-        "checkpoint {:?} after the topic was created; logs:\n{}",
-        checkpoint(&state),
-        bridge.logs()
-    );
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
+    drains_at(&mut bridge, &state, N, 60, "after the topic was created").await;
     let records = broker.read_topic("late", 0, QUIET);
     let mut ids: Vec<u64> = records.iter().map(Record::id).collect();
     ids.dedup();
     assert_eq!(ids, (1..=N).collect::<Vec<_>>());
     assert!(bridge
-        .logs()
+        .raw_log()
         .contains("\"message\":\"sink recovered; held-back events stored\""));
 
     // Skipped and counted, in the logs and in the admin endpoint's metrics.
     let dir = tempfile::tempdir().expect("tempdir");
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
+    let admin = format!("127.0.0.1:{}", free_port());
     let with_admin = format!("{}\n[admin]\nlisten = \"{admin}\"\n", sink("never", "skip"));
     let skipping = config(dir.path(), &server.url(), &with_admin);
     let state = dir.path().join("state.db");
-    let mut bridge = Bridge::start(&skipping, dir.path().join("skip.log"));
+    let mut bridge = Bridge::spawn(&skipping);
     assert!(
         wait_for(Duration::from_secs(60), || checkpoint_seq(&state) == N).await,
         "checkpoint {:?}; logs:\n{}",
-        checkpoint(&state),
-        bridge.logs()
+        checkpoint(&state, "wiki"),
+        bridge.raw_log()
     );
     let metrics = reqwest::get(format!("http://{admin}/metrics"))
         .await
@@ -592,8 +486,8 @@ sinks = ["kafka"]
             "no `{line}` in:\n{metrics}"
         );
     }
-    assert_eq!(bridge.terminate(Duration::from_secs(30)).await, Some(0));
-    let logs = bridge.logs();
+    assert_eq!(bridge.exit_code(Duration::from_secs(30)).await, Some(0));
+    let logs = bridge.raw_log();
     assert!(
         logs.contains("on_error = \\\"skip\\\": records dropped after a permanent delivery error"),
         "{logs}"

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{bin, wait_for, write_file, LogServer};
+use support::server::Server;
+use support::{archive_sink, bin, state_section, wait_for, write_file};
 
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
@@ -24,26 +25,22 @@ fn feed(name: &str, url: &str, extra: &str) -> String {
 }
 
 fn config(dir: &Path, feeds: &str) -> String {
+    let archive = archive_sink(dir);
+    let state = state_section(dir, "100ms");
     format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
+{state}
 
 [shutdown]
 timeout = "10s"
 
 {feeds}
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [routing]
 default = ["archive"]
 "#,
-        dir = dir.display()
     )
 }
 
@@ -68,10 +65,10 @@ async fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_keeps_unchanged_feeds_connected_and_applies_the_rest() {
     // Each server sends 50 events, then heartbeats on the open connection.
-    let keep = LogServer::start(50, 50, Duration::from_millis(1)).await;
-    let change = LogServer::start(50, 50, Duration::from_millis(1)).await;
-    let remove = LogServer::start(50, 50, Duration::from_millis(1)).await;
-    let add = LogServer::start(50, 50, Duration::from_millis(1)).await;
+    let keep = Server::log(50, 50, Duration::from_millis(1)).await;
+    let change = Server::log(50, 50, Duration::from_millis(1)).await;
+    let remove = Server::log(50, 50, Duration::from_millis(1)).await;
+    let add = Server::log(50, 50, Duration::from_millis(1)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let before = config(
@@ -194,7 +191,7 @@ async fn sighup_keeps_unchanged_feeds_connected_and_applies_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications_arrive_in_order() {
-    let server = LogServer::start(10, 10, Duration::from_millis(1)).await;
+    let server = Server::log(10, 10, Duration::from_millis(1)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let path = write_file(
@@ -351,7 +348,7 @@ fn the_systemd_unit_verifies_and_is_hardened() {
 /// no event is lost or written twice across the two files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reopens_files_after_an_external_rename() {
-    let server = LogServer::start(400, 10, Duration::from_millis(20)).await;
+    let server = Server::log(400, 10, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let path = write_file(

@@ -12,18 +12,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::Response;
-use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use rand::Rng;
 use rusqlite::Connection;
@@ -32,7 +27,9 @@ use sse_bridge::sink::file::{FileSink, FileSinkConfig};
 use sse_bridge::sink::sqlite::{SqliteSink, SqliteSinkConfig};
 use sse_bridge::sink::{jsonl, BufferConfig, Sink};
 use sse_bridge::sse::parser::{Item, Limits, Parser};
-use support::{bin, wait_for, write_file, LogServer};
+use support::bridge::{checkpoint, Bridge};
+use support::server::{Fault, Options, Server};
+use support::{bin, wait_for, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -72,53 +69,6 @@ fn rows(db: &Path) -> Vec<(String, u64, String, String, String)> {
     .collect()
 }
 
-fn checkpoint(db: &Path, feed: &str) -> Option<(String, u64)> {
-    let conn = Connection::open(db).ok()?;
-    conn.query_row(
-        "SELECT last_event_id, seq FROM checkpoints WHERE feed = ?1",
-        [feed],
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
-    )
-    .ok()
-}
-
-fn spawn_bridge(config: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).expect("log file");
-    Command::new(bin())
-        .args(["run", "-c"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn sse-bridge")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
-async fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status.code();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _ = child.kill();
-    panic!("the process did not exit within {within:?}");
-}
-
-fn log_text(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 fn parse_sse(bytes: &[u8]) -> Vec<(String, String, String)> {
     let mut parser = Parser::new(Limits {
         max_line_bytes: 1 << 20,
@@ -138,48 +88,33 @@ fn parse_sse(bytes: &[u8]) -> Vec<(String, String, String)> {
 
 /// A running `sse-bridge serve` and its address.
 struct Served {
-    child: Child,
+    process: Bridge,
     addr: SocketAddr,
-    log: Arc<Mutex<String>>,
 }
 
 impl Served {
-    fn start(db: &Path, extra: &[&str]) -> Served {
-        let mut child = Command::new(bin())
-            .arg("serve")
+    async fn start(db: &Path, extra: &[&str]) -> Served {
+        let mut command = Bridge::command(&["serve"]);
+        command
             .arg(db)
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
-            .env("RUST_LOG", "info,sse_bridge::serve=debug")
-            .env_remove("SSE_BRIDGE_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(i) = line.find("listening on http://") {
-                        let rest = &line[i + "listening on http://".len()..];
-                        let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                        let _ = tx.send(addr);
-                    }
-                    log.lock().expect("lock").push_str(&(line + "\n"));
-                }
-            });
-        }
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("serve did not start: {}", log.lock().expect("lock")));
+            .env("RUST_LOG", "info,sse_bridge::serve=debug");
+        let process = Bridge::spawn_command(command, db);
+        let line = process
+            .wait_log("serve listening", Duration::from_secs(30), |l| {
+                l.message.contains("listening on http://")
+            })
+            .await;
+        let addr = line
+            .message
+            .split("listening on http://")
+            .nth(1)
+            .unwrap_or_default();
+        let addr = addr.split_whitespace().next().unwrap_or_default();
         Served {
-            child,
             addr: addr.parse().expect("address"),
-            log,
+            process,
         }
     }
 
@@ -188,14 +123,7 @@ impl Served {
     }
 
     fn log(&self) -> String {
-        self.log.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.raw_log()
     }
 }
 
@@ -237,11 +165,6 @@ async fn read_events(
 // A resumable upstream with awkward events: multi-line data, events without `id:` (they keep
 // the previous id), unicode.
 
-#[derive(Clone)]
-struct RichState {
-    total: u64,
-}
-
 fn rich_type(n: u64) -> &'static str {
     ["edit", "log", "new"][(n % 3) as usize]
 }
@@ -275,52 +198,16 @@ fn rich_text(n: u64) -> String {
     s
 }
 
-async fn rich_stream(State(state): State<RichState>, headers: HeaderMap) -> Response {
-    let last: u64 = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
-    tokio::spawn(async move {
-        let mut n = last + 1;
-        while n <= state.total {
-            let end = (n + 199).min(state.total);
-            let text: String = (n..=end).map(rich_text).collect();
-            if tx.send(Ok(Bytes::from(text))).await.is_err() {
-                return;
-            }
-            n = end + 1;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if tx.send(Ok(Bytes::from_static(b": idle\n"))).await.is_err() {
-                return;
-            }
-        }
-    });
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (b, rx))
-    }));
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(body)
-        .expect("response")
-}
-
-async fn start_rich(total: u64) -> String {
-    let app = axum::Router::new()
-        .route("/rich", axum::routing::get(rich_stream))
-        .with_state(RichState { total });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}/rich")
+/// The upstream: `total` rich events, 200 per write, 5 ms apart, then heartbeats.
+async fn start_rich(total: u64) -> Server {
+    let options = Options {
+        chunk: 200,
+        pause: Duration::from_millis(5),
+        heartbeat: Duration::from_millis(200),
+        events: rich_text,
+        ..Options::log(total)
+    };
+    Server::start(options, |_| Fault::Normal).await
 }
 
 fn bridge_config(
@@ -354,7 +241,7 @@ const TOTAL: u64 = 100_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loop_with_the_sink_in_the_state_database_stores_every_event_exactly_once() {
     // 100 000 events with ids, 500 every 20 ms: about 4 s of stream when nobody waits.
-    let server = LogServer::start(TOTAL, 500, Duration::from_millis(20)).await;
+    let server = Server::log(TOTAL, 500, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state.db");
     // The same file, spelled differently: the sink must still recognise the state database.
@@ -374,8 +261,7 @@ async fn kill_9_loop_with_the_sink_in_the_state_database_stores_every_event_exac
         .collect();
     let mut last_count = 0;
     for (run, kill_at) in kills.iter().enumerate() {
-        let log = dir.path().join(format!("run{run}.log"));
-        let mut child = spawn_bridge(&config, &log);
+        let mut child = Bridge::spawn_plain(&config);
         // Kill only once this run has connected and stored something of its own, even when
         // a slow poll let the previous run overshoot this kill point.
         let kill_at = (*kill_at).max(last_count + 500);
@@ -387,10 +273,9 @@ async fn kill_9_loop_with_the_sink_in_the_state_database_stores_every_event_exac
             reached,
             "run {run}: stored {} events, wanted {kill_at}\n{}",
             count(&state),
-            log_text(&log)
+            child.raw_log()
         );
-        child.kill().expect("kill -9");
-        let _ = child.wait();
+        child.kill();
         let stored = count(&state);
         assert!(stored >= last_count, "rows never disappear");
         last_count = stored;
@@ -406,19 +291,14 @@ async fn kill_9_loop_with_the_sink_in_the_state_database_stores_every_event_exac
             "ids and seqs advance together in this stream"
         );
     }
-    let log = dir.path().join("final.log");
-    let mut child = spawn_bridge(&config, &log);
+    let mut child = Bridge::spawn_plain(&config);
     assert!(
         wait_for(Duration::from_secs(120), || count(&state) >= TOTAL).await,
         "stored {} of {TOTAL}\n{}",
         count(&state),
-        log_text(&log)
+        child.raw_log()
     );
-    signal(&child, "-TERM");
-    assert_eq!(
-        wait_exit(&mut child, Duration::from_secs(25)).await,
-        Some(0)
-    );
+    assert_eq!(child.exit_code(Duration::from_secs(25)).await, Some(0));
 
     let requests = server.requests();
     assert_eq!(requests.len(), kills.len() + 1, "one connection per run");
@@ -449,7 +329,7 @@ async fn kill_9_loop_with_the_sink_in_the_state_database_stores_every_event_exac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_in_its_own_database_ignores_what_is_fetched_again_after_kill_9() {
     const N: u64 = 20_000;
-    let server = LogServer::start(N, 500, Duration::from_millis(20)).await;
+    let server = Server::log(N, 500, Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state.db");
     let db = dir.path().join("events.db");
@@ -460,12 +340,10 @@ async fn a_sink_in_its_own_database_ignores_what_is_fetched_again_after_kill_9()
         &[("wiki", &server.url())],
         &db,
     );
-    let log = dir.path().join("run1.log");
-    let mut child = spawn_bridge(&config, &log);
+    let mut child = Bridge::spawn_plain(&config);
     let kill_at = rand::thread_rng().gen_range(2_000..15_000);
     assert!(wait_for(Duration::from_secs(60), || count(&db) >= kill_at).await);
-    child.kill().expect("kill -9");
-    let _ = child.wait();
+    child.kill();
     let stored = count(&db);
     let (_, cp) = checkpoint(&state, "wiki").unwrap_or_default();
     assert!(
@@ -473,24 +351,19 @@ async fn a_sink_in_its_own_database_ignores_what_is_fetched_again_after_kill_9()
         "checkpoint {cp} ran ahead of the sink's {stored}"
     );
     assert!(
-        !log_text(&log).contains("share"),
+        !child.raw_log().contains("share"),
         "a separate database does not take checkpoints"
     );
 
-    let log = dir.path().join("run2.log");
-    let mut child = spawn_bridge(&config, &log);
+    let mut child = Bridge::spawn_plain(&config);
     assert!(
         wait_for(Duration::from_secs(60), || checkpoint(&state, "wiki")
             .is_some_and(|c| c.1 == N))
         .await,
         "{}",
-        log_text(&log)
+        child.raw_log()
     );
-    signal(&child, "-TERM");
-    assert_eq!(
-        wait_exit(&mut child, Duration::from_secs(25)).await,
-        Some(0)
-    );
+    assert_eq!(child.exit_code(Duration::from_secs(25)).await, Some(0));
     let all = rows(&db);
     let ids: Vec<u64> = all.iter().map(|r| r.2.parse().expect("id")).collect();
     assert_eq!(
@@ -510,25 +383,25 @@ async fn a_sink_in_its_own_database_ignores_what_is_fetched_again_after_kill_9()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_round_trip_into_a_second_bridge_and_resume_in_the_middle() {
     const N: u64 = 3_000;
-    let upstream = start_rich(N).await;
+    let rich = start_rich(N).await;
+    let upstream = rich.url_for("/rich");
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
 
     // Bridge A: upstream -> a.db (its state database).
     let a_db = d.join("a.db");
     let a_config = bridge_config(d, "a.toml", &a_db, &[("rich", &upstream)], &a_db);
-    let a_log = d.join("a.log");
-    let mut a = spawn_bridge(&a_config, &a_log);
+    let mut a = Bridge::spawn_plain(&a_config);
     assert!(
         wait_for(Duration::from_secs(30), || a_db.exists()
             && count(&a_db) > 0)
         .await,
         "{}",
-        log_text(&a_log)
+        a.raw_log()
     );
 
     // serve a.db; bridge B subscribes to it and stores into b.db.
-    let served = Served::start(&a_db, &["--heartbeat", "200ms", "--max-lag", "100000"]);
+    let served = Served::start(&a_db, &["--heartbeat", "200ms", "--max-lag", "100000"]).await;
     let b_db = d.join("b.db");
     let b_config = bridge_config(
         d,
@@ -537,14 +410,13 @@ async fn serve_round_trip_into_a_second_bridge_and_resume_in_the_middle() {
         &[("mirror", &served.url("rich"))],
         &b_db,
     );
-    let b_log = d.join("b.log");
-    let mut b = spawn_bridge(&b_config, &b_log);
+    let mut b = Bridge::spawn_plain(&b_config);
     assert!(
         wait_for(Duration::from_secs(60), || count(&b_db) >= N).await,
         "B stored {} of {N}\nA: {}\nB: {}\nserve: {}",
         count(&b_db),
-        log_text(&a_log),
-        log_text(&b_log),
+        a.raw_log(),
+        b.raw_log(),
         served.log()
     );
     // A little longer: nothing more may arrive.
@@ -694,14 +566,11 @@ async fn serve_round_trip_into_a_second_bridge_and_resume_in_the_middle() {
     let (got, _) = read_events(response, 1, Duration::from_secs(5)).await;
     assert_eq!(got[0].0, "x");
 
-    signal(&b, "-TERM");
-    signal(&a, "-TERM");
-    assert_eq!(wait_exit(&mut b, Duration::from_secs(25)).await, Some(0));
-    assert_eq!(wait_exit(&mut a, Duration::from_secs(25)).await, Some(0));
+    assert_eq!(b.exit_code(Duration::from_secs(25)).await, Some(0));
+    assert_eq!(a.exit_code(Duration::from_secs(25)).await, Some(0));
     let mut served = served;
-    signal(&served.child, "-TERM");
     assert_eq!(
-        wait_exit(&mut served.child, Duration::from_secs(10)).await,
+        served.process.exit_code(Duration::from_secs(10)).await,
         Some(0)
     );
     assert!(!served.log().contains("panicked"));
@@ -712,7 +581,7 @@ async fn a_slow_client_is_cut_off_without_holding_back_the_others() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("events.db");
     let mut sink = SqliteSink::build("t", &sqlite_config(&db), None).expect("sink");
-    let served = Served::start(&db, &["--max-lag", "5000", "--client-buffer", "64"]);
+    let served = Served::start(&db, &["--max-lag", "5000", "--client-buffer", "64"]).await;
 
     // A client that sends its request and then never reads.
     let mut slow = std::net::TcpStream::connect(served.addr).expect("connect");
@@ -1453,32 +1322,20 @@ fn bench_sqlite_sink_vs_raw_batched_insert() {
     // 2. Raw rusqlite: the same rows, the same schema, pragmas and statement, prebuilt
     //    values, in transactions of the runner's largest batch.
     let raw = dir.path().join("raw.db");
-    let mut conn = Connection::open(&raw).expect("open");
-    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
-        .expect("wal");
-    conn.pragma_update(None, "synchronous", "FULL")
-        .expect("sync");
-    sse_bridge::state::migrate::migrate(&mut conn, "raw.db").expect("schema");
+    let mut conn = support::raw_events_db(&raw);
     let times: Vec<String> = events
         .iter()
         .map(|e| sse_bridge::sink::sqlite::format_time(e.received_at))
         .collect();
     let start = Instant::now();
     for (chunk, times) in events.chunks(8192).zip(times.chunks(8192)) {
-        let tx = conn.transaction().expect("tx");
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO events (feed, seq, id, type, data, received_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .expect("prepare");
-            for (e, t) in chunk.iter().zip(times) {
-                stmt.execute((&*e.feed, e.seq as i64, &e.id, &e.event_type, &e.data, t))
-                    .expect("insert");
-            }
-        }
-        tx.commit().expect("commit");
+        support::insert_events(
+            &mut conn,
+            chunk
+                .iter()
+                .map(|e| &**e)
+                .zip(times.iter().map(String::as_str)),
+        );
     }
     let raw_rate = N as f64 / start.elapsed().as_secs_f64();
     assert_eq!(count(&raw), N);

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use crate::bridge::{bin, checkpoint, write_file, Bridge, LogLine};
-use crate::faults::{Fault, FaultServer, Options};
+use crate::support::bridge::{bin, checkpoint, write_file, Bridge, LogLine};
+use crate::support::server::{Fault, Options, Server};
 use crate::support::wait_for;
 
 /// A server whose first request (no `Last-Event-ID`) gets `stream`, and every later one
 /// nothing but heartbeats.
-async fn server_sending(stream: String) -> FaultServer {
-    FaultServer::start(Options::log(0), move |r| {
+async fn server_sending(stream: String) -> Server {
+    Server::start(Options::log(0), move |r| {
         if r.last_event_id.is_none() {
             Fault::Inject {
                 after: 0,

@@ -1,96 +1,24 @@
 //! Bounded resources against the real binary: memory in bytes under a stalled sink, the
 //! reconnection floor, the id length limit, and one bridge per state database.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use crate::support::bridge::{bin, checkpoint, line_count, rss, Bridge, LogLine};
+use crate::support::server::{Reply, Server};
+use crate::support::{run_ok, state_section, wait_for, write_file};
 
-use crate::bridge::{bin, checkpoint, line_count, Bridge, LogLine};
-use crate::support::{wait_for, write_file};
+/// The heartbeat of a stream that stays open.
+const HOLD: Duration = Duration::from_millis(500);
 
-/// What a [`RawServer`] handler writes for one request: the body pieces (each its own write,
-/// generated lazily), and whether the connection then stays open.
-struct Reply {
-    pieces: Box<dyn Iterator<Item = Vec<u8>> + Send>,
-    hold: bool,
-}
-
-/// A minimal SSE server over TCP on 127.0.0.1: answers every request with `200
-/// text/event-stream` and what the handler (given the request's index) returns, then closes
-/// or holds the connection. Counts requests.
-struct RawServer {
-    url: String,
-    requests: Arc<AtomicUsize>,
-}
-
-impl RawServer {
-    async fn start(handler: impl Fn(usize) -> Reply + Send + Sync + 'static) -> RawServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/stream", listener.local_addr().expect("addr"));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let count = requests.clone();
-        let handler = Arc::new(handler);
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let index = count.fetch_add(1, Ordering::SeqCst);
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    // Read the request head (the bridge sends no body).
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let reply = handler(index);
-                    let start = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                                  cache-control: no-cache\r\nconnection: close\r\n\r\n";
-                    if socket.write_all(start).await.is_err() {
-                        return;
-                    }
-                    for piece in reply.pieces {
-                        if socket.write_all(&piece).await.is_err() {
-                            return;
-                        }
-                    }
-                    if reply.hold {
-                        let mut sink = [0u8; 64];
-                        loop {
-                            tokio::select! {
-                                r = socket.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { return },
-                                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                                    if socket.write_all(b": hb\n").await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    let _ = socket.shutdown().await;
-                });
-            }
-        });
-        RawServer { url, requests }
-    }
-
-    fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-fn config(dir: &Path, feed_url: &str, feed_extra: &str, sink: &str) -> PathBuf {
+/// A config with feed `f` from `feed_url` (plus `feed_extra` keys) into the file sink `out`
+/// writing `DIR/out/f.jsonl` (plus `sink_extra` keys).
+fn config(dir: &Path, feed_url: &str, feed_extra: &str, sink_extra: &str) -> PathBuf {
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
+{state}
 
 [[feed]]
 name = "f"
@@ -98,23 +26,18 @@ url = "{feed_url}"
 default_retry = "100ms"
 {feed_extra}
 
-{sink}
+[sink.out]
+type = "file"
+path = "{dir}/out/f.jsonl"
+{sink_extra}
 
 [routing]
 default = ["out"]
 "#,
-        dir = dir.display()
+        state = state_section(dir, "100ms"),
+        dir = dir.display(),
     );
     write_file(dir, "bridge.toml", &text)
-}
-
-/// Resident set size now (`VmRSS`), in bytes.
-fn rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        let kib = l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim();
-        kib.parse::<u64>().ok().map(|k| k * 1024)
-    })
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -128,22 +51,20 @@ const MIB: u64 = 1024 * 1024;
 async fn a_stalled_sink_holds_large_events_within_its_byte_bound() {
     const EVENTS: usize = 150;
     const SIZE: usize = 1000 * 1024;
-    let server = RawServer::start(|index| {
+    let server = Server::answer(|r| {
         // One pass of the log; a reconnection (not expected) would resume nowhere.
-        let pieces = (1..=EVENTS).map(|n| {
-            let mut e = format!("id: {n}\ndata: ").into_bytes();
-            e.resize(e.len() + SIZE, b'a' + (n % 26) as u8);
-            e.extend_from_slice(b"\n\n");
-            e
-        });
-        Reply {
-            pieces: if index == 0 {
-                Box::new(pieces)
-            } else {
-                Box::new(std::iter::empty())
-            },
-            hold: true,
+        let reply = Reply::sse().heartbeat(HOLD);
+        if r.index > 0 {
+            return reply;
         }
+        reply.pieces(|| {
+            (1..=EVENTS).map(|n| {
+                let mut e = format!("id: {n}\ndata: ").into_bytes();
+                e.resize(e.len() + SIZE, b'a' + (n % 26) as u8);
+                e.extend_from_slice(b"\n\n");
+                e
+            })
+        })
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -151,23 +72,14 @@ async fn a_stalled_sink_holds_large_events_within_its_byte_bound() {
     std::fs::write(&blocked, "not a directory").expect("block");
     let cfg = config(
         dir.path(),
-        &server.url,
+        &server.url(),
         r#"max_event_size = "2 MiB"
 idle_timeout = "0s""#,
-        &format!(
-            r#"[sink.out]
-type = "file"
-path = "{}/out/f.jsonl"
-fsync = "never"
-buffer.max_bytes = "16 MiB""#,
-            dir.path().display()
-        ),
+        "fsync = \"never\"\nbuffer.max_bytes = \"16 MiB\"",
     );
     let bridge = Bridge::spawn(&cfg);
     bridge
-        .wait_log("the sink failing", Duration::from_secs(30), |l| {
-            l.message.contains("write failed")
-        })
+        .wait_message(Duration::from_secs(30), "write failed")
         .await;
     // Let the feed run into the bound: it reads until the buffer is full, then stops.
     let mut last = 0;
@@ -223,7 +135,7 @@ buffer.max_bytes = "16 MiB""#,
     let (status, _) = bridge.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
     assert_eq!(line_count(&file), EVENTS, "each event once");
-    assert_eq!(server.requests(), 1);
+    assert_eq!(server.count(), 1);
 }
 
 /// One 200 MiB event (under a `max_event_size` that allows it), then small ones: once it is
@@ -232,30 +144,26 @@ buffer.max_bytes = "16 MiB""#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_of_a_huge_event_is_given_back_once_it_is_stored() {
     const SIZE: usize = 200 * 1024 * 1024;
-    let server = RawServer::start(|index| {
-        let mut big = b"id: big\ndata: ".to_vec();
-        big.resize(big.len() + SIZE, b'z');
-        big.extend_from_slice(b"\n\n");
-        let small = (1..=100).map(|n| format!("id: {n}\ndata: small {n}\n\n").into_bytes());
-        Reply {
-            pieces: if index == 0 {
-                Box::new(std::iter::once(big).chain(small))
-            } else {
-                Box::new(std::iter::empty())
-            },
-            hold: true,
+    let server = Server::answer(|r| {
+        let reply = Reply::sse().heartbeat(HOLD);
+        if r.index > 0 {
+            return reply;
         }
+        reply.pieces(|| {
+            let mut big = b"id: big\ndata: ".to_vec();
+            big.resize(big.len() + SIZE, b'z');
+            big.extend_from_slice(b"\n\n");
+            let small = (1..=100).map(|n| format!("id: {n}\ndata: small {n}\n\n").into_bytes());
+            std::iter::once(big).chain(small)
+        })
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(
         dir.path(),
-        &server.url,
+        &server.url(),
         r#"max_event_size = "256 MiB""#,
-        &format!(
-            "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
-            dir.path().display()
-        ),
+        "fsync = \"never\"",
     );
     let bridge = Bridge::spawn(&cfg);
     let state = dir.path().join("state.db");
@@ -286,27 +194,20 @@ async fn the_memory_of_a_huge_event_is_given_back_once_it_is_stored() {
 /// the gaps fold into one row with a count, and the log stays small.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
-    let server = RawServer::start(|_| Reply {
-        pieces: Box::new(std::iter::once(b"retry: 0\ndata: x\n\n".to_vec())),
-        hold: false,
-    })
-    .await;
+    let server = Server::answer(|_| Reply::sse().send("retry: 0\ndata: x\n\n")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(
         dir.path(),
-        &server.url,
+        &server.url(),
         r#"policy = "browser""#,
-        &format!(
-            "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
-            dir.path().display()
-        ),
+        "fsync = \"never\"",
     );
     let bridge = Bridge::spawn(&cfg);
-    assert!(wait_for(Duration::from_secs(20), || server.requests() >= 2).await);
+    assert!(wait_for(Duration::from_secs(20), || server.count() >= 2).await);
     let start = Instant::now();
-    let first = server.requests();
+    let first = server.count();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let made = server.requests() - first;
+    let made = server.count() - first;
     let per_second = made as f64 / start.elapsed().as_secs_f64();
     let (status, logs) = bridge.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
@@ -319,20 +220,15 @@ async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
         "the feed should keep reconnecting: {per_second:.1}/s"
     );
 
-    let out = Command::new(bin())
-        .args(["gaps", "--json", "-c"])
-        .arg(&cfg)
-        .output()
-        .expect("gaps");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let rows: Vec<serde_json::Value> = run_ok([
+        OsStr::new("gaps"),
+        "--json".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+    ])
+    .lines()
+    .map(|l| serde_json::from_str(l).expect("json"))
+    .collect();
     assert_eq!(rows.len(), 1, "one folded gap row: {rows:?}");
     assert_eq!(rows[0]["reason"], "reconnect-without-id");
     let repeats = rows[0]["repeats"].as_u64().expect("repeats");
@@ -352,9 +248,9 @@ async fn retry_zero_and_an_immediate_close_stay_under_the_floor() {
 /// be stored with every later event), the feed reconnects, and what is stored stays small.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_id_is_refused_not_repeated_on_every_event() {
-    let server = RawServer::start(|index| {
+    let server = Server::answer(|r| {
         let mut body = Vec::new();
-        if index == 0 {
+        if r.index == 0 {
             body.extend_from_slice(b"id: ");
             body.resize(body.len() + 900 * 1024, b'i');
             body.extend_from_slice(b"\ndata: big-id\n\n");
@@ -362,22 +258,11 @@ async fn a_huge_id_is_refused_not_repeated_on_every_event() {
         for n in 1..=300 {
             body.extend_from_slice(format!("id: {n}\ndata: {n}\n\n").as_bytes());
         }
-        Reply {
-            pieces: Box::new(std::iter::once(body)),
-            hold: true,
-        }
+        Reply::sse().send(body).heartbeat(HOLD)
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(
-        dir.path(),
-        &server.url,
-        "",
-        &format!(
-            "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"\nfsync = \"never\"",
-            dir.path().display()
-        ),
-    );
+    let cfg = config(dir.path(), &server.url(), "", "fsync = \"never\"");
     let bridge = Bridge::spawn(&cfg);
     let file = dir.path().join("out/f.jsonl");
     assert!(
@@ -404,33 +289,19 @@ async fn a_huge_id_is_refused_not_repeated_on_every_event() {
     // 300 small lines; with the id repeated on each it was 277 MB.
     assert!(bytes < 200 * 1024, "{bytes} bytes stored");
     assert_eq!(line_count(&file), 300);
-    assert_eq!(server.requests(), 2);
+    assert_eq!(server.count(), 2);
 }
 
 /// A second `run` on the same state database exits 1 naming the first one's PID, and
 /// `checkpoints set|reset` refuse while the bridge runs; `checkpoints list` still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bridge_per_state_database() {
-    let server = RawServer::start(|_| Reply {
-        pieces: Box::new(std::iter::once(b"id: 1\ndata: x\n\n".to_vec())),
-        hold: true,
-    })
-    .await;
+    let server = Server::answer(|_| Reply::sse().send("id: 1\ndata: x\n\n").heartbeat(HOLD)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(
-        dir.path(),
-        &server.url,
-        "",
-        &format!(
-            "[sink.out]\ntype = \"file\"\npath = \"{}/out/f.jsonl\"",
-            dir.path().display()
-        ),
-    );
+    let cfg = config(dir.path(), &server.url(), "", "");
     let first = Bridge::spawn(&cfg);
     first
-        .wait_log("connected", Duration::from_secs(20), |l| {
-            l.message.contains("connected to")
-        })
+        .wait_message(Duration::from_secs(20), "connected to")
         .await;
     let second = Command::new(bin())
         .args(["run", "-c"])
@@ -458,43 +329,33 @@ async fn one_bridge_per_state_database() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("already using"), "{stderr}");
     }
-    let list = Command::new(bin())
-        .args(["checkpoints", "list", "-c"])
-        .arg(&cfg)
-        .output()
-        .expect("list");
-    assert!(
-        list.status.success(),
-        "{}",
-        String::from_utf8_lossy(&list.stderr)
-    );
-    assert_eq!(server.requests(), 1, "the second bridge never connected");
+    run_ok([
+        OsStr::new("checkpoints"),
+        "list".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+    ]);
+    assert_eq!(server.count(), 1, "the second bridge never connected");
     let (status, _) = first.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
     // Free again once the first is gone (kill -9 frees it too: the kernel drops the lock).
-    let out = Command::new(bin())
-        .args(["checkpoints", "set", "f", "7", "-c"])
-        .arg(&cfg)
-        .output()
-        .expect("set");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok([
+        OsStr::new("checkpoints"),
+        "set".as_ref(),
+        "f".as_ref(),
+        "7".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+    ]);
     let again = Bridge::spawn(&cfg);
     again
-        .wait_log("connected", Duration::from_secs(20), |l| {
-            l.message.contains("connected to")
-        })
+        .wait_message(Duration::from_secs(20), "connected to")
         .await;
     let logs = again.kill9();
     assert!(!logs.is_empty());
     let after_kill = Bridge::spawn(&cfg);
     after_kill
-        .wait_log("connected after kill -9", Duration::from_secs(20), |l| {
-            l.message.contains("connected to")
-        })
+        .wait_message(Duration::from_secs(20), "connected to")
         .await;
     let (status, _) = after_kill.terminate(Duration::from_secs(20)).await;
     assert!(status.success());

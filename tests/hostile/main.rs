@@ -7,11 +7,6 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-#[path = "../support/bridge.rs"]
-mod bridge;
-#[path = "../support/faults.rs"]
-mod faults;
-
 mod file_sink;
 mod limits;
 mod secrets;

@@ -6,14 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
-use crate::bridge::{bin, checkpoint, write_file, Bridge};
+use crate::support::bridge::{bin, checkpoint, write_file, Bridge};
+use crate::support::server::{Fault, Options, Record, Server};
+use crate::support::{archive_sink, free_port, state_section};
 
 const PASSWORD: &str = "s3cretpw";
 const TOKEN: &str = "tok-abcdef-987654";
@@ -23,97 +22,10 @@ fn basic() -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("user:{PASSWORD}"))
 }
 
-/// A request as the scripted server saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    /// The head, lower-cased.
-    head: String,
-}
-
-type Answer = dyn Fn(usize, &Seen) -> Vec<u8> + Send + Sync;
-
-/// A small HTTP server on 127.0.0.1: records every request head and writes what `answer`
-/// returns for it (the whole response), then closes the connection.
-struct Scripted {
-    addr: std::net::SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Scripted {
-    async fn start(answer: impl Fn(usize, &Seen) -> Vec<u8> + Send + Sync + 'static) -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let answer: Arc<Answer> = Arc::new(answer);
-        let log = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (log, answer) = (log.clone(), answer.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    let path = text.split(' ').nth(1).unwrap_or_default().to_string();
-                    let request = Seen {
-                        path,
-                        head: text.to_ascii_lowercase(),
-                    };
-                    let index = {
-                        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-                        log.push(request.clone());
-                        log.len() - 1
-                    };
-                    let _ = tcp.write_all(&answer(index, &request)).await;
-                    let _ = tcp.shutdown().await;
-                });
-            }
-        });
-        Scripted { addr, seen, task }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    async fn wait_requests(&self, n: usize, within: Duration) -> Vec<Seen> {
-        let end = Instant::now() + within;
-        loop {
-            let seen = self.seen();
-            if seen.len() >= n {
-                return seen;
-            }
-            assert!(
-                Instant::now() < end,
-                "waited {within:?} for {n} requests, got {seen:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+/// A server that records every request and writes what `answer` returns for it (the whole
+/// response), then closes the connection.
+async fn scripted(answer: impl Fn(usize, &Record) -> Vec<u8> + Send + Sync + 'static) -> Server {
+    Server::start(Options::log(0), move |r| Fault::Raw(answer(r.index, r))).await
 }
 
 /// Feed keys that make failures retry fast.
@@ -127,15 +39,14 @@ backoff = { initial = "100ms", max = "300ms", multiplier = 2.0, jitter = 0.1, re
 /// A config with `[admin]` on `port`, a file sink for every event, and `feeds` (TOML of
 /// `[[feed]]` tables).
 fn config(dir: &Path, port: u16, feeds: &str) -> PathBuf {
-    let d = dir.display();
+    let archive = archive_sink(dir);
+    let state = state_section(dir, "100ms");
     write_file(
         dir,
         "bridge.toml",
         &format!(
             r#"
-[state]
-path = "{d}/state.db"
-commit_interval = "100ms"
+{state}
 
 [shutdown]
 timeout = "10s"
@@ -145,10 +56,7 @@ listen = "127.0.0.1:{port}"
 
 {feeds}
 
-[sink.archive]
-type = "file"
-path = "{d}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [[route]]
 event = "*"
@@ -209,9 +117,9 @@ async fn echoed_credentials_never_reach_logs_feeds_metrics_or_status() {
     let echoed_basic = basic();
     // Even requests: 200 with the credentials echoed into a wrong Content-Type; odd ones: 401
     // with them in the reason phrase, the Content-Type and the body.
-    let server = Scripted::start(move |i, req| {
+    let server = scripted(move |i, req| {
         let auth = req
-            .head
+            .head()
             .lines()
             .find_map(|l| l.strip_prefix("authorization: "))
             .unwrap_or_default()
@@ -239,24 +147,28 @@ async fn echoed_credentials_never_reach_logs_feeds_metrics_or_status() {
         ),
     );
     let bridge = Bridge::spawn_with_log_level(&cfg, "debug");
-    let seen = server.wait_requests(4, Duration::from_secs(20)).await;
+    let seen = server.wait_for_requests(4, Duration::from_secs(20)).await;
     // The credentials were sent (so the echo holds them), the token replacing the Basic form.
     assert!(
         seen[0]
-            .head
+            .head()
             .contains(&format!("authorization: bearer {TOKEN}")),
         "{:?}",
         seen[0]
     );
     assert!(
-        seen[0].head.contains(&format!("x-api-key: {API_KEY}")),
+        seen[0].head().contains(&format!("x-api-key: {API_KEY}")),
         "{:?}",
         seen[0]
     );
+    // The failure of a request after those four (the fifth, a 200 with the echo in its
+    // Content-Type), so that the status below is taken in the backoff before the next one.
     let feeds = wait_feeds(port, Duration::from_secs(20), |v| {
-        feed(v, "sec")["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("Content-Type"))
+        let f = feed(v, "sec");
+        f["errors"]["client"].as_u64() >= Some(5)
+            && f["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Content-Type"))
     })
     .await;
     let metrics = get(&format!("http://127.0.0.1:{port}/metrics"))
@@ -302,12 +214,12 @@ async fn echoed_credentials_never_reach_logs_feeds_metrics_or_status() {
 
 #[tokio::test]
 async fn a_cross_origin_redirect_gets_the_feeds_headers_only_when_allowed() {
-    let b = Scripted::start(|_, _| {
+    let b = scripted(|_, _| {
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\nid: 1\ndata: x\n\n".to_vec()
     })
     .await;
     let b_addr = b.addr;
-    let a = Scripted::start(move |_, req| {
+    let a = scripted(move |_, req| {
         format!(
             "HTTP/1.1 302 Found\r\nLocation: http://{b_addr}{}\r\nContent-Length: 0\r\n\r\n",
             req.path
@@ -332,7 +244,7 @@ async fn a_cross_origin_redirect_gets_the_feeds_headers_only_when_allowed() {
     let bridge = Bridge::spawn(&cfg);
     let end = Instant::now() + Duration::from_secs(20);
     let (dropped, forwarded) = loop {
-        let seen = b.seen();
+        let seen = b.requests();
         let on = |p: &str| seen.iter().find(|s| s.path == p).cloned();
         if let (Some(d), Some(f)) = (on("/dropped"), on("/forwarded")) {
             break (d, f);
@@ -346,32 +258,32 @@ async fn a_cross_origin_redirect_gets_the_feeds_headers_only_when_allowed() {
     };
     // A saw the credentials; B, another origin, sees none of the configured headers.
     assert!(a
-        .seen()
+        .requests()
         .iter()
-        .all(|s| s.head.contains(&format!("x-api-key: {API_KEY}"))));
+        .all(|s| s.head().contains(&format!("x-api-key: {API_KEY}"))));
     for header in ["x-api-key", "authorization", "x-trace"] {
         assert!(
-            !dropped.head.contains(header),
+            !dropped.head().contains(header),
             "{header} reached B: {}",
-            dropped.head
+            dropped.head()
         );
     }
     assert!(
-        forwarded.head.contains(&format!("x-api-key: {API_KEY}")),
+        forwarded.head().contains(&format!("x-api-key: {API_KEY}")),
         "{}",
-        forwarded.head
+        forwarded.head()
     );
     assert!(
         forwarded
-            .head
+            .head()
             .contains(&format!("authorization: bearer {TOKEN}")),
         "{}",
-        forwarded.head
+        forwarded.head()
     );
     assert!(
-        forwarded.head.contains("x-trace: t-1"),
+        forwarded.head().contains("x-trace: t-1"),
         "{}",
-        forwarded.head
+        forwarded.head()
     );
     bridge.terminate(Duration::from_secs(15)).await;
 }
@@ -379,7 +291,7 @@ async fn a_cross_origin_redirect_gets_the_feeds_headers_only_when_allowed() {
 #[tokio::test]
 async fn escape_sequences_in_ids_are_escaped_in_logs_and_checkpoints_list() {
     let id = "evil\x1b[31mred\x07end";
-    let server = Scripted::start(move |_, _| {
+    let server = scripted(move |_, _| {
         format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\nid: {id}\nevent: t\x1b[2J\ndata: hello\n\n").into_bytes()
     })
     .await;
@@ -460,11 +372,11 @@ async fn escape_sequences_in_ids_are_escaped_in_logs_and_checkpoints_list() {
 
 #[tokio::test]
 async fn unrequested_codings_fail_naming_them_and_store_nothing() {
-    let gzip = Scripted::start(|_, _| {
+    let gzip = scripted(|_, _| {
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n\r\nid: 1\ndata: garbage\n\n".to_vec()
     })
     .await;
-    let te = Scripted::start(|_, _| {
+    let te = scripted(|_, _| {
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: gzip, chunked\r\n\r\n15\r\nid: 1\ndata: garbage\n\n\r\n0\r\n\r\n".to_vec()
     })
     .await;
@@ -479,8 +391,8 @@ async fn unrequested_codings_fail_naming_them_and_store_nothing() {
         ),
     );
     let bridge = Bridge::spawn(&cfg);
-    gzip.wait_requests(3, Duration::from_secs(20)).await;
-    te.wait_requests(3, Duration::from_secs(20)).await;
+    gzip.wait_for_requests(3, Duration::from_secs(20)).await;
+    te.wait_for_requests(3, Duration::from_secs(20)).await;
     let body = wait_feeds(port, Duration::from_secs(10), |v| {
         ["ce", "te"].iter().all(|f| {
             feed(v, f)["last_error"]
@@ -528,7 +440,7 @@ async fn unrequested_codings_fail_naming_them_and_store_nothing() {
 #[tokio::test]
 async fn a_redirect_to_a_dead_port_names_the_target() {
     let dead = free_port();
-    let a = Scripted::start(move |_, _| {
+    let a = scripted(move |_, _| {
         format!("HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{dead}/moved\r\nContent-Length: 0\r\n\r\n").into_bytes()
     })
     .await;

@@ -2,17 +2,17 @@
 //! leaves `serve`'s memory bounded and a fresh client served at once; a flood of half-sent
 //! requests to the admin endpoint never takes the descriptors a feed needs to reconnect.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::io::AsyncWriteExt;
 
-use crate::support::{bin, write_file};
+use crate::support::bridge::Bridge;
+use crate::support::server::{Fault, Options, Server};
+use crate::support::{archive_sink, bin, free_port, state_section, write_file};
 
 /// Raises this test process's soft open-file limit to `want` (or the hard limit): the floods
 /// below hold thousands of sockets.
@@ -34,91 +34,6 @@ fn raise_open_file_limit(want: u64) {
         "this test needs an open-file limit of {want} (the hard limit is {})",
         limit.rlim_max
     );
-}
-
-/// A child process whose standard error is collected line by line.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(mut command: Command) -> Proc {
-        for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
-            command.env_remove(var);
-        }
-        let mut child = command
-            .env_remove("SSE_BRIDGE_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = child.stderr.take().expect("stderr");
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("lock").push(line);
-            }
-        });
-        Proc { child, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().expect("lock").join("\n")
-    }
-
-    /// The first log line `pred` accepts, waiting at most `within`.
-    fn wait_line(&self, within: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + within;
-        loop {
-            if let Some(l) = self.log.lock().expect("lock").iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < end,
-                "no such log line within {within:?}; the log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`).
-    fn status_kib(&self, key: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
-        status
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(key)?
-                    .trim_start_matches(':')
-                    .trim()
-                    .strip_suffix("kB")
-            })
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in /proc/PID/status"))
-    }
-
-    /// Open file descriptors of the process.
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
 }
 
 /// An SQLite sink database holding `n` events of feed `f`, each with `size` bytes of data.
@@ -162,10 +77,12 @@ fn clients_that_never_read_leave_serve_bounded_and_a_fresh_client_served_at_once
         .arg(&db)
         .args(["--listen", "127.0.0.1:0", "--max-clients", "4096"])
         .env("RUST_LOG", "info");
-    let serve = Proc::spawn(command);
-    let line = serve.wait_line(Duration::from_secs(30), |l| {
-        l.contains("listening on http://")
-    });
+    let serve = Bridge::spawn_command(command, &db);
+    let line = serve
+        .wait_log_blocking("serve listening", Duration::from_secs(30), |l| {
+            l.message.contains("listening on http://")
+        })
+        .raw;
     let addr: SocketAddr = line
         .split("listening on http://")
         .nth(1)
@@ -184,7 +101,7 @@ fn clients_that_never_read_leave_serve_bounded_and_a_fresh_client_served_at_once
     let mut peak_rss = 0;
     let watch_until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < watch_until {
-        peak_rss = peak_rss.max(serve.status_kib("VmRSS"));
+        peak_rss = peak_rss.max(serve.rss().expect("VmRSS") / 1024);
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -213,7 +130,7 @@ fn clients_that_never_read_leave_serve_bounded_and_a_fresh_client_served_at_once
             Err(_) => {}
         }
     };
-    let hwm = serve.status_kib("VmHWM");
+    let hwm = serve.peak_rss().expect("VmHWM") / 1024;
     let fds = serve.fds();
     println!(
         "serve under {CLIENTS} clients that never read: peak VmRSS {} MiB, VmHWM {} MiB, {fds} \
@@ -225,7 +142,7 @@ fn clients_that_never_read_leave_serve_bounded_and_a_fresh_client_served_at_once
         panic!(
             "the fresh client got no event; it got {:?}; the log:\n{}",
             String::from_utf8_lossy(&got[..got.len().min(400)]),
-            serve.log_text()
+            serve.raw_log()
         )
     });
     assert!(
@@ -237,105 +154,22 @@ fn clients_that_never_read_leave_serve_bounded_and_a_fresh_client_served_at_once
         "serve's memory grew to {} MiB under clients that never read",
         hwm / 1024
     );
-    assert!(
-        !serve.log_text().contains("panicked"),
-        "{}",
-        serve.log_text()
-    );
+    assert!(!serve.raw_log().contains("panicked"), "{}", serve.raw_log());
     drop(clients);
 }
 
-/// An SSE server whose streams the test closes at will: each connection gets `retry: 100`
-/// and an event every 20 ms (ids counting on from the request's `Last-Event-ID`), until
-/// [`ClosableFeed::close_all`].
-struct ClosableFeed {
-    addr: SocketAddr,
-    /// The `Last-Event-ID` of every request, in order.
-    requests: Arc<Mutex<Vec<Option<String>>>>,
-    close: watch::Sender<u64>,
-}
-
-impl ClosableFeed {
-    async fn start() -> ClosableFeed {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let requests: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
-        let close = watch::channel(0u64).0;
-        let (log, closer) = (requests.clone(), close.clone());
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let log = log.clone();
-                let mut closed = closer.subscribe();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&head).to_string();
-                    let last = head.lines().find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("last-event-id")
-                            .then(|| v.trim().to_string())
-                    });
-                    let mut n = last
-                        .as_deref()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0);
-                    log.lock().expect("lock").push(last);
-                    closed.borrow_and_update();
-                    let opening = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
-                                   Cache-Control: no-cache\r\nConnection: close\r\n\r\nretry: 100\n\n";
-                    if sock.write_all(opening.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    loop {
-                        tokio::select! {
-                            _ = closed.changed() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                                n += 1;
-                                let event = format!("id: {n}\nevent: tick\ndata: {n}\n\n");
-                                if sock.write_all(event.as_bytes()).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        ClosableFeed {
-            addr,
-            requests,
-            close,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/stream", self.addr)
-    }
-
-    fn requests(&self) -> Vec<Option<String>> {
-        self.requests.lock().expect("lock").clone()
-    }
-
-    /// Ends every open stream (a clean end of the body): the client must reconnect.
-    fn close_all(&self) {
-        self.close.send_modify(|g| *g += 1);
-    }
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
+/// An SSE server whose streams the test closes at will ([`Server::close_all`]): each
+/// connection gets `retry: 100` and an event every 20 ms (ids counting on from the request's
+/// `Last-Event-ID`).
+async fn closable_feed() -> Server {
+    let options = Options {
+        chunk: 1,
+        pause: Duration::from_millis(20),
+        preamble: "retry: 100\n\n",
+        events: |n| format!("id: {n}\nevent: tick\ndata: {n}\n\n"),
+        ..Options::log(u64::MAX - 1)
+    };
+    Server::start(options, |_| Fault::Normal).await
 }
 
 /// `GET /healthz` on a fresh connection: the status code, or `None` when there was no
@@ -365,25 +199,20 @@ async fn half_sent_admin_requests_never_take_the_descriptors_a_feed_needs() {
     const STALLED: usize = 1100;
     const NOFILE: u64 = 512;
     raise_open_file_limit(STALLED as u64 + 1000);
-    let feed = ClosableFeed::start().await;
+    let feed = closable_feed().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let admin: SocketAddr = ([127, 0, 0, 1], port).into();
     let out = dir.path().join("events/ticks.jsonl");
     let text = format!(
         r#"
-[state]
-path = "{dir}/state.db"
-commit_interval = "100ms"
+{state}
 
 [[feed]]
 name = "ticks"
 url = "{url}"
 
-[sink.archive]
-type = "file"
-path = "{dir}/events/{{feed}}.jsonl"
-fsync = "never"
+{archive}
 
 [routing]
 default = ["archive"]
@@ -392,7 +221,8 @@ default = ["archive"]
 listen = "127.0.0.1:{port}"
 header_timeout = "2s"
 "#,
-        dir = dir.path().display(),
+        state = state_section(dir.path(), "100ms"),
+        archive = archive_sink(dir.path()),
         url = feed.url(),
     );
     let config = write_file(dir.path(), "bridge.toml", &text);
@@ -405,14 +235,14 @@ header_timeout = "2s"
         .args(["run", "--log-format", "json", "-c"])
         .arg(&config)
         .env("RUST_LOG", "info");
-    let bridge = Proc::spawn(command);
-    let stored = |p: &Path| crate::bridge::line_count(p);
+    let bridge = Bridge::spawn_command(command, &config);
+    let stored = |p: &Path| crate::support::bridge::line_count(p);
     let end = Instant::now() + Duration::from_secs(30);
     while stored(&out) < 10 {
         assert!(
             Instant::now() < end,
             "no events stored within 30 s; the log:\n{}",
-            bridge.log_text()
+            bridge.raw_log()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -442,11 +272,11 @@ header_timeout = "2s"
             "the feed did not reconnect and go on ({} requests, {} events stored); the log:\n{}",
             feed.requests().len(),
             stored(&out),
-            bridge.log_text()
+            bridge.raw_log()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let resumed = feed.requests().last().cloned().flatten();
+    let resumed = feed.requests().last().and_then(|r| r.last_event_id.clone());
     assert!(
         resumed.is_some(),
         "the feed reconnected without Last-Event-ID"
@@ -462,7 +292,7 @@ header_timeout = "2s"
         assert!(
             flood_done.elapsed() < Duration::from_secs(6),
             "/healthz not answered 200 within 6 s of the flood; the log:\n{}",
-            bridge.log_text()
+            bridge.raw_log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -471,7 +301,7 @@ header_timeout = "2s"
          descriptors {fds_before} before, at most {peak_fds} during; the feed reconnected; \
          /healthz answered 200 after {answered:?}"
     );
-    let log = bridge.log_text();
+    let log = bridge.raw_log();
     assert!(
         !log.contains("Too many open files") && !log.contains("os error 24"),
         "{log}"

@@ -2,8 +2,6 @@
 //! JSON logs (parsed live from standard error), its JSON Lines output, its state database, its
 //! memory high-water mark, and real signals (SIGTERM drains, SIGKILL crashes).
 //!
-//! Included with `#[path = "support/bridge.rs"] mod bridge;` next to `mod support;`, so that
-//! test files that do not need it do not compile it.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -26,6 +24,8 @@ pub struct LogLine {
     pub fields: serde_json::Value,
     /// When the test read the line.
     pub at: Instant,
+    /// The line as written.
+    pub raw: String,
 }
 
 impl LogLine {
@@ -40,6 +40,7 @@ impl LogLine {
                     feed: fields["feed"].as_str().map(str::to_string),
                     fields,
                     at,
+                    raw: line.to_string(),
                 }
             }
             // Not JSON: a panic message or the like. Kept, so that tests can report it.
@@ -49,6 +50,7 @@ impl LogLine {
                 feed: None,
                 fields: serde_json::Value::Null,
                 at,
+                raw: line.to_string(),
             },
         }
     }
@@ -110,6 +112,39 @@ struct Logs {
     ended: bool,
 }
 
+/// The first `n` lines `pred` accepts, waiting at most `within` (`None`: they did not come, or
+/// the process exited first).
+fn find_lines(
+    logs: &(Mutex<Logs>, Condvar),
+    within: Duration,
+    n: usize,
+    pred: impl Fn(&LogLine) -> bool,
+) -> Option<Vec<LogLine>> {
+    let deadline = Instant::now() + within;
+    let (lock, cv) = logs;
+    let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let matching: Vec<LogLine> = guard
+            .lines
+            .iter()
+            .filter(|l| pred(l))
+            .take(n)
+            .cloned()
+            .collect();
+        if matching.len() >= n {
+            return Some(matching);
+        }
+        let now = Instant::now();
+        if now >= deadline || guard.ended {
+            return None;
+        }
+        guard = cv
+            .wait_timeout(guard, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
 /// A running bridge.
 pub struct Bridge {
     child: Child,
@@ -157,16 +192,42 @@ impl Bridge {
     /// With extra environment variables. The proxy variables of the test's own environment
     /// are removed (the feeds are on 127.0.0.1), unless `env` sets them.
     pub fn spawn_with_env(config: &Path, level: &str, env: &[(&str, &str)]) -> Bridge {
-        let mut command = Command::new(bin());
-        for var in PROXY_VARIABLES {
-            command.env_remove(var);
-        }
-        let mut child = command
-            .args(["run", "--log-format", "json", "-c"])
+        let mut command = Bridge::command(&["run", "--log-format", "json", "-c"]);
+        command
             .arg(config)
             .env("RUST_LOG", level)
+            .envs(env.iter().copied());
+        Bridge::spawn_command(command, config)
+    }
+
+    /// `sse-bridge run -c CONFIG` with the human log format (each line a [`LogLine`] of level
+    /// `RAW`; [`Bridge::raw_log`] is the text as written), logs at `info`.
+    pub fn spawn_plain(config: &Path) -> Bridge {
+        let mut command = Bridge::command(&["run", "-c"]);
+        command.arg(config).env("RUST_LOG", "info");
+        Bridge::spawn_command(command, config)
+    }
+
+    /// The binary with `args`, without the proxy variables of the test's own environment (the
+    /// feeds are on 127.0.0.1), `SSE_BRIDGE_CONFIG` or systemd's `NOTIFY_SOCKET`.
+    pub fn command(args: &[&str]) -> Command {
+        let mut command = Command::new(bin());
+        command
+            .args(args)
             .env_remove("SSE_BRIDGE_CONFIG")
-            .envs(env.iter().copied())
+            .env_remove("NOTIFY_SOCKET");
+        command
+    }
+
+    /// Runs `command` (see [`Bridge::command`]), reading its standard error as it comes,
+    /// without the proxy variables of the test's own environment unless `command` sets them.
+    pub fn spawn_command(mut command: Command, config: &Path) -> Bridge {
+        for var in PROXY_VARIABLES {
+            if !command.get_envs().any(|(name, _)| name == var) {
+                command.env_remove(var);
+            }
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -220,6 +281,15 @@ impl Bridge {
             .clone()
     }
 
+    /// The log so far as written.
+    pub fn raw_log(&self) -> String {
+        self.logs()
+            .iter()
+            .map(|l| l.raw.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The log so far, one line per entry, for failure messages.
     pub fn log_text(&self) -> String {
         self.logs()
@@ -242,6 +312,13 @@ impl Bridge {
         lines.swap_remove(0)
     }
 
+    /// Waits (at most `within`) for a log line whose message contains `text`.
+    pub async fn wait_message(&self, within: Duration, text: &str) -> LogLine {
+        let wanted = text.to_string();
+        self.wait_log(text, within, move |l| l.message.contains(&wanted))
+            .await
+    }
+
     /// Like [`Bridge::wait_log`], until `n` lines satisfy `pred`; returns the first `n`.
     pub async fn wait_logs(
         &self,
@@ -251,53 +328,80 @@ impl Bridge {
         pred: impl Fn(&LogLine) -> bool + Send + 'static,
     ) -> Vec<LogLine> {
         let logs = self.logs.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let deadline = Instant::now() + within;
-            let (lock, cv) = &*logs;
-            let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                let matching: Vec<LogLine> = guard
-                    .lines
-                    .iter()
-                    .filter(|l| pred(l))
-                    .take(n)
-                    .cloned()
-                    .collect();
-                if matching.len() >= n {
-                    return Some(matching);
-                }
-                let now = Instant::now();
-                if now >= deadline || guard.ended {
-                    return None;
-                }
-                guard = cv
-                    .wait_timeout(guard, deadline - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-        })
-        .await
-        .expect("log waiter");
-        found.unwrap_or_else(|| {
-            panic!(
-                "waited {within:?} for {n} log line(s): {what}; the log:\n{}",
-                self.log_text()
-            )
-        })
+        let found = tokio::task::spawn_blocking(move || find_lines(&logs, within, n, pred))
+            .await
+            .expect("log waiter");
+        found.unwrap_or_else(|| self.no_log_line(what, within, n))
+    }
+
+    /// [`Bridge::wait_log`] for a test that runs no runtime: blocks this thread.
+    pub fn wait_log_blocking(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> LogLine {
+        match find_lines(&self.logs, within, 1, pred) {
+            Some(mut lines) => lines.swap_remove(0),
+            None => self.no_log_line(what, within, 1),
+        }
+    }
+
+    fn no_log_line(&self, what: &str, within: Duration, n: usize) -> ! {
+        panic!(
+            "waited {within:?} for {n} log line(s): {what}; the log:\n{}",
+            self.log_text()
+        )
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// The peak resident set size of the process so far (`VmHWM`), in bytes.
     pub fn peak_rss(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status.lines().find_map(|l| {
-            let kib = l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim();
-            kib.parse::<u64>().ok().map(|k| k * 1024)
-        })
+        status_bytes(self.pid(), "VmHWM:")
+    }
+
+    /// The resident set size of the process now (`VmRSS`), in bytes.
+    pub fn rss(&self) -> Option<u64> {
+        rss(self.pid())
+    }
+
+    /// User plus system CPU time of the process so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid())
+    }
+
+    /// Panics (with the log) if the process has exited.
+    pub fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.finish_reader();
+            panic!(
+                "sse-bridge exited early ({status}); its log:\n{}",
+                self.raw_log()
+            );
+        }
+    }
+
+    /// SIGTERM, then the exit code (panics with the log when there is no exit within
+    /// `within`). The log stays readable.
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        self.stop(within).await.code()
     }
 
     /// SIGTERM, then waits (polling, at most `within`) for the exit; returns its status and the
     /// complete log.
     pub async fn terminate(mut self, within: Duration) -> (ExitStatus, Vec<LogLine>) {
+        let status = self.stop(within).await;
+        (status, self.logs())
+    }
+
+    /// SIGTERM, then waits (polling, at most `within`) for the exit and the end of the log.
+    pub async fn stop(&mut self, within: Duration) -> ExitStatus {
         // SAFETY: kill(2) with the pid of our own child, which has not been reaped yet.
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill -TERM");
@@ -315,15 +419,20 @@ impl Bridge {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         self.finish_reader();
-        (status, self.logs())
+        status
     }
 
     /// SIGKILL (kill -9) and reap; returns the log up to the kill.
     pub fn kill9(mut self) -> Vec<LogLine> {
+        self.kill();
+        self.logs()
+    }
+
+    /// SIGKILL (kill -9) and reap; the log stays readable.
+    pub fn kill(&mut self) {
         self.child.kill().expect("kill -9");
         let _ = self.child.wait();
         self.finish_reader();
-        self.logs()
     }
 
     fn finish_reader(&mut self) {
@@ -331,6 +440,39 @@ impl Bridge {
             let _ = r.join();
         }
     }
+}
+
+/// User plus system CPU time of process `pid` so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// The resident set size of process `pid` now (`VmRSS`), in bytes.
+pub fn rss(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/PID/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        let kib = l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim();
+        kib.parse::<u64>().ok().map(|k| k * 1024)
+    })
 }
 
 /// Writes `text` to `dir/name` and returns the path.
