@@ -1,0 +1,539 @@
+//! JSON Lines logs made of many files: the files a file sink's path template, rotation and
+//! compression can have produced (or every file under a directory), each opened through its
+//! compression (recognised by its first bytes), merged back into the order they were stored.
+//!
+//! Order: every file holds its events in the order the sink wrote them, which for one feed is
+//! `seq` order. Files are merged by receive time, then feed and `seq`: a feed's events were
+//! received in `seq` order, so this keeps each feed in `seq` order, interleaves several feeds
+//! (a `{feed}` or `{type}` template spreads them over files) the way they arrived, and needs
+//! nothing but the next event of each file. Files are opened only when their first event is
+//! next, so at any time only the files whose events overlap are open (one per series), and
+//! memory holds one event per open file.
+//!
+//! Exactly once: a file caught mid-compression exists twice (`X` and `X.gz`, or a partial
+//! `X.gz.tmp`): `.tmp` files are never read, and when both `X` and its compressed copy exist
+//! the uncompressed original is read (it is complete; the copy was made from it). An event
+//! stored twice (the same feed and `seq`, as after a crash the bridge fetches a few events
+//! again) comes out once.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use chrono::{DateTime, Utc};
+
+use crate::event::Event;
+use crate::sink::file::FileSinkConfig;
+use crate::sink::naming::path::{absolute, Template};
+use crate::store::jsonl;
+
+/// Directory levels a directory given on the command line is searched to (`{feed}/{type}/…`).
+const MAX_DEPTH: usize = 8;
+/// Read buffer per open file.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// How a file is stored, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    fn of(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Compression::None => "plain",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// The files to read, found from paths or from a file sink's configuration.
+pub fn discover_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        let shown = path.display();
+        let meta = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?;
+        if meta.is_dir() {
+            walk(path, MAX_DEPTH, &mut out, &|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| !n.starts_with('.') && !n.ends_with(".tmp"))
+            })
+            .with_context(|| format!("cannot list {shown}"))?;
+        } else if meta.is_file() {
+            out.push(path.clone());
+        } else {
+            bail!("{shown} is neither a regular file nor a directory");
+        }
+    }
+    Ok(keep_originals(out))
+}
+
+/// Every file the sink's path template, rotation and compression can have produced, for any
+/// feed, type or time (`.tmp` leftovers excepted).
+pub fn discover_sink(name: &str, config: &FileSinkConfig) -> anyhow::Result<Vec<PathBuf>> {
+    // The reserve only limits how long a rendered name may be; recognising names needs none.
+    let template = Template::parse(&config.path, 0).map_err(|errors| {
+        anyhow!(
+            "sink `{name}`: path `{}`: {}",
+            config.path,
+            errors.join("; ")
+        )
+    })?;
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let base = absolute(&template.base, &cwd);
+    let mut out = Vec::new();
+    if base.is_dir() {
+        let depth = template.components.len().saturating_sub(1);
+        walk_exact(&base, depth, &mut out)
+            .with_context(|| format!("sink `{name}`: cannot list {}", base.display()))?;
+    }
+    out.retain(|p| {
+        !p.to_string_lossy().ends_with(".tmp") && template.matches(&base, &absolute(p, &cwd))
+    });
+    Ok(keep_originals(out))
+}
+
+/// Regular files down to `depth` levels, never through a symbolic link.
+fn walk(
+    dir: &Path,
+    depth: usize,
+    out: &mut Vec<PathBuf>,
+    keep: &dyn Fn(&Path) -> bool,
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if !keep(&path) {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_dir() && depth > 0 {
+            walk(&path, depth - 1, out, keep)?;
+        } else if kind.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Regular files exactly `depth` directories below `dir`, never through a symbolic link.
+fn walk_exact(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if depth == 0 && kind.is_file() {
+            out.push(entry.path());
+        } else if depth > 0 && kind.is_dir() {
+            walk_exact(&entry.path(), depth - 1, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sorted, without the compressed copy of a file whose original is still there.
+fn keep_originals(mut paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    paths.sort();
+    paths.dedup();
+    let all: HashSet<PathBuf> = paths.iter().cloned().collect();
+    paths.retain(|p| original_of(p).is_none_or(|o| !all.contains(&o)));
+    paths
+}
+
+/// `X` for `X.gz` and `X.zst`.
+pub(super) fn original_of(path: &Path) -> Option<PathBuf> {
+    let s = path.to_str()?;
+    let o = s.strip_suffix(".gz").or_else(|| s.strip_suffix(".zst"))?;
+    Some(PathBuf::from(o))
+}
+
+/// Counts the bytes read from a file (before decompression), for the progress report.
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// One file of the log.
+pub struct LogFile {
+    pub path: PathBuf,
+    /// Its size when found (what the progress report counts).
+    pub size: u64,
+    /// An uncompressed file stays open from the first scan on: the bridge may rename it
+    /// (rotation) or delete it (after compressing it) meanwhile, and what was read must stay
+    /// readable. Compressed files are never changed, only deleted by retention.
+    handle: Option<File>,
+    pub dev_ino: (u64, u64),
+    /// Complete lines found by the first scan: later scans stop there.
+    pub lines: Option<u64>,
+    /// Bytes of those lines (uncompressed files: where following continues).
+    pub bytes: u64,
+    /// The first event, when the file has one (found by the first scan).
+    first: Option<Key>,
+    /// The first scan found a last line without a line end (a file still being written).
+    pub torn: bool,
+}
+
+/// The merge order: receive time, then feed and `seq`, then the file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Key {
+    at: DateTime<Utc>,
+    feed: Arc<str>,
+    seq: u64,
+    file: usize,
+}
+
+impl Key {
+    pub(super) fn of(e: &Event, file: usize) -> Key {
+        Key {
+            at: e.received_at,
+            feed: e.feed.clone(),
+            seq: e.seq,
+            file,
+        }
+    }
+}
+
+/// Lines of one file, decompressed.
+pub(super) struct Lines {
+    shown: String,
+    reader: Box<dyn BufRead>,
+    compression: Compression,
+    line: Vec<u8>,
+    pub(super) number: u64,
+    pub(super) bytes: u64,
+    limit: Option<u64>,
+    /// Whether a torn last line is an error (a file named on the command line, a compressed
+    /// file) or a line still being written.
+    strict: bool,
+    pub(super) torn: bool,
+}
+
+impl Lines {
+    fn open(
+        file: File,
+        shown: String,
+        count: Arc<AtomicU64>,
+        strict: bool,
+    ) -> anyhow::Result<Lines> {
+        let mut raw = BufReader::with_capacity(READ_BUFFER, Counting { inner: file, count });
+        let head = raw
+            .fill_buf()
+            .with_context(|| format!("cannot read {shown}"))?;
+        let compression = Compression::of(head);
+        let reader: Box<dyn BufRead> = match compression {
+            Compression::None => Box::new(raw),
+            Compression::Gzip => Box::new(BufReader::with_capacity(
+                READ_BUFFER,
+                flate2::bufread::MultiGzDecoder::new(raw),
+            )),
+            Compression::Zstd => Box::new(BufReader::with_capacity(
+                READ_BUFFER,
+                zstd::stream::read::Decoder::with_buffer(raw)
+                    .with_context(|| format!("{shown}: cannot start zstd decompression"))?,
+            )),
+        };
+        Ok(Lines {
+            shown,
+            reader,
+            compression,
+            line: Vec::with_capacity(4096),
+            number: 0,
+            bytes: 0,
+            limit: None,
+            strict: strict || compression != Compression::None,
+            torn: false,
+        })
+    }
+
+    pub(super) fn is_plain(&self) -> bool {
+        self.compression == Compression::None
+    }
+
+    /// The next event, `None` at the end (or at the limit, or before a torn last line that
+    /// is not an error).
+    pub(super) fn next_event(&mut self) -> anyhow::Result<Option<Event>> {
+        if self.limit.is_some_and(|l| self.number >= l) {
+            return Ok(None);
+        }
+        self.line.clear();
+        let n = self.reader.read_until(b'\n', &mut self.line).map_err(|e| {
+            if self.compression == Compression::None {
+                anyhow!("cannot read {}: {e}", self.shown)
+            } else {
+                anyhow!(
+                    "{}: cannot decompress ({}) after line {}: {e}: the file is corrupt or \
+                     cut short",
+                    self.shown,
+                    self.compression.name(),
+                    self.number
+                )
+            }
+        })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let number = self.number + 1;
+        let at = || format!("{}: line {number}", self.shown);
+        if self.line.last() != Some(&b'\n') {
+            if self.strict {
+                bail!(
+                    "{}: the last line is incomplete (no line end): was the file cut short?",
+                    at()
+                );
+            }
+            // Still being written: left for a later look (--follow reads it when complete).
+            self.torn = true;
+            return Ok(None);
+        }
+        let text =
+            std::str::from_utf8(&self.line).map_err(|e| anyhow!("{}: not valid UTF-8 ({e})", at()))?;
+        if text.trim().is_empty() {
+            bail!("{}: the line is empty; a file sink never writes one", at());
+        }
+        let event = jsonl::decode(text).map_err(|e| anyhow!("{}: {e}", at()))?;
+        self.number = number;
+        self.bytes += n as u64;
+        Ok(Some(event))
+    }
+}
+
+/// A log of JSON Lines files.
+pub struct SeriesLog {
+    pub files: Vec<LogFile>,
+    /// Whether the files were named one by one on the command line (a torn last line is then
+    /// an error, as for any file cut short).
+    strict: bool,
+    /// Bytes read from the files, across scans.
+    pub read_bytes: Arc<AtomicU64>,
+    /// Events dropped as stored twice, by the last scan.
+    pub duplicates: u64,
+    /// Files opened by the last scan, in order.
+    pub opened: Vec<usize>,
+}
+
+/// What one scan hands on: an event, and the index of the file it came from.
+pub type Visit<'a> = dyn FnMut(Event) -> anyhow::Result<()> + 'a;
+
+impl SeriesLog {
+    /// Opens every file (reads its first bytes: the compression, and nothing is written if
+    /// one cannot be read).
+    pub fn open(paths: Vec<PathBuf>, strict: bool) -> anyhow::Result<SeriesLog> {
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let shown = path.display().to_string();
+            let file = File::open(&path).with_context(|| format!("cannot open {shown}"))?;
+            let meta = file
+                .metadata()
+                .with_context(|| format!("cannot read {shown}"))?;
+            let mut head = [0u8; 4];
+            let n = (&file)
+                .take(4)
+                .read(&mut head)
+                .with_context(|| format!("cannot read {shown}"))?;
+            let compression = Compression::of(&head[..n]);
+            if n == 4 && head == *b"SQLi" {
+                bail!(
+                    "{shown} looks like an SQLite database: replay a database on its own, not \
+                     in a series of JSON Lines files"
+                );
+            }
+            files.push(LogFile {
+                path,
+                size: meta.len(),
+                handle: (compression == Compression::None).then_some(file),
+                dev_ino: (meta.dev(), meta.ino()),
+                lines: None,
+                bytes: 0,
+                first: None,
+                torn: false,
+            });
+        }
+        Ok(SeriesLog {
+            files,
+            strict,
+            read_bytes: Arc::new(AtomicU64::new(0)),
+            duplicates: 0,
+            opened: Vec::new(),
+        })
+    }
+
+    /// The bytes of all files (compressed sizes where compressed).
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    fn lines_of(&self, i: usize) -> anyhow::Result<Lines> {
+        let f = &self.files[i];
+        let shown = f.path.display().to_string();
+        let file = match &f.handle {
+            Some(h) => {
+                let mut h = h
+                    .try_clone()
+                    .with_context(|| format!("cannot read {shown}"))?;
+                h.seek(SeekFrom::Start(0))
+                    .with_context(|| format!("cannot read {shown}"))?;
+                h
+            }
+            None => File::open(&f.path).with_context(|| format!("cannot open {shown}"))?,
+        };
+        let mut lines = Lines::open(file, shown, self.read_bytes.clone(), self.strict)?;
+        lines.limit = f.lines;
+        Ok(lines)
+    }
+
+    /// Calls `visit` for every event `keep` accepts, in the merge order, each stored event
+    /// once; returns the events read. The first scan reads every file to its end (checking
+    /// every line) and fixes where later scans stop. `until`: files whose first event is at
+    /// or after it are not opened again.
+    pub fn scan(
+        &mut self,
+        until: Option<DateTime<Utc>>,
+        visit: &mut Visit<'_>,
+    ) -> anyhow::Result<u64> {
+        let first_scan = self.files.iter().all(|f| f.lines.is_none());
+        self.read_bytes.store(0, Ordering::Relaxed);
+        self.duplicates = 0;
+        self.opened.clear();
+        let mut open: HashMap<usize, (Lines, Option<Event>)> = HashMap::new();
+        let mut heap: BinaryHeap<Reverse<Key>> = BinaryHeap::new();
+        let mut unknown = Vec::new();
+        for (i, f) in self.files.iter().enumerate() {
+            match &f.first {
+                Some(k) if until.is_some_and(|u| k.at >= u) => {}
+                Some(k) => heap.push(Reverse(k.clone())),
+                None if first_scan => unknown.push(i),
+                None => {}
+            }
+        }
+        // The first scan learns each file's first event, one file open at a time.
+        for i in unknown {
+            let mut lines = self.lines_of(i)?;
+            if let Some(e) = lines.next_event()? {
+                let key = Key::of(&e, i);
+                self.files[i].first = Some(key.clone());
+                if until.is_none_or(|u| key.at < u) {
+                    heap.push(Reverse(key));
+                }
+            } else {
+                self.files[i].lines = Some(0);
+                self.files[i].torn = lines.torn;
+            }
+        }
+        let mut last: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut read = 0u64;
+        while let Some(Reverse(key)) = heap.pop() {
+            let i = key.file;
+            if !open.contains_key(&i) {
+                // Its first event is next: open it now.
+                let mut lines = self.lines_of(i)?;
+                self.opened.push(i);
+                let Some(e) = lines.next_event()? else {
+                    continue;
+                };
+                if Key::of(&e, i) != key {
+                    bail!(
+                        "{} changed while it was read (its first line is not what it was)",
+                        self.files[i].path.display()
+                    );
+                }
+                open.insert(i, (lines, Some(e)));
+            }
+            let Some((lines, head)) = open.get_mut(&i) else {
+                continue;
+            };
+            let Some(event) = head.take() else {
+                continue;
+            };
+            read += 1;
+            // Advance the file past this event.
+            match lines.next_event()? {
+                Some(next) => {
+                    heap.push(Reverse(Key::of(&next, i)));
+                    *head = Some(next);
+                }
+                None => {
+                    if first_scan {
+                        let f = &mut self.files[i];
+                        f.lines = Some(lines.number);
+                        f.bytes = lines.bytes;
+                        f.torn = lines.torn;
+                    }
+                    open.remove(&i);
+                }
+            }
+            match last.get_mut(&event.feed) {
+                Some(seq) if *seq == event.seq => {
+                    self.duplicates += 1;
+                    continue;
+                }
+                Some(seq) => *seq = event.seq,
+                None => {
+                    last.insert(event.feed.clone(), event.seq);
+                }
+            }
+            visit(event)?;
+        }
+        Ok(read)
+    }
+
+    /// The uncompressed files, each with where reading stopped: what `--follow` continues.
+    pub(super) fn take_tails(&mut self) -> Vec<(PathBuf, File, (u64, u64), u64)> {
+        self.files
+            .iter_mut()
+            .filter_map(|f| {
+                let h = f.handle.take()?;
+                Some((f.path.clone(), h, f.dev_ino, f.bytes))
+            })
+            .collect()
+    }
+}
+
+/// Decodes the complete lines of `buf` (a chunk read from an uncompressed file), returning
+/// the events and how many bytes they took; a torn last line is left.
+pub(super) fn decode_complete(shown: &str, buf: &[u8]) -> anyhow::Result<(Vec<Event>, usize)> {
+    let mut events = Vec::new();
+    let mut used = 0;
+    while let Some(end) = buf[used..].iter().position(|&b| b == b'\n') {
+        let line = &buf[used..used + end + 1];
+        let text = std::str::from_utf8(line)
+            .map_err(|e| anyhow!("{shown}: a line is not valid UTF-8 ({e})"))?;
+        let event = jsonl::decode(text).map_err(|e| anyhow!("{shown}: {e}"))?;
+        events.push(event);
+        used += end + 1;
+    }
+    Ok((events, used))
+}
+
+/// Opens `path` for reading as a compressed or plain file (follow mode: a file that appeared).
+pub(super) fn open_lines(path: &Path, count: Arc<AtomicU64>) -> anyhow::Result<Lines> {
+    let shown = path.display().to_string();
+    let file = File::open(path).with_context(|| format!("cannot open {shown}"))?;
+    Lines::open(file, shown, count, false)
+}
