@@ -10,8 +10,9 @@
 //! merge order of the history (receive time, then feed and `seq`).
 //!
 //! A file that appears is new data unless it is what became of a followed file: the same file
-//! under its rotated name (same device and inode), or a rotated or compressed copy of a
-//! followed path (`X.STAMP.ext`, `X.gz`), whose events were read through the open file.
+//! under its rotated name (the device and inode of a file held open), or a rotated or
+//! compressed copy of a followed path (`X.STAMP.ext`, `X.gz`), whose events were read through
+//! the open file. A compressed file is read once.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -45,10 +46,8 @@ struct Tail {
 /// The state of `--follow`.
 pub struct Follow {
     tails: Vec<Tail>,
-    /// (path, device, inode) of every file seen, history included.
-    known: HashSet<(PathBuf, (u64, u64))>,
-    /// Device and inode of every file followed.
-    inodes: HashSet<(u64, u64)>,
+    /// Compressed files already read (or part of the history).
+    known: HashSet<PathBuf>,
     /// Every path whose events were read through an open file: copies of them are skipped.
     followed: HashSet<PathBuf>,
     discover: Box<dyn Fn() -> anyhow::Result<Vec<PathBuf>>>,
@@ -61,14 +60,9 @@ impl Follow {
         log: &mut SeriesLog,
         discover: Box<dyn Fn() -> anyhow::Result<Vec<PathBuf>>>,
     ) -> Follow {
-        let mut known = HashSet::new();
-        for f in &log.files {
-            known.insert((f.path.clone(), f.dev_ino));
-        }
         let mut follow = Follow {
             tails: Vec::new(),
-            known,
-            inodes: HashSet::new(),
+            known: HashSet::new(),
             followed: HashSet::new(),
             discover,
             count: log.read_bytes.clone(),
@@ -77,6 +71,10 @@ impl Follow {
             follow.add_tail(path, file, dev_ino, pos);
         }
         for f in &log.files {
+            // The compressed files of the history (the others are followed).
+            if !follow.followed.contains(&f.path) {
+                follow.known.insert(f.path.clone());
+            }
             // A compressed file of the history: its original (if it reappears) was read.
             if let Some(o) = original_of(&f.path) {
                 follow.followed.insert(o);
@@ -86,7 +84,6 @@ impl Follow {
     }
 
     fn add_tail(&mut self, path: PathBuf, file: File, dev_ino: (u64, u64), pos: u64) {
-        self.inodes.insert(dev_ino);
         self.followed.insert(path.clone());
         self.tails.push(Tail {
             path,
@@ -99,10 +96,12 @@ impl Follow {
 
     /// Whether `path` is a rotated or compressed copy of a followed path.
     fn is_copy(&self, path: &Path) -> bool {
-        let logical = original_of(path).unwrap_or_else(|| path.to_path_buf());
-        if self.followed.contains(&logical) {
-            return true;
-        }
+        // The path itself may well be followed before: a new file there is new data.
+        let logical = match original_of(path) {
+            Some(original) if self.followed.contains(&original) => return true,
+            Some(original) => original,
+            None => path.to_path_buf(),
+        };
         let Some(s) = logical.to_str() else {
             return false;
         };
@@ -124,16 +123,17 @@ impl Follow {
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
+            // Identity by device and inode only against the files held open: a deleted
+            // file's inode number is soon given to a new file.
             let dev_ino = (meta.dev(), meta.ino());
-            if !self.known.insert((path.clone(), dev_ino)) {
+            if let Some(t) = self.tails.iter().find(|t| t.dev_ino == dev_ino) {
+                if t.path != path {
+                    // A followed file under its rotated name: its compressed copy is a copy.
+                    self.followed.insert(path);
+                }
                 continue;
             }
-            if self.inodes.contains(&dev_ino) {
-                // A followed file under its rotated name: its compressed copy is skipped too.
-                self.followed.insert(path);
-                continue;
-            }
-            if self.is_copy(&path) {
+            if self.known.contains(&path) || self.is_copy(&path) {
                 continue;
             }
             let mut lines = open_lines(&path, self.count.clone())?;
@@ -146,6 +146,7 @@ impl Follow {
             while let Some(e) = lines.next_event()? {
                 events.push((Key::of(&e, base + j), e));
             }
+            self.known.insert(path);
         }
         let mut more = false;
         let mut done = Vec::new();

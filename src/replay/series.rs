@@ -317,7 +317,14 @@ impl Lines {
         if text.trim().is_empty() {
             bail!("{}: the line is empty; a file sink never writes one", at());
         }
-        let event = jsonl::decode(text).map_err(|e| anyhow!("{}: {e}", at()))?;
+        let event = jsonl::decode(text).map_err(|e| match self.compression {
+            Compression::None => anyhow!("{}: {e}", at()),
+            c => anyhow!(
+                "{}: {e} (decompressed from {}: is the file corrupt?)",
+                at(),
+                c.name()
+            ),
+        })?;
         self.number = number;
         self.bytes += n as u64;
         Ok(Some(event))
