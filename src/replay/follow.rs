@@ -105,11 +105,9 @@ impl Follow {
         let Some(s) = logical.to_str() else {
             return false;
         };
-        self.followed.iter().any(|f| {
-            f.to_str()
-                .and_then(|f| rotated_from(s, f))
-                .unwrap_or(false)
-        })
+        self.followed
+            .iter()
+            .any(|f| f.to_str().is_some_and(|f| rotated_from(s, f)))
     }
 
     /// One round: the new events, in order; `true` when a file had more than a round's worth.
@@ -233,7 +231,7 @@ impl Follow {
 
 /// Whether `name` is `followed` rotated: `STEM.STAMP.EXT` for `STEM.EXT` (the stamp being 24
 /// characters, as the file sink writes it: `2026-11-24T08-30-00.123Z`).
-fn rotated_from(name: &str, followed: &str) -> Option<bool> {
+fn rotated_from(name: &str, followed: &str) -> bool {
     let (dir, file) = followed.rsplit_once('/').unwrap_or(("", followed));
     let (stem, ext) = match file.rfind('.') {
         Some(i) if i > 0 => file.split_at(i),
@@ -244,12 +242,11 @@ fn rotated_from(name: &str, followed: &str) -> Option<bool> {
     } else {
         format!("{dir}/{stem}.")
     };
-    let middle = name.strip_prefix(&prefix)?.strip_suffix(ext)?;
-    Some(
-        middle.len() == 24
-            && middle.ends_with('Z')
-            && middle.as_bytes()[0].is_ascii_digit(),
-    )
+    name.strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_suffix(ext))
+        .is_some_and(|middle| {
+            middle.len() == 24 && middle.ends_with('Z') && middle.as_bytes()[0].is_ascii_digit()
+        })
 }
 
 #[cfg(test)]
@@ -259,15 +256,10 @@ mod tests {
     #[test]
     fn rotated_names_are_recognised() {
         let f = "/d/events.jsonl";
-        assert_eq!(
-            rotated_from("/d/events.2026-11-24T08-30-00.123Z.jsonl", f),
-            Some(true)
-        );
-        assert_eq!(rotated_from("/d/events.jsonl", f), Some(false));
-        assert_eq!(rotated_from("/d/other.jsonl", f), None);
-        assert_eq!(
-            rotated_from("/d/x.2026-11-24T08-30-00.123Z", "/d/x"),
-            Some(true)
-        );
+        assert!(rotated_from("/d/events.2026-11-24T08-30-00.123Z.jsonl", f));
+        assert!(!rotated_from("/d/events.jsonl", f));
+        assert!(!rotated_from("/d/other.jsonl", f));
+        assert!(!rotated_from("/d/events.x.jsonl", f));
+        assert!(rotated_from("/d/x.2026-11-24T08-30-00.123Z", "/d/x"));
     }
 }

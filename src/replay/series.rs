@@ -544,3 +544,104 @@ pub(super) fn open_lines(path: &Path, count: Arc<AtomicU64>) -> anyhow::Result<L
     let file = File::open(path).with_context(|| format!("cannot open {shown}"))?;
     Lines::open(file, shown, count, false)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn event(feed: &str, seq: u64, second: i64) -> Event {
+        Event {
+            feed: feed.into(),
+            event_type: "message".into(),
+            data: format!("{feed} {seq}"),
+            id: seq.to_string().into(),
+            received_at: DateTime::from_timestamp(1_800_000_000 + second, 0).expect("time"),
+            seq,
+        }
+    }
+
+    fn lines(events: &[Event]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in events {
+            jsonl::encode(e, &mut out);
+        }
+        out
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).expect("gzip");
+        enc.finish().expect("gzip")
+    }
+
+    #[test]
+    fn files_merge_by_receive_time_each_event_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        // Feed a in a plain file still being written (torn last line), feed b compressed
+        // under a name that says nothing, feed c caught mid-compression.
+        let mut a = lines(&[event("a", 1, 1), event("a", 2, 3), event("a", 3, 5)]);
+        a.extend_from_slice(b"{\"feed\":\"a\",\"ty");
+        std::fs::write(d.join("a.jsonl"), &a).expect("write");
+        let b = lines(&[event("b", 7, 2), event("b", 8, 4)]);
+        std::fs::write(d.join("b.log"), gzip(&b)).expect("write");
+        let c = lines(&[event("c", 1, 0), event("c", 2, 6)]);
+        std::fs::write(d.join("c.jsonl"), &c).expect("write");
+        std::fs::write(d.join("c.jsonl.gz"), gzip(&c)).expect("write");
+        std::fs::write(d.join("c.jsonl.gz.tmp"), &gzip(&c)[..10]).expect("write");
+        // An event stored twice (fetched again after a crash) in the next file of a.
+        let a2 = lines(&[event("a", 3, 5), event("a", 4, 7)]);
+        std::fs::write(d.join("a.2.jsonl"), &a2).expect("write");
+
+        let paths = discover_paths(&[d.to_path_buf()]).expect("discover");
+        let names: Vec<String> = paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["a.2.jsonl", "a.jsonl", "b.log", "c.jsonl"]);
+        let mut log = SeriesLog::open(paths, false).expect("open");
+        for _pass in 0..2 {
+            let mut got = Vec::new();
+            let read = log
+                .scan(None, &mut |e| {
+                    got.push(format!("{}{}", e.feed, e.seq));
+                    Ok(())
+                })
+                .expect("scan");
+            assert_eq!(got, ["c1", "a1", "b7", "a2", "b8", "a3", "c2", "a4"]);
+            assert_eq!(read, 9);
+            assert_eq!(log.duplicates, 1);
+        }
+        assert!(log.files.iter().any(|f| f.torn), "the torn line is noticed");
+        // Files starting at or after --until are not opened.
+        let until = DateTime::from_timestamp(1_800_000_006, 0);
+        let mut got = 0;
+        log.scan(until, &mut |_| {
+            got += 1;
+            Ok(())
+        })
+        .expect("scan");
+        assert_eq!(got, 8, "a.2.jsonl starts at 5: still read");
+
+        // The same torn line in a file named on its own is an error naming it.
+        let strict = SeriesLog::open(vec![d.join("a.jsonl")], true)
+            .expect("open")
+            .scan(None, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(strict.contains("a.jsonl: line 4") && strict.contains("incomplete"), "{strict}");
+        // A corrupt compressed file names itself.
+        let mut bad = gzip(&b);
+        let n = bad.len();
+        bad.truncate(n - 12);
+        std::fs::write(d.join("b.log"), bad).expect("write");
+        let err = SeriesLog::open(vec![d.join("b.log")], false)
+            .expect("open")
+            .scan(None, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("b.log") && err.contains("gzip"), "{err}");
+    }
+}
