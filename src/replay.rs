@@ -371,8 +371,11 @@ fn scan_series(
     visit: &mut dyn FnMut(Event) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
     let mut found_after = filter.after_id.is_none();
-    // Files that start after --until are not opened; a file that starts earlier is read.
-    let read = log.scan(filter.until, &mut |event| {
+    // Files that start after --until or end before --since are not opened (the filter still
+    // applies to every event of the files that are).
+    // With --after-id the id is looked for from the start.
+    let since = filter.since.filter(|_| filter.after_id.is_none());
+    let read = log.scan(since, filter.until, &mut |event| {
         if !found_after {
             if filter.feed.as_deref() == Some(&*event.feed)
                 && filter.after_id.as_deref() == Some(&*event.id)
@@ -513,7 +516,10 @@ impl SqliteLog {
 
 impl SqliteLog {
     /// `--follow`: the rows added since the last scan, in `pos` order (unfiltered).
-    fn scan_new(&mut self, visit: &mut dyn FnMut(Event) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    fn scan_new(
+        &mut self,
+        visit: &mut dyn FnMut(Event) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let shown = self.path.display().to_string();
         let sql_err = |e: rusqlite::Error| anyhow!("{shown}: {e}");
         let Some(mut from) = self.end else {
@@ -789,11 +795,9 @@ pub fn replay(
     let output = output()?;
     // Pass 2: write.
     let mut progress = match source {
-        Source::Series(s) => Progress::new(
-            s.log.total_bytes(),
-            Some(s.log.read_bytes.clone()),
-            quiet,
-        ),
+        Source::Series(s) => {
+            Progress::new(s.log.total_bytes(), Some(s.log.read_bytes.clone()), quiet)
+        }
         Source::Sqlite(_) => Progress::new(total, None, quiet),
     };
     let mut writer = Writer {
@@ -905,7 +909,12 @@ fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     // Registered here, before the history is read, so that a signal never kills the replay
     // half-way through writing.
     let (mut term, mut int) = runtime
-        .block_on(async { Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)) })
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
         .context("cannot watch SIGINT and SIGTERM")?;
     std::thread::Builder::new()
         .name("replay-signals".into())

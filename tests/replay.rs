@@ -155,7 +155,11 @@ async fn store_all(s: &Setup, n: u64, active: &dyn Fn(&str) -> bool) {
         checkpoint(&state, FEED).is_some_and(|c| c.1 >= n)
     })
     .await;
-    assert!(stored, "the bridge stored {n} events; log:\n{}", bridge.log_text());
+    assert!(
+        stored,
+        "the bridge stored {n} events; log:\n{}",
+        bridge.log_text()
+    );
     let out = s.out.clone();
     let compressed = wait_for(Duration::from_secs(60), || {
         let f = files(&out);
@@ -163,7 +167,11 @@ async fn store_all(s: &Setup, n: u64, active: &dyn Fn(&str) -> bool) {
             .any(|p| is_rotated_plain(p, active) || p.to_string_lossy().ends_with(".tmp"))
     })
     .await;
-    assert!(compressed, "every rotated file compressed: {:?}", files(&s.out));
+    assert!(
+        compressed,
+        "every rotated file compressed: {:?}",
+        files(&s.out)
+    );
     let (status, _) = bridge.terminate(Duration::from_secs(20)).await;
     assert!(status.success(), "bridge exit {status:?}");
 }
@@ -208,9 +216,15 @@ async fn rotated_compressed_series_replays_every_event_once_in_order() {
             .map(|p| std::fs::metadata(p).expect("meta").len())
             .sum();
 
-        let by_dir = measure(&format!("{compress} series of {} files", all.len()), &[out_dir], stored);
+        let by_dir = measure(
+            &format!("{compress} series of {} files", all.len()),
+            &[out_dir],
+            stored,
+        );
         assert_every_event_once_in_order(&seqs(&by_dir), N, &format!("{compress}: replay DIR"));
-        let by_sink = ok(&replay(&["--sink", "archive", "-c", cfg])).stdout.clone();
+        let by_sink = ok(&replay(&["--sink", "archive", "-c", cfg]))
+            .stdout
+            .clone();
         assert_eq!(by_sink, by_dir, "{compress}: --sink gives what DIR gives");
         // The events as the sink stored them, byte for byte.
         let mut original = Vec::new();
@@ -263,7 +277,9 @@ async fn rotated_compressed_series_replays_every_event_once_in_order() {
         let name = victim.file_name().and_then(|n| n.to_str()).expect("name");
         let original_name = name.strip_suffix(suffix).expect("suffix");
         // `replay FILE` writes the file sink's lines byte for byte: the original, restored.
-        let plain_text: Vec<u8> = ok(&replay(&[victim.to_str().expect("path")])).stdout.clone();
+        let plain_text: Vec<u8> = ok(&replay(&[victim.to_str().expect("path")]))
+            .stdout
+            .clone();
         assert!(!plain_text.is_empty());
         std::fs::write(copy.join(original_name), &plain_text).expect("write original");
         let bytes = std::fs::read(victim).expect("read");
@@ -299,7 +315,12 @@ async fn rotated_compressed_series_replays_every_event_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn type_template_with_strftime_names_replays_in_seq_order() {
     let server = LogServer::start(N, 500, Duration::from_millis(1)).await;
-    let s = setup(&server.url(), "{feed}/{type}-%Y-%m-%d.jsonl", "100 KiB", "zstd");
+    let s = setup(
+        &server.url(),
+        "{feed}/{type}-%Y-%m-%d.jsonl",
+        "100 KiB",
+        "zstd",
+    );
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
     let active: Box<dyn Fn(&str) -> bool> = Box::new(move |n: &str| {
         ["edit", "log", "new"]
@@ -321,10 +342,21 @@ async fn type_template_with_strftime_names_replays_in_seq_order() {
     let cfg = s.config.to_str().expect("path");
     let by_dir = ok(&replay(&[out_dir])).stdout.clone();
     assert_every_event_once_in_order(&seqs(&by_dir), N, "{type} series: replay DIR");
-    let by_sink = ok(&replay(&["--sink", "archive", "-c", cfg])).stdout.clone();
+    let by_sink = ok(&replay(&["--sink", "archive", "-c", cfg]))
+        .stdout
+        .clone();
     assert_eq!(by_sink, by_dir, "--sink gives what DIR gives");
     // Filters apply across the series.
-    let edits = replay(&["--sink", "archive", "-c", cfg, "--type", "edit", "--after-seq", "100"]);
+    let edits = replay(&[
+        "--sink",
+        "archive",
+        "-c",
+        cfg,
+        "--type",
+        "edit",
+        "--after-seq",
+        "100",
+    ]);
     let got = seqs(&ok(&edits).stdout);
     let want: Vec<u64> = (101..=N).filter(|n| n % 3 == 0).collect();
     assert_eq!(got, want, "--type edit --after-seq 100 across the series");

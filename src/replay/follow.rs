@@ -136,8 +136,8 @@ impl Follow {
             }
             let mut lines = open_lines(&path, self.count.clone())?;
             if lines.is_plain() {
-                let file = File::open(&path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
+                let file =
+                    File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
                 self.add_tail(path, file, dev_ino, 0);
                 continue;
             }

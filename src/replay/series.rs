@@ -17,10 +17,11 @@
 //! again) comes out once.
 
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,6 +38,8 @@ use crate::store::jsonl;
 const MAX_DEPTH: usize = 8;
 /// Read buffer per open file.
 const READ_BUFFER: usize = 64 * 1024;
+/// Bytes read from the end of an uncompressed file to find its last line (`--since`).
+const TAIL_PEEK: u64 = 256 * 1024;
 
 /// How a file is stored, from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +201,8 @@ pub struct LogFile {
     first: Option<Key>,
     /// The first scan found a last line without a line end (a file still being written).
     pub torn: bool,
+    /// Left out whole by `--since`.
+    pub skipped: bool,
 }
 
 /// The merge order: receive time, then feed and `seq`, then the file.
@@ -312,8 +317,8 @@ impl Lines {
             self.torn = true;
             return Ok(None);
         }
-        let text =
-            std::str::from_utf8(&self.line).map_err(|e| anyhow!("{}: not valid UTF-8 ({e})", at()))?;
+        let text = std::str::from_utf8(&self.line)
+            .map_err(|e| anyhow!("{}: not valid UTF-8 ({e})", at()))?;
         if text.trim().is_empty() {
             bail!("{}: the line is empty; a file sink never writes one", at());
         }
@@ -380,6 +385,7 @@ impl SeriesLog {
                 bytes: 0,
                 first: None,
                 torn: false,
+                skipped: false,
             });
         }
         Ok(SeriesLog {
@@ -394,6 +400,46 @@ impl SeriesLog {
     /// The bytes of all files (compressed sizes where compressed).
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// If every event of file `i` was received before `since`: where its complete lines end
+    /// (0 for a compressed file). Known from a rotation stamp in the name without reading the
+    /// file, or from the last line of an uncompressed file.
+    fn ends_before(&self, i: usize, since: DateTime<Utc>) -> anyhow::Result<Option<u64>> {
+        let f = &self.files[i];
+        if rotation_stamp(&f.path).is_some_and(|t| t < since) && f.handle.is_none() {
+            return Ok(Some(0));
+        }
+        let Some(h) = &f.handle else {
+            return Ok(None);
+        };
+        let shown = f.path.display();
+        let len = h
+            .metadata()
+            .with_context(|| format!("cannot read {shown}"))?
+            .len();
+        // The last complete line (lines are far shorter than this, but a line longer
+        // than what is read is simply not decided here).
+        let start = len.saturating_sub(TAIL_PEEK);
+        let mut buf = vec![0u8; usize::try_from(len - start).unwrap_or(0)];
+        h.read_exact_at(&mut buf, start)
+            .with_context(|| format!("cannot read {shown}"))?;
+        let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
+            return Ok(None);
+        };
+        let begin = buf[..end]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1);
+        if begin == 0 && start > 0 {
+            return Ok(None);
+        }
+        let last = std::str::from_utf8(&buf[begin..=end])
+            .ok()
+            .and_then(|t| jsonl::decode(t).ok());
+        Ok(last
+            .filter(|e| e.received_at < since)
+            .map(|_| start + end as u64 + 1))
     }
 
     fn lines_of(&self, i: usize) -> anyhow::Result<Lines> {
@@ -418,9 +464,11 @@ impl SeriesLog {
     /// Calls `visit` for every event `keep` accepts, in the merge order, each stored event
     /// once; returns the events read. The first scan reads every file to its end (checking
     /// every line) and fixes where later scans stop. `until`: files whose first event is at
-    /// or after it are not opened again.
+    /// or after it are not opened again. `since`: files whose events were all received
+    /// before it, by their rotation stamp or (uncompressed) their last line, are not opened.
     pub fn scan(
         &mut self,
+        since: Option<DateTime<Utc>>,
         until: Option<DateTime<Utc>>,
         visit: &mut Visit<'_>,
     ) -> anyhow::Result<u64> {
@@ -441,6 +489,15 @@ impl SeriesLog {
         }
         // The first scan learns each file's first event, one file open at a time.
         for i in unknown {
+            if let Some(since) = since {
+                if let Some(end) = self.ends_before(i, since)? {
+                    let f = &mut self.files[i];
+                    f.lines = Some(0);
+                    f.bytes = end;
+                    f.skipped = true;
+                    continue;
+                }
+            }
             let mut lines = self.lines_of(i)?;
             if let Some(e) = lines.next_event()? {
                 let key = Key::of(&e, i);
@@ -457,7 +514,7 @@ impl SeriesLog {
         let mut read = 0u64;
         while let Some(Reverse(key)) = heap.pop() {
             let i = key.file;
-            if !open.contains_key(&i) {
+            if let Entry::Vacant(slot) = open.entry(i) {
                 // Its first event is next: open it now.
                 let mut lines = self.lines_of(i)?;
                 self.opened.push(i);
@@ -470,7 +527,7 @@ impl SeriesLog {
                         self.files[i].path.display()
                     );
                 }
-                open.insert(i, (lines, Some(e)));
+                slot.insert((lines, Some(e)));
             }
             let Some((lines, head)) = open.get_mut(&i) else {
                 continue;
@@ -520,6 +577,24 @@ impl SeriesLog {
             })
             .collect()
     }
+}
+
+/// The rotation stamp in a rotated file's name (`NAME.2026-11-24T08-30-00.123Z.EXT`, with or
+/// without `.gz`/`.zst`): the sink closed the file then, after every event in it was received.
+fn rotation_stamp(path: &Path) -> Option<DateTime<Utc>> {
+    let name = path.file_name()?.to_str()?;
+    let name = name
+        .strip_suffix(".gz")
+        .or_else(|| name.strip_suffix(".zst"))
+        .unwrap_or(name);
+    let before_ext = name.rfind('.').map_or(name, |i| &name[..i]);
+    [before_ext, name].iter().find_map(|n| {
+        let stamp = n.get(n.len().checked_sub(24)?..)?;
+        n[..n.len() - 24].ends_with('.').then_some(())?;
+        chrono::NaiveDateTime::parse_from_str(stamp, "%Y-%m-%dT%H-%M-%S%.3fZ")
+            .ok()
+            .map(|t| t.and_utc())
+    })
 }
 
 /// Decodes the complete lines of `buf` (a chunk read from an uncompressed file), returning
@@ -605,7 +680,7 @@ mod tests {
         for _pass in 0..2 {
             let mut got = Vec::new();
             let read = log
-                .scan(None, &mut |e| {
+                .scan(None, None, &mut |e| {
                     got.push(format!("{}{}", e.feed, e.seq));
                     Ok(())
                 })
@@ -618,20 +693,48 @@ mod tests {
         // Files starting at or after --until are not opened.
         let until = DateTime::from_timestamp(1_800_000_006, 0);
         let mut got = 0;
-        log.scan(until, &mut |_| {
+        log.scan(None, until, &mut |_| {
             got += 1;
             Ok(())
         })
         .expect("scan");
         assert_eq!(got, 8, "a.2.jsonl starts at 5: still read");
 
+        // Rotated files stamped before --since, and uncompressed files whose last line is,
+        // are not opened.
+        let stamped = d.join("b.2030-01-01T00-00-00.000Z.log.gz");
+        assert_eq!(
+            rotation_stamp(&stamped).map(|t| t.to_rfc3339()),
+            Some("2030-01-01T00:00:00+00:00".to_string())
+        );
+        assert_eq!(rotation_stamp(&d.join("b.log.gz")), None);
+        let paths = discover_paths(&[d.to_path_buf()]).expect("discover");
+        let mut log = SeriesLog::open(paths, false).expect("open");
+        let since = DateTime::from_timestamp(1_800_000_006, 0);
+        let mut got = Vec::new();
+        log.scan(since, None, &mut |e| {
+            got.push(format!("{}{}", e.feed, e.seq));
+            Ok(())
+        })
+        .expect("scan");
+        // c.jsonl ends at 6 and a.2.jsonl at 7: read; a.jsonl ends at 5: left out (b.log has
+        // no stamp and is compressed: read).
+        assert_eq!(got, ["c1", "b7", "b8", "a3", "c2", "a4"]);
+        assert!(log
+            .files
+            .iter()
+            .any(|f| f.skipped && f.path.ends_with("a.jsonl")));
+
         // The same torn line in a file named on its own is an error naming it.
         let strict = SeriesLog::open(vec![d.join("a.jsonl")], true)
             .expect("open")
-            .scan(None, &mut |_| Ok(()))
+            .scan(None, None, &mut |_| Ok(()))
             .unwrap_err()
             .to_string();
-        assert!(strict.contains("a.jsonl: line 4") && strict.contains("incomplete"), "{strict}");
+        assert!(
+            strict.contains("a.jsonl: line 4") && strict.contains("incomplete"),
+            "{strict}"
+        );
         // A corrupt compressed file names itself.
         let mut bad = gzip(&b);
         let n = bad.len();
@@ -639,7 +742,7 @@ mod tests {
         std::fs::write(d.join("b.log"), bad).expect("write");
         let err = SeriesLog::open(vec![d.join("b.log")], false)
             .expect("open")
-            .scan(None, &mut |_| Ok(()))
+            .scan(None, None, &mut |_| Ok(()))
             .unwrap_err()
             .to_string();
         assert!(err.contains("b.log") && err.contains("gzip"), "{err}");
