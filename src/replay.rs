@@ -315,9 +315,12 @@ impl Source {
             }
         }
         let paths = args.source.clone();
-        let strict = paths
-            .iter()
-            .all(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()));
+        // Files named one by one: a last line without a line end means the file was cut
+        // short, unless --follow says it is being written.
+        let strict = !args.follow
+            && paths
+                .iter()
+                .all(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()));
         let what = paths
             .iter()
             .map(|p| p.display().to_string())

@@ -293,7 +293,7 @@ impl Lines {
                 anyhow!("cannot read {}: {e}", self.shown)
             } else {
                 anyhow!(
-                    "{}: cannot decompress ({}) after line {}: {e}: the file is corrupt or \
+                    "{}: cannot decompress ({}) after {} lines: {e}: the file is corrupt or \
                      cut short",
                     self.shown,
                     self.compression.name(),
