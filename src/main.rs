@@ -228,8 +228,10 @@ enum Command {
 
     /// Play a stored log back: to the terminal, to another sink, at a chosen pace.
     ///
-    /// Reads an SQLite database written by a `sqlite` sink, or a JSON Lines file written by a
-    /// `file` sink, and writes the events it selects, in the order they were stored, as JSON
+    /// Reads an SQLite database written by a `sqlite` sink, or what a `file` sink wrote (JSON
+    /// Lines files and directories of them, rotated, gzip or zstd; or everything a sink's path
+    /// template can have produced, with --sink NAME -c FILE), and writes the events it
+    /// selects, in the order they were stored, each once, as JSON
     /// Lines (the file sink's format, byte for byte) or as `text/event-stream` on standard
     /// output, or through a sink of the configuration given with -c (`--to NAME`): that is how
     /// a Kafka topic or a file is backfilled from last week's log. Events keep their feed, id,
@@ -240,11 +242,13 @@ enum Command {
     /// database or a broken line stops the replay with the file and the row or line named, and
     /// the target untouched. A progress bar with rate and ETA is shown on a terminal (plain
     /// counts every 5 s otherwise); the closing summary (events read, written, skipped) goes to
-    /// standard error.
+    /// standard error. --follow then keeps reading what the bridge appends, across rotations.
     #[command(after_long_help = "Examples:\n  \
         sse-bridge replay data/state.db --feed recentchange --type edit --since 2h\n  \
         sse-bridge replay data/events/recentchange.jsonl --format sse --rate 50/s\n  \
-        sse-bridge replay data/state.db --since 7d -c backfill.toml --to kafka\n\n\
+        sse-bridge replay data/state.db --since 7d -c backfill.toml --to kafka\n  \
+        sse-bridge replay data/events/ --feed recentchange --since 2026-11-01\n  \
+        sse-bridge replay --sink archive -c bridge.toml --follow --format sse\n\n\
         Exit status: 0 replayed, 1 the source, the output or the sink failed (nothing is \
         written when the source is broken), 2 unusable arguments.")]
     Replay(sse_bridge::replay::ReplayArgs),

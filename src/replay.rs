@@ -1,17 +1,24 @@
-//! `sse-bridge replay`: plays a stored log back, from an SQLite sink database or a JSON Lines
-//! file written by the file sink, to standard output (JSON Lines or `text/event-stream`) or
-//! through a configured sink (`--to`), with filters, pacing and a progress report.
+//! `sse-bridge replay`: plays a stored log back, from an SQLite sink database or the JSON
+//! Lines files of a file sink (a rotated, compressed series: `series`), to standard output
+//! (JSON Lines or `text/event-stream`) or through a configured sink (`--to`), with filters,
+//! pacing and a progress report; `--follow` then keeps reading what the bridge appends
+//! (`follow`).
 //!
 //! Replay reads its source twice: a first pass decodes and checks every event the filters
 //! select and counts them (so the progress bar has a total), a second pass writes them. A
 //! broken source (a corrupt or foreign database, a missing table, a bad row, a broken JSON
 //! line) is therefore reported, naming the file and the row or line, before anything is
 //! written. Events appended to the source while replay runs are not included: both passes
-//! stop where the first pass ended.
+//! stop where the first pass ended (`--follow` continues from there).
+
+mod follow;
+mod series;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +30,7 @@ use rusqlite::Connection;
 
 use crate::config::LoadedConfig;
 use crate::event::Event;
-use crate::sink::Sink;
+use crate::sink::{Sink, SinkConfig};
 use crate::sse::encode::encode_sse;
 use crate::store::jsonl;
 use crate::store::sqlite::{self as store, RowView, EVENT_COLUMNS};
@@ -39,10 +46,23 @@ const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
     /// The stored log: an SQLite database written by a `sqlite` sink (or the state database
-    /// it shares), or a JSON Lines file written by a `file` sink. The kind is recognised by
-    /// the file's first bytes. The file is only read.
-    #[arg(value_name = "SOURCE")]
-    pub source: PathBuf,
+    /// it shares), or the JSON Lines files of a `file` sink: files (plain, gzip or zstd, told
+    /// apart by their first bytes, not their names) and directories holding a sink's series
+    /// (searched below, `.tmp` leftovers and hidden files left out). Several JSON Lines paths
+    /// are merged into one log. Files are only read.
+    #[arg(value_name = "SOURCE", required_unless_present = "sink")]
+    pub source: Vec<PathBuf>,
+
+    /// Replay what the sink `[sink.NAME]` of the configuration given with -c stored: for a
+    /// file sink every file its path template, rotation and compression can have produced
+    /// (any feed, type or strftime period), for an SQLite sink its database.
+    #[arg(long, value_name = "NAME", conflicts_with = "source")]
+    pub sink: Option<String>,
+
+    /// After the stored history, keep reading what the bridge appends, across rotations (as
+    /// `tail -F` does), until interrupted (SIGINT, SIGTERM) or the output is closed.
+    #[arg(long, conflicts_with = "rate")]
+    pub follow: bool,
 
     /// Only events of this feed (exact name).
     #[arg(long, value_name = "NAME")]
@@ -117,6 +137,10 @@ pub struct Summary {
     pub written: u64,
     /// Events the filters left out.
     pub skipped: u64,
+    /// Events stored twice (the same feed and `seq`) and written once.
+    pub duplicates: u64,
+    /// Events written by `--follow` after the history.
+    pub followed: u64,
 }
 
 /// Which events to replay.
@@ -247,29 +271,78 @@ pub fn parse_rate(s: &str) -> Result<f64, ArgError> {
 /// A stored log.
 pub enum Source {
     Sqlite(SqliteLog),
-    Jsonl(JsonlLog),
+    /// JSON Lines files merged into one log (directories, several files, compressed files,
+    /// a file sink's series).
+    Series(SeriesSource),
+}
+
+/// A log of JSON Lines files, and how to list its files again (for `--follow`).
+pub struct SeriesSource {
+    log: series::SeriesLog,
+    discover: Rc<dyn Fn() -> anyhow::Result<Vec<PathBuf>>>,
+    /// What the summary calls the source.
+    what: String,
 }
 
 impl Source {
-    /// Opens `path`, recognising an SQLite database by its header and anything else as JSON
-    /// Lines. Checks an SQLite database's schema.
-    pub fn open(path: &Path) -> anyhow::Result<Source> {
-        let shown = path.display();
-        let meta = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?;
-        if !meta.is_file() {
-            bail!("{shown} is not a regular file");
+    /// The source the arguments name: paths, or `--sink NAME` of the configuration.
+    pub fn from_args(args: &ReplayArgs, loaded: &LoadedConfig) -> anyhow::Result<Source> {
+        if let Some(name) = &args.sink {
+            let Some(config) = loaded.config.sink.get(name) else {
+                bail!(
+                    "--sink {name}: {} has no [sink.{name}]; give the configuration with -c",
+                    loaded.source
+                );
+            };
+            return match config {
+                SinkConfig::File(c) => {
+                    let (n, c) = (name.clone(), c.clone());
+                    let discover: Rc<dyn Fn() -> anyhow::Result<Vec<PathBuf>>> =
+                        Rc::new(move || series::discover_sink(&n, &c));
+                    Source::series(discover, false, format!("sink `{name}`"))
+                }
+                SinkConfig::Sqlite(c) => Ok(Source::Sqlite(SqliteLog::open(&c.path)?)),
+                other => bail!(
+                    "--sink {name}: a {} sink keeps nothing replay can read back (file and \
+                     sqlite sinks do)",
+                    other.kind()
+                ),
+            };
         }
-        let mut head = [0u8; 16];
-        let mut file = File::open(path).with_context(|| format!("cannot open {shown}"))?;
-        let n = read_up_to(&mut file, &mut head).with_context(|| format!("cannot read {shown}"))?;
-        if n == head.len() && &head == SQLITE_HEADER {
-            Ok(Source::Sqlite(SqliteLog::open(path)?))
-        } else {
-            Ok(Source::Jsonl(JsonlLog {
-                path: path.to_path_buf(),
-                limit: None,
-            }))
+        if let [one] = args.source.as_slice() {
+            if is_sqlite(one) {
+                return Ok(Source::Sqlite(SqliteLog::open(one)?));
+            }
         }
+        let paths = args.source.clone();
+        // Files named one by one: a last line without a line end means the file was cut
+        // short, unless --follow says it is being written.
+        let strict = !args.follow
+            && paths
+                .iter()
+                .all(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()));
+        let what = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let discover: Rc<dyn Fn() -> anyhow::Result<Vec<PathBuf>>> =
+            Rc::new(move || series::discover_paths(&paths));
+        Source::series(discover, strict, what)
+    }
+
+    fn series(
+        discover: Rc<dyn Fn() -> anyhow::Result<Vec<PathBuf>>>,
+        strict: bool,
+        what: String,
+    ) -> anyhow::Result<Source> {
+        let paths = discover()?;
+        let log = series::SeriesLog::open(paths, strict)?;
+        Ok(Source::Series(SeriesSource {
+            log,
+            discover,
+            what,
+        }))
     }
 
     /// Calls `visit` for every event the filter selects, in log order; returns the number of
@@ -281,9 +354,53 @@ impl Source {
     ) -> anyhow::Result<u64> {
         match self {
             Source::Sqlite(s) => s.scan(filter, visit),
-            Source::Jsonl(j) => j.scan(filter, visit),
+            Source::Series(s) => scan_series(&mut s.log, filter, visit),
         }
     }
+}
+
+/// Whether `path` is an SQLite database (by its first bytes).
+fn is_sqlite(path: &Path) -> bool {
+    let mut head = [0u8; 16];
+    File::open(path)
+        .and_then(|mut f| read_up_to(&mut f, &mut head))
+        .is_ok_and(|n| n == head.len() && &head == SQLITE_HEADER)
+}
+
+/// A series scan with the filters, `after_id` included (in the merged order).
+fn scan_series(
+    log: &mut series::SeriesLog,
+    filter: &Filter,
+    visit: &mut dyn FnMut(Event) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let mut found_after = filter.after_id.is_none();
+    // Files that start after --until or end before --since are not opened (the filter still
+    // applies to every event of the files that are).
+    // With --after-id the id is looked for from the start.
+    let since = filter.since.filter(|_| filter.after_id.is_none());
+    let read = log.scan(since, filter.until, &mut |event| {
+        if !found_after {
+            if filter.feed.as_deref() == Some(&*event.feed)
+                && filter.after_id.as_deref() == Some(&*event.id)
+            {
+                found_after = true;
+            }
+            return Ok(());
+        }
+        if filter.matches(&event) {
+            visit(event)?;
+        }
+        Ok(())
+    })?;
+    if !found_after {
+        bail!(
+            "feed `{}` has no event with id {:?} in {} files",
+            filter.feed.as_deref().unwrap_or(""),
+            filter.after_id.as_deref().unwrap_or(""),
+            log.files.len()
+        );
+    }
+    Ok(read)
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -400,82 +517,46 @@ impl SqliteLog {
     }
 }
 
+impl SqliteLog {
+    /// `--follow`: the rows added since the last scan, in `pos` order (unfiltered).
+    fn scan_new(
+        &mut self,
+        visit: &mut dyn FnMut(Event) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let shown = self.path.display().to_string();
+        let sql_err = |e: rusqlite::Error| anyhow!("{shown}: {e}");
+        let Some(mut from) = self.end else {
+            return Ok(());
+        };
+        let end = store::last_pos(&self.conn).map_err(sql_err)?;
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE pos > ?1 AND pos <= ?2 ORDER BY pos LIMIT {PAGE}"
+        );
+        loop {
+            let mut page = Vec::new();
+            {
+                let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
+                let mut rows = stmt.query([from, end]).map_err(sql_err)?;
+                while let Some(row) = rows.next().map_err(sql_err)? {
+                    let row = RowView::new(row).map_err(|e| anyhow!("{shown}: {e}"))?;
+                    page.push((row.pos, row.event().map_err(|e| anyhow!("{shown}: {e}"))?));
+                }
+            }
+            let Some(&(last, _)) = page.last() else { break };
+            for (_, e) in page {
+                visit(e)?;
+            }
+            from = last;
+        }
+        self.end = Some(end);
+        Ok(())
+    }
+}
+
 /// Opens an SQLite database read-only and checks for the sink's `events` table, with errors
 /// that name the file and say what is wrong (`store::sqlite::open_read_only`).
 pub fn open_event_db(path: &Path) -> Result<Connection, store::OpenError> {
     store::open_read_only(path)
-}
-
-/// A JSON Lines file written by the file sink.
-pub struct JsonlLog {
-    path: PathBuf,
-    /// (lines, bytes) read by the first scan: later scans stop there.
-    limit: Option<(u64, u64)>,
-}
-
-impl JsonlLog {
-    fn scan(
-        &mut self,
-        filter: &Filter,
-        visit: &mut dyn FnMut(Event) -> anyhow::Result<()>,
-    ) -> anyhow::Result<u64> {
-        let shown = self.path.display().to_string();
-        let file = File::open(&self.path).with_context(|| format!("cannot open {shown}"))?;
-        let mut reader = BufReader::with_capacity(256 * 1024, file);
-        let mut line = Vec::with_capacity(4096);
-        let mut number = 0u64;
-        let mut bytes = 0u64;
-        let mut found_after = filter.after_id.is_none();
-        loop {
-            if self.limit.is_some_and(|(lines, _)| number >= lines) {
-                break;
-            }
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .with_context(|| format!("cannot read {shown}"))?;
-            if n == 0 {
-                break;
-            }
-            number += 1;
-            bytes += n as u64;
-            let at = || format!("{shown}: line {number}");
-            let text = std::str::from_utf8(&line)
-                .map_err(|e| anyhow!("{}: not valid UTF-8 ({e})", at()))?;
-            if text.trim().is_empty() {
-                bail!("{}: the line is empty; a file sink never writes one", at());
-            }
-            if !text.ends_with('\n') {
-                bail!(
-                    "{}: the last line is incomplete (no line end): was the file cut short?",
-                    at()
-                );
-            }
-            let event = jsonl::decode(text).map_err(|e| anyhow!("{}: {e}", at()))?;
-            if !found_after {
-                if filter.feed.as_deref() == Some(&*event.feed)
-                    && filter.after_id.as_deref() == Some(&*event.id)
-                {
-                    found_after = true;
-                }
-                continue;
-            }
-            if filter.matches(&event) {
-                visit(event)?;
-            }
-        }
-        if self.limit.is_none() {
-            self.limit = Some((number, bytes));
-        }
-        if !found_after {
-            bail!(
-                "{shown}: feed `{}` has no event with id {:?}",
-                filter.feed.as_deref().unwrap_or(""),
-                filter.after_id.as_deref().unwrap_or("")
-            );
-        }
-        Ok(number)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -597,28 +678,35 @@ impl Writer {
     }
 }
 
-/// Reports progress: a bar on a terminal, plain lines otherwise, nothing when quiet.
-enum Progress {
+/// Reports progress: a bar on a terminal, plain lines otherwise, nothing when quiet. Over
+/// JSON Lines files it counts bytes read from the files (compressed sizes where compressed),
+/// over a database events.
+struct Progress {
+    kind: ProgressKind,
+    /// Bytes read so far, when counting bytes.
+    bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+    total: u64,
+}
+
+enum ProgressKind {
     Bar(indicatif::ProgressBar),
-    Plain {
-        total: u64,
-        last: Instant,
-        started: Instant,
-    },
+    Plain { last: Instant, started: Instant },
     Quiet,
 }
 
 impl Progress {
-    fn new(total: u64, quiet: bool) -> Progress {
-        if quiet {
-            return Progress::Quiet;
-        }
-        if std::io::stderr().is_terminal() {
+    fn new(total: u64, bytes: Option<Arc<std::sync::atomic::AtomicU64>>, quiet: bool) -> Progress {
+        let kind = if quiet {
+            ProgressKind::Quiet
+        } else if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(total);
-            let style = indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{wide_bar}] {human_pos}/{human_len} events  {rate}  ETA {eta}",
-            )
-            .map(|s| {
+            let template = if bytes.is_some() {
+                "{elapsed_precise} [{wide_bar}] {binary_bytes}/{binary_total_bytes}  \
+                 {binary_bytes_per_sec}  ETA {eta}"
+            } else {
+                "{elapsed_precise} [{wide_bar}] {human_pos}/{human_len} events  {rate}  ETA {eta}"
+            };
+            let style = indicatif::ProgressStyle::with_template(template).map(|s| {
                 s.progress_chars("=> ").with_key(
                     "rate",
                     |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
@@ -629,36 +717,47 @@ impl Progress {
             if let Ok(style) = style {
                 bar.set_style(style);
             }
-            Progress::Bar(bar)
+            ProgressKind::Bar(bar)
         } else {
-            Progress::Plain {
-                total,
+            ProgressKind::Plain {
                 last: Instant::now(),
                 started: Instant::now(),
             }
-        }
+        };
+        Progress { kind, bytes, total }
     }
 
     fn update(&mut self, written: u64) {
-        match self {
-            Progress::Bar(bar) => bar.set_position(written),
-            Progress::Plain {
-                total,
-                last,
-                started,
-            } => {
+        let bytes = self
+            .bytes
+            .as_ref()
+            .map(|b| b.load(Ordering::Relaxed).min(self.total));
+        match &mut self.kind {
+            ProgressKind::Bar(bar) => bar.set_position(bytes.unwrap_or(written)),
+            ProgressKind::Plain { last, started } => {
                 if last.elapsed() >= PLAIN_PROGRESS_EVERY {
                     *last = Instant::now();
-                    let rate = written as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                    eprintln!("replay: {written}/{total} events written ({rate:.0}/s)");
+                    let secs = started.elapsed().as_secs_f64().max(1e-3);
+                    let rate = written as f64 / secs;
+                    match bytes {
+                        Some(b) => eprintln!(
+                            "replay: {:.1}/{:.1} MiB read, {written} events written ({rate:.0}/s)",
+                            b as f64 / 1048576.0,
+                            self.total as f64 / 1048576.0
+                        ),
+                        None => eprintln!(
+                            "replay: {written}/{} events written ({rate:.0}/s)",
+                            self.total
+                        ),
+                    }
                 }
             }
-            Progress::Quiet => {}
+            ProgressKind::Quiet => {}
         }
     }
 
     fn finish(&self) {
-        if let Progress::Bar(bar) = self {
+        if let ProgressKind::Bar(bar) = &self.kind {
             bar.finish_and_clear();
         }
     }
@@ -680,13 +779,15 @@ impl Pacer {
 }
 
 /// Runs a replay: checks the whole selection first, then opens the output (so a broken source
-/// creates nothing) and writes the selection to it.
+/// creates nothing) and writes the selection to it; with `stop`, then follows the source
+/// until `stop` is set or the output goes away.
 pub fn replay(
     source: &mut Source,
     filter: &Filter,
     output: impl FnOnce() -> anyhow::Result<Output>,
     rate: Option<f64>,
     quiet: bool,
+    stop: Option<&AtomicBool>,
 ) -> anyhow::Result<Summary> {
     // Pass 1: decode and check every selected event, and count them.
     let mut total = 0u64;
@@ -696,7 +797,12 @@ pub fn replay(
     })?;
     let output = output()?;
     // Pass 2: write.
-    let mut progress = Progress::new(total, quiet);
+    let mut progress = match source {
+        Source::Series(s) => {
+            Progress::new(s.log.total_bytes(), Some(s.log.read_bytes.clone()), quiet)
+        }
+        Source::Sqlite(_) => Progress::new(total, None, quiet),
+    };
     let mut writer = Writer {
         output,
         buf: Vec::with_capacity(256 * 1024),
@@ -722,11 +828,110 @@ pub fn replay(
     writer.flush()?;
     progress.update(writer.written);
     progress.finish();
-    Ok(Summary {
+    let mut summary = Summary {
         read,
         written: writer.written,
         skipped: read.saturating_sub(writer.written),
+        ..Summary::default()
+    };
+    if let Source::Series(s) = source {
+        summary.duplicates = s.log.duplicates;
+        summary.skipped = summary.skipped.saturating_sub(summary.duplicates);
+    }
+    if let Some(stop) = stop {
+        summary.followed = follow(source, filter, &mut writer, stop)?;
+    }
+    Ok(summary)
+}
+
+/// `--follow` after the history: events written until `stop` or the output closes.
+fn follow(
+    source: &mut Source,
+    filter: &Filter,
+    writer: &mut Writer,
+    stop: &AtomicBool,
+) -> anyhow::Result<u64> {
+    let mut written = 0u64;
+    let mut emit = |events: Vec<Event>| -> anyhow::Result<bool> {
+        for event in events {
+            if filter.matches(&event) {
+                writer.push(event)?;
+                written += 1;
+            }
+        }
+        match writer.flush() {
+            Ok(()) => Ok(true),
+            // The reader went away (`| head`): following ends there.
+            Err(e) if is_broken_pipe(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    match source {
+        Source::Series(s) => {
+            let discover = s.discover.clone();
+            let mut f = follow::Follow::new(&mut s.log, Box::new(move || discover()));
+            f.run(stop, &mut emit)?;
+        }
+        Source::Sqlite(db) => {
+            // New rows past the last position read, every poll.
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let mut events = Vec::new();
+                db.scan_new(&mut |e| {
+                    events.push(e);
+                    Ok(())
+                })?;
+                if !emit(events)? {
+                    break;
+                }
+                while started.elapsed() < follow::POLL && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    Ok(written)
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// Sets the returned flag on SIGINT or SIGTERM (for `--follow`, which ends on them).
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal watcher")?;
+    // Registered here, before the history is read, so that a signal never kills the replay
+    // half-way through writing.
+    let (mut term, mut int) = runtime
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
+        .context("cannot watch SIGINT and SIGTERM")?;
+    std::thread::Builder::new()
+        .name("replay-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            flag.store(true, Ordering::SeqCst);
+        })
+        .context("cannot start the signal watcher")?;
+    Ok(stop)
 }
 
 /// `sse-bridge replay`: the whole command. Prints the summary on standard error.
@@ -737,25 +942,75 @@ pub fn run(args: &ReplayArgs, loaded: &LoadedConfig) -> anyhow::Result<Summary> 
         .as_deref()
         .map(|r| parse_rate(r).map_err(|e| anyhow!("--rate: {e}")))
         .transpose()?;
-    let mut source = Source::open(&args.source)?;
+    let stop = if args.follow {
+        Some(stop_on_signals()?)
+    } else {
+        None
+    };
+    let mut source = Source::from_args(args, loaded)?;
     let summary = replay(
         &mut source,
         &filter,
         || Output::from_args(args, loaded),
         rate,
         args.quiet,
+        stop.as_deref(),
     )?;
+    let from = match &source {
+        Source::Sqlite(db) => db.path.display().to_string(),
+        Source::Series(s) => s.what.clone(),
+    };
     eprintln!(
-        "replay: {} events read, {} written, {} skipped (from {}{})",
+        "replay: {} events read, {} written, {} skipped{}{} (from {from}{})",
         summary.read,
         summary.written,
         summary.skipped,
-        args.source.display(),
+        if summary.duplicates > 0 {
+            format!(", {} stored twice and written once", summary.duplicates)
+        } else {
+            String::new()
+        },
+        if args.follow {
+            format!(", {} more while following", summary.followed)
+        } else {
+            String::new()
+        },
         match &args.to {
             Some(name) => format!(" to sink `{name}`"),
             None => String::new(),
         }
     );
+    if let Source::Series(s) = &source {
+        let opened: Vec<String> = s
+            .log
+            .opened
+            .iter()
+            .map(|&i| s.log.files[i].path.display().to_string())
+            .collect();
+        eprintln!(
+            "replay: {} files read ({:.1} MiB): {}",
+            opened.len(),
+            s.log.total_bytes() as f64 / 1048576.0,
+            if opened.is_empty() {
+                "none".to_string()
+            } else {
+                opened.join(", ")
+            }
+        );
+        let torn: Vec<String> = s
+            .log
+            .files
+            .iter()
+            .filter(|f| f.torn)
+            .map(|f| f.path.display().to_string())
+            .collect();
+        if !torn.is_empty() && !args.follow {
+            eprintln!(
+                "replay: the last line of {} was still being written and was left out",
+                torn.join(", ")
+            );
+        }
+    }
     Ok(summary)
 }
 
