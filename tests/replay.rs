@@ -8,8 +8,6 @@
 
 mod support;
 
-#[path = "support/bridge.rs"]
-mod bridge;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -17,8 +15,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bridge::{checkpoint, Bridge};
-use support::{wait_for, write_file, LogServer};
+use support::bridge::{checkpoint, Bridge};
+use support::server::Server;
+use support::{wait_for, write_file};
 
 const FEED: &str = "wiki";
 const N: u64 = 20_000;
@@ -195,7 +194,7 @@ fn measure(what: &str, args: &[&str], stored_bytes: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_compressed_series_replays_every_event_once_in_order() {
-    let server = LogServer::start(N, 500, Duration::from_millis(1)).await;
+    let server = Server::log(N, 500, Duration::from_millis(1)).await;
     for compress in ["gzip", "zstd"] {
         let s = setup(&server.url(), "{feed}.jsonl", "200 KiB", compress);
         store_all(&s, N, &|n| n == "wiki.jsonl").await;
@@ -314,7 +313,7 @@ async fn rotated_compressed_series_replays_every_event_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn type_template_with_strftime_names_replays_in_seq_order() {
-    let server = LogServer::start(N, 500, Duration::from_millis(1)).await;
+    let server = Server::log(N, 500, Duration::from_millis(1)).await;
     let s = setup(
         &server.url(),
         "{feed}/{type}-%Y-%m-%d.jsonl",
@@ -367,7 +366,7 @@ async fn follow_reads_across_rotations_while_the_bridge_writes() {
     const M: u64 = 3000;
     // About 170 bytes an event, 40 events every 25 ms: a 64 KiB file fills in ~0.25 s, so
     // there are about eight rotations while the replay follows.
-    let server = LogServer::start(M, 40, Duration::from_millis(25)).await;
+    let server = Server::log(M, 40, Duration::from_millis(25)).await;
     let s = setup(&server.url(), "{feed}.jsonl", "64 KiB", "gzip");
     let bridge = Bridge::spawn(&s.config);
     let active = s.out.join("wiki.jsonl");
