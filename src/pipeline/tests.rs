@@ -327,7 +327,10 @@ async fn a_gap_is_recorded_with_the_position_it_happened_at() {
         7,
         vec![
             Step::Items(vec![event("edit", "a1")]),
-            Step::Gap(crate::sse::client::GapKind::IdRejected, "the server refused a1"),
+            Step::Gap(
+                crate::sse::client::GapKind::IdRejected,
+                "the server refused a1",
+            ),
             Step::Items(vec![event("edit", "b1")]),
         ],
         false,
