@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, NaiveDate, Utc};
-use globset::{GlobBuilder, GlobMatcher};
+use globset::GlobMatcher;
 use rusqlite::types::Value;
 use rusqlite::Connection;
 
@@ -162,13 +162,9 @@ impl Filter {
         let (event_type, exact_type) = match &args.event_type {
             None => (None, None),
             Some(t) => {
-                let glob = GlobBuilder::new(t)
-                    .literal_separator(false)
-                    .backslash_escape(true)
-                    .build()
-                    .map_err(|e| anyhow!("--type {t:?} is not a valid glob: {e}"))?;
+                let glob = crate::route::compile_pattern(t).map_err(|e| anyhow!("--type: {e}"))?;
                 let exact = (!t.contains(['*', '?', '[', '{', '\\'])).then(|| t.clone());
-                (Some(glob.compile_matcher()), exact)
+                (Some(glob), exact)
             }
         };
         let since = args

@@ -89,14 +89,31 @@ pub struct RoutingConfig {
     pub default: Vec<String>,
 }
 
-/// Compiles a route pattern.
-fn compile(pattern: &str) -> Result<GlobMatcher, String> {
+/// A feed or event-type pattern that is not a valid glob.
+#[derive(Debug, thiserror::Error)]
+#[error("`{pattern}` is not a valid glob: {kind}")]
+pub struct PatternError {
+    pub pattern: String,
+    kind: globset::ErrorKind,
+}
+
+/// Compiles a feed or event-type pattern the way every part of the bridge reads one (routes,
+/// `/tap` and `tap`, `serve ?type=`, `replay --type`): `*` also matches `/` and `.`, and `\`
+/// escapes the next character.
+pub fn compile_pattern(pattern: &str) -> Result<GlobMatcher, PatternError> {
     GlobBuilder::new(pattern)
         .literal_separator(false)
         .backslash_escape(true)
         .build()
         .map(|g| g.compile_matcher())
-        .map_err(|e| format!("`{pattern}` is not a valid glob: {}", e.kind()))
+        .map_err(|e| PatternError {
+            pattern: pattern.to_string(),
+            kind: e.kind().clone(),
+        })
+}
+
+fn compile(pattern: &str) -> Result<GlobMatcher, PatternError> {
+    compile_pattern(pattern)
 }
 
 /// Offline checks of `[[route]]` and `[routing]`, as `(key, message)` with keys such as
@@ -137,7 +154,7 @@ pub fn validate_routes(
         let key = |k: &str| format!("route[{i}].{k}");
         if let Some(feed) = &route.feed {
             match compile(feed) {
-                Err(e) => issues.push((key("feed"), e)),
+                Err(e) => issues.push((key("feed"), e.to_string())),
                 Ok(m) => {
                     if !feed_names.iter().any(|f| m.is_match(f)) {
                         let known = if feed_names.is_empty() {
@@ -159,7 +176,7 @@ pub fn validate_routes(
                 "must not be empty; use \"*\" for every event type".to_string(),
             ));
         } else if let Err(e) = compile(&route.event) {
-            issues.push((key("event"), e));
+            issues.push((key("event"), e.to_string()));
         }
         match (route.sinks.is_empty(), route.drop) {
             (false, true) => issues.push((

@@ -49,13 +49,8 @@ pub fn endpoint(admin: Option<&str>, config: Option<&AdminConfig>) -> Result<Url
 }
 
 /// Checks a `--feed` or `--type` pattern before connecting (the endpoint checks it too).
-pub fn check_glob(pattern: &str) -> Result<(), String> {
-    globset::GlobBuilder::new(pattern)
-        .literal_separator(false)
-        .backslash_escape(true)
-        .build()
-        .map(|_| ())
-        .map_err(|e| format!("`{pattern}` is not a valid glob: {}", e.kind()))
+pub fn check_glob(pattern: &str) -> Result<(), crate::route::PatternError> {
+    crate::route::compile_pattern(pattern).map(|_| ())
 }
 
 fn unreachable(base: &Url, e: reqwest::Error) -> anyhow::Error {

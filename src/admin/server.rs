@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use globset::{GlobBuilder, GlobMatcher};
+use globset::GlobMatcher;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
@@ -372,13 +372,8 @@ async fn sinks(State(state): State<Arc<AdminState>>) -> Response {
     json_response(StatusCode::OK, &Value::Array(sinks))
 }
 
-fn glob(pattern: &str) -> Result<GlobMatcher, String> {
-    GlobBuilder::new(pattern)
-        .literal_separator(false)
-        .backslash_escape(true)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|e| format!("`{pattern}` is not a valid glob: {}", e.kind()))
+fn glob(pattern: &str) -> Result<GlobMatcher, crate::route::PatternError> {
+    crate::route::compile_pattern(pattern)
 }
 
 /// One `/tap` connection: a broadcast receiver and its filters.
