@@ -22,3 +22,18 @@ pub struct Event {
     /// Per-feed monotonic sequence number assigned by the bridge, starting at 1.
     pub seq: u64,
 }
+
+impl Event {
+    /// An event with the given fields, received now. The bridge makes its events in the
+    /// pipeline (which stamps `received_at` and `seq`); this is for tests and tools.
+    pub fn new(feed: &str, event_type: &str, id: &str, data: impl Into<String>, seq: u64) -> Event {
+        Event {
+            feed: Arc::from(feed),
+            event_type: Arc::from(event_type),
+            data: data.into(),
+            id: Arc::from(id),
+            received_at: Utc::now(),
+            seq,
+        }
+    }
+}

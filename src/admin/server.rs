@@ -496,14 +496,13 @@ mod tests {
     use tokio::sync::broadcast;
 
     fn event(seq: u64, event_type: &str) -> Arc<Event> {
-        Arc::new(Event {
-            feed: Arc::from("f"),
-            event_type: event_type.into(),
-            data: format!("d{seq}"),
-            id: seq.to_string().into(),
-            received_at: Utc::now(),
+        Arc::new(Event::new(
+            "f",
+            event_type,
+            &seq.to_string(),
+            format!("d{seq}"),
             seq,
-        })
+        ))
     }
 
     #[tokio::test]

@@ -375,13 +375,9 @@ mod tests {
 
     fn event(feed: &str, seq: u64, id: &str, data: &str) -> Arc<Event> {
         Arc::new(Event {
-            feed: Arc::from(feed),
-            event_type: "edit".into(),
-            data: data.into(),
-            id: id.into(),
             received_at: Utc.with_ymd_and_hms(2026, 11, 24, 8, 0, 0).unwrap()
                 + chrono::Duration::microseconds(seq as i64),
-            seq,
+            ..Event::new(feed, "edit", id, data, seq)
         })
     }
 

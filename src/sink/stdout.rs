@@ -104,14 +104,7 @@ mod tests {
     }
 
     fn event(seq: u64) -> Arc<Event> {
-        Arc::new(Event {
-            feed: Arc::from("f"),
-            event_type: "t".into(),
-            data: "two\nlines".into(),
-            id: "i".into(),
-            received_at: chrono::Utc::now(),
-            seq,
-        })
+        Arc::new(Event::new("f", "t", "i", "two\nlines", seq))
     }
 
     #[test]

@@ -403,16 +403,12 @@ mod tests {
 
     fn event(feed: &str, event_type: &str, id: &str, data: &str, seq: u64) -> Event {
         Event {
-            feed: Arc::from(feed),
-            event_type: event_type.into(),
-            data: data.into(),
-            id: id.into(),
             received_at: Utc
                 .with_ymd_and_hms(2026, 11, 24, 8, 0, 0)
                 .unwrap()
                 .checked_add_signed(chrono::Duration::microseconds(123_456))
                 .unwrap(),
-            seq,
+            ..Event::new(feed, event_type, id, data, seq)
         }
     }
 

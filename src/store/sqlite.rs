@@ -430,13 +430,9 @@ mod tests {
 
     fn event(feed: &str, seq: u64, id: &str) -> Event {
         Event {
-            feed: Arc::from(feed),
-            event_type: "edit".into(),
-            data: format!("data {seq}\nline 2"),
-            id: id.into(),
             received_at: Utc.with_ymd_and_hms(2026, 11, 24, 8, 0, 0).unwrap()
                 + chrono::Duration::microseconds(seq as i64),
-            seq,
+            ..Event::new(feed, "edit", id, format!("data {seq}\nline 2"), seq)
         }
     }
 

@@ -15,14 +15,13 @@ use crate::sink::{Sink, SinkConfig};
 use chrono::Utc;
 
 fn event(feed: &str, event_type: &str, seq: u64, data: &str) -> Arc<Event> {
-    Arc::new(Event {
-        feed: Arc::from(feed),
-        event_type: event_type.into(),
-        data: data.into(),
-        id: format!("id-{seq}").into(),
-        received_at: Utc::now(),
+    Arc::new(Event::new(
+        feed,
+        event_type,
+        &format!("id-{seq}"),
+        data,
         seq,
-    })
+    ))
 }
 
 fn config(path: &str, fsync: FsyncPolicy) -> FileSinkConfig {

@@ -7,7 +7,6 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use crate::checkpoint::{FeedTracker, Position};
 use crate::sink::BufferConfig;
 use crate::sink::{runner, Sink, SinkConfig};
-use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
@@ -16,14 +15,13 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 
 fn event(feed: &str, event_type: &str, seq: u64, data: &str) -> Arc<Event> {
-    Arc::new(Event {
-        feed: Arc::from(feed),
-        event_type: event_type.into(),
-        data: data.into(),
-        id: format!("id-{seq}").into(),
-        received_at: Utc::now(),
+    Arc::new(Event::new(
+        feed,
+        event_type,
+        &format!("id-{seq}"),
+        data,
         seq,
-    })
+    ))
 }
 
 fn events(feed: &str, range: std::ops::RangeInclusive<u64>) -> Vec<Arc<Event>> {
