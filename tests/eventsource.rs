@@ -18,7 +18,7 @@ use sse_bridge::sse::client::{EventSource, Next};
 use sse_bridge::sse::parser::{Item, SseEvent};
 use sse_bridge::sse::status::{FeedStatus, ReadyState, StatusHandle};
 use sse_bridge::state::GapReason;
-use support::server::{gap, Reply, Server};
+use support::server::{event_text, gap, Reply, Server};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -244,6 +244,77 @@ async fn retry_field_sets_the_next_delays() {
         g2 >= ms(100) && g2 < ms(400),
         "retry: 100 should shorten the delay: {g2:?}"
     );
+}
+
+/// A server that ends every response after a batch (50 events, `retry: 500`), as many servers
+/// and proxies do routinely, is followed as a browser follows it: each reconnection waits the
+/// reconnection time, not an escalating backoff (with the default backoff the delays used to
+/// grow 1.3, 2.1, 4.6, 9.4 s...). The count must reach 80 % of a browser's: events per
+/// connection x (window / (500 ms + connection time)).
+#[tokio::test]
+async fn a_server_closing_every_50_events_is_followed_like_a_browser() {
+    const BATCH: u64 = 50;
+    let server = Server::answer(|r| {
+        let after: u64 = r
+            .last_event_id
+            .as_deref()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(0);
+        let mut body = String::from("retry: 500\n\n");
+        for n in after + 1..=after + BATCH {
+            body.push_str(&event_text(n));
+        }
+        Reply::sse().send(body)
+    })
+    .await;
+    // The documented defaults (backoff from 1 s doubling to 60 s, with jitter).
+    let f = FeedConfig::new("routine", server.url_for("/"));
+    let window = Duration::from_secs(10);
+    let started = std::time::Instant::now();
+    let mut d = drive(f, "");
+    let mut events = 0u64;
+    let mut last_id = String::new();
+    while let Some(left) = window.checked_sub(started.elapsed()) {
+        match tokio::time::timeout(left, d.rx.recv()).await {
+            Ok(Some(Out::Items(items))) => {
+                for item in items {
+                    if let Item::Event(e) = item {
+                        events += 1;
+                        last_id = e.id.to_string();
+                    }
+                }
+            }
+            Ok(other) => panic!("expected events, got {other:?}"),
+            Err(_) => break,
+        }
+    }
+    // Resumed every time: no event twice, none skipped.
+    assert_eq!(last_id, events.to_string());
+    let requests = server.requests();
+    let done: Vec<_> = requests.iter().filter(|r| r.ended.is_some()).collect();
+    assert!(done.len() >= 2, "{requests:?}");
+    let connection_time = done
+        .iter()
+        .map(|r| r.ended.unwrap_or(r.at).saturating_duration_since(r.at))
+        .sum::<Duration>()
+        / done.len() as u32;
+    let browser = BATCH as f64 * window.as_secs_f64() / (0.5 + connection_time.as_secs_f64());
+    println!(
+        "routine close: {events} events in {window:?} over {} requests (a browser: {browser:.0}; connection time {connection_time:?})",
+        requests.len()
+    );
+    assert!(
+        events as f64 >= 0.8 * browser,
+        "{events} events, a browser gets {browser:.0}"
+    );
+    for pair in requests.windows(2) {
+        let delay = gap(&pair[0], &pair[1]);
+        assert!(
+            delay >= ms(500) && delay < ms(1000),
+            "the delays must stay at the reconnection time (500 ms): {delay:?} before request {}",
+            pair[1].index
+        );
+    }
 }
 
 #[tokio::test]
