@@ -207,6 +207,146 @@ async fn multi_event_stream_with_standard_and_custom_headers() {
     assert_eq!(s.last_error, None);
 }
 
+/// A stream that needs a POST with a body (an LLM or GraphQL-over-SSE stream, a subscription
+/// taking a filter) gets the same method, body and Content-Type on every request, the
+/// reconnection adding Last-Event-ID.
+#[tokio::test]
+async fn post_with_a_body_is_resent_on_every_reconnection_with_last_event_id() {
+    let server = Server::replies(vec![
+        Reply::sse().send("id: 1\ndata: a\n\n"),
+        Reply::status(503),
+        Reply::sse().send("id: 2\ndata: b\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url_for("/subscribe"));
+    f.method = "POST".into();
+    f.body = Some(r#"{"query":"subscription { edits }"}"#.into());
+    f.headers
+        .insert("Content-Type".into(), "application/json".into());
+    let mut d = drive(f, "");
+    assert_eq!(d.events(2).await.len(), 2);
+    let r = server.requests();
+    assert_eq!(r.len(), 3, "{r:?}");
+    for req in &r {
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.uri, "/subscribe");
+        assert_eq!(req.body, r#"{"query":"subscription { edits }"}"#);
+        assert_eq!(req.header("content-length").as_deref(), Some("34"));
+        assert_eq!(
+            req.header("content-type").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(req.header("accept").as_deref(), Some("text/event-stream"));
+    }
+    assert_eq!(r[0].header("last-event-id"), None);
+    assert_eq!(r[1].header("last-event-id").as_deref(), Some("1"));
+    assert_eq!(r[2].header("last-event-id").as_deref(), Some("1"));
+    // Failures name the method.
+    assert!(
+        last_error(&d).contains("POST http://"),
+        "{}",
+        last_error(&d)
+    );
+}
+
+/// Redirects treat the method and body as browsers do: 307 and 308 repeat them, 303 turns the
+/// request into a GET without a body (and without its Content-Type).
+#[tokio::test]
+async fn redirects_keep_the_body_on_307_and_drop_it_on_303() {
+    let server = Server::answer(|r| match r.path.as_str() {
+        "/a" => Reply::redirect(307, "/b"),
+        "/b" => Reply::redirect(303, "/c"),
+        _ => Reply::sse().send("data: a\n\n").hang(),
+    })
+    .await;
+    let mut f = feed(server.url_for("/a"));
+    f.method = "POST".into();
+    f.body = Some("filter".into());
+    f.headers.insert("Content-Type".into(), "text/plain".into());
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let r = server.requests();
+    let seen: Vec<(&str, &str, &str, Option<String>)> = r
+        .iter()
+        .map(|r| {
+            (
+                r.path.as_str(),
+                r.method.as_str(),
+                r.body.as_str(),
+                r.header("content-type"),
+            )
+        })
+        .collect();
+    let text = Some("text/plain".to_string());
+    assert_eq!(
+        seen,
+        [
+            ("/a", "POST", "filter", text.clone()),
+            ("/b", "POST", "filter", text),
+            ("/c", "GET", "", None),
+        ]
+    );
+}
+
+/// `body_file` is read at every attempt (an edited filter applies at the next reconnection);
+/// another method without a body says its length is 0; an unreadable file is an error naming
+/// it, retried.
+#[tokio::test]
+async fn body_file_is_read_at_every_attempt_and_methods_without_a_body_send_length_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("filter.json");
+    std::fs::write(&path, "one").expect("write body");
+    let file = path.clone();
+    let server = Server::answer(move |r| match r.index {
+        0 => {
+            std::fs::write(&file, "two").expect("rewrite body");
+            Reply::sse().send("id: 5\ndata: a\n\n")
+        }
+        _ => Reply::sse().send("data: b\n\n").hang(),
+    })
+    .await;
+    let mut f = feed(server.url_for("/"));
+    f.method = "REPORT".into();
+    f.body_file = Some(path.clone());
+    let mut d = drive(f, "");
+    assert_eq!(d.events(2).await.len(), 2);
+    let r = server.requests();
+    assert_eq!(
+        (r[0].method.as_str(), r[0].body.as_str()),
+        ("REPORT", "one")
+    );
+    assert_eq!(
+        (r[1].method.as_str(), r[1].body.as_str()),
+        ("REPORT", "two")
+    );
+    assert_eq!(r[1].header("last-event-id").as_deref(), Some("5"));
+    drop(d);
+
+    let server = Server::replies(vec![Reply::sse().send("data: a\n\n").hang()]).await;
+    let mut f = feed(server.url_for("/"));
+    f.method = "POST".into();
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let req = &server.requests()[0];
+    assert_eq!(req.method, "POST");
+    assert_eq!(req.header("content-length").as_deref(), Some("0"));
+    drop(d);
+
+    let mut f = feed(server.url_for("/"));
+    f.method = "POST".into();
+    f.body_file = Some(dir.path().join("missing.json"));
+    let d = drive(f, "");
+    let s = d
+        .status_until("a local error", |s| s.errors.contains_key("local"))
+        .await;
+    let err = s.last_error.unwrap_or_default();
+    assert!(
+        err.contains("cannot read body_file") && err.contains("missing.json"),
+        "{err}"
+    );
+    assert_eq!(server.count(), 1, "nothing is sent without its body");
+}
+
 #[tokio::test]
 async fn comments_produce_nothing() {
     let server = Server::replies(vec![Reply::sse()

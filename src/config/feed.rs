@@ -23,6 +23,20 @@ pub struct FeedConfig {
     /// changing the URL starts from an empty Last-Event-ID (and records a gap).
     pub url: String,
 
+    /// The request method: `GET` (default), or any other a server streams in answer to, such
+    /// as `POST` or `REPORT` (LLM and GraphQL-over-SSE streams, subscription APIs that take a
+    /// filter). Case-sensitive; `HEAD`, `CONNECT` and `TRACE` are refused.
+    #[serde(default = "defaults::method")]
+    pub method: String,
+    /// The request body, sent (with `Content-Length`) on every connection attempt, reconnections
+    /// included, together with `Last-Event-ID`. Set its type in `headers`, for example
+    /// `{ "Content-Type" = "application/json" }`. Never logged.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// A file holding the request body instead of `body`, read at every connection attempt
+    /// (an edited filter applies at the next reconnection).
+    #[serde(default)]
+    pub body_file: Option<PathBuf>,
     /// Extra request headers, for example `{ "User-Agent" = "my-bridge (ops@example.org)" }`.
     /// `Accept`, `Cache-Control` and `Last-Event-ID` are set by the bridge and cannot be
     /// overridden here. Put secrets in `bearer_token_env` / `bearer_token_file` instead.
@@ -153,6 +167,12 @@ impl std::fmt::Debug for FeedConfig {
         f.debug_struct("FeedConfig")
             .field("name", &self.name)
             .field("url", &url)
+            .field("method", &self.method)
+            .field(
+                "body",
+                &self.body.as_ref().map(|b| format!("<{} bytes>", b.len())),
+            )
+            .field("body_file", &self.body_file)
             .field("headers", &headers)
             .field("secret_headers", &self.secret_headers)
             .field(
@@ -241,6 +261,13 @@ impl From<&FeedConfig> for ClientOptions {
         ClientOptions {
             name: feed.name.clone(),
             url: Secret::new(feed.url.as_str()),
+            method: feed.method.clone(),
+            // Both set is refused by validation; the inline body wins here.
+            body: match (&feed.body, &feed.body_file) {
+                (Some(text), _) => Some(sse::RequestBodySource::Inline(Secret::new(text.as_str()))),
+                (None, Some(path)) => Some(sse::RequestBodySource::File(path.clone())),
+                (None, None) => None,
+            },
             headers: feed
                 .headers
                 .iter()
@@ -297,6 +324,9 @@ impl FeedConfig {
         FeedConfig {
             name: name.into(),
             url: url.into(),
+            method: defaults::method(),
+            body: None,
+            body_file: None,
             headers: BTreeMap::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,
@@ -325,6 +355,9 @@ pub(crate) mod defaults {
 
     pub fn yes() -> bool {
         true
+    }
+    pub fn method() -> String {
+        "GET".into()
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(10)

@@ -256,8 +256,9 @@ impl EventSource {
                             status: None,
                             retry_after: None,
                             message: format!(
-                                "feed `{}`: GET {}: {e}; dropping the connection (the next one resumes from last event ID `{}`)",
+                                "feed `{}`: {} {}: {e}; dropping the connection (the next one resumes from last event ID `{}`)",
                                 self.name,
+                                self.connector.method(),
                                 self.connector.shown_url(),
                                 self.parser.last_event_id()
                             ),

@@ -53,6 +53,15 @@ impl Default for BackoffOptions {
     }
 }
 
+/// Where a request body comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestBodySource {
+    /// This text (held as a secret: a subscription body may carry credentials).
+    Inline(Secret),
+    /// This file, read at every connection attempt (so an edited filter applies at the next).
+    File(PathBuf),
+}
+
 /// The options of one client. `Debug` shows no credential: header values and the URL's
 /// userinfo are [`Secret`]s.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +70,11 @@ pub struct ClientOptions {
     pub name: String,
     /// The stream's URL; it may carry userinfo, sent as `Authorization: Basic`.
     pub url: Secret,
+    /// The request method (`GET`, `POST`, `REPORT`...), sent on every attempt.
+    pub method: String,
+    /// The request body, re-sent on every attempt (with `Content-Length`; `Content-Type` comes
+    /// from `headers`).
+    pub body: Option<RequestBodySource>,
     /// Extra request headers, in order. Every value is held as a secret; `secret_headers`
     /// (and the well-known credential headers) decide which are also scrubbed from text.
     pub headers: Vec<(String, Secret)>,
@@ -96,6 +110,8 @@ impl ClientOptions {
         ClientOptions {
             name: name.into(),
             url: Secret::new(url),
+            method: "GET".into(),
+            body: None,
             headers: Vec::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,
