@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use sse_bridge::config::units::ByteSize;
-use sse_bridge::config::{BackoffConfig, FeedConfig, OnClientError, Policy};
+use sse_bridge::config::{BackoffConfig, FeedConfig, OnClientError, Policy, StartConfig};
 use sse_bridge::sse::client::{EventSource, Next};
 use sse_bridge::sse::parser::{Item, SseEvent};
 use sse_bridge::sse::status::{FeedStatus, ReadyState, StatusHandle};
@@ -285,6 +285,78 @@ async fn redirects_keep_the_body_on_307_and_drop_it_on_303() {
             ("/b", "POST", "filter", text),
             ("/c", "GET", "", None),
         ]
+    );
+}
+
+/// The query parameters of a request target, in order.
+fn query(uri: &str) -> Vec<(String, String)> {
+    url::Url::parse(&format!("http://h{uri}"))
+        .expect("request target")
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    p.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `start.since` goes on the attempts of a feed without a checkpoint until one opens, never
+/// after; `last_event_id_query` repeats the ID as a query parameter on exactly the requests
+/// that send `Last-Event-ID`; the URL's own query is kept.
+#[tokio::test]
+async fn since_and_the_id_query_parameter_go_on_the_right_requests_only() {
+    let server = Server::replies(vec![
+        Reply::status(503),
+        Reply::sse().send("id: 9\ndata: a\n\n"),
+        Reply::sse().send("id: 10\ndata: b\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url_for("/.well-known/mercure?topic=https://example.org/books/1"));
+    f.last_event_id_query = Some("lastEventID".into());
+    f.start = Some(StartConfig {
+        since: "2026-12-01T00:00:00Z".into(),
+    });
+    let mut d = drive(f.clone(), "");
+    assert_eq!(d.events(2).await.len(), 2);
+    let r = server.requests();
+    let topic = ("topic", "https://example.org/books/1");
+    let since = ("since", "2026-12-01T00:00:00Z");
+    assert_eq!(query(&r[0].uri), pairs(&[topic, since]));
+    assert_eq!(query(&r[1].uri), pairs(&[topic, since]), "not open yet");
+    assert_eq!(query(&r[2].uri), pairs(&[topic, ("lastEventID", "9")]));
+    assert_eq!(r[2].header("last-event-id").as_deref(), Some("9"));
+    drop(d);
+
+    // From a checkpoint: the ID from the first request on, no start position.
+    let server = Server::replies(vec![Reply::sse().send("data: a\n\n").hang()]).await;
+    f.url = server.url_for("/s?lastEventID=stale");
+    let mut d = drive(f.clone(), "5");
+    assert_eq!(d.events(1).await.len(), 1);
+    assert_eq!(
+        query(&server.requests()[0].uri),
+        pairs(&[("lastEventID", "5")])
+    );
+    drop(d);
+
+    // A duration counts back from the start; the parameter name is configurable.
+    let server = Server::replies(vec![Reply::sse().send("data: a\n\n").hang()]).await;
+    f.url = server.url_for("/v2/stream/recentchange");
+    f.start = Some(StartConfig { since: "1h".into() });
+    f.since_query = "from".into();
+    let before = SystemTime::now();
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let q = query(&server.requests()[0].uri);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].0, "from");
+    let at = humantime::parse_rfc3339(&q[0].1).expect("an RFC 3339 time");
+    let ago = before.duration_since(at).expect("in the past");
+    assert!(
+        ago >= Duration::from_secs(3599) && ago <= Duration::from_secs(3601),
+        "{ago:?}"
     );
 }
 

@@ -237,6 +237,19 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
         }
         _ => {}
     }
+    if let Some(start) = &feed.start {
+        if let Err(e) = crate::sse::options::Since::parse(&start.since) {
+            issues.add(key("start.since"), e);
+        }
+    }
+    for (k, name) in [
+        ("since_query", Some(&feed.since_query)),
+        ("last_event_id_query", feed.last_event_id_query.as_ref()),
+    ] {
+        if name.is_some_and(|n| n.trim().is_empty()) {
+            issues.add(key(k), "must be a query parameter name, not empty");
+        }
+    }
     for (j, name) in feed.secret_headers.iter().enumerate() {
         if HeaderName::from_bytes(name.as_bytes()).is_err() {
             issues.add(

@@ -100,6 +100,9 @@ pub struct EventSource {
     gap_reported: bool,
     /// The last event ID last published to the status handle.
     shown_id: String,
+    /// The start position (`since` query parameter) of a feed that started without a last
+    /// event ID, sent until a connection opens.
+    since: Option<String>,
 }
 
 impl std::fmt::Debug for EventSource {
@@ -180,6 +183,10 @@ impl EventSource {
             events_seen: 0,
             events_at_open: 0,
             gap_reported: false,
+            since: feed
+                .start_since
+                .filter(|_| start_last_event_id.is_empty())
+                .map(|since| since.value(SystemTime::now())),
             shown_id: start_last_event_id,
         }
     }
@@ -320,7 +327,9 @@ impl EventSource {
         });
         self.shown_id = id;
         self.phase = Phase::Connecting {
-            attempt: self.connector.connect(&self.shown_id),
+            attempt: self
+                .connector
+                .connect_with(&self.shown_id, self.since.as_deref()),
         };
         gap
     }
@@ -354,6 +363,8 @@ impl EventSource {
         });
         self.gap_reported = false;
         self.events_at_open = self.events_seen;
+        // The stream started where asked; later connections resume by ID.
+        self.since = None;
         self.phase = Phase::Open {
             conn,
             opened_at: Instant::now(),

@@ -213,6 +213,9 @@ struct Inner {
     feed: String,
     method: Method,
     body: BodySource,
+    /// The query parameter names of the last event ID (if configured) and of the start position.
+    last_event_id_query: Option<String>,
+    since_query: String,
     url: Url,
     /// The URL without userinfo, query or fragment: what messages show.
     shown_url: String,
@@ -393,6 +396,8 @@ impl Connector {
                 feed: feed.name.clone(),
                 method,
                 body,
+                last_event_id_query: feed.last_event_id_query.clone(),
+                since_query: feed.since_query.clone(),
                 shown_url: display_url(&url),
                 url,
                 headers,
@@ -431,12 +436,48 @@ impl Connector {
     /// (the client checks [`is_sendable_last_event_id`] first and reports it; this only keeps
     /// the transport total).
     pub fn connect(&self, last_event_id: &str) -> Attempt {
+        self.connect_with(last_event_id, None)
+    }
+
+    /// [`Connector::connect`], also sending `since` (a feed's start position, on the attempts
+    /// of a feed without a checkpoint) as the `since_query` parameter, and the last event ID
+    /// as the `last_event_id_query` parameter when one is configured and the ID is sent.
+    pub fn connect_with(&self, last_event_id: &str, since: Option<&str>) -> Attempt {
         let id = last_event_id_header(last_event_id);
+        let mut query = Vec::new();
+        if let (Some(name), Some(_)) = (&self.inner.last_event_id_query, &id) {
+            query.push((name.clone(), last_event_id.to_owned()));
+        }
+        if let Some(since) = since {
+            query.push((self.inner.since_query.clone(), since.to_owned()));
+        }
         Attempt {
-            task: tokio::spawn(self.inner.clone().attempt(id)),
+            task: tokio::spawn(self.inner.clone().attempt(id, query)),
             inner: self.inner.clone(),
         }
     }
+}
+
+/// `url` with these query parameters, replacing any of the same names it already has (the
+/// rest of its query is kept as written).
+fn with_query(url: &Url, params: &[(String, String)]) -> Url {
+    if params.is_empty() {
+        return url.clone();
+    }
+    let mut url = url.clone();
+    let replaces = url
+        .query_pairs()
+        .any(|(name, _)| params.iter().any(|(n, _)| *n == name));
+    if replaces {
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(name, _)| !params.iter().any(|(n, _)| *n == *name))
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    url.query_pairs_mut().extend_pairs(params);
+    url
 }
 
 /// `Authorization: Basic` for the userinfo of `url`, if it has any (what reqwest sends).
@@ -517,6 +558,7 @@ impl Inner {
     async fn attempt(
         self: Arc<Self>,
         last_event_id: Option<HeaderValue>,
+        query: Vec<(String, String)>,
     ) -> Result<Connection, Failure> {
         let mut headers = self.headers.clone();
         headers.insert(ACCEPT, HeaderValue::from_static(EVENT_STREAM));
@@ -538,7 +580,7 @@ impl Inner {
             headers.insert(AUTHORIZATION, value);
         }
         // Checked when the connector was made: the URL does not change.
-        let (uri, request_url) = request_target(&self.url)
+        let (uri, request_url) = request_target(&with_query(&self.url, &query))
             .map_err(|e| self.failure(FailureKind::Local, format_args!("invalid URL: {e}")))?;
         let body = match &self.body {
             BodySource::None => None,
