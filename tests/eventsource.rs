@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use sse_bridge::config::units::ByteSize;
-use sse_bridge::config::{BackoffConfig, FeedConfig, OnClientError, Policy};
+use sse_bridge::config::{BackoffConfig, FeedConfig, OnClientError, Policy, StartConfig};
 use sse_bridge::sse::client::{EventSource, Next};
 use sse_bridge::sse::parser::{Item, SseEvent};
 use sse_bridge::sse::status::{FeedStatus, ReadyState, StatusHandle};
 use sse_bridge::state::GapReason;
-use support::server::{gap, Reply, Server};
+use support::server::{event_text, gap, Reply, Server};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -207,6 +207,218 @@ async fn multi_event_stream_with_standard_and_custom_headers() {
     assert_eq!(s.last_error, None);
 }
 
+/// A stream that needs a POST with a body (an LLM or GraphQL-over-SSE stream, a subscription
+/// taking a filter) gets the same method, body and Content-Type on every request, the
+/// reconnection adding Last-Event-ID.
+#[tokio::test]
+async fn post_with_a_body_is_resent_on_every_reconnection_with_last_event_id() {
+    let server = Server::replies(vec![
+        Reply::sse().send("id: 1\ndata: a\n\n"),
+        Reply::status(503),
+        Reply::sse().send("id: 2\ndata: b\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url_for("/subscribe"));
+    f.method = "POST".into();
+    f.body = Some(r#"{"query":"subscription { edits }"}"#.into());
+    f.headers
+        .insert("Content-Type".into(), "application/json".into());
+    let mut d = drive(f, "");
+    assert_eq!(d.events(2).await.len(), 2);
+    let r = server.requests();
+    assert_eq!(r.len(), 3, "{r:?}");
+    for req in &r {
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.uri, "/subscribe");
+        assert_eq!(req.body, r#"{"query":"subscription { edits }"}"#);
+        assert_eq!(req.header("content-length").as_deref(), Some("34"));
+        assert_eq!(
+            req.header("content-type").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(req.header("accept").as_deref(), Some("text/event-stream"));
+    }
+    assert_eq!(r[0].header("last-event-id"), None);
+    assert_eq!(r[1].header("last-event-id").as_deref(), Some("1"));
+    assert_eq!(r[2].header("last-event-id").as_deref(), Some("1"));
+    // Failures name the method.
+    assert!(
+        last_error(&d).contains("POST http://"),
+        "{}",
+        last_error(&d)
+    );
+}
+
+/// Redirects treat the method and body as browsers do: 307 and 308 repeat them, 303 turns the
+/// request into a GET without a body (and without its Content-Type).
+#[tokio::test]
+async fn redirects_keep_the_body_on_307_and_drop_it_on_303() {
+    let server = Server::answer(|r| match r.path.as_str() {
+        "/a" => Reply::redirect(307, "/b"),
+        "/b" => Reply::redirect(303, "/c"),
+        _ => Reply::sse().send("data: a\n\n").hang(),
+    })
+    .await;
+    let mut f = feed(server.url_for("/a"));
+    f.method = "POST".into();
+    f.body = Some("filter".into());
+    f.headers.insert("Content-Type".into(), "text/plain".into());
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let r = server.requests();
+    let seen: Vec<(&str, &str, &str, Option<String>)> = r
+        .iter()
+        .map(|r| {
+            (
+                r.path.as_str(),
+                r.method.as_str(),
+                r.body.as_str(),
+                r.header("content-type"),
+            )
+        })
+        .collect();
+    let text = Some("text/plain".to_string());
+    assert_eq!(
+        seen,
+        [
+            ("/a", "POST", "filter", text.clone()),
+            ("/b", "POST", "filter", text),
+            ("/c", "GET", "", None),
+        ]
+    );
+}
+
+/// The query parameters of a request target, in order.
+fn query(uri: &str) -> Vec<(String, String)> {
+    url::Url::parse(&format!("http://h{uri}"))
+        .expect("request target")
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    p.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `start.since` goes on the attempts of a feed without a checkpoint until one opens, never
+/// after; `last_event_id_query` repeats the ID as a query parameter on exactly the requests
+/// that send `Last-Event-ID`; the URL's own query is kept.
+#[tokio::test]
+async fn since_and_the_id_query_parameter_go_on_the_right_requests_only() {
+    let server = Server::replies(vec![
+        Reply::status(503),
+        Reply::sse().send("id: 9\ndata: a\n\n"),
+        Reply::sse().send("id: 10\ndata: b\n\n").hang(),
+    ])
+    .await;
+    let mut f = feed(server.url_for("/.well-known/mercure?topic=https://example.org/books/1"));
+    f.last_event_id_query = Some("lastEventID".into());
+    f.start = Some(StartConfig {
+        since: "2026-12-01T00:00:00Z".into(),
+    });
+    let mut d = drive(f.clone(), "");
+    assert_eq!(d.events(2).await.len(), 2);
+    let r = server.requests();
+    let topic = ("topic", "https://example.org/books/1");
+    let since = ("since", "2026-12-01T00:00:00Z");
+    assert_eq!(query(&r[0].uri), pairs(&[topic, since]));
+    assert_eq!(query(&r[1].uri), pairs(&[topic, since]), "not open yet");
+    assert_eq!(query(&r[2].uri), pairs(&[topic, ("lastEventID", "9")]));
+    assert_eq!(r[2].header("last-event-id").as_deref(), Some("9"));
+    drop(d);
+
+    // From a checkpoint: the ID from the first request on, no start position.
+    let server = Server::replies(vec![Reply::sse().send("data: a\n\n").hang()]).await;
+    f.url = server.url_for("/s?lastEventID=stale");
+    let mut d = drive(f.clone(), "5");
+    assert_eq!(d.events(1).await.len(), 1);
+    assert_eq!(
+        query(&server.requests()[0].uri),
+        pairs(&[("lastEventID", "5")])
+    );
+    drop(d);
+
+    // A duration counts back from the start; the parameter name is configurable.
+    let server = Server::replies(vec![Reply::sse().send("data: a\n\n").hang()]).await;
+    f.url = server.url_for("/v2/stream/recentchange");
+    f.start = Some(StartConfig { since: "1h".into() });
+    f.since_query = "from".into();
+    let before = SystemTime::now();
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let q = query(&server.requests()[0].uri);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].0, "from");
+    let at = humantime::parse_rfc3339(&q[0].1).expect("an RFC 3339 time");
+    let ago = before.duration_since(at).expect("in the past");
+    assert!(
+        ago >= Duration::from_secs(3599) && ago <= Duration::from_secs(3601),
+        "{ago:?}"
+    );
+}
+
+/// `body_file` is read at every attempt (an edited filter applies at the next reconnection);
+/// another method without a body says its length is 0; an unreadable file is an error naming
+/// it, retried.
+#[tokio::test]
+async fn body_file_is_read_at_every_attempt_and_methods_without_a_body_send_length_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("filter.json");
+    std::fs::write(&path, "one").expect("write body");
+    let file = path.clone();
+    let server = Server::answer(move |r| match r.index {
+        0 => {
+            std::fs::write(&file, "two").expect("rewrite body");
+            Reply::sse().send("id: 5\ndata: a\n\n")
+        }
+        _ => Reply::sse().send("data: b\n\n").hang(),
+    })
+    .await;
+    let mut f = feed(server.url_for("/"));
+    f.method = "REPORT".into();
+    f.body_file = Some(path.clone());
+    let mut d = drive(f, "");
+    assert_eq!(d.events(2).await.len(), 2);
+    let r = server.requests();
+    assert_eq!(
+        (r[0].method.as_str(), r[0].body.as_str()),
+        ("REPORT", "one")
+    );
+    assert_eq!(
+        (r[1].method.as_str(), r[1].body.as_str()),
+        ("REPORT", "two")
+    );
+    assert_eq!(r[1].header("last-event-id").as_deref(), Some("5"));
+    drop(d);
+
+    let server = Server::replies(vec![Reply::sse().send("data: a\n\n").hang()]).await;
+    let mut f = feed(server.url_for("/"));
+    f.method = "POST".into();
+    let mut d = drive(f, "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let req = &server.requests()[0];
+    assert_eq!(req.method, "POST");
+    assert_eq!(req.header("content-length").as_deref(), Some("0"));
+    drop(d);
+
+    let mut f = feed(server.url_for("/"));
+    f.method = "POST".into();
+    f.body_file = Some(dir.path().join("missing.json"));
+    let d = drive(f, "");
+    let s = d
+        .status_until("a local error", |s| s.errors.contains_key("local"))
+        .await;
+    let err = s.last_error.unwrap_or_default();
+    assert!(
+        err.contains("cannot read body_file") && err.contains("missing.json"),
+        "{err}"
+    );
+    assert_eq!(server.count(), 1, "nothing is sent without its body");
+}
+
 #[tokio::test]
 async fn comments_produce_nothing() {
     let server = Server::replies(vec![Reply::sse()
@@ -244,6 +456,77 @@ async fn retry_field_sets_the_next_delays() {
         g2 >= ms(100) && g2 < ms(400),
         "retry: 100 should shorten the delay: {g2:?}"
     );
+}
+
+/// A server that ends every response after a batch (50 events, `retry: 500`), as many servers
+/// and proxies do routinely, is followed as a browser follows it: each reconnection waits the
+/// reconnection time, not an escalating backoff (with the default backoff the delays used to
+/// grow 1.3, 2.1, 4.6, 9.4 s...). The count must reach 80 % of a browser's: events per
+/// connection x (window / (500 ms + connection time)).
+#[tokio::test]
+async fn a_server_closing_every_50_events_is_followed_like_a_browser() {
+    const BATCH: u64 = 50;
+    let server = Server::answer(|r| {
+        let after: u64 = r
+            .last_event_id
+            .as_deref()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(0);
+        let mut body = String::from("retry: 500\n\n");
+        for n in after + 1..=after + BATCH {
+            body.push_str(&event_text(n));
+        }
+        Reply::sse().send(body)
+    })
+    .await;
+    // The documented defaults (backoff from 1 s doubling to 60 s, with jitter).
+    let f = FeedConfig::new("routine", server.url_for("/"));
+    let window = Duration::from_secs(10);
+    let started = std::time::Instant::now();
+    let mut d = drive(f, "");
+    let mut events = 0u64;
+    let mut last_id = String::new();
+    while let Some(left) = window.checked_sub(started.elapsed()) {
+        match tokio::time::timeout(left, d.rx.recv()).await {
+            Ok(Some(Out::Items(items))) => {
+                for item in items {
+                    if let Item::Event(e) = item {
+                        events += 1;
+                        last_id = e.id.to_string();
+                    }
+                }
+            }
+            Ok(other) => panic!("expected events, got {other:?}"),
+            Err(_) => break,
+        }
+    }
+    // Resumed every time: no event twice, none skipped.
+    assert_eq!(last_id, events.to_string());
+    let requests = server.requests();
+    let done: Vec<_> = requests.iter().filter(|r| r.ended.is_some()).collect();
+    assert!(done.len() >= 2, "{requests:?}");
+    let connection_time = done
+        .iter()
+        .map(|r| r.ended.unwrap_or(r.at).saturating_duration_since(r.at))
+        .sum::<Duration>()
+        / done.len() as u32;
+    let browser = BATCH as f64 * window.as_secs_f64() / (0.5 + connection_time.as_secs_f64());
+    println!(
+        "routine close: {events} events in {window:?} over {} requests (a browser: {browser:.0}; connection time {connection_time:?})",
+        requests.len()
+    );
+    assert!(
+        events as f64 >= 0.8 * browser,
+        "{events} events, a browser gets {browser:.0}"
+    );
+    for pair in requests.windows(2) {
+        let delay = gap(&pair[0], &pair[1]);
+        assert!(
+            delay >= ms(500) && delay < ms(1000),
+            "the delays must stay at the reconnection time (500 ms): {delay:?} before request {}",
+            pair[1].index
+        );
+    }
 }
 
 #[tokio::test]

@@ -23,6 +23,33 @@ pub struct FeedConfig {
     /// changing the URL starts from an empty Last-Event-ID (and records a gap).
     pub url: String,
 
+    /// The request method: `GET` (default), or any other a server streams in answer to, such
+    /// as `POST` or `REPORT` (LLM and GraphQL-over-SSE streams, subscription APIs that take a
+    /// filter). Case-sensitive; `HEAD`, `CONNECT` and `TRACE` are refused.
+    #[serde(default = "defaults::method")]
+    pub method: String,
+    /// The request body, sent (with `Content-Length`) on every connection attempt, reconnections
+    /// included, together with `Last-Event-ID`. Set its type in `headers`, for example
+    /// `{ "Content-Type" = "application/json" }`. Never logged.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// A file holding the request body instead of `body`, read at every connection attempt
+    /// (an edited filter applies at the next reconnection).
+    #[serde(default)]
+    pub body_file: Option<PathBuf>,
+    /// Also send the last event ID as this query parameter, on every request that sends it
+    /// (as `Last-Event-ID` too): `"lastEventID"` for Mercure hubs. None by default.
+    #[serde(default)]
+    pub last_event_id_query: Option<String>,
+    /// Where a feed without a checkpoint starts: `{ since = "2026-12-01T00:00:00Z" }` (an RFC
+    /// 3339 time) or `{ since = "1h" }` (that long before the feed starts), sent as the
+    /// `since_query` parameter on its first connection only (until one opens). A feed with a
+    /// checkpoint resumes from its last event ID instead.
+    #[serde(default)]
+    pub start: Option<StartConfig>,
+    /// The query parameter name of `start.since` (`since`, as Wikimedia EventStreams takes).
+    #[serde(default = "defaults::since_query")]
+    pub since_query: String,
     /// Extra request headers, for example `{ "User-Agent" = "my-bridge (ops@example.org)" }`.
     /// `Accept`, `Cache-Control` and `Last-Event-ID` are set by the bridge and cannot be
     /// overridden here. Put secrets in `bearer_token_env` / `bearer_token_file` instead.
@@ -153,6 +180,15 @@ impl std::fmt::Debug for FeedConfig {
         f.debug_struct("FeedConfig")
             .field("name", &self.name)
             .field("url", &url)
+            .field("method", &self.method)
+            .field(
+                "body",
+                &self.body.as_ref().map(|b| format!("<{} bytes>", b.len())),
+            )
+            .field("body_file", &self.body_file)
+            .field("last_event_id_query", &self.last_event_id_query)
+            .field("start", &self.start)
+            .field("since_query", &self.since_query)
             .field("headers", &headers)
             .field("secret_headers", &self.secret_headers)
             .field(
@@ -176,6 +212,15 @@ impl std::fmt::Debug for FeedConfig {
             .field("enabled", &self.enabled)
             .finish()
     }
+}
+
+/// `start`: where a feed without a checkpoint starts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartConfig {
+    /// An RFC 3339 time (`"2026-12-01T00:00:00Z"`) or a duration back from the start
+    /// (`"1h"`).
+    pub since: String,
 }
 
 /// How a feed reacts to failures. See `FeedConfig::policy`.
@@ -241,6 +286,20 @@ impl From<&FeedConfig> for ClientOptions {
         ClientOptions {
             name: feed.name.clone(),
             url: Secret::new(feed.url.as_str()),
+            method: feed.method.clone(),
+            // Both set is refused by validation; the inline body wins here.
+            body: match (&feed.body, &feed.body_file) {
+                (Some(text), _) => Some(sse::RequestBodySource::Inline(Secret::new(text.as_str()))),
+                (None, Some(path)) => Some(sse::RequestBodySource::File(path.clone())),
+                (None, None) => None,
+            },
+            last_event_id_query: feed.last_event_id_query.clone(),
+            // Validation refuses an unparseable one.
+            start_since: feed
+                .start
+                .as_ref()
+                .and_then(|s| sse::Since::parse(&s.since).ok()),
+            since_query: feed.since_query.clone(),
             headers: feed
                 .headers
                 .iter()
@@ -297,6 +356,12 @@ impl FeedConfig {
         FeedConfig {
             name: name.into(),
             url: url.into(),
+            method: defaults::method(),
+            body: None,
+            body_file: None,
+            last_event_id_query: None,
+            start: None,
+            since_query: defaults::since_query(),
             headers: BTreeMap::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,
@@ -325,6 +390,12 @@ pub(crate) mod defaults {
 
     pub fn yes() -> bool {
         true
+    }
+    pub fn since_query() -> String {
+        "since".into()
+    }
+    pub fn method() -> String {
+        "GET".into()
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(10)

@@ -212,6 +212,44 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
             issues.add(&hkey, "not a valid HTTP header value (control characters?)");
         }
     }
+    if let Err(e) = crate::sse::connection::check_method(&feed.method) {
+        issues.add(key("method"), e);
+    }
+    for name in feed.headers.keys() {
+        if name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            issues.add(
+                key(&format!("headers.\"{name}\"")),
+                "is set by the bridge itself from `body` / `body_file`",
+            );
+        }
+    }
+    match (&feed.body, &feed.body_file) {
+        (Some(_), Some(_)) => issues.add(key("body"), "set either body or body_file, not both"),
+        (None, Some(path)) => {
+            if let Err(e) = std::fs::metadata(path) {
+                issues.add(
+                    key("body_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                );
+            }
+        }
+        _ => {}
+    }
+    if let Some(start) = &feed.start {
+        if let Err(e) = crate::sse::options::Since::parse(&start.since) {
+            issues.add(key("start.since"), e);
+        }
+    }
+    for (k, name) in [
+        ("since_query", Some(&feed.since_query)),
+        ("last_event_id_query", feed.last_event_id_query.as_ref()),
+    ] {
+        if name.is_some_and(|n| n.trim().is_empty()) {
+            issues.add(key(k), "must be a query parameter name, not empty");
+        }
+    }
     for (j, name) in feed.secret_headers.iter().enumerate() {
         if HeaderName::from_bytes(name.as_bytes()).is_err() {
             issues.add(

@@ -92,11 +92,17 @@ pub struct EventSource {
     attempts: u64,
     /// Events dispatched by this EventSource so far.
     events_seen: u64,
+    /// `events_seen` when the current (or last) connection opened: a clean end after more
+    /// events than this is a routine close, not a failure.
+    events_at_open: u64,
     /// A gap (ID rejected or unsendable) was already reported for the next connection to open,
     /// so that opening it without an ID is not reported a second time.
     gap_reported: bool,
     /// The last event ID last published to the status handle.
     shown_id: String,
+    /// The start position (`since` query parameter) of a feed that started without a last
+    /// event ID, sent until a connection opens.
+    since: Option<String>,
 }
 
 impl std::fmt::Debug for EventSource {
@@ -175,7 +181,12 @@ impl EventSource {
             phase: Phase::Start,
             attempts: 0,
             events_seen: 0,
+            events_at_open: 0,
             gap_reported: false,
+            since: feed
+                .start_since
+                .filter(|_| start_last_event_id.is_empty())
+                .map(|since| since.value(SystemTime::now())),
             shown_id: start_last_event_id,
         }
     }
@@ -252,8 +263,9 @@ impl EventSource {
                             status: None,
                             retry_after: None,
                             message: format!(
-                                "feed `{}`: GET {}: {e}; dropping the connection (the next one resumes from last event ID `{}`)",
+                                "feed `{}`: {} {}: {e}; dropping the connection (the next one resumes from last event ID `{}`)",
                                 self.name,
+                                self.connector.method(),
                                 self.connector.shown_url(),
                                 self.parser.last_event_id()
                             ),
@@ -315,7 +327,9 @@ impl EventSource {
         });
         self.shown_id = id;
         self.phase = Phase::Connecting {
-            attempt: self.connector.connect(&self.shown_id),
+            attempt: self
+                .connector
+                .connect_with(&self.shown_id, self.since.as_deref()),
         };
         gap
     }
@@ -348,6 +362,9 @@ impl EventSource {
             }
         });
         self.gap_reported = false;
+        self.events_at_open = self.events_seen;
+        // The stream started where asked; later connections resume by ID.
+        self.since = None;
         self.phase = Phase::Open {
             conn,
             opened_at: Instant::now(),
@@ -416,7 +433,16 @@ impl EventSource {
         } else {
             FailureClass::Transient
         };
-        let delay = self.backoff.next_delay(class, failure.retry_after);
+        // A stream that opened, delivered events and then ended cleanly was healthy: servers
+        // and proxies end responses routinely (every 30-100 s, or after a batch). It is followed
+        // as a browser follows it, after the reconnection time; only failures escalate.
+        let routine =
+            level == Level::Info && open_for.is_some() && self.events_seen > self.events_at_open;
+        let delay = if routine {
+            self.backoff.routine_close()
+        } else {
+            self.backoff.next_delay(class, failure.retry_after)
+        };
         // Rounded to milliseconds: nobody needs nanoseconds in a log line.
         let shown_delay =
             humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
@@ -773,6 +799,56 @@ mod tests {
             let (got, _) = items(&mut source(&fast(), &t, ""), 2).await;
             assert_eq!(got, want, "chunks of {size}");
         }
+    }
+
+    /// Servers end healthy streams routinely: a stream that delivered events and then ended
+    /// cleanly reconnects after the reconnection time (100 ms here) every time, where a
+    /// failure would wait 200, 400, 800 ms.
+    #[tokio::test]
+    async fn a_routine_close_reconnects_after_the_reconnection_time_without_escalating() {
+        let batch =
+            |data: &'static str| Reply::stream(vec![Bytes::from_static(data.as_bytes())], true);
+        let t = Arc::new(Scripted::new(vec![
+            batch("data: a\n\n"),
+            batch("data: b\n\n"),
+            batch("data: c\n\n"),
+            Reply::stream(vec![Bytes::from_static(b"data: d\n\n")], false),
+        ]));
+        let mut es = source(&fast(), &t, "");
+        let started = Instant::now();
+        let (got, others) = items(&mut es, 4).await;
+        let elapsed = started.elapsed();
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(
+            elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(1000),
+            "three routine closes took {elapsed:?}"
+        );
+        // No ids, so each reconnection is a gap, as before.
+        assert_eq!(others.len(), 3, "{others:?}");
+        assert_eq!(es.backoff.failures(), 0);
+        assert_eq!(es.status().get().errors.get("eof"), Some(&3));
+    }
+
+    /// An end before any event is a failure: the backoff grows (200 ms, then 400 ms).
+    #[tokio::test]
+    async fn an_end_before_any_event_still_backs_off() {
+        let t = Arc::new(Scripted::new(vec![
+            Reply::stream(vec![Bytes::from_static(b"data: a\n\n")], true),
+            Reply::stream(vec![Bytes::from_static(b": only a comment\n")], true),
+            Reply::stream(Vec::new(), true),
+            Reply::stream(vec![Bytes::from_static(b"id: 1\ndata: b\n\n")], false),
+        ]));
+        let mut es = source(&fast(), &t, "");
+        let started = Instant::now();
+        let (got, _) = items(&mut es, 2).await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        // 100 ms (routine) + 200 ms + 400 ms (failures).
+        assert!(
+            started.elapsed() >= Duration::from_millis(700),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(t.sent().len(), 4);
     }
 
     #[tokio::test]

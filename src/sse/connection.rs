@@ -32,18 +32,24 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH,
+    CONTENT_TYPE, TRANSFER_ENCODING,
+};
+use http::Method;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use url::Url;
 
-use super::options::ClientOptions;
+use super::options::{ClientOptions, RequestBodySource};
 use super::response::{self, Verdict};
 use super::secret::{is_secret_header, Redactor, Secret, MIN_SECRET_LEN, REDACTED};
 use super::transport::http1::Http1Transport;
 use super::transport::proxy::system_proxies;
 use super::transport::redirect::RedirectRules;
-use super::transport::{self, Body, ConnectTimeout, FinalUrl, Transport, TransportError};
+use super::transport::{
+    self, Body, ConnectTimeout, FinalUrl, RequestBody, Transport, TransportError,
+};
 
 pub use super::transport::display_url;
 pub use super::transport::tls::tls_config_with_ca_file;
@@ -57,13 +63,44 @@ pub use super::response::{is_event_stream, EVENT_STREAM};
 /// rejects them too, this keeps the transport correct on its own).
 const RESERVED: [&str; 3] = ["accept", "cache-control", LAST_EVENT_ID];
 
-/// What a request keeps on a redirect to another origin: the headers the bridge sets itself,
-/// which describe the request rather than who makes it.
-static KEEP_ACROSS_ORIGINS: [HeaderName; 3] = [
+/// Headers that frame the request body: the transport sets them from the body.
+const FRAMING: [HeaderName; 2] = [CONTENT_LENGTH, TRANSFER_ENCODING];
+
+/// What a request keeps on a redirect to another origin: the headers the bridge sets itself
+/// and the body's type, which describe the request rather than who makes it.
+static KEEP_ACROSS_ORIGINS: [HeaderName; 4] = [
     ACCEPT,
     CACHE_CONTROL,
     HeaderName::from_static(LAST_EVENT_ID),
+    CONTENT_TYPE,
 ];
+
+/// Methods a feed cannot use: no response body (`HEAD`), not a request for a resource
+/// (`CONNECT`), or an echo (`TRACE`).
+pub const UNUSABLE_METHODS: [&str; 3] = ["HEAD", "CONNECT", "TRACE"];
+
+/// Checks a feed's `method`: an HTTP token, case-sensitive (`post` is not `POST`), usable for
+/// a stream. The error says what to write instead.
+pub fn check_method(method: &str) -> Result<Method, String> {
+    let parsed = Method::from_bytes(method.as_bytes()).map_err(|_| {
+        format!("`method` {method:?} is not an HTTP method (a token such as GET, POST or REPORT)")
+    })?;
+    let upper = method.to_ascii_uppercase();
+    if UNUSABLE_METHODS.contains(&upper.as_str()) {
+        return Err(format!("`method` {method} cannot open an event stream"));
+    }
+    if upper != method
+        && [
+            "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "REPORT", "SEARCH", "QUERY",
+        ]
+        .contains(&upper.as_str())
+    {
+        return Err(format!(
+            "`method` {method:?}: methods are case-sensitive, write {upper:?}"
+        ));
+    }
+    Ok(parsed)
+}
 
 /// A feed that cannot even start: bad URL, bad header, missing token variable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,6 +211,11 @@ impl fmt::Debug for Connector {
 
 struct Inner {
     feed: String,
+    method: Method,
+    body: BodySource,
+    /// The query parameter names of the last event ID (if configured) and of the start position.
+    last_event_id_query: Option<String>,
+    since_query: String,
     url: Url,
     /// The URL without userinfo, query or fragment: what messages show.
     shown_url: String,
@@ -206,6 +248,15 @@ impl fmt::Debug for Inner {
             .field("url", &self.shown_url)
             .finish_non_exhaustive()
     }
+}
+
+/// The request body of every attempt.
+#[derive(Debug, Clone)]
+enum BodySource {
+    None,
+    Inline(Bytes),
+    /// Read at every attempt.
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -299,7 +350,7 @@ impl Connector {
         for (name, value) in &feed.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| err(format!("header `{name}` is not a valid HTTP header name")))?;
-            if RESERVED.contains(&name.as_str()) {
+            if RESERVED.contains(&name.as_str()) || FRAMING.contains(&name) {
                 return Err(err(format!(
                     "header `{name}` is set by the bridge itself and cannot be configured"
                 )));
@@ -326,11 +377,27 @@ impl Connector {
             }
         }
 
+        let method = check_method(&feed.method).map_err(err)?;
+        let body = match &feed.body {
+            Some(RequestBodySource::Inline(text)) => {
+                BodySource::Inline(Bytes::copy_from_slice(text.expose().as_bytes()))
+            }
+            Some(RequestBodySource::File(path)) => BodySource::File(path.clone()),
+            // A request with another method says its (empty) length: servers answer 411
+            // Length Required to a POST without one.
+            None if method != Method::GET => BodySource::Inline(Bytes::new()),
+            None => BodySource::None,
+        };
+
         let redactor = Redactor::for_client(feed);
         redactor.remember();
         Ok(Connector {
             inner: Arc::new(Inner {
                 feed: feed.name.clone(),
+                method,
+                body,
+                last_event_id_query: feed.last_event_id_query.clone(),
+                since_query: feed.since_query.clone(),
                 shown_url: display_url(&url),
                 url,
                 headers,
@@ -354,22 +421,63 @@ impl Connector {
         &self.inner.shown_url
     }
 
+    /// The request method (what messages show before the URL).
+    pub fn method(&self) -> &str {
+        self.inner.method.as_str()
+    }
+
     /// `text` without any of the feed's secret values (the bearer token last read included).
     pub fn scrub(&self, text: &str) -> String {
         self.inner.scrub_text(text)
     }
 
-    /// Starts one attempt (spawned on the current Tokio runtime): a GET sending
+    /// Starts one attempt (spawned on the current Tokio runtime): the feed's request sending
     /// `last_event_id` unless it is empty. An ID that is not a valid header value is not sent
     /// (the client checks [`is_sendable_last_event_id`] first and reports it; this only keeps
     /// the transport total).
     pub fn connect(&self, last_event_id: &str) -> Attempt {
+        self.connect_with(last_event_id, None)
+    }
+
+    /// [`Connector::connect`], also sending `since` (a feed's start position, on the attempts
+    /// of a feed without a checkpoint) as the `since_query` parameter, and the last event ID
+    /// as the `last_event_id_query` parameter when one is configured and the ID is sent.
+    pub fn connect_with(&self, last_event_id: &str, since: Option<&str>) -> Attempt {
         let id = last_event_id_header(last_event_id);
+        let mut query = Vec::new();
+        if let (Some(name), Some(_)) = (&self.inner.last_event_id_query, &id) {
+            query.push((name.clone(), last_event_id.to_owned()));
+        }
+        if let Some(since) = since {
+            query.push((self.inner.since_query.clone(), since.to_owned()));
+        }
         Attempt {
-            task: tokio::spawn(self.inner.clone().attempt(id)),
+            task: tokio::spawn(self.inner.clone().attempt(id, query)),
             inner: self.inner.clone(),
         }
     }
+}
+
+/// `url` with these query parameters, replacing any of the same names it already has (the
+/// rest of its query is kept as written).
+fn with_query(url: &Url, params: &[(String, String)]) -> Url {
+    if params.is_empty() {
+        return url.clone();
+    }
+    let mut url = url.clone();
+    let replaces = url
+        .query_pairs()
+        .any(|(name, _)| params.iter().any(|(n, _)| *n == name));
+    if replaces {
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(name, _)| !params.iter().any(|(n, _)| *n == *name))
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    url.query_pairs_mut().extend_pairs(params);
+    url
 }
 
 /// `Authorization: Basic` for the userinfo of `url`, if it has any (what reqwest sends).
@@ -402,8 +510,8 @@ impl Inner {
             status: None,
             retry_after: None,
             message: self.scrub_text(&format!(
-                "feed `{}`: GET {}: {what}",
-                self.feed, self.shown_url
+                "feed `{}`: {} {}: {what}",
+                self.feed, self.method, self.shown_url
             )),
         }
     }
@@ -450,6 +558,7 @@ impl Inner {
     async fn attempt(
         self: Arc<Self>,
         last_event_id: Option<HeaderValue>,
+        query: Vec<(String, String)>,
     ) -> Result<Connection, Failure> {
         let mut headers = self.headers.clone();
         headers.insert(ACCEPT, HeaderValue::from_static(EVENT_STREAM));
@@ -471,12 +580,28 @@ impl Inner {
             headers.insert(AUTHORIZATION, value);
         }
         // Checked when the connector was made: the URL does not change.
-        let (uri, request_url) = request_target(&self.url)
+        let (uri, request_url) = request_target(&with_query(&self.url, &query))
             .map_err(|e| self.failure(FailureKind::Local, format_args!("invalid URL: {e}")))?;
+        let body = match &self.body {
+            BodySource::None => None,
+            BodySource::Inline(bytes) => Some(bytes.clone()),
+            BodySource::File(path) => {
+                Some(tokio::fs::read(path).await.map(Bytes::from).map_err(|e| {
+                    self.failure(
+                        FailureKind::Local,
+                        format_args!("cannot read body_file {}: {e}", path.display()),
+                    )
+                })?)
+            }
+        };
         let mut request = http::Request::new(());
+        *request.method_mut() = self.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
         let extensions = request.extensions_mut();
+        if let Some(body) = body {
+            extensions.insert(RequestBody(body));
+        }
         extensions.insert(RedirectRules {
             max: self.max_redirects,
             forward_headers: self.forward_headers_on_redirect,
@@ -679,6 +804,20 @@ pub fn last_event_id_header(id: &str) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_are_tokens_case_sensitive_and_able_to_stream() {
+        for ok in ["GET", "POST", "REPORT", "X-SUBSCRIBE"] {
+            assert_eq!(check_method(ok).unwrap().as_str(), ok);
+        }
+        let err = check_method("post").unwrap_err();
+        assert!(err.contains("write \"POST\""), "{err}");
+        assert!(check_method("HEAD").unwrap_err().contains("cannot open"));
+        assert!(check_method("GE T")
+            .unwrap_err()
+            .contains("not an HTTP method"));
+        assert!(check_method("").is_err());
+    }
     use hyper_util::client::proxy::matcher::Matcher as ProxyMatcher;
     use std::net::SocketAddr;
 

@@ -4,7 +4,7 @@
 //! `config::feed`), where the meaning of each setting is documented for users.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::secret::Secret;
 
@@ -53,6 +53,49 @@ impl Default for BackoffOptions {
     }
 }
 
+/// Where a request body comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestBodySource {
+    /// This text (held as a secret: a subscription body may carry credentials).
+    Inline(Secret),
+    /// This file, read at every connection attempt (so an edited filter applies at the next).
+    File(PathBuf),
+}
+
+/// Where a feed without a checkpoint starts, as a server's `since` query parameter says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// This instant.
+    At(SystemTime),
+    /// This long before the client was made.
+    Ago(Duration),
+}
+
+impl Since {
+    /// Parses an RFC 3339 timestamp (`2026-12-01T00:00:00Z`, any offset) or a duration (`1h`,
+    /// `90min`). The error says what was expected.
+    pub fn parse(text: &str) -> Result<Since, String> {
+        if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
+            return Ok(Since::At(at.with_timezone(&chrono::Utc).into()));
+        }
+        humantime::parse_duration(text.trim())
+            .map(Since::Ago)
+            .map_err(|_| {
+                format!("{text:?} is neither an RFC 3339 time such as \"2026-12-01T00:00:00Z\" nor a duration such as \"1h\"")
+            })
+    }
+
+    /// The query parameter value: the instant in RFC 3339 (UTC, seconds), `Ago` counted back
+    /// from `now`.
+    pub fn value(self, now: SystemTime) -> String {
+        let at = match self {
+            Since::At(at) => at,
+            Since::Ago(ago) => now.checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH),
+        };
+        humantime::format_rfc3339_seconds(at).to_string()
+    }
+}
+
 /// The options of one client. `Debug` shows no credential: header values and the URL's
 /// userinfo are [`Secret`]s.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +104,18 @@ pub struct ClientOptions {
     pub name: String,
     /// The stream's URL; it may carry userinfo, sent as `Authorization: Basic`.
     pub url: Secret,
+    /// The request method (`GET`, `POST`, `REPORT`...), sent on every attempt.
+    pub method: String,
+    /// The request body, re-sent on every attempt (with `Content-Length`; `Content-Type` comes
+    /// from `headers`).
+    pub body: Option<RequestBodySource>,
+    /// Also send a non-empty last event ID as this query parameter (`lastEventID` for
+    /// Mercure hubs), besides the `Last-Event-ID` header.
+    pub last_event_id_query: Option<String>,
+    /// Where a feed starting without a last event ID starts: sent as the `since_query`
+    /// parameter until the first connection opens.
+    pub start_since: Option<Since>,
+    pub since_query: String,
     /// Extra request headers, in order. Every value is held as a secret; `secret_headers`
     /// (and the well-known credential headers) decide which are also scrubbed from text.
     pub headers: Vec<(String, Secret)>,
@@ -96,6 +151,11 @@ impl ClientOptions {
         ClientOptions {
             name: name.into(),
             url: Secret::new(url),
+            method: "GET".into(),
+            body: None,
+            last_event_id_query: None,
+            start_since: None,
+            since_query: "since".into(),
             headers: Vec::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,
@@ -121,5 +181,25 @@ impl ClientOptions {
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), Secret::new(value)));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_a_time_or_a_duration_back() {
+        let at = Since::parse("2026-12-01T01:00:00+01:00").unwrap();
+        assert_eq!(at.value(SystemTime::now()), "2026-12-01T00:00:00Z");
+        let ago = Since::parse(" 90min ").unwrap();
+        assert_eq!(ago, Since::Ago(Duration::from_secs(5400)));
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400);
+        assert_eq!(ago.value(now), "1970-01-01T22:30:00Z");
+        let err = Since::parse("yesterday").unwrap_err();
+        assert!(
+            err.contains("RFC 3339") && err.contains("yesterday"),
+            "{err}"
+        );
     }
 }

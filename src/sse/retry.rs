@@ -11,6 +11,9 @@
 //!   (`default_retry` until the stream sends `retry:`). A `Retry-After` header raises the delay;
 //!   a client error waits at least `client_error_delay`; a connection that stayed open for
 //!   `reset_after` resets the count.
+//! - A routine close (a stream that delivered events, then ended cleanly) is no failure under
+//!   either policy: the count resets and the next attempt waits the reconnection time
+//!   ([`Backoff::routine_close`]).
 //! - `browser` policy: exactly the reconnection time, no backoff, no jitter (WHATWG
 //!   EventSource "reestablish the connection").
 //! - Under both policies no delay is shorter than [`MIN_RECONNECT_DELAY`]: a server that
@@ -107,6 +110,15 @@ impl<R: Rng> Backoff<R> {
         if open_for >= self.config.reset_after {
             self.failures = 0;
         }
+    }
+
+    /// An open connection delivered events and then ended cleanly (EOF): not a failure, since
+    /// servers and proxies end healthy responses routinely. The failure count starts over and
+    /// the next attempt waits exactly the reconnection time (never less than
+    /// [`MIN_RECONNECT_DELAY`]), under both policies, as a browser would.
+    pub fn routine_close(&mut self) -> Duration {
+        self.failures = 0;
+        self.reconnection_time.max(MIN_RECONNECT_DELAY)
     }
 
     /// Forgets the failure count (e.g. when an operator restarts the feed).
@@ -378,6 +390,21 @@ mod tests {
         b.connection_closed(ms(60_000));
         assert_eq!(b.failures(), 0);
         assert_eq!(delays(&mut b, 2), vec![3000, 6000]);
+    }
+
+    #[test]
+    fn a_routine_close_waits_the_reconnection_time_and_resets_the_count() {
+        let mut b = backoff(&feed());
+        assert_eq!(delays(&mut b, 3), vec![3000, 6000, 12_000]);
+        b.set_reconnection_time_ms(500);
+        assert_eq!(b.routine_close(), ms(500));
+        assert_eq!(b.failures(), 0);
+        // Routine closes never escalate; the next failure starts the sequence again.
+        assert_eq!(b.routine_close(), ms(500));
+        assert_eq!(delays(&mut b, 2), vec![1000, 2000]);
+        // The floor holds for `retry: 0` too.
+        b.set_reconnection_time_ms(0);
+        assert_eq!(b.routine_close(), MIN_RECONNECT_DELAY);
     }
 
     #[test]

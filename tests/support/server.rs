@@ -365,6 +365,8 @@ pub struct Record {
     pub path: String,
     /// Every header, names lower-cased, in order.
     pub headers: Vec<(String, String)>,
+    /// The request body, as text (lossy UTF-8); empty without one.
+    pub body: String,
     pub last_event_id: Option<String>,
     /// When the request arrived.
     pub at: Instant,
@@ -857,9 +859,12 @@ struct Head {
     method: String,
     uri: String,
     headers: Vec<(String, String)>,
+    /// The request body (as long as its `Content-Length` says, at most 1 MiB).
+    body: Vec<u8>,
 }
 
-/// Reads the request head; `None` if the client left or sent something that is not HTTP.
+/// Reads the request head and body; `None` if the client left or sent something that is not
+/// HTTP. The body is read (not left unread in the socket, which would make the close a reset).
 async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Head> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -888,16 +893,35 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Head> {
     let mut request_line = lines.next()?.split(' ');
     let method = request_line.next()?.to_string();
     let uri = request_line.next()?.to_string();
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|line| {
             let (name, value) = line.split_once(':')?;
             Some((name.trim().to_ascii_lowercase(), value.trim().to_string()))
         })
         .collect();
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(1024 * 1024);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(length);
     Some(Head {
         method,
         uri,
         headers,
+        body,
     })
 }
 
@@ -1049,6 +1073,7 @@ where
             uri: head.uri,
             path,
             headers: head.headers,
+            body: String::from_utf8_lossy(&head.body).into_owned(),
             last_event_id: last_event_id.clone(),
             at: Instant::now(),
             ended: None,

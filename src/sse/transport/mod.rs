@@ -59,6 +59,11 @@ pub struct FinalUrl(pub url::Url);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectTimeout(pub Duration);
 
+/// The body of a request (a request extension, since a [`Transport`] takes `Request<()>`):
+/// sent with `Content-Length` after the head, and again to a 307 or 308 redirect's target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestBody(pub Bytes);
+
 /// The connect timeout of a request without [`ConnectTimeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,7 +72,8 @@ pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response, Transport
 
 /// Sends requests and follows redirects. One per client; cheap to share.
 pub trait Transport: Send + Sync + fmt::Debug {
-    /// Sends `request` (a GET; its URI absolute) and waits for the response head, following
+    /// Sends `request` (its method, a [`RequestBody`] extension if any; its URI absolute) and
+    /// waits for the response head, following
     /// redirects as its [`redirect::RedirectRules`] extension allows (none without it); a
     /// [`ConnectTimeout`] extension bounds each connection. The future owns everything it needs, so the
     /// client may run it as a task of its own.

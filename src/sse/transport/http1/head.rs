@@ -53,16 +53,20 @@ pub async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> s
     stream.flush().await
 }
 
-/// The request head of a GET for `url`: origin form, or absolute form through an HTTP proxy
-/// (`proxy` set, http:// URLs only, with that `Proxy-Authorization`). `Host` and `User-Agent`
-/// unless `headers` set them.
+/// The request head of a `method` request for `url`: origin form, or absolute form through an
+/// HTTP proxy (`proxy` set, http:// URLs only, with that `Proxy-Authorization`). `Host` and
+/// `User-Agent` unless `headers` set them; `Content-Length` when a body of `body_len` bytes
+/// follows.
 pub fn request_head(
+    method: &http::Method,
     url: &url::Url,
     headers: &HeaderMap,
     proxy: Option<Option<&HeaderValue>>,
+    body_len: Option<usize>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
     let through_proxy = proxy.is_some() && url.scheme() == "http";
     if through_proxy {
         let mut absolute = url.clone();
@@ -93,6 +97,9 @@ pub fn request_head(
     }
     for (name, value) in headers {
         field(name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(len) = body_len {
+        field(b"Content-Length", len.to_string().as_bytes());
     }
     if through_proxy && !headers.contains_key(PROXY_AUTHORIZATION) {
         if let Some(Some(auth)) = proxy {

@@ -1,4 +1,4 @@
-//! The lean HTTP/1.1 transport: one GET per request on a new connection (through the
+//! The lean HTTP/1.1 transport: one request (GET, or the feed's method and body) on a new connection (through the
 //! environment's proxy if it says so, TLS for https://), redirects followed by the
 //! [`RedirectRules`], and the body read by [`body::BodyReader`], which holds no buffer while the
 //! connection is idle.
@@ -12,8 +12,8 @@ pub mod head;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::LOCATION;
-use http::HeaderMap;
+use http::header::{CONTENT_ENCODING, CONTENT_LANGUAGE, CONTENT_LOCATION, CONTENT_TYPE, LOCATION};
+use http::{HeaderMap, Method};
 use hyper_util::client::proxy::matcher::Matcher;
 use url::Url;
 
@@ -23,7 +23,7 @@ use super::connect::{tcp_connect, Stream};
 use super::proxy::{route, tunnel, Route};
 use super::redirect::{self, RedirectRules};
 use super::{
-    display_url, Body, ConnectTimeout, FinalUrl, Response, ResponseFuture, Transport,
+    display_url, Body, ConnectTimeout, FinalUrl, RequestBody, Response, ResponseFuture, Transport,
     TransportError, DEFAULT_CONNECT_TIMEOUT,
 };
 
@@ -56,10 +56,12 @@ struct Answer {
 }
 
 impl Http1Transport {
-    /// Sends the GET and follows redirects; returns the first response that is not a
+    /// Sends the request and follows redirects; returns the first response that is not a
     /// redirect to follow. A failure after a redirect names its target.
     async fn request(&self, request: http::Request<()>) -> Result<Response, TransportError> {
         let (mut parts, ()) = request.into_parts();
+        let mut method = parts.method;
+        let mut body = parts.extensions.remove::<RequestBody>().map(|b| b.0);
         let rules = parts
             .extensions
             .remove::<RedirectRules>()
@@ -85,7 +87,7 @@ impl Http1Transport {
                 }
             };
             let answer = self
-                .exchange(&url, &headers, connect_timeout)
+                .exchange(&method, &url, &headers, body.as_deref(), connect_timeout)
                 .await
                 .map_err(|e| redirected(e, &url))?;
             let next = matches!(answer.head.status.as_u16(), 301 | 302 | 303 | 307 | 308)
@@ -111,6 +113,23 @@ impl Http1Transport {
             if cross_origin {
                 redirect::cross_origin_headers(&mut headers, &rules);
             }
+            // As browsers do (the Fetch standard): a 303, or a 301/302 answered to a POST,
+            // turns the request into a GET without its body; 307 and 308 repeat it as it was.
+            let status = answer.head.status.as_u16();
+            if (status == 303 && method != Method::GET && method != Method::HEAD)
+                || (matches!(status, 301 | 302) && method == Method::POST)
+            {
+                method = Method::GET;
+                body = None;
+                for name in [
+                    CONTENT_TYPE,
+                    CONTENT_ENCODING,
+                    CONTENT_LANGUAGE,
+                    CONTENT_LOCATION,
+                ] {
+                    headers.remove(name);
+                }
+            }
             tracing::debug!(
                 status = answer.head.status.as_u16(),
                 "redirected to {}",
@@ -124,12 +143,22 @@ impl Http1Transport {
     /// One request and its response head on a new connection.
     async fn exchange(
         &self,
+        method: &Method,
         url: &Url,
         headers: &HeaderMap,
+        body: Option<&[u8]>,
         connect_timeout: Duration,
     ) -> Result<Answer, TransportError> {
         let (mut stream, route) = self.open(url, connect_timeout).await?;
-        let request = request_head(url, headers, route.proxy.as_ref().map(Option::as_ref));
+        let mut request = request_head(
+            method,
+            url,
+            headers,
+            route.proxy.as_ref().map(Option::as_ref),
+            body.map(<[u8]>::len),
+        );
+        // One write for head and body: a request body is small (a filter, a query).
+        request.extend_from_slice(body.unwrap_or_default());
         write_all(&mut stream, &request)
             .await
             .map_err(|source| TransportError::Send { source })?;
