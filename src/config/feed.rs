@@ -83,6 +83,13 @@ pub struct FeedConfig {
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
 
+    /// A program and its arguments, for example `["/usr/local/bin/get-token", "feed-x"]`, run
+    /// (without a shell) at every connection attempt, within 10 s; its stdout, trimmed, is sent
+    /// as `Authorization: Bearer <token>`, and is never logged. On a `401` it runs once more and
+    /// the request is repeated before backing off. A failure (exit status, first line of stderr)
+    /// is an error naming the feed; the feed retries with backoff.
+    #[serde(default)]
+    pub token_command: Option<Vec<String>>,
     /// Path of a PEM file of CA certificates to trust for this feed, in addition to the
     /// built-in web root certificates: for an internal event API whose certificate a private
     /// CA signed. Read when the feed starts (and at a reload that changes the feed). There is
@@ -197,6 +204,7 @@ impl std::fmt::Debug for FeedConfig {
             )
             .field("bearer_token_env", &self.bearer_token_env)
             .field("bearer_token_file", &self.bearer_token_file)
+            .field("token_command", &self.token_command)
             .field("ca_file", &self.ca_file)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
@@ -309,6 +317,7 @@ impl From<&FeedConfig> for ClientOptions {
             forward_headers_on_redirect: feed.forward_headers_on_redirect,
             bearer_token_env: feed.bearer_token_env.clone(),
             bearer_token_file: feed.bearer_token_file.clone(),
+            token_command: feed.token_command.clone(),
             ca_file: feed.ca_file.clone(),
             connect_timeout: feed.connect_timeout,
             response_timeout: feed.response_timeout,
@@ -367,6 +376,7 @@ impl FeedConfig {
             forward_headers_on_redirect: false,
             bearer_token_env: None,
             bearer_token_file: None,
+            token_command: None,
             ca_file: None,
             connect_timeout: defaults::connect_timeout(),
             response_timeout: defaults::response_timeout(),

@@ -44,6 +44,7 @@ use url::Url;
 use super::options::{ClientOptions, RequestBodySource};
 use super::response::{self, Verdict};
 use super::secret::{is_secret_header, Redactor, Secret, MIN_SECRET_LEN, REDACTED};
+use super::token_command;
 use super::transport::http1::Http1Transport;
 use super::transport::proxy::system_proxies;
 use super::transport::redirect::RedirectRules;
@@ -125,6 +126,8 @@ pub enum TokenError {
     },
     #[error("bearer_token_file {} is empty", .0.display())]
     FileEmpty(PathBuf),
+    #[error(transparent)]
+    Command(token_command::CommandError),
 }
 
 /// How a connection attempt (or an open connection) failed. The client maps each kind to the
@@ -264,6 +267,8 @@ enum TokenSource {
     None,
     Env(String),
     File(PathBuf),
+    /// Program and arguments, run at every attempt.
+    Command(Vec<String>),
 }
 
 impl Connector {
@@ -331,10 +336,24 @@ impl Connector {
         })?;
 
         let token = match (&feed.bearer_token_env, &feed.bearer_token_file) {
+            _ if feed.token_command.is_some()
+                && (feed.bearer_token_env.is_some() || feed.bearer_token_file.is_some()) =>
+            {
+                return Err(err(
+                    "set only one of bearer_token_env, bearer_token_file and token_command".into(),
+                ))
+            }
             (Some(_), Some(_)) => {
                 return Err(err(
                     "set either bearer_token_env or bearer_token_file, not both".into(),
                 ))
+            }
+            (None, None) if feed.token_command.is_some() => {
+                let argv = feed.token_command.clone().unwrap_or_default();
+                if argv.first().is_none_or(|p| p.is_empty()) {
+                    return Err(err("`token_command` names no program".into()));
+                }
+                TokenSource::Command(argv)
             }
             (Some(var), None) => {
                 // Checked now so a missing variable fails the start loudly; read again at every
@@ -357,7 +376,7 @@ impl Connector {
             }
             if name == AUTHORIZATION && !matches!(token, TokenSource::None) {
                 return Err(err(
-                    "header `Authorization` conflicts with bearer_token_env / bearer_token_file"
+                    "header `Authorization` conflicts with bearer_token_env / bearer_token_file / token_command"
                         .into(),
                 ));
             }
@@ -567,18 +586,7 @@ impl Inner {
         if let Some(id) = last_event_id {
             headers.insert(HeaderName::from_static(LAST_EVENT_ID), id);
         }
-        let token = self.read_token().await?;
-        if let Some(token) = &token {
-            let mut value =
-                HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
-                    self.failure(
-                        FailureKind::Local,
-                        "the bearer token contains characters that are not allowed in an HTTP header",
-                    )
-                })?;
-            value.set_sensitive(true);
-            headers.insert(AUTHORIZATION, value);
-        }
+        let mut token = self.read_token().await?;
         // Checked when the connector was made: the URL does not change.
         let (uri, request_url) = request_target(&with_query(&self.url, &query))
             .map_err(|e| self.failure(FailureKind::Local, format_args!("invalid URL: {e}")))?;
@@ -594,33 +602,62 @@ impl Inner {
                 })?)
             }
         };
-        let mut request = http::Request::new(());
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
-        let extensions = request.extensions_mut();
-        if let Some(body) = body {
-            extensions.insert(RequestBody(body));
-        }
-        extensions.insert(RedirectRules {
-            max: self.max_redirects,
-            forward_headers: self.forward_headers_on_redirect,
-            keep_across_origins: &KEEP_ACROSS_ORIGINS,
-        });
-        extensions.insert(ConnectTimeout(self.connect_timeout));
+        let mut refetched = false;
+        loop {
+            let mut headers = headers.clone();
+            if let Some(token) = &token {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                    .map_err(|_| {
+                        self.failure(
+                            FailureKind::Local,
+                            "the bearer token contains characters that are not allowed in an HTTP header",
+                        )
+                    })?;
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
+            let mut request = http::Request::new(());
+            *request.method_mut() = self.method.clone();
+            *request.uri_mut() = uri.clone();
+            *request.headers_mut() = headers;
+            let extensions = request.extensions_mut();
+            if let Some(body) = &body {
+                extensions.insert(RequestBody(body.clone()));
+            }
+            extensions.insert(RedirectRules {
+                max: self.max_redirects,
+                forward_headers: self.forward_headers_on_redirect,
+                keep_across_origins: &KEEP_ACROSS_ORIGINS,
+            });
+            extensions.insert(ConnectTimeout(self.connect_timeout));
 
-        let send = self.transport.clone().send(request);
-        let result = match tokio::time::timeout(self.header_timeout, send).await {
-            Err(_) => Err(self.network(format_args!(
-                "timed out: no response headers within {} (connect_timeout {} + response_timeout {})",
-                humantime::format_duration(self.header_timeout),
-                humantime::format_duration(self.connect_timeout),
-                humantime::format_duration(self.response_timeout),
-            ))),
-            Ok(Err(e)) => Err(self.transport_failure(&e)),
-            Ok(Ok(response)) => self.classify(response, &request_url, sent_id),
-        };
-        result.map_err(|f| self.scrub(f, token.as_ref()))
+            let send = self.transport.clone().send(request);
+            let result = match tokio::time::timeout(self.header_timeout, send).await {
+                Err(_) => Err(self.network(format_args!(
+                    "timed out: no response headers within {} (connect_timeout {} + response_timeout {})",
+                    humantime::format_duration(self.header_timeout),
+                    humantime::format_duration(self.connect_timeout),
+                    humantime::format_duration(self.response_timeout),
+                ))),
+                Ok(Err(e)) => Err(self.transport_failure(&e)),
+                Ok(Ok(response)) => self.classify(response, &request_url, sent_id),
+            };
+            // A token from a command may have expired since it was printed: on a 401 the
+            // command runs once more and the request is repeated before the policy backs off.
+            let unauthorized = matches!(&result, Err(f) if f.status == Some(401));
+            if unauthorized && !refetched && matches!(self.token, TokenSource::Command(_)) {
+                refetched = true;
+                tracing::info!(
+                    feed = %self.feed,
+                    "{} {}: HTTP 401 Unauthorized; running token_command again before backing off",
+                    self.method,
+                    self.shown_url
+                );
+                token = self.read_token().await?;
+                continue;
+            }
+            return result.map_err(|f| self.scrub(f, token.as_ref()));
+        }
     }
 
     /// The bearer token for this attempt, read afresh (a file refreshed on disk is picked up).
@@ -636,6 +673,13 @@ impl Inner {
                 Ok(text) if text.trim().is_empty() => Err(TokenError::FileEmpty(path.clone())),
                 Ok(text) => Ok(Secret::new(text.trim())),
             },
+            TokenSource::Command(argv) => {
+                // Its stderr may quote the token it could not refresh: the failure is scrubbed
+                // of the last token (and every secret) like any message.
+                token_command::run(argv, token_command::TOKEN_COMMAND_TIMEOUT)
+                    .await
+                    .map_err(TokenError::Command)
+            }
         }
         .map_err(|e| self.failure(FailureKind::Local, e))?;
         let mut last = self.last_token.lock().unwrap_or_else(|p| p.into_inner());

@@ -126,6 +126,8 @@ pub struct ClientOptions {
     /// The bearer token's sources, as configured (both set is refused by the client).
     pub bearer_token_env: Option<String>,
     pub bearer_token_file: Option<PathBuf>,
+    /// A program (and its arguments) printing the bearer token, run at every attempt.
+    pub token_command: Option<Vec<String>>,
     /// A PEM file of extra CA certificates to trust.
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
@@ -161,6 +163,7 @@ impl ClientOptions {
             forward_headers_on_redirect: false,
             bearer_token_env: None,
             bearer_token_file: None,
+            token_command: None,
             ca_file: None,
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(30),
