@@ -1079,6 +1079,31 @@ async fn bearer_token_file_is_reread_at_every_attempt() {
     assert!(!last_error(&d).contains("tok-"), "{}", last_error(&d));
 }
 
+/// `compression = true` asks for gzip and reads a gzip stream written in small, separately
+/// flushed pieces (the splits fall anywhere, the gzip header included) as the plain stream.
+#[tokio::test]
+async fn compression_asks_for_gzip_and_decodes_it_in_any_pieces() {
+    use std::io::Write as _;
+    let plain: String = (1..=30).map(event_text).collect();
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(plain.as_bytes()).expect("gzip");
+    let packed = e.finish().expect("gzip");
+    let mut reply = Reply::sse().header("content-encoding", "gzip");
+    for piece in packed.chunks(5) {
+        reply = reply.send(piece).wait(ms(2));
+    }
+    let server = Server::replies(vec![reply.hang()]).await;
+    let mut f = feed(server.url_for("/"));
+    f.compression = true;
+    let mut d = drive(f, "");
+    let events = d.events(30).await;
+    assert_eq!(events[29].id.to_string(), "30");
+    assert!(events[0].data.contains("résumé ✓"), "{:?}", events[0]);
+    let req = &server.requests()[0];
+    assert_eq!(req.header("accept-encoding").as_deref(), Some("gzip"));
+    assert!(server.requests()[0].bytes_sent < plain.len() as u64);
+}
+
 /// A token helper script counting its runs in `dir/count` and printing `tok-<run>`
 /// (or, when `dir/fail` exists, failing with its content on stderr).
 fn token_script(dir: &std::path::Path) -> std::path::PathBuf {

@@ -50,6 +50,11 @@ pub struct FeedConfig {
     /// The query parameter name of `start.since` (`since`, as Wikimedia EventStreams takes).
     #[serde(default = "defaults::since_query")]
     pub since_query: String,
+    /// Ask for a gzip-compressed stream (`Accept-Encoding: gzip`) and decode it; worth it for
+    /// verbose JSON events over a slow or metered link. Without it a compressed answer is an
+    /// error, since the bridge asked for none.
+    #[serde(default)]
+    pub compression: bool,
     /// Extra request headers, for example `{ "User-Agent" = "my-bridge (ops@example.org)" }`.
     /// `Accept`, `Cache-Control` and `Last-Event-ID` are set by the bridge and cannot be
     /// overridden here. Put secrets in `bearer_token_env` / `bearer_token_file` instead.
@@ -196,6 +201,7 @@ impl std::fmt::Debug for FeedConfig {
             .field("last_event_id_query", &self.last_event_id_query)
             .field("start", &self.start)
             .field("since_query", &self.since_query)
+            .field("compression", &self.compression)
             .field("headers", &headers)
             .field("secret_headers", &self.secret_headers)
             .field(
@@ -308,6 +314,7 @@ impl From<&FeedConfig> for ClientOptions {
                 .as_ref()
                 .and_then(|s| sse::Since::parse(&s.since).ok()),
             since_query: feed.since_query.clone(),
+            compression: feed.compression,
             headers: feed
                 .headers
                 .iter()
@@ -371,6 +378,7 @@ impl FeedConfig {
             last_event_id_query: None,
             start: None,
             since_query: defaults::since_query(),
+            compression: false,
             headers: BTreeMap::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,

@@ -15,9 +15,10 @@
 //! - userinfo in the URL sent as `Authorization: Basic` unless another `Authorization` is set;
 //! - the bearer token read afresh at every attempt, from a variable or a file.
 //!
-//! What a response means is [`super::response`]'s: the bridge asks for no coding and decodes
-//! none, so a 200 with a `Content-Encoding` or a `Transfer-Encoding` other than `chunked` is a
-//! failure naming the coding instead of compressed bytes fed to the parser.
+//! What a response means is [`super::response`]'s: the bridge asks for no coding (gzip only
+//! with `compression`, decoded here by [`Gunzip`]), so any other `Content-Encoding`, or a
+//! `Transfer-Encoding` other than `chunked`, is a failure naming the coding instead of
+//! compressed bytes fed to the parser.
 //!
 //! Secrets: error messages name the feed and the URL without userinfo or query string (where
 //! tokens like to hide), never a header value, and every message is scrubbed of the feed's
@@ -33,8 +34,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH,
-    CONTENT_TYPE, TRANSFER_ENCODING,
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL,
+    CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
 };
 use http::Method;
 use tokio::task::JoinHandle;
@@ -219,6 +220,8 @@ struct Inner {
     /// The query parameter names of the last event ID (if configured) and of the start position.
     last_event_id_query: Option<String>,
     since_query: String,
+    /// Send `Accept-Encoding: gzip` and decode a gzip body.
+    compression: bool,
     url: Url,
     /// The URL without userinfo, query or fragment: what messages show.
     shown_url: String,
@@ -417,6 +420,7 @@ impl Connector {
                 body,
                 last_event_id_query: feed.last_event_id_query.clone(),
                 since_query: feed.since_query.clone(),
+                compression: feed.compression,
                 shown_url: display_url(&url),
                 url,
                 headers,
@@ -474,6 +478,44 @@ impl Connector {
             task: tokio::spawn(self.inner.clone().attempt(id, query)),
             inner: self.inner.clone(),
         }
+    }
+}
+
+/// Decodes a gzip body piece by piece, under any split of the compressed bytes. At most
+/// [`Gunzip::STEP`] compressed bytes are decoded at a time, so one chunk of a decompression
+/// bomb yields pieces of bounded size (deflate expands at most about 1 032 times) that the
+/// parser's limits then judge, instead of one huge buffer (ARCHITECTURE.md, "Hostile input and
+/// bounded resources").
+struct Gunzip {
+    decoder: flate2::write::MultiGzDecoder<Vec<u8>>,
+    /// Compressed bytes received and not decoded yet.
+    pending: Bytes,
+}
+
+impl Gunzip {
+    const STEP: usize = 1024;
+
+    fn new() -> Gunzip {
+        Gunzip {
+            decoder: flate2::write::MultiGzDecoder::new(Vec::new()),
+            pending: Bytes::new(),
+        }
+    }
+
+    /// Decoded bytes from what is pending (`None` once it is all decoded without output).
+    fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
+        use std::io::Write as _;
+        while !self.pending.is_empty() {
+            let step = self.pending.split_to(self.pending.len().min(Self::STEP));
+            self.decoder.write_all(&step)?;
+            // The decoder keeps output back until the next write unless flushed.
+            self.decoder.flush()?;
+            let plain = std::mem::take(self.decoder.get_mut());
+            if !plain.is_empty() {
+                return Ok(Some(Bytes::from(plain)));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -582,6 +624,9 @@ impl Inner {
         let mut headers = self.headers.clone();
         headers.insert(ACCEPT, HeaderValue::from_static(EVENT_STREAM));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        if self.compression {
+            headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         let sent_id = last_event_id.is_some();
         if let Some(id) = last_event_id {
             headers.insert(HeaderName::from_static(LAST_EVENT_ID), id);
@@ -703,11 +748,13 @@ impl Inner {
             _ => None,
         };
         let rejected = sent_id && self.rejected_id_statuses.contains(&code);
-        match response::classify(
+        let gzip = self.compression && response::is_gzip_encoded(&parts.headers);
+        match response::classify_accepting(
             parts.status,
             &parts.headers,
             redirected_to.as_deref(),
             rejected,
+            self.compression,
             |text| self.scrub_text(text),
         ) {
             Verdict::Open => Ok(Connection {
@@ -717,6 +764,7 @@ impl Inner {
                     .and_then(|t| Instant::now().checked_add(t)),
                 body,
                 sent_last_event_id: sent_id,
+                gunzip: gzip.then(|| Box::new(Gunzip::new())),
                 inner: self.clone(),
             }),
             Verdict::Fail {
@@ -736,6 +784,8 @@ impl Inner {
 pub struct Connection {
     status: u16,
     body: Box<dyn Body>,
+    /// Decodes a gzip body (`compression = true` and the server used it).
+    gunzip: Option<Box<Gunzip>>,
     /// When the idle timeout fires unless bytes arrive first. Kept here rather than in a
     /// per-call timer so that a cancelled [`Connection::next_chunk`] does not extend it.
     deadline: Option<Instant>,
@@ -769,6 +819,18 @@ impl Connection {
     /// loses no bytes.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Failure> {
         loop {
+            if let Some(gunzip) = &mut self.gunzip {
+                match gunzip.next_piece() {
+                    Ok(Some(plain)) => return Ok(Some(plain)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        let failure = self.inner.network(format_args!(
+                            "the gzip-encoded body cannot be decoded: {e}; dropping the connection"
+                        ));
+                        return Err(self.inner.scrub(failure, None));
+                    }
+                }
+            }
             let read = match self.deadline {
                 Some(deadline) => {
                     match tokio::time::timeout_at(deadline, transport::next_chunk(&mut *self.body))
@@ -793,7 +855,9 @@ impl Connection {
                         .inner
                         .idle_timeout
                         .and_then(|t| Instant::now().checked_add(t));
-                    if !bytes.is_empty() {
+                    if let Some(gunzip) = &mut self.gunzip {
+                        gunzip.pending = bytes;
+                    } else if !bytes.is_empty() {
                         return Ok(Some(bytes));
                     }
                 }

@@ -116,6 +116,8 @@ pub struct ClientOptions {
     /// parameter until the first connection opens.
     pub start_since: Option<Since>,
     pub since_query: String,
+    /// Ask for a gzip body (`Accept-Encoding: gzip`) and decode it.
+    pub compression: bool,
     /// Extra request headers, in order. Every value is held as a secret; `secret_headers`
     /// (and the well-known credential headers) decide which are also scrubbed from text.
     pub headers: Vec<(String, Secret)>,
@@ -158,6 +160,7 @@ impl ClientOptions {
             last_event_id_query: None,
             start_since: None,
             since_query: "since".into(),
+            compression: false,
             headers: Vec::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,
