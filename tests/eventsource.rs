@@ -92,7 +92,7 @@ fn drive(feed: FeedConfig, start_id: &str) -> Driver {
                     assert!(!items.is_empty(), "Next::Items without items");
                     Out::Items(items)
                 }
-                Next::Gap { reason, detail } => Out::Gap(reason.into(), detail),
+                Next::Gap { reason, detail, .. } => Out::Gap(reason.into(), detail),
                 Next::Stopped { reason } => {
                     stops += 1;
                     Out::Stopped(reason)

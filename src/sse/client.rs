@@ -31,7 +31,13 @@ pub enum Next {
     Items,
     /// The feed could not resume faithfully; record it. Returned before any item of the
     /// connection it concerns.
-    Gap { reason: GapKind, detail: String },
+    Gap {
+        reason: GapKind,
+        detail: String,
+        /// The last event ID the gap concerns: for [`GapKind::IdRejected`] the ID rejected or
+        /// unsendable (the client has already dropped it), else the current one.
+        last_event_id: String,
+    },
     /// The feed stopped for good (204, or the policy failed the connection); `next` keeps
     /// returning this without connecting again. The status handle says `Stopped`.
     Stopped { reason: String },
@@ -295,6 +301,7 @@ impl EventSource {
                 .connector
                 .scrub(&format!("feed `{}`: {detail}", self.name));
             tracing::warn!(feed = %self.name, "{message}");
+            let rejected = id.to_owned();
             self.parser.start_stream("");
             self.gap_reported = true;
             self.status.update(|s| {
@@ -304,6 +311,7 @@ impl EventSource {
             gap = Some(Next::Gap {
                 reason: GapKind::IdRejected,
                 detail,
+                last_event_id: rejected,
             });
         }
         let reconnect = self.attempts > 0;
@@ -359,6 +367,7 @@ impl EventSource {
                     "reconnected without a Last-Event-ID after {} events (the stream carries no ids): events sent while disconnected are lost",
                     self.events_seen
                 ),
+                last_event_id: String::new(),
             }
         });
         self.gap_reported = false;
@@ -482,6 +491,7 @@ impl EventSource {
                     "the server answered HTTP {} to Last-Event-ID `{id}`; reconnecting without an ID, events since then may be lost",
                     failure.status.unwrap_or_default()
                 ),
+                last_event_id: id,
             }
         });
 
@@ -950,7 +960,9 @@ mod tests {
             [Next::Gap {
                 reason: GapKind::IdRejected,
                 detail,
+                last_event_id,
             }] => {
+                assert_eq!(last_event_id, "7");
                 assert!(
                     detail.contains("HTTP 410") && detail.contains('7'),
                     "{detail}"
