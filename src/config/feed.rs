@@ -131,8 +131,10 @@ pub struct FeedConfig {
     #[serde(default = "defaults::max_redirects")]
     pub max_redirects: usize,
 
-    /// `daemon` (default): reconnect with backoff on network errors, EOF, idle timeouts, 5xx
-    /// and 429 (honouring `Retry-After`); other 4xx and a wrong content type follow
+    /// `daemon` (default): reconnect with backoff on network errors, an end of the stream
+    /// before any event, idle timeouts, 5xx and 429 (honouring `Retry-After`); a stream that
+    /// delivered events and then ended is a routine close, followed after the reconnection
+    /// time as a browser does; other 4xx and a wrong content type follow
     /// `on_client_error`. `browser`: exactly the WHATWG EventSource: any non-200 answer or a
     /// wrong content type closes the feed for good, and reconnects wait exactly the stream's
     /// `retry:` time with no backoff.
