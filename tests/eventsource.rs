@@ -92,7 +92,7 @@ fn drive(feed: FeedConfig, start_id: &str) -> Driver {
                     assert!(!items.is_empty(), "Next::Items without items");
                     Out::Items(items)
                 }
-                Next::Gap { reason, detail } => Out::Gap(reason.into(), detail),
+                Next::Gap { reason, detail, .. } => Out::Gap(reason.into(), detail),
                 Next::Stopped { reason } => {
                     stops += 1;
                     Out::Stopped(reason)
@@ -1077,6 +1077,140 @@ async fn bearer_token_file_is_reread_at_every_attempt() {
         Some("Bearer tok-two")
     );
     assert!(!last_error(&d).contains("tok-"), "{}", last_error(&d));
+}
+
+/// `compression = true` asks for gzip and reads a gzip stream written in small, separately
+/// flushed pieces (the splits fall anywhere, the gzip header included) as the plain stream.
+#[tokio::test]
+async fn compression_asks_for_gzip_and_decodes_it_in_any_pieces() {
+    use std::io::Write as _;
+    let plain: String = (1..=30).map(event_text).collect();
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(plain.as_bytes()).expect("gzip");
+    let packed = e.finish().expect("gzip");
+    let mut reply = Reply::sse().header("content-encoding", "gzip");
+    for piece in packed.chunks(5) {
+        reply = reply.send(piece).wait(ms(2));
+    }
+    let server = Server::replies(vec![reply.hang()]).await;
+    let mut f = feed(server.url_for("/"));
+    f.compression = true;
+    let mut d = drive(f, "");
+    let events = d.events(30).await;
+    assert_eq!(events[29].id.to_string(), "30");
+    assert!(events[0].data.contains("résumé ✓"), "{:?}", events[0]);
+    let req = &server.requests()[0];
+    assert_eq!(req.header("accept-encoding").as_deref(), Some("gzip"));
+    assert!(server.requests()[0].bytes_sent < plain.len() as u64);
+}
+
+/// A token helper script counting its runs in `dir/count` and printing `tok-<run>`
+/// (or, when `dir/fail` exists, failing with its content on stderr).
+fn token_script(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("get-token");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nd=\"$1\"\nn=$(cat \"$d/count\" 2>/dev/null || echo 0)\nn=$((n+1))\necho $n > \"$d/count\"\nif [ -f \"$d/fail\" ]; then cat \"$d/fail\" >&2; exit 3; fi\necho \"  tok-$n  \"\n",
+    )
+    .expect("write script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
+fn runs(dir: &std::path::Path) -> u32 {
+    std::fs::read_to_string(dir.join("count"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `token_command` runs at every attempt and its trimmed stdout is the bearer token; a 401
+/// runs it once more and repeats the request at once (no reconnection, no backoff); a
+/// second 401 then backs off like any client error.
+#[tokio::test]
+async fn token_command_output_is_the_token_and_a_401_fetches_it_again_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = token_script(dir.path());
+    let server = Server::answer(|r| match r.header("authorization").as_deref() {
+        Some("Bearer tok-1") => Reply::status(401),
+        _ => Reply::sse().send("id: 1\ndata: a\n\n").hang(),
+    })
+    .await;
+    let mut f = feed(server.url_for("/"));
+    f.token_command = Some(vec![
+        script.display().to_string(),
+        dir.path().display().to_string(),
+    ]);
+    let mut d = drive(f.clone(), "");
+    assert_eq!(d.events(1).await.len(), 1);
+    let r = server.requests();
+    let auth: Vec<Option<String>> = r.iter().map(|r| r.header("authorization")).collect();
+    assert_eq!(
+        auth,
+        [Some("Bearer tok-1".into()), Some("Bearer tok-2".into())]
+    );
+    assert_eq!(runs(dir.path()), 2);
+    let s = d.status.get();
+    assert_eq!(s.reconnects, 0, "the 401 was retried within the attempt");
+    assert_eq!(s.last_error, None);
+    drop(d);
+
+    // Always 401: two runs and two requests per attempt, then the client-error delay.
+    std::fs::remove_file(dir.path().join("count")).expect("reset count");
+    let server = Server::answer(|_| Reply::status(401)).await;
+    f.url = server.url_for("/");
+    let d = drive(f, "");
+    let s = d
+        .status_until("a client error", |s| s.errors.contains_key("client"))
+        .await;
+    assert_eq!(server.count(), 2);
+    assert_eq!(runs(dir.path()), 2);
+    assert!(
+        s.last_error.as_deref().is_some_and(|e| e.contains("401")),
+        "{s:?}"
+    );
+    assert!(!s.last_error.unwrap_or_default().contains("tok-"));
+}
+
+/// A failing `token_command` is an error naming the feed, how the program ended and its
+/// stderr's first line (scrubbed), and nothing is sent; the feed retries.
+#[tokio::test]
+async fn a_failing_token_command_is_reported_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = token_script(dir.path());
+    std::fs::write(
+        dir.path().join("fail"),
+        "grant refused for client 42\nmore\n",
+    )
+    .expect("fail");
+    let server = Server::answer(|_| Reply::sse().send("data: a\n\n").hang()).await;
+    let mut f = feed(server.url_for("/"));
+    f.token_command = Some(vec![
+        script.display().to_string(),
+        dir.path().display().to_string(),
+    ]);
+    let mut d = drive(f, "");
+    let s = d
+        .status_until("a local error", |s| s.errors.contains_key("local"))
+        .await;
+    let err = s.last_error.unwrap_or_default();
+    assert!(
+        err.starts_with("feed `test-feed`: GET http://")
+            && err.contains(&format!(
+                "token_command `{}` failed (exit status: 3): grant refused for client 42",
+                script.display()
+            ))
+            && !err.contains("more"),
+        "{err}"
+    );
+    assert_eq!(server.count(), 0);
+    // Fixed: the next attempt (after the backoff) connects.
+    std::fs::remove_file(dir.path().join("fail")).expect("unfail");
+    assert_eq!(d.events(1).await.len(), 1);
+    assert!(server.requests()[0]
+        .header("authorization")
+        .is_some_and(|a| a.starts_with("Bearer tok-")));
 }
 
 /// Collects everything the `tracing` macros write, for one current-thread test.

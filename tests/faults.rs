@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use rand::{Rng, SeedableRng};
 use support::bridge;
 use support::bridge::{checkpoint, line_count, read_jsonl, Bridge, LogLine, Seen, Stored};
-use support::server::{Fault, Options, Record, Server};
+use support::server::{Fault, Options, Record, Reply, Server};
 use support::{archive_sink, event_type, state_section, wait_for, write_file};
 
 const FEED: &str = "wiki";
@@ -741,6 +741,52 @@ async fn a_storm_of_500s_backs_off_to_the_cap_without_a_hot_loop() {
         "500 storm: {} requests; delays chosen {delays:?} ms",
         r.len()
     );
+}
+
+/// A server rejecting the stored ID (410 Gone): the feed reconnects without it and `gaps`
+/// names the rejected ID in its LAST-EVENT-ID column (and `last_event_id` with `--json`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_id_is_shown_in_the_gaps_last_event_id_column() {
+    let server = Server::scripted(
+        N,
+        vec![
+            Fault::Eof { after: K },
+            Fault::status(410, "Gone"),
+            Fault::Reply(Reply::sse().send("id: fresh-1\ndata: new\n\n").hang()),
+        ],
+    )
+    .await;
+    let s = setup(&server.url(), &[]);
+    let bridge = Bridge::spawn(&s.config);
+    wait_stored(&s, &bridge, K as usize + 1, K + 1).await;
+    stop(bridge).await;
+    assert_eq!(ids(&server.requests()), [None, Some("120"), None]);
+    let gaps = |json: bool| {
+        let mut cmd = std::process::Command::new(support::bin());
+        cmd.args(["gaps", "-c"]).arg(&s.config);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().expect("run gaps");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = gaps(false);
+    let row = table
+        .lines()
+        .find(|l| l.contains("id-rejected"))
+        .unwrap_or_else(|| panic!("no id-rejected row:\n{table}"));
+    let header = table.lines().next().unwrap_or_default();
+    let column = header.find("LAST-EVENT-ID").expect("the column");
+    assert_eq!(
+        row.get(column..).and_then(|r| r.split_whitespace().next()),
+        Some("120"),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(gaps(true).lines().next().unwrap_or_default()).expect("json");
+    assert_eq!(json["reason"], "id-rejected");
+    assert_eq!(json["last_event_id"], "120");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,11 @@ pub struct FeedConfig {
     /// The query parameter name of `start.since` (`since`, as Wikimedia EventStreams takes).
     #[serde(default = "defaults::since_query")]
     pub since_query: String,
+    /// Ask for a gzip-compressed stream (`Accept-Encoding: gzip`) and decode it; worth it for
+    /// verbose JSON events over a slow or metered link. Without it a compressed answer is an
+    /// error, since the bridge asked for none.
+    #[serde(default)]
+    pub compression: bool,
     /// Extra request headers, for example `{ "User-Agent" = "my-bridge (ops@example.org)" }`.
     /// `Accept`, `Cache-Control` and `Last-Event-ID` are set by the bridge and cannot be
     /// overridden here. Put secrets in `bearer_token_env` / `bearer_token_file` instead.
@@ -83,6 +88,13 @@ pub struct FeedConfig {
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
 
+    /// A program and its arguments, for example `["/usr/local/bin/get-token", "feed-x"]`, run
+    /// (without a shell) at every connection attempt, within 10 s; its stdout, trimmed, is sent
+    /// as `Authorization: Bearer <token>`, and is never logged. On a `401` it runs once more and
+    /// the request is repeated before backing off. A failure (exit status, first line of stderr)
+    /// is an error naming the feed; the feed retries with backoff.
+    #[serde(default)]
+    pub token_command: Option<Vec<String>>,
     /// Path of a PEM file of CA certificates to trust for this feed, in addition to the
     /// built-in web root certificates: for an internal event API whose certificate a private
     /// CA signed. Read when the feed starts (and at a reload that changes the feed). There is
@@ -119,8 +131,10 @@ pub struct FeedConfig {
     #[serde(default = "defaults::max_redirects")]
     pub max_redirects: usize,
 
-    /// `daemon` (default): reconnect with backoff on network errors, EOF, idle timeouts, 5xx
-    /// and 429 (honouring `Retry-After`); other 4xx and a wrong content type follow
+    /// `daemon` (default): reconnect with backoff on network errors, an end of the stream
+    /// before any event, idle timeouts, 5xx and 429 (honouring `Retry-After`); a stream that
+    /// delivered events and then ended is a routine close, followed after the reconnection
+    /// time as a browser does; other 4xx and a wrong content type follow
     /// `on_client_error`. `browser`: exactly the WHATWG EventSource: any non-200 answer or a
     /// wrong content type closes the feed for good, and reconnects wait exactly the stream's
     /// `retry:` time with no backoff.
@@ -189,6 +203,7 @@ impl std::fmt::Debug for FeedConfig {
             .field("last_event_id_query", &self.last_event_id_query)
             .field("start", &self.start)
             .field("since_query", &self.since_query)
+            .field("compression", &self.compression)
             .field("headers", &headers)
             .field("secret_headers", &self.secret_headers)
             .field(
@@ -197,6 +212,7 @@ impl std::fmt::Debug for FeedConfig {
             )
             .field("bearer_token_env", &self.bearer_token_env)
             .field("bearer_token_file", &self.bearer_token_file)
+            .field("token_command", &self.token_command)
             .field("ca_file", &self.ca_file)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
@@ -300,6 +316,7 @@ impl From<&FeedConfig> for ClientOptions {
                 .as_ref()
                 .and_then(|s| sse::Since::parse(&s.since).ok()),
             since_query: feed.since_query.clone(),
+            compression: feed.compression,
             headers: feed
                 .headers
                 .iter()
@@ -309,6 +326,7 @@ impl From<&FeedConfig> for ClientOptions {
             forward_headers_on_redirect: feed.forward_headers_on_redirect,
             bearer_token_env: feed.bearer_token_env.clone(),
             bearer_token_file: feed.bearer_token_file.clone(),
+            token_command: feed.token_command.clone(),
             ca_file: feed.ca_file.clone(),
             connect_timeout: feed.connect_timeout,
             response_timeout: feed.response_timeout,
@@ -362,11 +380,13 @@ impl FeedConfig {
             last_event_id_query: None,
             start: None,
             since_query: defaults::since_query(),
+            compression: false,
             headers: BTreeMap::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,
             bearer_token_env: None,
             bearer_token_file: None,
+            token_command: None,
             ca_file: None,
             connect_timeout: defaults::connect_timeout(),
             response_timeout: defaults::response_timeout(),

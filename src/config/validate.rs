@@ -204,9 +204,14 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
                 "is set by the bridge itself (Accept, Cache-Control and Last-Event-ID follow the EventSource standard)",
             );
         } else if name.eq_ignore_ascii_case("authorization")
-            && (feed.bearer_token_env.is_some() || feed.bearer_token_file.is_some())
+            && (feed.bearer_token_env.is_some()
+                || feed.bearer_token_file.is_some()
+                || feed.token_command.is_some())
         {
-            issues.add(&hkey, "conflicts with bearer_token_env / bearer_token_file");
+            issues.add(
+                &hkey,
+                "conflicts with bearer_token_env / bearer_token_file / token_command",
+            );
         }
         if HeaderValue::from_str(value).is_err() {
             issues.add(&hkey, "not a valid HTTP header value (control characters?)");
@@ -236,6 +241,26 @@ fn validate_feed(issues: &mut Issues, i: usize, feed: &FeedConfig) {
             }
         }
         _ => {}
+    }
+    if let Some(argv) = &feed.token_command {
+        if feed.bearer_token_env.is_some() || feed.bearer_token_file.is_some() {
+            issues.add(
+                key("token_command"),
+                "set only one of bearer_token_env, bearer_token_file and token_command",
+            );
+        }
+        match argv.first() {
+            None => issues.add(key("token_command"), "names no program"),
+            Some(program) if std::path::Path::new(program).is_absolute() => {
+                if let Err(e) = std::fs::metadata(program) {
+                    issues.add(key("token_command"), format!("cannot use {program}: {e}"));
+                }
+            }
+            Some(program) if program.is_empty() => {
+                issues.add(key("token_command"), "names no program")
+            }
+            Some(_) => {}
+        }
     }
     if let Some(start) = &feed.start {
         if let Err(e) = crate::sse::options::Since::parse(&start.since) {

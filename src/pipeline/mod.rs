@@ -166,8 +166,12 @@ impl<S: Source> FeedTask<S> {
             }
             match next {
                 Next::Items => {}
-                Next::Gap { reason, detail } => {
-                    self.record_gap(reason.into(), detail).await;
+                Next::Gap {
+                    reason,
+                    detail,
+                    last_event_id,
+                } => {
+                    self.record_gap(reason.into(), detail, &last_event_id).await;
                     continue;
                 }
                 Next::Stopped { reason } => {
@@ -261,7 +265,9 @@ impl<S: Source> FeedTask<S> {
         }
     }
 
-    async fn record_gap(&self, reason: GapReason, detail: String) {
+    /// Records a gap the source reported, with the last event ID it concerns (for a rejected
+    /// ID the rejected one: the source has already dropped it).
+    async fn record_gap(&self, reason: GapReason, detail: String, last_event_id: &str) {
         let p = self.view.tracker.acked();
         let name = &self.view.config.name;
         let gap = Gap::once(
@@ -269,7 +275,7 @@ impl<S: Source> FeedTask<S> {
             &self.view.config.url,
             reason,
             detail,
-            self.source.last_event_id(),
+            last_event_id,
             p.seq.max(self.next_seq.saturating_sub(1)),
             Utc::now(),
         );

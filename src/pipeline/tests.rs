@@ -32,6 +32,11 @@ struct Scripted {
 impl Source for Scripted {
     fn next(&mut self, out: &mut Vec<Item>) -> impl Future<Output = Next> + Send {
         let step = self.steps.pop_front();
+        let gap_id = self.last_event_id.clone();
+        if let Some(Step::Gap(crate::sse::client::GapKind::IdRejected, _)) = &step {
+            // As the client does: the rejected ID is dropped before the gap is handed out.
+            self.last_event_id.clear();
+        }
         if let Some(Step::Items(items)) = &step {
             for item in items {
                 match item {
@@ -49,6 +54,7 @@ impl Source for Scripted {
                 Some(Step::Gap(reason, detail)) => Next::Gap {
                     reason,
                     detail: detail.to_string(),
+                    last_event_id: gap_id,
                 },
                 Some(Step::Stop(reason)) => Next::Stopped {
                     reason: reason.to_string(),

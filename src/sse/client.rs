@@ -31,7 +31,13 @@ pub enum Next {
     Items,
     /// The feed could not resume faithfully; record it. Returned before any item of the
     /// connection it concerns.
-    Gap { reason: GapKind, detail: String },
+    Gap {
+        reason: GapKind,
+        detail: String,
+        /// The last event ID the gap concerns: for [`GapKind::IdRejected`] the ID rejected or
+        /// unsendable (the client has already dropped it), else the current one.
+        last_event_id: String,
+    },
     /// The feed stopped for good (204, or the policy failed the connection); `next` keeps
     /// returning this without connecting again. The status handle says `Stopped`.
     Stopped { reason: String },
@@ -295,6 +301,7 @@ impl EventSource {
                 .connector
                 .scrub(&format!("feed `{}`: {detail}", self.name));
             tracing::warn!(feed = %self.name, "{message}");
+            let rejected = id.to_owned();
             self.parser.start_stream("");
             self.gap_reported = true;
             self.status.update(|s| {
@@ -304,6 +311,7 @@ impl EventSource {
             gap = Some(Next::Gap {
                 reason: GapKind::IdRejected,
                 detail,
+                last_event_id: rejected,
             });
         }
         let reconnect = self.attempts > 0;
@@ -359,6 +367,7 @@ impl EventSource {
                     "reconnected without a Last-Event-ID after {} events (the stream carries no ids): events sent while disconnected are lost",
                     self.events_seen
                 ),
+                last_event_id: String::new(),
             }
         });
         self.gap_reported = false;
@@ -482,6 +491,7 @@ impl EventSource {
                     "the server answered HTTP {} to Last-Event-ID `{id}`; reconnecting without an ID, events since then may be lost",
                     failure.status.unwrap_or_default()
                 ),
+                last_event_id: id,
             }
         });
 
@@ -851,6 +861,87 @@ mod tests {
         assert_eq!(t.sent().len(), 4);
     }
 
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// With `compression`, a gzip body is decoded whatever the split of the compressed bytes
+    /// (one byte at a time included), and parses exactly as the plain stream does.
+    #[tokio::test]
+    async fn a_gzip_body_split_into_any_chunks_parses_the_same() {
+        let plain: Vec<u8> = (1..=40)
+            .flat_map(|n| {
+                format!("id: {n}\nevent: e\ndata: {{\"n\":{n},\"r\":\"r\u{e9}sum\u{e9}\"}}\n\n")
+                    .into_bytes()
+            })
+            .collect();
+        let packed = gzip(&plain);
+        let mut o = fast();
+        o.compression = true;
+        let plain_t = Arc::new(Scripted::new(vec![Reply::stream(
+            vec![Bytes::from(plain.clone())],
+            false,
+        )]));
+        let (want, _) = items(&mut source(&o, &plain_t, ""), 40).await;
+        for size in [1, 2, 3, 7, 100, packed.len()] {
+            let chunks = packed.chunks(size).map(Bytes::copy_from_slice).collect();
+            let t = Arc::new(Scripted::new(vec![Reply::Response {
+                status: 200,
+                headers: vec![
+                    ("content-type", "text/event-stream"),
+                    ("content-encoding", "gzip"),
+                ],
+                chunks,
+                end: false,
+            }]));
+            let (got, others) = items(&mut source(&o, &t, ""), 40).await;
+            assert_eq!(got, want, "chunks of {size}");
+            assert!(others.is_empty(), "{others:?}");
+            assert_eq!(t.sent()[0]["accept-encoding"], "gzip");
+        }
+    }
+
+    /// Without `compression` no coding is asked for, and a gzip answer is an error as before;
+    /// with it, a corrupt body drops the connection with an error that says so.
+    #[tokio::test]
+    async fn unrequested_or_corrupt_gzip_is_an_error() {
+        let gz = |chunks: Vec<Bytes>| Reply::Response {
+            status: 200,
+            headers: vec![
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "gzip"),
+            ],
+            chunks,
+            end: true,
+        };
+        let t = Arc::new(Scripted::new(vec![gz(vec![Bytes::from(gzip(
+            b"data: a\n\n",
+        ))])]));
+        let mut es = source(&fast(), &t, "");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_millis(300), es.next(&mut out)).await;
+        assert!(out.is_empty());
+        assert!(!t.sent()[0].contains_key("accept-encoding"));
+        let err = es.status().get().last_error.unwrap_or_default();
+        assert!(err.contains("Content-Encoding `gzip`"), "{err}");
+
+        let mut o = fast();
+        o.compression = true;
+        let mut bad = gzip(b"data: a\n\n");
+        // The gzip header, then a deflate block of the reserved type 3.
+        bad.truncate(10);
+        bad.extend_from_slice(&[0xff; 16]);
+        let t = Arc::new(Scripted::new(vec![gz(vec![Bytes::from(bad)])]));
+        let mut es = source(&o, &t, "");
+        let _ = tokio::time::timeout(Duration::from_millis(300), es.next(&mut out)).await;
+        assert!(out.is_empty());
+        let err = es.status().get().last_error.unwrap_or_default();
+        assert!(err.contains("gzip-encoded body cannot be decoded"), "{err}");
+    }
+
     #[tokio::test]
     async fn reconnections_resume_from_the_last_id_and_a_rejected_id_is_a_gap() {
         let t = Arc::new(Scripted::new(vec![
@@ -869,7 +960,9 @@ mod tests {
             [Next::Gap {
                 reason: GapKind::IdRejected,
                 detail,
+                last_event_id,
             }] => {
+                assert_eq!(last_event_id, "7");
                 assert!(
                     detail.contains("HTTP 410") && detail.contains('7'),
                     "{detail}"

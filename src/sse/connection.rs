@@ -15,9 +15,10 @@
 //! - userinfo in the URL sent as `Authorization: Basic` unless another `Authorization` is set;
 //! - the bearer token read afresh at every attempt, from a variable or a file.
 //!
-//! What a response means is [`super::response`]'s: the bridge asks for no coding and decodes
-//! none, so a 200 with a `Content-Encoding` or a `Transfer-Encoding` other than `chunked` is a
-//! failure naming the coding instead of compressed bytes fed to the parser.
+//! What a response means is [`super::response`]'s: the bridge asks for no coding (gzip only
+//! with `compression`, decoded here by [`Gunzip`]), so any other `Content-Encoding`, or a
+//! `Transfer-Encoding` other than `chunked`, is a failure naming the coding instead of
+//! compressed bytes fed to the parser.
 //!
 //! Secrets: error messages name the feed and the URL without userinfo or query string (where
 //! tokens like to hide), never a header value, and every message is scrubbed of the feed's
@@ -33,8 +34,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH,
-    CONTENT_TYPE, TRANSFER_ENCODING,
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL,
+    CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
 };
 use http::Method;
 use tokio::task::JoinHandle;
@@ -44,6 +45,7 @@ use url::Url;
 use super::options::{ClientOptions, RequestBodySource};
 use super::response::{self, Verdict};
 use super::secret::{is_secret_header, Redactor, Secret, MIN_SECRET_LEN, REDACTED};
+use super::token_command;
 use super::transport::http1::Http1Transport;
 use super::transport::proxy::system_proxies;
 use super::transport::redirect::RedirectRules;
@@ -125,6 +127,8 @@ pub enum TokenError {
     },
     #[error("bearer_token_file {} is empty", .0.display())]
     FileEmpty(PathBuf),
+    #[error(transparent)]
+    Command(token_command::CommandError),
 }
 
 /// How a connection attempt (or an open connection) failed. The client maps each kind to the
@@ -216,6 +220,8 @@ struct Inner {
     /// The query parameter names of the last event ID (if configured) and of the start position.
     last_event_id_query: Option<String>,
     since_query: String,
+    /// Send `Accept-Encoding: gzip` and decode a gzip body.
+    compression: bool,
     url: Url,
     /// The URL without userinfo, query or fragment: what messages show.
     shown_url: String,
@@ -264,6 +270,8 @@ enum TokenSource {
     None,
     Env(String),
     File(PathBuf),
+    /// Program and arguments, run at every attempt.
+    Command(Vec<String>),
 }
 
 impl Connector {
@@ -331,10 +339,24 @@ impl Connector {
         })?;
 
         let token = match (&feed.bearer_token_env, &feed.bearer_token_file) {
+            _ if feed.token_command.is_some()
+                && (feed.bearer_token_env.is_some() || feed.bearer_token_file.is_some()) =>
+            {
+                return Err(err(
+                    "set only one of bearer_token_env, bearer_token_file and token_command".into(),
+                ))
+            }
             (Some(_), Some(_)) => {
                 return Err(err(
                     "set either bearer_token_env or bearer_token_file, not both".into(),
                 ))
+            }
+            (None, None) if feed.token_command.is_some() => {
+                let argv = feed.token_command.clone().unwrap_or_default();
+                if argv.first().is_none_or(|p| p.is_empty()) {
+                    return Err(err("`token_command` names no program".into()));
+                }
+                TokenSource::Command(argv)
             }
             (Some(var), None) => {
                 // Checked now so a missing variable fails the start loudly; read again at every
@@ -357,7 +379,7 @@ impl Connector {
             }
             if name == AUTHORIZATION && !matches!(token, TokenSource::None) {
                 return Err(err(
-                    "header `Authorization` conflicts with bearer_token_env / bearer_token_file"
+                    "header `Authorization` conflicts with bearer_token_env / bearer_token_file / token_command"
                         .into(),
                 ));
             }
@@ -398,6 +420,7 @@ impl Connector {
                 body,
                 last_event_id_query: feed.last_event_id_query.clone(),
                 since_query: feed.since_query.clone(),
+                compression: feed.compression,
                 shown_url: display_url(&url),
                 url,
                 headers,
@@ -455,6 +478,44 @@ impl Connector {
             task: tokio::spawn(self.inner.clone().attempt(id, query)),
             inner: self.inner.clone(),
         }
+    }
+}
+
+/// Decodes a gzip body piece by piece, under any split of the compressed bytes. At most
+/// [`Gunzip::STEP`] compressed bytes are decoded at a time, so one chunk of a decompression
+/// bomb yields pieces of bounded size (deflate expands at most about 1 032 times) that the
+/// parser's limits then judge, instead of one huge buffer (ARCHITECTURE.md, "Hostile input and
+/// bounded resources").
+struct Gunzip {
+    decoder: flate2::write::MultiGzDecoder<Vec<u8>>,
+    /// Compressed bytes received and not decoded yet.
+    pending: Bytes,
+}
+
+impl Gunzip {
+    const STEP: usize = 1024;
+
+    fn new() -> Gunzip {
+        Gunzip {
+            decoder: flate2::write::MultiGzDecoder::new(Vec::new()),
+            pending: Bytes::new(),
+        }
+    }
+
+    /// Decoded bytes from what is pending (`None` once it is all decoded without output).
+    fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
+        use std::io::Write as _;
+        while !self.pending.is_empty() {
+            let step = self.pending.split_to(self.pending.len().min(Self::STEP));
+            self.decoder.write_all(&step)?;
+            // The decoder keeps output back until the next write unless flushed.
+            self.decoder.flush()?;
+            let plain = std::mem::take(self.decoder.get_mut());
+            if !plain.is_empty() {
+                return Ok(Some(Bytes::from(plain)));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -563,22 +624,14 @@ impl Inner {
         let mut headers = self.headers.clone();
         headers.insert(ACCEPT, HeaderValue::from_static(EVENT_STREAM));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        if self.compression {
+            headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         let sent_id = last_event_id.is_some();
         if let Some(id) = last_event_id {
             headers.insert(HeaderName::from_static(LAST_EVENT_ID), id);
         }
-        let token = self.read_token().await?;
-        if let Some(token) = &token {
-            let mut value =
-                HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
-                    self.failure(
-                        FailureKind::Local,
-                        "the bearer token contains characters that are not allowed in an HTTP header",
-                    )
-                })?;
-            value.set_sensitive(true);
-            headers.insert(AUTHORIZATION, value);
-        }
+        let mut token = self.read_token().await?;
         // Checked when the connector was made: the URL does not change.
         let (uri, request_url) = request_target(&with_query(&self.url, &query))
             .map_err(|e| self.failure(FailureKind::Local, format_args!("invalid URL: {e}")))?;
@@ -594,33 +647,62 @@ impl Inner {
                 })?)
             }
         };
-        let mut request = http::Request::new(());
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
-        let extensions = request.extensions_mut();
-        if let Some(body) = body {
-            extensions.insert(RequestBody(body));
-        }
-        extensions.insert(RedirectRules {
-            max: self.max_redirects,
-            forward_headers: self.forward_headers_on_redirect,
-            keep_across_origins: &KEEP_ACROSS_ORIGINS,
-        });
-        extensions.insert(ConnectTimeout(self.connect_timeout));
+        let mut refetched = false;
+        loop {
+            let mut headers = headers.clone();
+            if let Some(token) = &token {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                    .map_err(|_| {
+                        self.failure(
+                            FailureKind::Local,
+                            "the bearer token contains characters that are not allowed in an HTTP header",
+                        )
+                    })?;
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
+            let mut request = http::Request::new(());
+            *request.method_mut() = self.method.clone();
+            *request.uri_mut() = uri.clone();
+            *request.headers_mut() = headers;
+            let extensions = request.extensions_mut();
+            if let Some(body) = &body {
+                extensions.insert(RequestBody(body.clone()));
+            }
+            extensions.insert(RedirectRules {
+                max: self.max_redirects,
+                forward_headers: self.forward_headers_on_redirect,
+                keep_across_origins: &KEEP_ACROSS_ORIGINS,
+            });
+            extensions.insert(ConnectTimeout(self.connect_timeout));
 
-        let send = self.transport.clone().send(request);
-        let result = match tokio::time::timeout(self.header_timeout, send).await {
-            Err(_) => Err(self.network(format_args!(
-                "timed out: no response headers within {} (connect_timeout {} + response_timeout {})",
-                humantime::format_duration(self.header_timeout),
-                humantime::format_duration(self.connect_timeout),
-                humantime::format_duration(self.response_timeout),
-            ))),
-            Ok(Err(e)) => Err(self.transport_failure(&e)),
-            Ok(Ok(response)) => self.classify(response, &request_url, sent_id),
-        };
-        result.map_err(|f| self.scrub(f, token.as_ref()))
+            let send = self.transport.clone().send(request);
+            let result = match tokio::time::timeout(self.header_timeout, send).await {
+                Err(_) => Err(self.network(format_args!(
+                    "timed out: no response headers within {} (connect_timeout {} + response_timeout {})",
+                    humantime::format_duration(self.header_timeout),
+                    humantime::format_duration(self.connect_timeout),
+                    humantime::format_duration(self.response_timeout),
+                ))),
+                Ok(Err(e)) => Err(self.transport_failure(&e)),
+                Ok(Ok(response)) => self.classify(response, &request_url, sent_id),
+            };
+            // A token from a command may have expired since it was printed: on a 401 the
+            // command runs once more and the request is repeated before the policy backs off.
+            let unauthorized = matches!(&result, Err(f) if f.status == Some(401));
+            if unauthorized && !refetched && matches!(self.token, TokenSource::Command(_)) {
+                refetched = true;
+                tracing::info!(
+                    feed = %self.feed,
+                    "{} {}: HTTP 401 Unauthorized; running token_command again before backing off",
+                    self.method,
+                    self.shown_url
+                );
+                token = self.read_token().await?;
+                continue;
+            }
+            return result.map_err(|f| self.scrub(f, token.as_ref()));
+        }
     }
 
     /// The bearer token for this attempt, read afresh (a file refreshed on disk is picked up).
@@ -636,6 +718,13 @@ impl Inner {
                 Ok(text) if text.trim().is_empty() => Err(TokenError::FileEmpty(path.clone())),
                 Ok(text) => Ok(Secret::new(text.trim())),
             },
+            TokenSource::Command(argv) => {
+                // Its stderr may quote the token it could not refresh: the failure is scrubbed
+                // of the last token (and every secret) like any message.
+                token_command::run(argv, token_command::TOKEN_COMMAND_TIMEOUT)
+                    .await
+                    .map_err(TokenError::Command)
+            }
         }
         .map_err(|e| self.failure(FailureKind::Local, e))?;
         let mut last = self.last_token.lock().unwrap_or_else(|p| p.into_inner());
@@ -659,11 +748,13 @@ impl Inner {
             _ => None,
         };
         let rejected = sent_id && self.rejected_id_statuses.contains(&code);
-        match response::classify(
+        let gzip = self.compression && response::is_gzip_encoded(&parts.headers);
+        match response::classify_accepting(
             parts.status,
             &parts.headers,
             redirected_to.as_deref(),
             rejected,
+            self.compression,
             |text| self.scrub_text(text),
         ) {
             Verdict::Open => Ok(Connection {
@@ -673,6 +764,7 @@ impl Inner {
                     .and_then(|t| Instant::now().checked_add(t)),
                 body,
                 sent_last_event_id: sent_id,
+                gunzip: gzip.then(|| Box::new(Gunzip::new())),
                 inner: self.clone(),
             }),
             Verdict::Fail {
@@ -692,6 +784,8 @@ impl Inner {
 pub struct Connection {
     status: u16,
     body: Box<dyn Body>,
+    /// Decodes a gzip body (`compression = true` and the server used it).
+    gunzip: Option<Box<Gunzip>>,
     /// When the idle timeout fires unless bytes arrive first. Kept here rather than in a
     /// per-call timer so that a cancelled [`Connection::next_chunk`] does not extend it.
     deadline: Option<Instant>,
@@ -725,6 +819,18 @@ impl Connection {
     /// loses no bytes.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Failure> {
         loop {
+            if let Some(gunzip) = &mut self.gunzip {
+                match gunzip.next_piece() {
+                    Ok(Some(plain)) => return Ok(Some(plain)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        let failure = self.inner.network(format_args!(
+                            "the gzip-encoded body cannot be decoded: {e}; dropping the connection"
+                        ));
+                        return Err(self.inner.scrub(failure, None));
+                    }
+                }
+            }
             let read = match self.deadline {
                 Some(deadline) => {
                     match tokio::time::timeout_at(deadline, transport::next_chunk(&mut *self.body))
@@ -749,7 +855,9 @@ impl Connection {
                         .inner
                         .idle_timeout
                         .and_then(|t| Instant::now().checked_add(t));
-                    if !bytes.is_empty() {
+                    if let Some(gunzip) = &mut self.gunzip {
+                        gunzip.pending = bytes;
+                    } else if !bytes.is_empty() {
                         return Ok(Some(bytes));
                     }
                 }

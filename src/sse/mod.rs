@@ -12,4 +12,5 @@ pub mod response;
 pub mod retry;
 pub mod secret;
 pub mod status;
+pub mod token_command;
 pub mod transport;

@@ -116,6 +116,8 @@ pub struct ClientOptions {
     /// parameter until the first connection opens.
     pub start_since: Option<Since>,
     pub since_query: String,
+    /// Ask for a gzip body (`Accept-Encoding: gzip`) and decode it.
+    pub compression: bool,
     /// Extra request headers, in order. Every value is held as a secret; `secret_headers`
     /// (and the well-known credential headers) decide which are also scrubbed from text.
     pub headers: Vec<(String, Secret)>,
@@ -126,6 +128,8 @@ pub struct ClientOptions {
     /// The bearer token's sources, as configured (both set is refused by the client).
     pub bearer_token_env: Option<String>,
     pub bearer_token_file: Option<PathBuf>,
+    /// A program (and its arguments) printing the bearer token, run at every attempt.
+    pub token_command: Option<Vec<String>>,
     /// A PEM file of extra CA certificates to trust.
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
@@ -156,11 +160,13 @@ impl ClientOptions {
             last_event_id_query: None,
             start_since: None,
             since_query: "since".into(),
+            compression: false,
             headers: Vec::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,
             bearer_token_env: None,
             bearer_token_file: None,
+            token_command: None,
             ca_file: None,
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(30),

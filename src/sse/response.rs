@@ -41,6 +41,19 @@ pub fn classify(
     id_rejected: bool,
     scrub: impl Fn(&str) -> String,
 ) -> Verdict {
+    classify_accepting(status, headers, redirected_to, id_rejected, false, scrub)
+}
+
+/// [`classify`] for a request that sent `Accept-Encoding: gzip` when `gzip` is set: a 200
+/// whose only coding is gzip ([`is_gzip_encoded`]) opens too, and the caller decodes it.
+pub fn classify_accepting(
+    status: StatusCode,
+    headers: &HeaderMap,
+    redirected_to: Option<&str>,
+    id_rejected: bool,
+    gzip: bool,
+    scrub: impl Fn(&str) -> String,
+) -> Verdict {
     let code = status.as_u16();
     let via = match redirected_to {
         Some(url) => format!(" (redirected to {url})"),
@@ -62,11 +75,16 @@ pub fn classify(
     };
 
     if status == StatusCode::OK {
-        if let Some(problem) = unreadable_coding(headers) {
+        if let Some(problem) = unreadable_coding(headers, gzip) {
             // Not a client error: a proxy or server may stop compressing; retried with backoff.
+            let asked = if gzip {
+                "it asks for gzip only"
+            } else {
+                "it sends no Accept-Encoding"
+            };
             return fail(
                 FailureKind::Network,
-                format!("{answer} with {problem}, which the bridge does not decode (it sends no Accept-Encoding); dropping the response"),
+                format!("{answer} with {problem}, which the bridge does not decode ({asked}); dropping the response"),
             );
         }
         return match text(CONTENT_TYPE) {
@@ -137,7 +155,10 @@ pub fn is_event_stream(content_type: &str) -> bool {
 
 /// What makes a response's body unreadable: a `Content-Encoding` other than `identity`, or a
 /// `Transfer-Encoding` coding other than `chunked` (the bridge decodes neither).
-fn unreadable_coding(headers: &HeaderMap) -> Option<String> {
+fn unreadable_coding(headers: &HeaderMap, gzip: bool) -> Option<String> {
+    if gzip && is_gzip_encoded(headers) {
+        return transfer_coding_problem(headers);
+    }
     if let Some(v) = headers.get(CONTENT_ENCODING) {
         let text = v.to_str().ok().map(str::trim);
         let codings: Vec<&str> = text
@@ -153,6 +174,28 @@ fn unreadable_coding(headers: &HeaderMap) -> Option<String> {
             ));
         }
     }
+    transfer_coding_problem(headers)
+}
+
+/// Whether the body's content coding is exactly one gzip (`gzip` or `x-gzip`, `identity`
+/// aside), in one `Content-Encoding` field.
+pub fn is_gzip_encoded(headers: &HeaderMap) -> bool {
+    let mut fields = headers.get_all(CONTENT_ENCODING).iter();
+    let (Some(v), None) = (fields.next(), fields.next()) else {
+        return false;
+    };
+    let codings: Vec<&str> = v
+        .to_str()
+        .unwrap_or("<not ASCII>")
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        .collect();
+    matches!(&codings[..], [c] if c.eq_ignore_ascii_case("gzip") || c.eq_ignore_ascii_case("x-gzip"))
+}
+
+/// A `Transfer-Encoding` coding other than `chunked`, named.
+fn transfer_coding_problem(headers: &HeaderMap) -> Option<String> {
     let codings: Vec<String> = headers
         .get_all(TRANSFER_ENCODING)
         .iter()
