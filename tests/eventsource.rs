@@ -481,7 +481,7 @@ async fn a_server_closing_every_50_events_is_followed_like_a_browser() {
     .await;
     // The documented defaults (backoff from 1 s doubling to 60 s, with jitter).
     let f = FeedConfig::new("routine", server.url_for("/"));
-    let window = Duration::from_secs(10);
+    let window = Duration::from_secs(20);
     let started = std::time::Instant::now();
     let mut d = drive(f, "");
     let mut events = 0u64;
