@@ -50,7 +50,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 use bytes::Bytes;
-use globset::{GlobBuilder, GlobMatcher};
+use globset::GlobMatcher;
 use rusqlite::Connection;
 use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -464,14 +464,9 @@ async fn events(
     let mut query_id: Option<String> = None;
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match &*k {
-            "type" => match GlobBuilder::new(&v).backslash_escape(true).build() {
-                Ok(g) => type_glob = Some(g.compile_matcher()),
-                Err(e) => {
-                    return plain(
-                        StatusCode::BAD_REQUEST,
-                        format!("?type={v}: not a valid glob: {e}\n"),
-                    )
-                }
+            "type" => match crate::route::compile_pattern(&v) {
+                Ok(g) => type_glob = Some(g),
+                Err(e) => return plain(StatusCode::BAD_REQUEST, format!("?type: {e}\n")),
             },
             "last_event_id" => query_id = Some(v.into_owned()),
             _ => {}

@@ -10,13 +10,13 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::bridge::{checkpoint, Bridge};
 use support::server::Server;
-use support::{wait_for, write_file};
+use support::{ok, replay, wait_for, write_file};
 
 const FEED: &str = "wiki";
 const N: u64 = 20_000;
@@ -68,26 +68,6 @@ sinks = ["archive"]
         out: d.join("out"),
         dir,
     }
-}
-
-fn replay(args: &[&str]) -> Output {
-    Command::new(support::bin())
-        .arg("replay")
-        .args(args)
-        .env_remove("SSE_BRIDGE_CONFIG")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run sse-bridge replay")
-}
-
-fn ok(out: &Output) -> &Output {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// (feed, seq) of each JSON line of `stdout`.

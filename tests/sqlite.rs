@@ -15,7 +15,6 @@ mod support;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +28,7 @@ use sse_bridge::sink::{jsonl, BufferConfig, Sink};
 use sse_bridge::sse::parser::{Item, Limits, Parser};
 use support::bridge::{checkpoint, Bridge};
 use support::server::{Fault, Options, Server};
-use support::{bin, wait_for, write_file};
+use support::{ok, replay, wait_for, write_file};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -786,26 +785,6 @@ impl Fixture {
         }
         out
     }
-}
-
-fn replay(args: &[&str]) -> Output {
-    Command::new(bin())
-        .arg("replay")
-        .args(args)
-        .env_remove("SSE_BRIDGE_CONFIG")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run sse-bridge replay")
-}
-
-fn ok(out: &Output) -> &Output {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 #[test]

@@ -278,3 +278,15 @@ pub trait Sink: Send {
         Ok(())
     }
 }
+
+/// The event the sinks' unit tests write: id `id-SEQ`, received now.
+#[cfg(test)]
+pub(crate) fn test_event(feed: &str, event_type: &str, seq: u64, data: &str) -> Arc<Event> {
+    Arc::new(Event::new(
+        feed,
+        event_type,
+        &format!("id-{seq}"),
+        data,
+        seq,
+    ))
+}

@@ -57,6 +57,26 @@ pub fn run_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> S
     succeeds(&mut command(args))
 }
 
+/// `sse-bridge replay ARGS`, without the test's `SSE_BRIDGE_CONFIG` and `RUST_LOG`.
+pub fn replay(args: &[&str]) -> std::process::Output {
+    command(["replay"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run sse-bridge replay")
+}
+
+/// `out`, after checking that its command succeeded (else panics with its exit and stderr).
+pub fn ok(out: &std::process::Output) -> &std::process::Output {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -863,6 +863,16 @@ struct Head {
     body: Vec<u8>,
 }
 
+/// One read of a request, with a 10 s bound; `None` at the end of the stream, on an error or
+/// on a timeout.
+async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, chunk: &mut [u8]) -> Option<usize> {
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(chunk))
+        .await
+        .ok()?
+        .ok()?;
+    (n > 0).then_some(n)
+}
+
 /// Reads the request head and body; `None` if the client left or sent something that is not
 /// HTTP. The body is read (not left unread in the socket, which would make the close a reset).
 async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Head> {
@@ -875,13 +885,7 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Head> {
         if buf.len() > 64 * 1024 {
             return None;
         }
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = read_some(stream, &mut chunk).await?;
         buf.extend_from_slice(&chunk[..n]);
         if !buf[0].is_ascii_uppercase() {
             // Not HTTP (a TLS handshake, say): answered with a 400, as a real server would.
@@ -907,13 +911,7 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Head> {
         .min(1024 * 1024);
     let mut body = buf[head_end + 4..].to_vec();
     while body.len() < length {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = read_some(stream, &mut chunk).await?;
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(length);

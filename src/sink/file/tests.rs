@@ -14,15 +14,7 @@ use crate::sink::BufferConfig;
 use crate::sink::{Sink, SinkConfig};
 use chrono::Utc;
 
-fn event(feed: &str, event_type: &str, seq: u64, data: &str) -> Arc<Event> {
-    Arc::new(Event::new(
-        feed,
-        event_type,
-        &format!("id-{seq}"),
-        data,
-        seq,
-    ))
-}
+use crate::sink::test_event as event;
 
 fn config(path: &str, fsync: FsyncPolicy) -> FileSinkConfig {
     FileSinkConfig {

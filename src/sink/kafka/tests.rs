@@ -14,15 +14,7 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 
-fn event(feed: &str, event_type: &str, seq: u64, data: &str) -> Arc<Event> {
-    Arc::new(Event::new(
-        feed,
-        event_type,
-        &format!("id-{seq}"),
-        data,
-        seq,
-    ))
-}
+use crate::sink::test_event as event;
 
 fn events(feed: &str, range: std::ops::RangeInclusive<u64>) -> Vec<Arc<Event>> {
     range
