@@ -34,7 +34,8 @@ pub struct FeedConfig {
     #[serde(default)]
     pub body: Option<String>,
     /// A file holding the request body instead of `body`, read at every connection attempt
-    /// (an edited filter applies at the next reconnection).
+    /// (an edited filter applies at the next reconnection). It must be a regular file of at
+    /// most 1 MiB; anything else fails the attempt with an error naming the file.
     #[serde(default)]
     pub body_file: Option<PathBuf>,
     /// Also send the last event ID as this query parameter, on every request that sends it

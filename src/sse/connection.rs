@@ -638,14 +638,12 @@ impl Inner {
         let body = match &self.body {
             BodySource::None => None,
             BodySource::Inline(bytes) => Some(bytes.clone()),
-            BodySource::File(path) => {
-                Some(tokio::fs::read(path).await.map(Bytes::from).map_err(|e| {
-                    self.failure(
-                        FailureKind::Local,
-                        format_args!("cannot read body_file {}: {e}", path.display()),
-                    )
-                })?)
-            }
+            BodySource::File(path) => Some(read_body_file(path).await.map_err(|e| {
+                self.failure(
+                    FailureKind::Local,
+                    format_args!("cannot read body_file {}: {e}", path.display()),
+                )
+            })?),
         };
         let mut refetched = false;
         loop {
@@ -909,6 +907,30 @@ pub fn last_event_id_header(id: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(id).ok()
 }
 
+/// The largest request body `body_file` may hold. It is read at every connection attempt and
+/// held for the attempt; a careless path (a log file, a device) must not become a huge read.
+const MAX_BODY_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads `body_file`: a regular file (checked before opening, so a FIFO never blocks the
+/// attempt) of at most [`MAX_BODY_FILE_BYTES`].
+async fn read_body_file(path: &std::path::Path) -> std::io::Result<Bytes> {
+    use tokio::io::AsyncReadExt;
+    if !tokio::fs::metadata(path).await?.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    let mut body = Vec::new();
+    tokio::fs::File::open(path)
+        .await?
+        .take(MAX_BODY_FILE_BYTES + 1)
+        .read_to_end(&mut body)
+        .await?;
+    if body.len() as u64 > MAX_BODY_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {MAX_BODY_FILE_BYTES} bytes, the most a request body may be"
+        )));
+    }
+    Ok(Bytes::from(body))
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1344,5 +1366,27 @@ mod tests {
             head.starts_with("GET /s HTTP/1.1\r\nHost: localhost:"),
             "{head}"
         );
+    }
+
+    #[tokio::test]
+    async fn body_file_must_be_a_small_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("body.json");
+        std::fs::write(&ok, "{\"q\":1}").unwrap();
+        assert_eq!(&read_body_file(&ok).await.unwrap()[..], b"{\"q\":1}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; MAX_BODY_FILE_BYTES as usize + 1]).unwrap();
+        let e = read_body_file(&big).await.unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), read_body_file(&fifo))
+            .await
+            .expect("a FIFO must not block")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }
