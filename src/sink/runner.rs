@@ -455,10 +455,14 @@ async fn write_with_retry(
             }
             Err(e) => {
                 failures += 1;
-                // Unhealthy first: whoever sees the error count grow sees the sink unhealthy.
-                health.healthy.store(false, Ordering::Release);
-                health.errors.fetch_add(1, Ordering::Release);
                 let message = e.to_string();
+                // Unhealthy and the error first, then the count: whoever sees the error count
+                // grow sees the sink unhealthy and why.
+                health.healthy.store(false, Ordering::Release);
+                if let Ok(mut g) = health.last_error.lock() {
+                    *g = Some(message.clone());
+                }
+                health.errors.fetch_add(1, Ordering::Release);
                 if last_logged.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
                     tracing::error!(
                         sink = %name,
@@ -467,9 +471,6 @@ async fn write_with_retry(
                         "write failed, holding the feeds back and retrying: {message}"
                     );
                     last_logged = Some(Instant::now());
-                }
-                if let Ok(mut g) = health.last_error.lock() {
-                    *g = Some(message);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
