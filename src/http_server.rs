@@ -13,8 +13,15 @@
 //! - hyper buffers at most about `max_buf_size` bytes of a response in front of the socket;
 //! - a handler can hang up ([`Hangup`]): the response gets a short grace to flush, then the
 //!   socket is closed whether or not the client read it.
+//!
+//! With TLS settings ([`tls_config`]) it speaks HTTPS: the handshake must also finish within
+//! `header_timeout`, and a connection over the cap is closed without an answer (a plaintext
+//! 503 would mean nothing to a TLS client). Every request carries the client's address
+//! (`axum::extract::ConnectInfo<SocketAddr>`) for the handlers' log lines.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +60,48 @@ pub struct Limits {
     pub max_buf_size: usize,
     /// `Retry-After` of the 503 sent over the cap, in seconds.
     pub retry_after_secs: u64,
+    /// Serve HTTPS with these settings ([`tls_config`]); `None`: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The TLS settings of a server from a PEM certificate chain and its private key. The error
+/// names the file and what is wrong with it.
+pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |path: &Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let cert_pem = read(cert)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{}: no certificate in it (expected -----BEGIN CERTIFICATE-----)",
+            cert.display()
+        ));
+    }
+    let key_pem = read(key)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        format!(
+            "{}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1): {e}",
+            key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| {
+            format!(
+                "{} and {} do not make a usable certificate and key: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Hangs up on the connection a request came on: the response in progress gets a short grace
@@ -110,8 +159,8 @@ pub async fn run(
             _ = stop.cancelled() => break,
             r = listener.accept() => r,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors (EMFILE, ENFILE) or memory: the socket stays readable, so
                 // retrying at once would spin. Connections closing will free some.
@@ -139,7 +188,9 @@ pub async fn run(
                 refused_logged = Some(Instant::now());
                 refused = 0;
             }
-            refuse(tcp, &refusing, &limits, cap);
+            if limits.tls.is_none() {
+                refuse(tcp, &refusing, &limits, cap);
+            }
             continue;
         }
         open.count.fetch_add(1, Ordering::AcqRel);
@@ -148,35 +199,26 @@ pub async fn run(
         let app = app.clone();
         let builder = builder.clone();
         let stop = stop.clone();
+        let tls = limits.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let handshake_timeout = limits.header_timeout;
         tokio::spawn(async move {
             let _guard = guard;
-            let hangup = CancellationToken::new();
-            let handle = Hangup(hangup.clone());
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(handle.clone());
-                let mut app = app.clone();
-                async move {
-                    Ok::<_, Infallible>(match tower_service::Service::call(&mut app, req).await {
-                        Ok(r) => r,
-                        Err(never) => match never {},
-                    })
-                }
-            });
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(conn);
-            let grace = tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!("connection ended: {e}");
+            match tls {
+                None => serve_connection(TokioIo::new(tcp), peer, builder, app, stop).await,
+                Some(acceptor) => {
+                    let tls = tokio::select! {
+                        r = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => r,
+                        _ = stop.cancelled() => return,
+                    };
+                    match tls {
+                        Ok(Ok(stream)) => {
+                            serve_connection(TokioIo::new(stream), peer, builder, app, stop).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                    return;
                 }
-                _ = hangup.cancelled() => HANGUP_GRACE,
-                _ = stop.cancelled() => STOP_GRACE,
-            };
-            conn.as_mut().graceful_shutdown();
-            // Past the grace, dropping the connection closes the socket.
-            let _ = tokio::time::timeout(grace, conn.as_mut()).await;
+            }
         });
     }
     // Stopping: every connection was told (`stop`) and closes within STOP_GRACE.
@@ -190,6 +232,47 @@ pub async fn run(
             break;
         }
     }
+}
+
+/// Serves one connection until it ends, its handler hangs up, or the server stops.
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    builder: hyper::server::conn::http1::Builder,
+    app: axum::Router,
+    stop: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let hangup = CancellationToken::new();
+    let handle = Hangup(hangup.clone());
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(handle.clone());
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let mut app = app.clone();
+        async move {
+            Ok::<_, Infallible>(match tower_service::Service::call(&mut app, req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            })
+        }
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let grace = tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("connection ended: {e}");
+            }
+            return;
+        }
+        _ = hangup.cancelled() => HANGUP_GRACE,
+        _ = stop.cancelled() => STOP_GRACE,
+    };
+    conn.as_mut().graceful_shutdown();
+    // Past the grace, dropping the connection closes the socket.
+    let _ = tokio::time::timeout(grace, conn.as_mut()).await;
 }
 
 /// Answers a connection over the cap with a 503 and closes it, without reading the request

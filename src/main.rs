@@ -258,12 +258,21 @@ enum Command {
     /// Opens an SQLite database written by a `sqlite` sink (read-only) and answers
     /// `GET /feeds/FEED/events` with a `text/event-stream` of the feed's stored events, then
     /// the new ones as they are stored (by a bridge in another process, or any writer of the
-    /// same database). `?type=GLOB` keeps only matching event types.
+    /// same database). `?type=GLOB` keeps only matching event types. The same server runs
+    /// inside `run` when the config has a `[serve]` section, with the same settings as keys.
     ///
     /// Each event carries its original id; an event stored without one carries `@POS`. A
-    /// client that reconnects with `Last-Event-ID` (or `?last_event_id=` on the first request)
-    /// gets exactly the events after that one; an id that is not in the log is answered 410.
-    /// Without one, the stream starts at the beginning of the stored log.
+    /// client that reconnects with `Last-Event-ID` (or `?last_event_id=` / `?lastEventId=` on
+    /// the first request) gets exactly the events after that one; an id that is not in the log
+    /// is answered 410. Without one, the stream starts at the beginning of the stored log. A
+    /// feed with no stored events that is not named with --feed is answered 404.
+    ///
+    /// Access: with --token-file, every request needs a token (`Authorization: Bearer TOKEN`,
+    /// or `?access_token=TOKEN` for a browser's EventSource), 401 without one, 403 for a feed
+    /// the token may not read; SIGHUP re-reads the file. Pages on other origins may read only
+    /// when their origin is listed with --cors-origin (others get 403). --tls-cert and
+    /// --tls-key serve HTTPS. Each client's connection, resume id and end are logged at INFO
+    /// (never its token); /metrics counts clients and events per feed.
     ///
     /// Streams set `retry:`, send a `: heartbeat` comment every --heartbeat, and carry
     /// `Content-Type: text/event-stream`, `Cache-Control: no-cache` and `X-Accel-Buffering: no`.
@@ -274,10 +283,14 @@ enum Command {
     /// --max-clients connections are served at once (one more is answered 503 with
     /// Retry-After). Listens on 127.0.0.1:8080 unless --listen says otherwise.
     /// SIGTERM or SIGINT closes the streams and exits 0.
-    #[command(after_long_help = "Example:\n  \
+    #[command(after_long_help = "Examples:\n  \
         sse-bridge serve data/state.db --listen 127.0.0.1:8090 &\n  \
         curl -N 'http://127.0.0.1:8090/feeds/recentchange/events?type=edit'\n  \
-        curl -N -H 'Last-Event-ID: 1234' http://127.0.0.1:8090/feeds/recentchange/events")]
+        curl -N -H 'Last-Event-ID: 1234' http://127.0.0.1:8090/feeds/recentchange/events\n\n  \
+        # for a dashboard on https://dash.example.org, with tokens (one per line)\n  \
+        sse-bridge serve data/state.db --cors-origin https://dash.example.org \\\n      \
+        --token-file /etc/sse-bridge/serve-tokens\n  \
+        curl -N -H \"Authorization: Bearer $TOKEN\" http://127.0.0.1:8080/feeds/recentchange/events")]
     Serve(sse_bridge::serve::ServeArgs),
 
     /// Show the running bridge's feeds and sinks, read from its admin endpoint.

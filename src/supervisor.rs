@@ -49,6 +49,7 @@ pub struct Registry {
     feeds: RwLock<BTreeMap<String, FeedView>>,
     sinks: RwLock<BTreeMap<String, SinkView>>,
     tap: broadcast::Sender<Arc<Event>>,
+    serve: RwLock<Option<Arc<crate::serve::ServeStats>>>,
     pub started_at: SystemTime,
 }
 
@@ -58,6 +59,7 @@ impl Default for Registry {
             feeds: RwLock::new(BTreeMap::new()),
             sinks: RwLock::new(BTreeMap::new()),
             tap: broadcast::channel(TAP_CAPACITY).0,
+            serve: RwLock::default(),
             started_at: SystemTime::now(),
         }
     }
@@ -95,6 +97,17 @@ impl Registry {
     fn remove_feed(&self, name: &str) {
         if let Ok(mut m) = self.feeds.write() {
             m.remove(name);
+        }
+    }
+
+    /// The counters of `[serve]`, when it runs.
+    pub fn serve_stats(&self) -> Option<Arc<crate::serve::ServeStats>> {
+        self.serve.read().ok().and_then(|s| s.clone())
+    }
+
+    fn set_serve_stats(&self, stats: Option<Arc<crate::serve::ServeStats>>) {
+        if let Ok(mut s) = self.serve.write() {
+            *s = stats;
         }
     }
 
@@ -520,6 +533,15 @@ pub async fn run(
         None => None,
     };
     let mut supervisor = Supervisor::start(loaded, registry.clone()).await?;
+    // After the sinks started: the served database exists and has its schema.
+    let serve = match start_serve(supervisor.config()).await {
+        Ok(serve) => serve,
+        Err(e) => {
+            supervisor.shutdown().await;
+            return Err(e);
+        }
+    };
+    registry.set_serve_stats(serve.as_ref().map(|s| s.stats.clone()));
     notifier.ready();
     if let Some(admin) = &admin {
         admin.set_running(true);
@@ -547,6 +569,9 @@ pub async fn run(
                         if new.config.admin != supervisor.config().admin {
                             tracing::warn!("`[admin]` changed: the admin endpoint keeps its settings until the bridge restarts");
                         }
+                        if new.config.serve != supervisor.config().serve {
+                            tracing::warn!("`[serve]` changed: serve keeps its settings until the bridge restarts (the token file is read again now)");
+                        }
                         if let Err(e) = supervisor.reload(new).await {
                             tracing::error!("reload rejected, the running configuration stays: {e:#}");
                         }
@@ -558,6 +583,9 @@ pub async fn run(
                 // SIGHUP is also logrotate's signal: sinks close and reopen their files,
                 // whether or not the configuration changed.
                 supervisor.reopen_sinks();
+                if let Some(serve) = &serve {
+                    serve.reload(feed_names(supervisor.config()));
+                }
                 notifier.ready();
             }
         }
@@ -567,6 +595,13 @@ pub async fn run(
         admin.set_running(false);
     }
     status.abort();
+    // Clients are closed first: they resume with their Last-Event-ID from whatever serves
+    // next, and nothing they hold back delays the drain.
+    if let Some(serve) = serve {
+        if let Err(e) = serve.stop().await {
+            tracing::error!("serve: {e:#}");
+        }
+    }
     supervisor.shutdown().await;
     if let Some(admin) = admin {
         admin.stop().await;
@@ -575,6 +610,32 @@ pub async fn run(
         w.abort();
     }
     Ok(())
+}
+
+/// The names of the configured feeds (what `serve` answers for before they store events).
+fn feed_names(config: &crate::config::Config) -> Vec<String> {
+    config.feed.iter().map(|f| f.name.clone()).collect()
+}
+
+/// Starts `[serve]`, if configured, on the database of its `sqlite` sink.
+async fn start_serve(
+    config: &crate::config::Config,
+) -> anyhow::Result<Option<crate::serve::ServeHandle>> {
+    let Some(serve) = &config.serve else {
+        return Ok(None);
+    };
+    let sqlite = config.sink.iter().find_map(|(name, sink)| match sink {
+        SinkConfig::Sqlite(s) if serve.sink.as_ref().is_none_or(|n| n == name) => Some(s),
+        _ => None,
+    });
+    let Some(sqlite) = sqlite else {
+        anyhow::bail!("serve: `serve.sink`: no sqlite sink to serve");
+    };
+    // What the feeds and sinks need: two sockets a feed, and the state database, sinks and
+    // admin endpoint besides.
+    let reserve = 2 * config.feed.len() as u64 + crate::open_files::BRIDGE_RESERVE;
+    let handle = crate::serve::start(&sqlite.path, serve, feed_names(config), reserve).await?;
+    Ok(Some(handle))
 }
 
 /// Tells systemd how the bridge is doing, every few seconds: feeds open and events/s.

@@ -580,7 +580,11 @@ async fn a_slow_client_is_cut_off_without_holding_back_the_others() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("events.db");
     let mut sink = SqliteSink::build("t", &sqlite_config(&db), None).expect("sink");
-    let served = Served::start(&db, &["--max-lag", "5000", "--client-buffer", "64"]).await;
+    let served = Served::start(
+        &db,
+        &["--max-lag", "5000", "--client-buffer", "64", "--feed", "f"],
+    )
+    .await;
 
     // A client that sends its request and then never reads.
     let mut slow = std::net::TcpStream::connect(served.addr).expect("connect");

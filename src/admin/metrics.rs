@@ -71,7 +71,7 @@ pub(super) fn snapshot_feeds(state: &AdminState) -> Vec<FeedSnapshot> {
 }
 
 /// Labels of one sample, in order.
-type Labels<'a> = Vec<(&'a str, &'a str)>;
+pub(crate) type Labels<'a> = Vec<(&'a str, &'a str)>;
 
 /// Writes one family: its `# HELP`/`# TYPE` lines and one sample per label set. `name` is the
 /// exposed name, counters included (`..._total`): the client appends the suffix, so it is
@@ -95,7 +95,7 @@ fn family<'a, M: EncodeMetric>(
     Ok(())
 }
 
-fn counters<'a>(
+pub(crate) fn counters<'a>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -105,7 +105,7 @@ fn counters<'a>(
     family(enc, name, help, samples, MetricType::Counter)
 }
 
-fn gauges<'a, N>(
+pub(crate) fn gauges<'a, N>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -166,6 +166,7 @@ pub(super) struct Page {
     started_at: SystemTime,
     tap_clients: usize,
     tap_skipped: u64,
+    serve: Option<Arc<crate::serve::ServeStats>>,
 }
 
 impl std::fmt::Debug for Page {
@@ -185,6 +186,7 @@ impl Page {
             started_at: state.registry.started_at,
             tap_clients: state.taps.active.load(Ordering::Relaxed),
             tap_skipped: state.taps.skipped.load(Ordering::Relaxed),
+            serve: state.registry.serve_stats(),
         }
     }
 }
@@ -228,7 +230,11 @@ pub(super) fn render(state: &AdminState) -> String {
 
 fn encode_page(page: Page) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
+    let serve = page.serve.clone();
     registry.register_collector(Box::new(page));
+    if let Some(stats) = serve {
+        registry.register_collector(Box::new(crate::serve::ServeCollector(stats)));
+    }
     let mut out = String::with_capacity(16 * 1024);
     // Writing to a String cannot fail; an encoder error would leave a partial page, which
     // Prometheus rejects as a whole (the scrape fails, visibly), so it is only logged.
@@ -579,6 +585,7 @@ mod tests {
             started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000),
             tap_clients: 2,
             tap_skipped: 7,
+            serve: Some(serve_stats()),
         };
         (page, worker)
     }
@@ -591,6 +598,16 @@ mod tests {
             .collect();
         assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
         found[0].value.clone()
+    }
+
+    fn serve_stats() -> Arc<crate::serve::ServeStats> {
+        let stats = Arc::new(crate::serve::ServeStats::default());
+        let wiki = stats.feed("wiki");
+        wiki.clients.fetch_add(2, Ordering::Relaxed);
+        wiki.connections.fetch_add(5, Ordering::Relaxed);
+        wiki.events.fetch_add(40, Ordering::Relaxed);
+        stats.refused(crate::serve::stats::Refusal::Unauthenticated);
+        stats
     }
 
     #[tokio::test]
@@ -709,6 +726,35 @@ mod tests {
         assert_eq!(
             value(&scrape, "sse_bridge_tap_clients", &[]),
             Value::Gauge(2.0)
+        );
+        // `[serve]`'s counters, when it runs.
+        assert_eq!(
+            value(&scrape, "sse_bridge_serve_clients", &feed),
+            Value::Gauge(2.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_serve_connections_total", &feed),
+            Value::Counter(5.0)
+        );
+        assert_eq!(
+            value(&scrape, "sse_bridge_serve_events_total", &feed),
+            Value::Counter(40.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "sse_bridge_serve_refused_total",
+                &[("reason", "unauthenticated")]
+            ),
+            Value::Counter(1.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "sse_bridge_serve_refused_total",
+                &[("reason", "unknown_feed")]
+            ),
+            Value::Counter(0.0)
         );
         assert_eq!(
             value(&scrape, "sse_bridge_tap_skipped_events_total", &[]),

@@ -7,7 +7,7 @@
 //! back.
 
 pub mod client;
-mod metrics;
+pub(crate) mod metrics;
 mod server;
 pub mod stats;
 

@@ -145,6 +145,7 @@ impl AdminServer {
             header_timeout: config.header_timeout,
             max_buf_size: ADMIN_BUF_BYTES,
             retry_after_secs: 1,
+            tls: None,
         };
         let cap = connection_cap(config.max_connections, state.clone());
         let server = tokio::spawn(crate::http_server::run(

@@ -36,7 +36,7 @@ pub const ENV_PREFIX: &str = "SSE_BRIDGE_";
 
 /// Top-level sections that environment variables may override. Other `SSE_BRIDGE_*` variables
 /// (such as a token named in `bearer_token_env`) are left alone.
-const ENV_SECTIONS: &[&str] = &["state", "log", "shutdown", "routing", "admin"];
+const ENV_SECTIONS: &[&str] = &["state", "log", "shutdown", "routing", "admin", "serve"];
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -66,6 +66,10 @@ pub struct Config {
     /// `[admin]`: the admin HTTP endpoint (metrics, health, status, tap); off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<crate::admin::AdminConfig>,
+    /// `[serve]`: serve a `sqlite` sink's stored events over SSE to browsers and services
+    /// (CORS, tokens, TLS); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<crate::serve::ServeConfig>,
 }
 
 /// `[state]`

@@ -124,6 +124,28 @@ pub(super) fn validate(cfg: &Config, config_file: Option<&Path>) -> Vec<ConfigIs
             issues.add(format!("admin.{key}"), message);
         }
     }
+    if let Some(serve) = &cfg.serve {
+        let sqlite_sinks: Vec<&str> = cfg
+            .sink
+            .iter()
+            .filter(|(_, s)| matches!(s, SinkConfig::Sqlite(_)))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        for (key, message) in serve.validate(Some(&sqlite_sinks)) {
+            issues.add(format!("serve.{key}"), message);
+        }
+        if let Some(admin) = &cfg.admin {
+            if admin.listen.parse::<std::net::SocketAddr>().ok() == Some(serve.listen) {
+                issues.add(
+                    "serve.listen".to_string(),
+                    format!(
+                        "{} is also `admin.listen`; give serve and the admin endpoint a port each",
+                        serve.listen
+                    ),
+                );
+            }
+        }
+    }
     issues.0
 }
 

@@ -236,6 +236,12 @@ pub fn pos_of_id(
         .map(Option::flatten)
 }
 
+/// Whether any event of `feed` is stored (answered from the feed index).
+pub fn feed_has_events(conn: &Connection, feed: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE feed = ?1)")?
+        .query_row([feed], |r| r.get(0))
+}
+
 /// Whether the event at `pos` belongs to `feed`.
 pub fn pos_is_of_feed(conn: &Connection, feed: &str, pos: i64) -> rusqlite::Result<bool> {
     conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE pos = ?1 AND feed = ?2)")?

@@ -267,6 +267,13 @@ impl Bridge {
         }
     }
 
+    /// Sends `signal` (`libc::SIGHUP`, …) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({signal})");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
