@@ -587,20 +587,13 @@ async fn events(
             );
         }
         (Ok((false, _)), _) => {
-            shared.refuse(
-                Refusal::UnknownFeed,
-                None,
-                format!(
-                    "no feed {:?}",
-                    crate::text::escape_controls(&feed.chars().take(128).collect::<String>())
-                ),
-            );
+            // The name comes from the client: shortened and escaped wherever it is echoed.
+            let name: String = feed.chars().take(128).collect();
+            let name = crate::text::escape_controls(&name);
+            shared.refuse(Refusal::UnknownFeed, None, format!("no feed {name:?}"));
             return plain(
                 StatusCode::NOT_FOUND,
-                format!(
-                    "no feed `{}` here: it is neither configured nor stored\n",
-                    crate::text::escape_controls(&feed)
-                ),
+                format!("no feed {name:?} here: it is neither configured nor stored\n"),
             );
         }
         (Ok((true, _)), None) => 0,
