@@ -595,14 +595,16 @@ pub async fn run(
         admin.set_running(false);
     }
     status.abort();
-    // Clients are closed first: they resume with their Last-Event-ID from whatever serves
-    // next, and nothing they hold back delays the drain.
-    if let Some(serve) = serve {
-        if let Err(e) = serve.stop().await {
-            tracing::error!("serve: {e:#}");
+    // Clients are closed while the bridge drains (they resume with their Last-Event-ID from
+    // whatever serves next); closing them never delays the drain's own deadline.
+    let stop_serve = async {
+        if let Some(serve) = serve {
+            if let Err(e) = serve.stop().await {
+                tracing::error!("serve: {e:#}");
+            }
         }
-    }
-    supervisor.shutdown().await;
+    };
+    tokio::join!(stop_serve, supervisor.shutdown());
     if let Some(admin) = admin {
         admin.stop().await;
     }
@@ -634,7 +636,8 @@ async fn start_serve(
     // What the feeds and sinks need: two sockets a feed, and the state database, sinks and
     // admin endpoint besides.
     let reserve = 2 * config.feed.len() as u64 + crate::open_files::BRIDGE_RESERVE;
-    let handle = crate::serve::start(&sqlite.path, serve, feed_names(config), reserve).await?;
+    let handle =
+        crate::serve::start(&sqlite.path, serve, feed_names(config), reserve, false).await?;
     Ok(Some(handle))
 }
 

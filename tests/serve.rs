@@ -206,6 +206,9 @@ async fn tokens_feeds_and_origins_decide_who_reads_what() {
     assert!(body.contains("wikii"), "{body}");
     let (status, _, _) = get(&running.url("/nowhere"), &[]).await;
     assert_eq!(status, 404);
+    // Under `run`, serve's counters are on the admin endpoint, not on serve's port.
+    let (status, _, _) = get(&running.url("/metrics"), &[("authorization", &bearer)]).await;
+    assert_eq!(status, 404);
     // A configured feed with nothing stored yet is a stream (it is quiet, not a typo).
     let quiet = client()
         .get(running.url("/feeds/quiet/events"))
@@ -385,7 +388,7 @@ async fn tokens_feeds_and_origins_decide_who_reads_what() {
     );
     assert_eq!(
         sample(&m, "sse_bridge_serve_refused_total{reason=\"origin\"}"),
-        1.0,
+        2.0,
         "{m}"
     );
     assert!(!m.contains("wikii"), "an unknown feed gets no label");
@@ -451,7 +454,7 @@ async fn the_standalone_command_serves_https_with_the_same_rules() {
         let events: Vec<_> = (1..=5u64)
             .map(|n| {
                 let data = format!("{{\"n\":{n}}}");
-                sse_bridge::event::Event::new("wiki", "edit", &n.to_string(), data, n)
+                sse_bridge::event::Event::new("wiki", "edit", &format!("é-{n}"), data, n)
             })
             .collect();
         support::insert_events(
@@ -507,7 +510,7 @@ async fn the_standalone_command_serves_https_with_the_same_rules() {
     let got = events(response, 5, Duration::from_secs(20)).await;
     assert_eq!(
         got.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
-        ["1", "2", "3", "4", "5"]
+        ["é-1", "é-2", "é-3", "é-4", "é-5"]
     );
     // The same rules as under `run`: 401, 403 (OTHER reads `wiki` only), 404; `later` is
     // declared with --feed, so it is served before it has events.
@@ -538,12 +541,38 @@ async fn the_standalone_command_serves_https_with_the_same_rules() {
         404
     );
     // Plain HTTP to the TLS port gets no answer; /metrics needs a token too.
-    assert!(client()
+    let err = client()
         .get(format!("http://{addr}/feeds/wiki/events"))
         .send()
         .await
-        .is_err());
+        .expect_err("plain HTTP to the HTTPS port");
+    assert!(
+        !err.is_connect(),
+        "the port accepts, the request fails: {err}"
+    );
     assert_eq!(status(format!("{base}/metrics")).await, 401);
+    // /metrics names every feed: a token for some feeds only may not read it.
+    assert_eq!(
+        status(format!("{base}/metrics?access_token={OTHER}")).await,
+        403
+    );
+    // A resume id is whatever the stream sent, UTF-8 included (browsers send it as such).
+    let resumed = trusted
+        .get(format!("{base}/feeds/wiki/events?access_token={ALL}"))
+        .header(
+            "last-event-id",
+            reqwest::header::HeaderValue::from_bytes("é-3".as_bytes()).expect("header"),
+        )
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resumed.status().as_u16(), 200);
+    let after: Vec<String> = events(resumed, 2, Duration::from_secs(20))
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(after, ["é-4", "é-5"]);
     let page = trusted
         .get(format!("{base}/metrics"))
         .bearer_auth(ALL)
@@ -554,7 +583,7 @@ async fn the_standalone_command_serves_https_with_the_same_rules() {
         .await
         .expect("text");
     assert!(
-        page.contains("sse_bridge_serve_events_total{feed=\"wiki\"} 5"),
+        page.contains("sse_bridge_serve_events_total{feed=\"wiki\"} 7"),
         "{page}"
     );
 }

@@ -50,6 +50,11 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// Whether this token may read every feed (its line names no feeds).
+    pub fn reads_every_feed(&self) -> bool {
+        self.feeds.is_none()
+    }
+
     /// Whether this token may read `feed`.
     pub fn may_read(&self, feed: &str) -> bool {
         self.feeds
@@ -67,6 +72,15 @@ pub struct TokenList {
 impl TokenList {
     /// Parses a token file's text; errors name the line.
     pub fn parse(text: &str) -> Result<TokenList, String> {
+        // A file read while an editor rewrites it in place can end inside a line, and a line
+        // cut right after its token would read every feed: such a file is refused.
+        if !text.is_empty() && !text.ends_with('\n') {
+            return Err(
+                "it does not end with a line break: it looks cut short (being written?); \
+                 replace the file by renaming a complete one over it"
+                    .into(),
+            );
+        }
         let mut grants: Vec<Arc<Grant>> = Vec::new();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
@@ -221,7 +235,7 @@ impl Access {
     }
 
     /// The verdict for a request presenting `token` (if any) for `feed` (`None`: a request
-    /// for no feed in particular, such as `/metrics`).
+    /// about every feed, such as `/metrics`, which only a token for every feed may make).
     pub fn check(&self, token: Option<&str>, feed: Option<&str>) -> Verdict {
         if self.file.is_none() {
             return Verdict::Allowed(None);
@@ -234,9 +248,14 @@ impl Access {
         let Some(grant) = token.and_then(|t| tokens.find(t)) else {
             return Verdict::Unauthenticated;
         };
-        match feed {
-            Some(feed) if !grant.may_read(feed) => Verdict::Forbidden(grant),
-            _ => Verdict::Allowed(Some(grant)),
+        let allowed = match feed {
+            Some(feed) => grant.may_read(feed),
+            None => grant.reads_every_feed(),
+        };
+        if allowed {
+            Verdict::Allowed(Some(grant))
+        } else {
+            Verdict::Forbidden(grant)
         }
     }
 }
@@ -276,6 +295,7 @@ mod tests {
             ("", "no tokens"),
             ("# only comments\n", "no tokens"),
             ("short\n", "line 1: the token is 5 characters long"),
+            (&format!("{A} feed-a"), "cut short"),
             (
                 &format!("{A}\n{A} feed\n"),
                 "line 2: the same token as on line 1",
@@ -316,7 +336,9 @@ mod tests {
             access.check(Some(B), Some("other")),
             Verdict::Forbidden(_)
         ));
-        assert!(matches!(access.check(Some(B), None), Verdict::Allowed(_)));
+        // A question about every feed (/metrics) needs a token for every feed.
+        assert!(matches!(access.check(Some(B), None), Verdict::Forbidden(_)));
+        assert!(matches!(access.check(Some(A), None), Verdict::Allowed(_)));
 
         // Revoke A; a broken file keeps what is in force.
         std::fs::write(&path, format!("{B}\n")).unwrap();

@@ -291,45 +291,27 @@ async fn run_client(
         .token_line
         .map_or_else(|| "-".to_string(), |l| format!("line {l}"));
     let feed = &client.feed;
-    tracing::info!(
-        feed = %feed,
-        client = %peer,
-        resume_after = %shown(&client.resume),
-        types = %shown(&client.types),
-        token,
-        "client connected"
-    );
+    // Per-client lines are an access log: within a budget, so that a client looping on
+    // connecting cannot flood it (the count of lines left out goes with the next one).
+    if let Some(earlier) = shared.connections.admit() {
+        tracing::info!(
+            feed = %feed,
+            client = %peer,
+            resume_after = %shown(&client.resume),
+            types = %shown(&client.types),
+            token,
+            not_logged_before = earlier,
+            "client connected"
+        );
+    }
     let end = tokio::select! {
         end = stream_to(&shared, feed, type_glob.as_ref(), cursor, &queue) => end,
         _ = shared.shutdown.cancelled() => End::Stopping,
     };
     let sent = queue.sent.load(Ordering::Relaxed);
     let secs = format!("{:.1}", started.elapsed().as_secs_f64());
-    match &end {
-        End::Gone | End::Resubscribe => {
-            tracing::info!(feed = %feed, client = %peer, events = sent, seconds = %secs, "client disconnected")
-        }
-        End::Stopping => {
-            tracing::info!(feed = %feed, client = %peer, events = sent, seconds = %secs, "client disconnected: the server is stopping")
-        }
-        End::TooSlow => tracing::warn!(
-            feed = %feed,
-            client = %peer,
-            events = sent,
-            max_lag = shared.options.max_lag,
-            max_lag_bytes = shared.options.max_lag_bytes,
-            "disconnecting a client that fell too far behind; it resumes with its Last-Event-ID"
-        ),
-        End::Stalled => tracing::warn!(
-            feed = %feed,
-            client = %peer,
-            events = sent,
-            send_timeout = %humantime::format_duration(shared.options.send_timeout),
-            "disconnecting a client that read nothing for the send timeout; it resumes with its Last-Event-ID"
-        ),
-        End::Failed(e) => {
-            tracing::error!(feed = %feed, client = %peer, events = sent, "ending a client's stream: {e}")
-        }
+    if let Some(earlier) = shared.connections.admit() {
+        log_end(&shared, &end, feed, &peer, sent, &secs, earlier);
     }
     // Ending the stream is not enough for a client that does not read: hyper would wait for
     // its socket for ever. Hang up (after a short grace to flush what was queued).
@@ -337,6 +319,60 @@ async fn run_client(
         if let Some(h) = hangup {
             h.hang_up();
         }
+    }
+}
+
+/// The line that says how a client's stream ended.
+fn log_end(
+    shared: &Shared,
+    end: &End,
+    feed: &str,
+    peer: &str,
+    sent: u64,
+    secs: &str,
+    earlier: u64,
+) {
+    match end {
+        End::Gone | End::Resubscribe => tracing::info!(
+            feed,
+            client = peer,
+            events = sent,
+            seconds = secs,
+            not_logged_before = earlier,
+            "client disconnected"
+        ),
+        End::Stopping => tracing::info!(
+            feed,
+            client = peer,
+            events = sent,
+            seconds = secs,
+            not_logged_before = earlier,
+            "client disconnected: the server is stopping"
+        ),
+        End::TooSlow => tracing::warn!(
+            feed,
+            client = peer,
+            events = sent,
+            max_lag = shared.options.max_lag,
+            max_lag_bytes = shared.options.max_lag_bytes,
+            not_logged_before = earlier,
+            "disconnecting a client that fell too far behind; it resumes with its Last-Event-ID"
+        ),
+        End::Stalled => tracing::warn!(
+            feed,
+            client = peer,
+            events = sent,
+            send_timeout = %humantime::format_duration(shared.options.send_timeout),
+            not_logged_before = earlier,
+            "disconnecting a client that read nothing for the send timeout; it resumes with its Last-Event-ID"
+        ),
+        End::Failed(e) => tracing::error!(
+            feed,
+            client = peer,
+            events = sent,
+            not_logged_before = earlier,
+            "ending a client's stream: {e}"
+        ),
     }
 }
 

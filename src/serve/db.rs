@@ -175,7 +175,7 @@ pub(super) fn poll_loop(shared: Shared, mut last: i64) {
             }
         }
         if let Some(c) = &conn {
-            loop {
+            while !shared.shutdown.is_cancelled() {
                 match read_rows(c, None, last, POLL_PAGE_BYTES) {
                     Ok(page) => {
                         if failing {
@@ -212,7 +212,15 @@ pub(super) fn poll_loop(shared: Shared, mut last: i64) {
                 }
             }
         }
-        std::thread::sleep(shared.options.poll_interval);
+        // In short steps, so that stopping never waits a long `poll_interval` out.
+        let wake = std::time::Instant::now() + shared.options.poll_interval;
+        while !shared.shutdown.is_cancelled() {
+            let left = wake.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+        }
     }
 }
 

@@ -68,7 +68,6 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Extension;
-use globset::GlobMatcher;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -92,10 +91,15 @@ pub const SOCKET_BUF_BYTES: usize = 64 * 1024;
 /// listener, standard streams, the runtime's own).
 const FD_RESERVE: u64 = 64;
 
-/// Refusals (401, 403, 404) are logged one by one up to this many per [`REFUSAL_WINDOW`];
-/// past that they are counted, and the count is logged with the next one.
+/// Refusals (401, 403, 404) are logged one by one up to this many per [`LOG_WINDOW`], and
+/// clients' connections and ends up to [`CONNECTIONS_LOGGED`]; past that they are counted, and
+/// the count is logged with the next line.
 const REFUSALS_LOGGED: u64 = 20;
-const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+const CONNECTIONS_LOGGED: u64 = 200;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// The longest `?type=` pattern a request may send.
+const MAX_TYPE_PATTERN: usize = 1024;
 
 /// Settings of a running server.
 #[derive(Debug, Clone)]
@@ -165,7 +169,9 @@ struct Shared {
     cors: Arc<Cors>,
     feeds: Arc<KnownFeeds>,
     stats: Arc<ServeStats>,
-    refusals: Arc<RefusalLog>,
+    refusals: Arc<LogBudget>,
+    /// The budget of the per-client connection lines (`client.rs`).
+    connections: Arc<LogBudget>,
 }
 
 /// A running server, as `run` and the standalone command hold it.
@@ -200,13 +206,16 @@ impl ServeHandle {
 }
 
 /// Starts serving `database` with `config`: checks the settings, reads the token file and
-/// the TLS files, binds the listener (each error names what to fix), then serves until
-/// [`ServeHandle::stop`]. `fd_reserve` descriptors are kept for the rest of the process.
+/// the TLS files, binds the listener, reads where the log ends and starts the poller (each
+/// error names what to fix), then serves until [`ServeHandle::stop`]. `fd_reserve`
+/// descriptors are kept for the rest of the process. `own_metrics`: answer `/metrics` with
+/// serve's counters (the standalone command; under `run` the admin endpoint shows them).
 pub async fn start(
     database: &Path,
     config: &ServeConfig,
     known_feeds: impl IntoIterator<Item = String>,
     fd_reserve: u64,
+    own_metrics: bool,
 ) -> anyhow::Result<ServeHandle> {
     let issues = config.validate(None);
     if let Some((key, message)) = issues.first() {
@@ -232,6 +241,11 @@ pub async fn start(
             listen = %config.listen,
             "serve listens beyond this machine without a token_file: anyone who can reach the port reads every feed"
         );
+    } else if config.is_public() && tls.is_none() {
+        tracing::warn!(
+            listen = %config.listen,
+            "serve listens beyond this machine without TLS: tokens cross the network in clear text (set tls_cert and tls_key, or put a TLS proxy in front)"
+        );
     }
     let mut options = ServeOptions::new(database, config);
     // Every client holds a socket: never accept more clients than there are descriptors for.
@@ -250,27 +264,50 @@ pub async fn start(
         .await
         .with_context(|| format!("serve: cannot listen on {} (`listen`)", config.listen))?;
     let addr = listener.local_addr()?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(
-        database = %database.display(),
-        max_clients = options.max_clients,
-        tokens = access.requires_token(),
-        cors_origins = config.cors_origins.len(),
-        "serve: listening on {scheme}://{addr} (GET /feeds/FEED/events)"
-    );
+    // Where the log ends now: the poller publishes what comes after.
+    let db = options.database.clone();
+    let end = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+        let conn = open_event_db(&db)?;
+        store::last_pos(&conn)
+            .with_context(|| format!("{}: cannot read the events table", db.display()))
+    })
+    .await??;
     let access = Arc::new(access);
     let feeds = Arc::new(KnownFeeds::default());
     feeds.set(known_feeds);
     let stats = Arc::new(ServeStats::default());
     let stop = CancellationToken::new();
-    let parts = Parts {
+    let (live, _) = broadcast::channel(options.max_lag.max(16));
+    let shared = Shared {
+        pool: Arc::new(Pool::new(options.database.clone())),
+        options: Arc::new(options),
+        live,
+        published: Arc::default(),
+        queued: Arc::default(),
+        shutdown: stop.clone(),
         access: access.clone(),
         cors: Arc::new(cors),
         feeds: feeds.clone(),
         stats: stats.clone(),
-        tls,
+        refusals: Arc::new(LogBudget::new(REFUSALS_LOGGED)),
+        connections: Arc::new(LogBudget::new(CONNECTIONS_LOGGED)),
     };
-    let task = tokio::spawn(serve(options, listener, parts, stop.clone()));
+    let poller = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("serve-poller".into())
+            .spawn(move || db::poll_loop(shared, end))
+            .context("serve: cannot start the poller thread")?
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(
+        database = %database.display(),
+        max_clients = shared.options.max_clients,
+        tokens = shared.access.requires_token(),
+        cors_origins = config.cors_origins.len(),
+        "serve: listening on {scheme}://{addr} (GET /feeds/FEED/events)"
+    );
+    let task = tokio::spawn(serve(shared, listener, tls, own_metrics, poller));
     Ok(ServeHandle {
         addr,
         stats,
@@ -281,63 +318,32 @@ pub async fn start(
     })
 }
 
-/// What [`start`] prepared for [`serve`].
-struct Parts {
-    access: Arc<Access>,
-    cors: Arc<Cors>,
-    feeds: Arc<KnownFeeds>,
-    stats: Arc<ServeStats>,
-    tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-/// Serves `options.database` on `listener` until `shutdown` is cancelled, at most
-/// `options.max_clients` connections at once.
+/// Serves on `listener` until `shared.shutdown` is cancelled, at most
+/// `options.max_clients` connections at once; then waits for the poller to end.
 async fn serve(
-    options: ServeOptions,
+    shared: Shared,
     listener: tokio::net::TcpListener,
-    parts: Parts,
-    shutdown: CancellationToken,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    own_metrics: bool,
+    poller: std::thread::JoinHandle<()>,
 ) -> anyhow::Result<()> {
-    let db = options.database.clone();
-    let start = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-        let conn = open_event_db(&db)?;
-        store::last_pos(&conn)
-            .with_context(|| format!("{}: cannot read the events table", db.display()))
-    })
-    .await??;
-    let (live, _) = broadcast::channel(options.max_lag.max(16));
+    let options = shared.options.clone();
     let limits = crate::http_server::Limits {
         name: "serve",
         header_timeout: options.header_timeout,
         max_buf_size: SOCKET_BUF_BYTES,
         retry_after_secs: options.retry.as_secs().max(1),
-        tls: parts.tls,
+        tls,
     };
     let max_clients = options.max_clients;
-    let shared = Shared {
-        pool: Arc::new(Pool::new(options.database.clone())),
-        options: Arc::new(options),
-        live: live.clone(),
-        published: Arc::default(),
-        queued: Arc::default(),
-        shutdown: shutdown.clone(),
-        access: parts.access,
-        cors: parts.cors,
-        feeds: parts.feeds,
-        stats: parts.stats,
-        refusals: Arc::default(),
-    };
-    let poller = {
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("serve-poller".into())
-            .spawn(move || db::poll_loop(shared, start))
-            .context("cannot start the poller thread")?
-    };
-    let app = axum::Router::new()
+    let shutdown = shared.shutdown.clone();
+    let mut app = axum::Router::new()
         .route("/feeds/:feed/events", axum::routing::get(events))
-        .route("/metrics", axum::routing::get(metrics))
-        .route("/", axum::routing::get(index))
+        .route("/", axum::routing::get(index));
+    if own_metrics {
+        app = app.route("/metrics", axum::routing::get(metrics));
+    }
+    let app = app
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
@@ -354,7 +360,16 @@ async fn serve(
 /// answer.
 async fn cors_layer(State(shared): State<Shared>, request: Request, next: Next) -> Response {
     if request.method() == Method::OPTIONS {
-        return shared.cors.preflight(request.headers());
+        let answer = shared.cors.preflight(request.headers());
+        if answer.status() == StatusCode::FORBIDDEN {
+            let origin = request.headers().get("origin");
+            shared.refuse(
+                Refusal::Origin,
+                None,
+                format!("a preflight from {}", origin_text(origin)),
+            );
+        }
+        return answer;
     }
     let origin = request.headers().get("origin").cloned();
     if !shared.cors.admits(request.headers()) {
@@ -374,39 +389,62 @@ async fn cors_layer(State(shared): State<Shared>, request: Request, next: Next) 
 
 fn origin_text(origin: Option<&HeaderValue>) -> String {
     let text = origin.map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
-    let short: String = text.unwrap_or_default().chars().take(128).collect();
-    format!("origin {:?}", crate::text::escape_controls(&short))
+    format!("origin {:?}", shown_name(&text.unwrap_or_default()))
 }
 
-/// Logs refusals one by one, up to [`REFUSALS_LOGGED`] per [`REFUSAL_WINDOW`].
+/// A budget of log lines: up to `per_window` in each [`LOG_WINDOW`]; past that, lines are
+/// counted, and the count goes with the next line logged. A client that loops on connecting,
+/// or on being refused, cannot flood the log.
 #[derive(Debug)]
-struct RefusalLog(Mutex<(Instant, u64, u64)>);
-
-impl Default for RefusalLog {
-    fn default() -> Self {
-        RefusalLog(Mutex::new((Instant::now(), 0, 0)))
-    }
+pub(crate) struct LogBudget {
+    per_window: u64,
+    state: Mutex<(Instant, u64, u64)>,
 }
 
-impl Shared {
-    /// Counts a refusal and logs it (rate-limited): `what` says who asked for what.
-    fn refuse(&self, why: Refusal, feed: Option<&str>, what: String) {
-        self.stats.refused(why);
-        let mut log = self.refusals.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (since, logged, suppressed) = &mut *log;
-        if since.elapsed() >= REFUSAL_WINDOW {
+impl LogBudget {
+    fn new(per_window: u64) -> LogBudget {
+        LogBudget {
+            per_window,
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// `Some(lines not logged before this one)` when this line may be logged.
+    pub(crate) fn admit(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (since, logged, suppressed) = &mut *state;
+        if since.elapsed() >= LOG_WINDOW {
             *since = Instant::now();
             *logged = 0;
         }
-        if *logged >= REFUSALS_LOGGED {
+        if *logged >= self.per_window {
             *suppressed += 1;
-            return;
+            return None;
         }
         *logged += 1;
-        let earlier = std::mem::take(suppressed);
+        Some(std::mem::take(suppressed))
+    }
+}
+
+/// A name from a request, for a log line or an answer: at most 128 characters, control
+/// characters escaped.
+fn shown_name(name: &str) -> String {
+    let short: String = name.chars().take(128).collect();
+    crate::text::escape_controls(&short).into_owned()
+}
+
+impl Shared {
+    /// Counts a refusal and logs it (within the refusal budget): `what` says who asked for
+    /// what.
+    fn refuse(&self, why: Refusal, feed: Option<&str>, what: String) {
+        self.stats.refused(why);
+        let Some(earlier) = self.refusals.admit() else {
+            return;
+        };
+        let feed = feed.map_or_else(|| "-".to_string(), shown_name);
         tracing::info!(
             reason = why.label(),
-            feed = feed.unwrap_or("-"),
+            feed,
             not_logged_before = earlier,
             "serve: refused a request: {what}"
         );
@@ -531,15 +569,12 @@ async fn events(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let mut type_filter: Option<(String, GlobMatcher)> = None;
+    let mut type_text: Option<String> = None;
     let mut query_id: Option<String> = None;
     let mut query_token: Option<String> = None;
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match &*k {
-            "type" => match crate::route::compile_pattern(&v) {
-                Ok(g) => type_filter = Some((v.into_owned(), g)),
-                Err(e) => return plain(StatusCode::BAD_REQUEST, format!("?type: {e}\n")),
-            },
+            "type" => type_text = Some(v.into_owned()),
             // `lastEventId` is the name the EventSource API gives it, for pages that build
             // the URL themselves.
             "last_event_id" | "lastEventId" => query_id = Some(v.into_owned()),
@@ -547,17 +582,35 @@ async fn events(
             _ => {}
         }
     }
+    // Who asks comes first: nothing else is done for a request that may not read the feed.
     let token_line = match authorize(&shared, &headers, query_token.as_deref(), Some(&feed)) {
         Ok(line) => line,
         Err(refused) => return *refused,
     };
+    let type_glob = match &type_text {
+        Some(t) if t.len() > MAX_TYPE_PATTERN => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("?type: longer than {MAX_TYPE_PATTERN} bytes\n"),
+            )
+        }
+        Some(t) => match crate::route::compile_pattern(t) {
+            Ok(g) => Some(g),
+            Err(e) => return plain(StatusCode::BAD_REQUEST, format!("?type: {e}\n")),
+        },
+        None => None,
+    };
     // The header is what an EventSource sends when it reconnects: it wins over the query.
-    let header_id = match headers.get("last-event-id").map(|v| v.to_str()) {
+    // Browsers send the id as UTF-8 (it is whatever the stream sent), not only ASCII.
+    let header_id = match headers
+        .get("last-event-id")
+        .map(|v| std::str::from_utf8(v.as_bytes()))
+    {
         Some(Ok(v)) => Some(v.to_string()),
         Some(Err(_)) => {
             return plain(
                 StatusCode::BAD_REQUEST,
-                "Last-Event-ID is not valid text\n".into(),
+                "Last-Event-ID is not UTF-8 text\n".into(),
             )
         }
         None => None,
@@ -608,15 +661,11 @@ async fn events(
             );
         }
     };
-    let (types, type_glob) = match type_filter {
-        Some((text, glob)) => (Some(text), Some(glob)),
-        None => (None, None),
-    };
     let client = Client {
         feed: Arc::from(feed),
         peer: peer.map(|ConnectInfo(p)| p),
         resume,
-        types,
+        types: type_text,
         token_line,
     };
     open_stream(
@@ -652,7 +701,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
-        let handle = start(&args.database, &args.config, args.feeds.clone(), 0).await?;
+        let handle = start(&args.database, &args.config, args.feeds.clone(), 0, true).await?;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
