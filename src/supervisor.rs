@@ -122,6 +122,9 @@ struct RunningSink {
     config: SinkConfig,
     handle: SinkHandle,
     worker: SinkWorker,
+    /// What the sink's own storage said each feed holds when it started, where that may be
+    /// behind the checkpoint ([`crate::sink::Sink::cursor`]).
+    cursors: BTreeMap<String, crate::sink::Cursor>,
 }
 
 struct RunningFeed {
@@ -166,7 +169,14 @@ impl Supervisor {
         for (name, config) in &loaded.config.sink {
             sinks.insert(
                 name.clone(),
-                start_sink(name, config, &loaded.config.state.path, &give_up, None)?,
+                start_sink(
+                    name,
+                    config,
+                    &loaded.config.state.path,
+                    &give_up,
+                    None,
+                    &feed_names(&loaded.config),
+                )?,
             );
         }
         let routing = build_routing(&loaded, &sinks)?;
@@ -237,7 +247,15 @@ impl Supervisor {
 
     async fn start_feed(&mut self, feed: FeedConfig) -> anyhow::Result<()> {
         let feed = Arc::new(feed);
-        let start = start_position(&self.state, &feed).await?;
+        // The lowest of the sinks' own cursors: where the stored data of some sink ends, when
+        // that is behind the checkpoint (a file that lost an unsynced tail).
+        let lowest = self
+            .sinks
+            .iter()
+            .filter_map(|(sink, s)| Some((sink, s.cursors.get(&feed.name)?)))
+            .min_by_key(|(_, c)| c.seq)
+            .map(|(sink, c)| (sink.clone(), c.clone()));
+        let start = start_position(&self.state, &feed, lowest).await?;
         let tracker = Arc::new(FeedTracker::for_feed(&feed.name, &feed.url, start.clone()));
         let status = StatusHandle::new();
         let source = EventSource::new(
@@ -340,6 +358,7 @@ impl Supervisor {
                         &self.loaded.config.state.path,
                         &self.give_up,
                         after,
+                        &feed_names(&new.config),
                     ) {
                         Ok(s) => {
                             sinks.insert(name.clone(), s);
@@ -489,16 +508,31 @@ fn start_sink(
     state_path: &std::path::Path,
     give_up: &CancellationToken,
     after: Option<SinkWorker>,
+    feeds: &[String],
 ) -> anyhow::Result<RunningSink> {
-    let sink = config
+    let mut sink = config
         .build_with_state(name, Some(state_path))
         .with_context(|| format!("starting sink `{name}`"))?;
+    // Asked before the sink writes anything: what its own storage holds of each feed.
+    let mut cursors = BTreeMap::new();
+    for feed in feeds {
+        match sink.cursor(feed) {
+            Ok(Some(cursor)) => {
+                cursors.insert(feed.clone(), cursor);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(sink = %name, feed = %feed, "cannot read where the sink's own data ends; the feed resumes from its checkpoint: {e}")
+            }
+        }
+    }
     let (handle, worker) = runner::spawn(name, sink, config.buffer(), give_up.clone(), after)
         .with_context(|| format!("starting the thread of sink `{name}`"))?;
     Ok(RunningSink {
         config: config.clone(),
         handle,
         worker,
+        cursors,
     })
 }
 
@@ -670,7 +704,13 @@ async fn status_loop(registry: Arc<Registry>, notifier: Arc<Notifier>) {
 }
 
 /// Where a feed resumes, recording the gaps a restart implies.
-async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Result<Position> {
+/// Where a feed resumes: its checkpoint, or the lowest sink cursor when that is behind it
+/// (ARCHITECTURE.md §4). Records the gaps a restart implies.
+async fn start_position(
+    state: &SharedState,
+    feed: &FeedConfig,
+    lowest_cursor: Option<(String, crate::sink::Cursor)>,
+) -> anyhow::Result<Position> {
     let name = feed.name.clone();
     let url = feed.url.clone();
     let position = with_store(state, move |store| {
@@ -688,10 +728,25 @@ async fn start_position(state: &SharedState, feed: &FeedConfig) -> anyhow::Resul
                         cp.seq,
                     ))?;
                 }
-                Ok(Position {
-                    seq: cp.seq,
-                    last_event_id: Arc::from(cp.last_event_id.as_str()),
-                })
+                match lowest_cursor {
+                    Some((sink, cursor)) if cursor.seq < cp.seq => {
+                        tracing::warn!(
+                            feed = %name,
+                            sink = %sink,
+                            checkpoint_seq = cp.seq,
+                            stored_seq = cursor.seq,
+                            "the sink's data ends before the checkpoint (an unsynced tail was lost): resuming from what it holds"
+                        );
+                        Ok(Position {
+                            seq: cursor.seq,
+                            last_event_id: cursor.id.clone(),
+                        })
+                    }
+                    _ => Ok(Position {
+                        seq: cp.seq,
+                        last_event_id: Arc::from(cp.last_event_id.as_str()),
+                    }),
+                }
             }
             None => {
                 if store.has_checkpoint_for_other_url(&name, &url)? {

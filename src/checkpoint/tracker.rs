@@ -67,6 +67,8 @@ pub struct FeedTracker {
     /// The feed's name and URL: the key of its checkpoint (empty for an anonymous tracker).
     feed: Arc<str>,
     url: Arc<str>,
+    /// The `seq` this run of the feed resumed after (0: from the beginning).
+    start_seq: u64,
     inner: Mutex<Inner>,
 }
 
@@ -82,6 +84,7 @@ impl FeedTracker {
         FeedTracker {
             feed: Arc::from(feed),
             url: Arc::from(url),
+            start_seq: start.seq,
             inner: Mutex::new(Inner {
                 pending: VecDeque::new(),
                 front_seq: start.seq + 1,
@@ -99,6 +102,12 @@ impl FeedTracker {
     /// The feed's URL ("" for an anonymous tracker).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The `seq` this run of the feed resumed after: its events are numbered from
+    /// `start_seq + 1` (0: the feed started from the beginning, with nothing to resume).
+    pub fn start_seq(&self) -> u64 {
+        self.start_seq
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -69,7 +69,9 @@ impl SinkConfig {
         state_path: Option<&Path>,
     ) -> Result<Box<dyn Sink>, SinkError> {
         match self {
-            SinkConfig::File(c) => Ok(Box::new(file::FileSink::build(name, c)?)),
+            SinkConfig::File(c) => Ok(Box::new(file::FileSink::build_with_state(
+                name, c, state_path,
+            )?)),
             SinkConfig::Stdout(c) => Ok(Box::new(stdout::StdoutSink::build(name, c)?)),
             SinkConfig::Sqlite(c) => Ok(Box::new(sqlite::SqliteSink::build(name, c, state_path)?)),
             SinkConfig::Kafka(c) => Ok(Box::new(kafka::KafkaSink::build(name, c)?)),
@@ -222,6 +224,33 @@ pub trait SinkCounters: Send + Sync {
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)>;
 }
 
+/// Re-fetched events a sink dropped because its own storage already held them
+/// (`sse_bridge_sink_duplicates_skipped_total`; ARCHITECTURE.md §4).
+#[derive(Debug, Default)]
+pub struct DuplicateCounter(std::sync::atomic::AtomicU64);
+
+impl DuplicateCounter {
+    pub fn add(&self, n: u64) {
+        if n > 0 {
+            self.0.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl SinkCounters for DuplicateCounter {
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![(
+            "sink_duplicates_skipped_total",
+            "Re-fetched events a sink dropped because its own storage already held them.",
+            self.get(),
+        )]
+    }
+}
+
 /// The one small trait every sink implements. Calls come from one thread, in order.
 pub trait Sink: Send {
     /// Stores a batch of events, which may mix feeds. Returning `Ok` means the events are
@@ -259,13 +288,23 @@ pub trait Sink: Send {
         None
     }
 
-    /// The feed's [`Cursor`] as the sink's own storage records it. The default, `Ok(None)`, is
-    /// for sinks that keep no cursor of their own (every sink today): the checkpoint in the
-    /// state database alone decides where a feed resumes. Nothing asks for it yet; it is the
-    /// seam for a sink that stores its events and its position in one transaction.
+    /// Where the sink's own storage says `feed` has got to, when that may be behind the
+    /// state database's checkpoint (ARCHITECTURE.md §4): the feed resumes from the lower of
+    /// the two. Asked once per feed when the bridge starts, before the sink writes anything.
+    /// The default, `Ok(None)`, is for sinks whose stored events never fall behind an
+    /// acknowledged checkpoint (they acknowledge only what is durable).
     fn cursor(&mut self, feed: &str) -> Result<Option<Cursor>, SinkError> {
         let _ = feed;
         Ok(None)
+    }
+
+    /// A run of `feed` (from `url`) starts: its events are numbered from `start_seq + 1`, and
+    /// those up to what the sink already holds are re-fetched copies (ARCHITECTURE.md §4). A
+    /// sink that drops them uses this to know where the re-fetched part starts (0: the feed
+    /// starts from the beginning, nothing is a copy). Called by the runner before the first
+    /// write holding events of that run.
+    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64) {
+        let _ = (feed, url, start_seq);
     }
 
     /// Makes everything written so far durable; called at shutdown.

@@ -296,6 +296,8 @@ async fn run(
     let mut batch: Vec<Arc<Event>> = Vec::new();
     let mut envelopes: Vec<Envelope> = Vec::new();
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    // The tracker of each feed's current run: a new one means the feed (re)started.
+    let mut runs: Vec<Arc<FeedTracker>> = Vec::new();
     let mut next_tick = tokio::time::Instant::now() + TICK;
     // How many events one write receives at most (queued batches are merged so an fsync or a
     // transaction covers many events: group commit), and how long to wait for more.
@@ -335,6 +337,9 @@ async fn run(
             };
             batch.append(&mut more.events);
             envelopes.push(more);
+        }
+        for envelope in &envelopes {
+            announce_run(sink.as_mut(), &mut runs, &envelope.tracker);
         }
         // One write per `max_events` (a single send can be larger); acknowledged once all
         // are stored. The checkpoints handed with a write cover the events written so far.
@@ -381,6 +386,19 @@ async fn run(
         Ok(()) => tracing::debug!(sink = %name, "sink flushed and closed"),
         Err(e) => tracing::error!(sink = %name, "flush at shutdown failed: {e}"),
     }
+}
+
+/// Tells the sink when a feed's run is new (its tracker is not the one seen last for the feed).
+fn announce_run(sink: &mut dyn Sink, runs: &mut Vec<Arc<FeedTracker>>, tracker: &Arc<FeedTracker>) {
+    if tracker.feed().is_empty() {
+        return;
+    }
+    match runs.iter_mut().find(|t| t.feed() == tracker.feed()) {
+        Some(known) if Arc::ptr_eq(known, tracker) => return,
+        Some(known) => *known = tracker.clone(),
+        None => runs.push(tracker.clone()),
+    }
+    sink.feed_started(tracker.feed(), tracker.url(), tracker.start_seq());
 }
 
 /// For each feed in the first `upto` events of the batch (the envelopes' events, in order), the

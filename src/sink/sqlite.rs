@@ -137,6 +137,7 @@ pub struct SqliteSink {
     /// Whether this is the state database: checkpoints are written with the events.
     co_located: bool,
     options: WriteOptions,
+    duplicates: Arc<super::DuplicateCounter>,
 }
 
 impl SqliteSink {
@@ -210,6 +211,7 @@ impl SqliteSink {
                 max_batch_wait: c.batch_max_wait.min(MAX_BATCH_WAIT),
                 checkpoints: co_located,
             },
+            duplicates: Arc::default(),
         })
     }
 
@@ -245,6 +247,7 @@ impl SqliteSink {
             shown,
             name,
             co_located,
+            duplicates,
             ..
         } = self;
         let err = |context: String, e: rusqlite::Error| SinkError::Db {
@@ -287,6 +290,7 @@ impl SqliteSink {
             .map_err(|e| err(format!("cannot commit {} events", events.len()), e))?;
         if ignored > 0 {
             tracing::debug!(sink = %name, ignored, "events already stored were not stored again");
+            duplicates.add(ignored as u64);
         }
         Ok(())
     }
@@ -307,6 +311,27 @@ impl super::Sink for SqliteSink {
         checkpoints: &[Checkpoint],
     ) -> Result<(), SinkError> {
         self.store(events, checkpoints)
+    }
+
+    fn counters(&self) -> Option<Arc<dyn super::SinkCounters>> {
+        Some(self.duplicates.clone())
+    }
+
+    /// The feed's last stored row: in a database of its own, a commit that a power loss undid
+    /// (`synchronous = "normal"`) can leave it behind the checkpoint, and the feed must
+    /// resume from it. It is read from the events themselves, so it moves in the same
+    /// transaction as they do. In the state database the checkpoint commits with the events
+    /// and is never ahead of them.
+    fn cursor(&mut self, feed: &str) -> Result<Option<super::Cursor>, SinkError> {
+        if self.co_located {
+            return Ok(None);
+        }
+        let last = store::last_of_feed(&self.conn, feed)
+            .map_err(|e| self.error(&format!("cannot read the last event of feed `{feed}`"), &e))?;
+        Ok(last.map(|(seq, id)| super::Cursor {
+            seq,
+            id: Arc::from(id.as_str()),
+        }))
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {

@@ -38,6 +38,9 @@ pub enum GapReason {
     UrlChanged,
     /// The operator reset or set the checkpoint by hand.
     ManualChange,
+    /// After a restart the server did not send the same events again: where a sink holds an
+    /// event, the re-fetched stream had another id (ARCHITECTURE.md §4).
+    ReplayMismatch,
 }
 
 /// The EventSource client's own gap kinds, as the state store records them.
@@ -52,12 +55,13 @@ impl From<crate::sse::client::GapKind> for GapReason {
 
 impl GapReason {
     /// Every reason, for parsing and listing.
-    pub const ALL: [GapReason; 5] = [
+    pub const ALL: [GapReason; 6] = [
         GapReason::ReconnectWithoutId,
         GapReason::RestartWithoutId,
         GapReason::IdRejected,
         GapReason::UrlChanged,
         GapReason::ManualChange,
+        GapReason::ReplayMismatch,
     ];
 
     /// Parses the text stored in the database (the inverse of [`GapReason::as_str`]).
@@ -73,6 +77,7 @@ impl GapReason {
             GapReason::IdRejected => "id-rejected",
             GapReason::UrlChanged => "url-changed",
             GapReason::ManualChange => "manual-change",
+            GapReason::ReplayMismatch => "replay-mismatch",
         }
     }
 }

@@ -236,6 +236,15 @@ pub fn pos_of_id(
         .map(Option::flatten)
 }
 
+/// `(seq, id)` of the stored event of `feed` with the highest `seq` (from the feed index).
+pub fn last_of_feed(conn: &Connection, feed: &str) -> rusqlite::Result<Option<(u64, String)>> {
+    conn.prepare_cached("SELECT seq, id FROM events WHERE feed = ?1 ORDER BY seq DESC LIMIT 1")?
+        .query_row([feed], |r| {
+            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get(1)?))
+        })
+        .optional()
+}
+
 /// Whether any event of `feed` is stored (answered from the feed index).
 pub fn feed_has_events(conn: &Connection, feed: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE feed = ?1)")?

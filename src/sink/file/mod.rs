@@ -35,6 +35,7 @@
 //!   deletes `X` only if their contents are equal.
 
 mod config;
+mod cursor;
 mod retention;
 mod rotation;
 mod writer;
@@ -103,6 +104,11 @@ pub struct FileSink {
     maintenance: Option<Maintenance>,
     /// With `max_age`: when every series is checked next (Unix seconds).
     next_age_sweep: i64,
+    /// Feeds inside their re-fetched window (see `cursor`).
+    windows: HashMap<Arc<str>, cursor::Window>,
+    /// The state database, where a gap found by `cursor` is recorded.
+    state_path: Option<PathBuf>,
+    counters: Arc<super::DuplicateCounter>,
     /// Reused buffers.
     rendered: String,
     line: Vec<u8>,
@@ -112,6 +118,18 @@ pub struct FileSink {
 impl FileSink {
     pub fn build(name: &str, c: &FileSinkConfig) -> Result<Self, SinkError> {
         Self::build_with_clock(name, c, Arc::new(Utc::now))
+    }
+
+    /// [`FileSink::build`], recording the gaps its cursor finds in the state database at
+    /// `state_path`.
+    pub fn build_with_state(
+        name: &str,
+        c: &FileSinkConfig,
+        state_path: Option<&Path>,
+    ) -> Result<Self, SinkError> {
+        let mut sink = Self::build(name, c)?;
+        sink.state_path = state_path.map(Path::to_path_buf);
+        Ok(sink)
     }
 
     fn build_with_clock(name: &str, c: &FileSinkConfig, clock: Clock) -> Result<Self, SinkError> {
@@ -168,6 +186,9 @@ impl FileSink {
             last_stamp: HashMap::new(),
             maintenance,
             next_age_sweep: i64::MIN,
+            windows: HashMap::new(),
+            state_path: None,
+            counters: Arc::default(),
             rendered: String::new(),
             line: Vec::new(),
             encoder: jsonl::Encoder::default(),
@@ -200,15 +221,39 @@ impl FileSink {
 impl super::Sink for FileSink {
     fn write(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError> {
         self.apply_pending_undo()?;
+        // Inside a re-fetched window, the copies of what the files hold are left out.
+        let filtered = if self.windows.is_empty() {
+            None
+        } else {
+            Some(self.filter_stored(events)?)
+        };
+        let events = filtered.as_ref().map_or(events, |f| &f.kept[..]);
         let now = (self.clock)();
         self.roll_over(now)?;
         let mut batch = Batch::default();
         let result = self.write_batch(events, now, &mut batch);
         match result {
-            Ok(()) => self.commit(batch),
+            Ok(()) => {
+                self.commit(batch);
+                if let Some(filtered) = filtered {
+                    self.apply_filtered(filtered);
+                }
+            }
             Err(_) => self.rollback(batch),
         }
         result
+    }
+
+    fn cursor(&mut self, feed: &str) -> Result<Option<super::Cursor>, SinkError> {
+        self.feed_cursor(feed)
+    }
+
+    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64) {
+        self.start_window(feed, url, start_seq);
+    }
+
+    fn counters(&self) -> Option<Arc<dyn super::SinkCounters>> {
+        Some(self.counters.clone())
     }
 
     fn tick(&mut self) -> Result<(), SinkError> {

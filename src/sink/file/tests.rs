@@ -1341,11 +1341,137 @@ fn rotated_names_sort_by_age_when_the_clock_goes_back() {
     assert_eq!(order, [1, 2, 3, 4]);
 }
 
+/// Events `range` of feed `f`, types alternating `a`/`b`, ids `id-SEQ`.
+fn mixed(range: std::ops::RangeInclusive<u64>) -> Vec<Arc<Event>> {
+    range
+        .map(|n| event("f", if n % 2 == 0 { "a" } else { "b" }, n, &format!("d{n}")))
+        .collect()
+}
+
 #[test]
-fn the_file_sink_keeps_no_cursor_of_its_own() {
+fn re_fetched_events_are_dropped_per_file_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Never);
-    sink.write(&[event("f", "t", 1, "a")]).unwrap();
-    // The checkpoint in the state database alone decides where the feed resumes.
-    assert_eq!(sink.cursor("f").unwrap(), None);
+    let template = "{feed}/{type}.jsonl";
+    let mut sink = sink_in(dir.path(), template, FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 0);
+    sink.write(&mixed(1..=10)).unwrap();
+    // A crash in the middle of a batch: `b` got 11 and 13, `a` did not get 12.
+    sink.write(&[event("f", "b", 11, "d11"), event("f", "b", 13, "d13")])
+        .unwrap();
+    drop(sink);
+
+    // The feed resumes from its checkpoint at 4: 5..=20 come again.
+    let mut sink = sink_in(dir.path(), template, FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 4);
+    for chunk in mixed(5..=20).chunks(3) {
+        sink.write(chunk).unwrap();
+    }
+    let a = seqs(&dir.path().join("f/a.jsonl"));
+    let b = seqs(&dir.path().join("f/b.jsonl"));
+    assert_eq!(a, (1..=20).filter(|n| n % 2 == 0).collect::<Vec<_>>());
+    assert_eq!(b, [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]);
+    // Copies: 6, 8 and 10 in `a` (12 was missing, and is stored now), 5 to 13 in `b`.
+    assert_eq!(sink.counters.get(), 3 + 5);
+    // Once past the window, nothing is filtered.
+    assert!(sink.windows.is_empty());
+}
+
+#[test]
+fn a_feed_started_from_the_beginning_drops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+    sink.write(&mixed(1..=5)).unwrap();
+    drop(sink);
+    // The checkpoint was reset: the feed starts over with seq 1, and its events are new.
+    let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 0);
+    sink.write(&mixed(1..=3)).unwrap();
+    assert_eq!(seqs(&dir.path().join("f.jsonl")), [1, 2, 3, 4, 5, 1, 2, 3]);
+    assert_eq!(sink.counters.get(), 0);
+}
+
+#[test]
+fn a_server_that_sends_other_events_is_a_gap_and_stops_the_dropping() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    crate::state::StateStore::open(&state).unwrap();
+    let path = format!("{}/{{feed}}.jsonl", dir.path().display());
+    let cfg = config(&path, FsyncPolicy::Always);
+    let mut sink = FileSink::build_with_state("archive", &cfg, Some(&state)).unwrap();
+    sink.write(&mixed(1..=6)).unwrap();
+    drop(sink);
+    let mut sink = FileSink::build_with_state("archive", &cfg, Some(&state)).unwrap();
+    sink.feed_started("f", "http://x/", 3);
+    // The server's stream after id-3 is another one: event 6 has another id.
+    let other: Vec<Arc<Event>> = (4..=8)
+        .map(|n| {
+            Arc::new(Event::new(
+                "f",
+                "a",
+                &format!("other-{n}"),
+                format!("o{n}"),
+                n,
+            ))
+        })
+        .collect();
+    sink.write(&other).unwrap();
+    let stored: Vec<(u64, String)> = read_events(&dir.path().join("f.jsonl"))
+        .iter()
+        .map(|e| (e.seq, e.id.to_string()))
+        .collect();
+    let ids: Vec<&str> = stored.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["id-1", "id-2", "id-3", "id-4", "id-5", "id-6", "other-6", "other-7", "other-8"]
+    );
+    let gaps = crate::state::StateStore::open(&state)
+        .unwrap()
+        .list_gaps(None)
+        .unwrap();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0].reason, crate::state::GapReason::ReplayMismatch);
+    assert_eq!(gaps[0].seq, 6);
+    assert!(gaps[0].detail.contains("other-6"), "{}", gaps[0].detail);
+}
+
+#[test]
+fn a_failed_batch_is_filtered_the_same_way_when_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+    sink.write(&mixed(1..=6)).unwrap();
+    drop(sink);
+    let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 2);
+    let batch = mixed(3..=9);
+    let filtered = sink.filter_stored(&batch).unwrap();
+    // Not applied (as if the write failed): the same batch again gives the same answer.
+    let again = sink.filter_stored(&batch).unwrap();
+    assert_eq!(filtered.kept.len(), again.kept.len());
+    sink.write(&batch).unwrap();
+    assert_eq!(
+        seqs(&dir.path().join("f.jsonl")),
+        (1..=9).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn only_an_unsynced_file_can_pull_the_feed_back() {
+    let dir = tempfile::tempdir().unwrap();
+    for (policy, expect) in [
+        (FsyncPolicy::Always, None),
+        (FsyncPolicy::Never, Some(5)),
+        (FsyncPolicy::Interval, Some(5)),
+    ] {
+        let dir = dir.path().join(format!("{policy:?}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sink = sink_in(&dir, "{feed}/{type}.jsonl", policy);
+        sink.write(&mixed(1..=6)).unwrap();
+        // The lowest of the series: `b` ends at 5, `a` at 6.
+        assert_eq!(
+            sink.cursor("f").unwrap().map(|c| c.seq),
+            expect,
+            "{policy:?}"
+        );
+        assert_eq!(sink.cursor("other").unwrap(), None);
+    }
 }
