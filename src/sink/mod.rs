@@ -6,6 +6,7 @@ pub mod file;
 pub mod jsonl;
 pub mod kafka;
 pub mod naming;
+pub mod postgres;
 pub mod runner;
 pub mod sqlite;
 pub mod stdout;
@@ -32,6 +33,8 @@ pub enum SinkConfig {
     Sqlite(sqlite::SqliteSinkConfig),
     /// Kafka records, confirmed by the broker before they are acknowledged.
     Kafka(kafka::KafkaSinkConfig),
+    /// Rows of a PostgreSQL table, stored exactly once.
+    Postgres(postgres::PostgresSinkConfig),
 }
 
 impl SinkConfig {
@@ -42,6 +45,7 @@ impl SinkConfig {
             SinkConfig::Stdout(_) => "stdout",
             SinkConfig::Sqlite(_) => "sqlite",
             SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Postgres(_) => "postgres",
         }
     }
 
@@ -53,6 +57,7 @@ impl SinkConfig {
             SinkConfig::Stdout(c) => c.validate(),
             SinkConfig::Sqlite(c) => c.validate(),
             SinkConfig::Kafka(c) => c.validate(),
+            SinkConfig::Postgres(c) => c.validate(),
         }
     }
 
@@ -75,6 +80,9 @@ impl SinkConfig {
             SinkConfig::Stdout(c) => Ok(Box::new(stdout::StdoutSink::build(name, c)?)),
             SinkConfig::Sqlite(c) => Ok(Box::new(sqlite::SqliteSink::build(name, c, state_path)?)),
             SinkConfig::Kafka(c) => Ok(Box::new(kafka::KafkaSink::build(name, c)?)),
+            SinkConfig::Postgres(c) => Ok(Box::new(postgres::PostgresSink::build(
+                name, c, state_path,
+            )?)),
         }
     }
 
@@ -85,6 +93,7 @@ impl SinkConfig {
             SinkConfig::Stdout(c) => &c.buffer,
             SinkConfig::Sqlite(c) => &c.buffer,
             SinkConfig::Kafka(c) => &c.buffer,
+            SinkConfig::Postgres(c) => &c.buffer,
         }
     }
 
@@ -97,7 +106,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.accepts_type(event_type),
             SinkConfig::Kafka(c) => c.accepts_type(event_type),
-            SinkConfig::Stdout(_) | SinkConfig::Sqlite(_) => true,
+            SinkConfig::Stdout(_) | SinkConfig::Sqlite(_) | SinkConfig::Postgres(_) => true,
         }
     }
 }
@@ -222,6 +231,43 @@ pub trait SinkCounters: Send + Sync {
     /// `(metric name, help, value)`. Names end in `_total` and are the same for every sink of
     /// a kind; the endpoint labels each sample with the sink's name.
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)>;
+}
+
+/// After a restart the server sent `found` as event `seq` of `feed` where sink `sink` holds
+/// `stored` (`holds` says where, for the message): it did not send the same stream again.
+/// Says so, and records a `replay-mismatch` gap in the state database at `state_path`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_replay_mismatch(
+    sink: &str,
+    state_path: Option<&Path>,
+    feed: &str,
+    url: &str,
+    seq: u64,
+    stored: &str,
+    found: &str,
+    holds: &str,
+) {
+    let detail = format!(
+        "sink `{sink}`: after the restart the server sent id {found:?} as event {seq} where \
+         {holds} id {stored:?}: it did not send the same stream again, so re-fetched events \
+         before it may not have been the stored ones"
+    );
+    tracing::warn!(sink, feed, "{}", crate::text::escape_controls(&detail));
+    let Some(path) = state_path else {
+        return;
+    };
+    let gap = crate::state::Gap::once(
+        feed,
+        url,
+        crate::state::GapReason::ReplayMismatch,
+        detail,
+        stored,
+        seq,
+        chrono::Utc::now(),
+    );
+    if let Err(e) = crate::state::StateStore::open(path).and_then(|mut s| s.record_gap(&gap)) {
+        tracing::error!(sink, feed, "cannot record the gap: {e}");
+    }
 }
 
 /// Re-fetched events a sink dropped because its own storage already held them

@@ -34,7 +34,6 @@ use std::sync::Arc;
 use super::{FileSink, SinkError};
 use crate::event::Event;
 use crate::sink::Cursor;
-use crate::state::{Gap, GapReason, StateStore};
 
 /// At most this many bytes are read back from the end of a file looking for a feed's last
 /// line (a file shared by several feeds may hold none of it near its end).
@@ -348,31 +347,18 @@ impl FileSink {
         self.windows.retain(|_, w| !w.floors.is_empty());
     }
 
-    /// The server sent another event where the files hold `floor`: say so, and record a gap.
+    /// The server sent another event where the files hold `floor`.
     fn record_mismatch(&self, feed: &str, url: &str, floor: &Floor, found: &str) {
-        let detail = format!(
-            "sink `{}`: after the restart the server sent id {found:?} as event {} where the \
-             files hold id {:?}: it did not send the same stream again, so re-fetched events \
-             before it may not have been the stored ones",
-            self.name, floor.seq, floor.id
-        );
-        tracing::warn!(sink = %self.name, feed, "{}", crate::text::escape_controls(&detail));
-        let Some(path) = &self.state_path else {
-            return;
-        };
-        let gap = Gap::once(
+        crate::sink::record_replay_mismatch(
+            &self.name,
+            self.state_path.as_deref(),
             feed,
             url,
-            GapReason::ReplayMismatch,
-            detail,
-            &floor.id,
             floor.seq,
-            chrono::Utc::now(),
+            &floor.id,
+            found,
+            "the files hold",
         );
-        match StateStore::open(path).and_then(|mut store| store.record_gap(&gap)) {
-            Ok(_) => {}
-            Err(e) => tracing::error!(sink = %self.name, feed, "cannot record the gap: {e}"),
-        }
     }
 }
 

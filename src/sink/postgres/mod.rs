@@ -1,0 +1,471 @@
+//! `type = "postgres"`: events as rows of a PostgreSQL table, stored exactly once.
+//!
+//! Each batch is one transaction: the feeds' cursors are read (`sse_bridge_cursors`), the
+//! re-fetched copies of stored events are left out (ARCHITECTURE.md §4), the rest goes in
+//! with one binary `COPY`, and each feed's cursor moves to its last event, all committed
+//! together. A batch that fails (a lost connection, a restarted server, a missing
+//! permission) is rolled back whole and retried by the runner with backoff while the feeds
+//! are held back; a commit whose answer was lost is found by the retry in the cursor, so
+//! nothing is stored twice.
+//!
+//! The driver (`tokio-postgres`) is asynchronous and the sink interface is not: the
+//! connection lives on a thread of its own with a small runtime, and `write` hands it a batch
+//! and waits for the answer, as a blocking database call would.
+
+pub mod config;
+mod schema;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::PostgresSinkConfig;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{IsNull, ToSql, Type};
+
+use super::{DuplicateCounter, SinkError, WriteOptions};
+use crate::event::Event;
+
+/// A batch may take this long (connecting, the copy, the commit) before the connection is
+/// dropped and the batch retried.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A feed's run as the runner announced it.
+#[derive(Debug, Clone)]
+struct Run {
+    url: String,
+    start_seq: u64,
+}
+
+/// What a stored batch left out.
+#[derive(Debug, Default)]
+struct Report {
+    skipped: u64,
+    /// Feeds whose stored event at the cursor had another id than the re-fetched one:
+    /// (feed, cursor seq, stored id, re-fetched id).
+    mismatches: Vec<(String, u64, String, String)>,
+}
+
+struct Request {
+    events: Vec<Arc<Event>>,
+    runs: HashMap<Arc<str>, Run>,
+    reply: mpsc::Sender<Result<Report, String>>,
+}
+
+/// A built PostgreSQL sink.
+pub struct PostgresSink {
+    name: String,
+    requests: Option<mpsc::Sender<Request>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    runs: HashMap<Arc<str>, Run>,
+    state_path: Option<PathBuf>,
+    duplicates: Arc<DuplicateCounter>,
+    options: WriteOptions,
+}
+
+impl PostgresSink {
+    /// Checks the settings and reads the connection string; connecting happens on the first
+    /// write (and again after any failure), so a database that is down holds the feeds back
+    /// instead of failing the start.
+    pub fn build(
+        name: &str,
+        c: &PostgresSinkConfig,
+        state_path: Option<&Path>,
+    ) -> Result<Self, SinkError> {
+        let config_error = |message: String| SinkError::Config {
+            sink: name.to_string(),
+            message,
+        };
+        if let Some((key, message)) = c.validate().into_iter().next() {
+            return Err(config_error(format!("{key}: {message}")));
+        }
+        let connection = c.connection().map_err(config_error)?;
+        let tls = tls_config(c).map_err(config_error)?;
+        let worker = Worker {
+            sink: name.to_string(),
+            shown: config::shown(&connection),
+            connection,
+            tls,
+            table: c.table.clone(),
+            cursors: schema::cursors_table(&c.table),
+            data_json: c.data_json,
+            conn: None,
+        };
+        let (requests, rx) = mpsc::channel::<Request>();
+        let thread = std::thread::Builder::new()
+            .name(format!("sink-{name}-pg"))
+            .spawn(move || worker.run(rx))
+            .map_err(|e| SinkError::Io {
+                sink: name.to_string(),
+                context: "cannot start the PostgreSQL connection thread".into(),
+                source: e,
+            })?;
+        Ok(PostgresSink {
+            name: name.to_string(),
+            requests: Some(requests),
+            thread: Some(thread),
+            runs: HashMap::new(),
+            state_path: state_path.map(Path::to_path_buf),
+            duplicates: Arc::default(),
+            options: WriteOptions {
+                max_batch_events: c.batch_max_events.clamp(1, config::MAX_BATCH_EVENTS),
+                max_batch_wait: c.batch_max_wait,
+                checkpoints: false,
+            },
+        })
+    }
+
+    fn db_error(&self, message: String) -> SinkError {
+        SinkError::Db {
+            sink: self.name.clone(),
+            message,
+        }
+    }
+}
+
+/// The rustls settings: the web roots, or those plus `ca_file`; no ALPN (PostgreSQL
+/// negotiates TLS inside its own protocol).
+fn tls_config(c: &PostgresSinkConfig) -> Result<rustls::ClientConfig, String> {
+    let shared = match &c.ca_file {
+        Some(path) => crate::sse::transport::tls::tls_config_with_ca_file(path),
+        None => crate::sse::transport::tls::shared_config(),
+    }
+    .map_err(|e| format!("ca_file: {e}"))?;
+    let mut config = (*shared).clone();
+    config.alpn_protocols.clear();
+    Ok(config)
+}
+
+impl Drop for PostgresSink {
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl super::Sink for PostgresSink {
+    fn write(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError> {
+        let (reply, answer) = mpsc::channel();
+        let request = Request {
+            events: events.to_vec(),
+            runs: self.runs.clone(),
+            reply,
+        };
+        let sent = self
+            .requests
+            .as_ref()
+            .is_some_and(|r| r.send(request).is_ok());
+        if !sent {
+            return Err(self.db_error("the PostgreSQL connection thread has ended".into()));
+        }
+        let report = answer
+            .recv()
+            .map_err(|_| self.db_error("the PostgreSQL connection thread has ended".into()))?
+            .map_err(|m| self.db_error(m))?;
+        self.duplicates.add(report.skipped);
+        for (feed, seq, stored, found) in report.mismatches {
+            let url = self.runs.get(feed.as_str()).map(|r| r.url.clone());
+            super::record_replay_mismatch(
+                &self.name,
+                self.state_path.as_deref(),
+                &feed,
+                url.as_deref().unwrap_or(""),
+                seq,
+                &stored,
+                &found,
+                "the table holds",
+            );
+        }
+        Ok(())
+    }
+
+    fn options(&self) -> WriteOptions {
+        self.options
+    }
+
+    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64) {
+        self.runs.insert(
+            Arc::from(feed),
+            Run {
+                url: url.to_string(),
+                start_seq,
+            },
+        );
+    }
+
+    fn counters(&self) -> Option<Arc<dyn super::SinkCounters>> {
+        Some(self.duplicates.clone())
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        // Every batch is committed before it is acknowledged.
+        Ok(())
+    }
+}
+
+/// The connection thread's state.
+struct Worker {
+    sink: String,
+    shown: String,
+    connection: tokio_postgres::Config,
+    tls: rustls::ClientConfig,
+    table: String,
+    cursors: String,
+    data_json: bool,
+    conn: Option<Conn>,
+}
+
+/// An open connection with its statements.
+struct Conn {
+    client: tokio_postgres::Client,
+    read_cursor: tokio_postgres::Statement,
+    write_cursor: tokio_postgres::Statement,
+    copy: String,
+}
+
+/// `data` as `jsonb` (its binary form: a version byte, then the JSON text), for data that
+/// parses as JSON.
+#[derive(Debug)]
+struct RawJson<'a>(&'a str);
+
+impl ToSql for RawJson<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&[1]);
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// What an error says, with the server's message, code and detail when there is one.
+fn describe(context: &str, e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!(
+                "{context}: {} (SQLSTATE {})",
+                db.message(),
+                db.code().code()
+            );
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => format!("{context}: {e}"),
+    }
+}
+
+impl Worker {
+    fn run(mut self, requests: mpsc::Receiver<Request>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(sink = %self.sink, "cannot start the PostgreSQL runtime: {e}");
+                return;
+            }
+        };
+        while let Ok(request) = requests.recv() {
+            let result = runtime.block_on(async {
+                match tokio::time::timeout(WRITE_TIMEOUT, self.store(&request)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        self.conn = None;
+                        Err(format!(
+                            "{}: no answer within {}s; reconnecting",
+                            self.shown,
+                            WRITE_TIMEOUT.as_secs()
+                        ))
+                    }
+                }
+            });
+            let _ = request.reply.send(result);
+        }
+    }
+
+    async fn connect(&mut self) -> Result<Conn, String> {
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls.clone());
+        let (mut client, connection) = self
+            .connection
+            .connect(tls)
+            .await
+            .map_err(|e| describe(&format!("cannot connect to {}", self.shown), &e))?;
+        let sink = self.sink.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(sink = %sink, "PostgreSQL connection ended: {e}");
+            }
+        });
+        schema::migrate(&mut client, &self.table)
+            .await
+            .map_err(|e| describe(&format!("cannot prepare table {}", self.table), &e))?;
+        let read_cursor = client
+            .prepare(&format!(
+                "SELECT seq, id FROM {} WHERE target = $1 AND feed = $2",
+                self.cursors
+            ))
+            .await
+            .map_err(|e| describe("cannot prepare the cursor query", &e))?;
+        let write_cursor = client
+            .prepare(&format!(
+                "INSERT INTO {} (target, feed, seq, id, updated_at) VALUES ($1, $2, $3, $4, now()) \
+                 ON CONFLICT (target, feed) DO UPDATE SET seq = excluded.seq, id = excluded.id, \
+                 updated_at = excluded.updated_at",
+                self.cursors
+            ))
+            .await
+            .map_err(|e| describe("cannot prepare the cursor update", &e))?;
+        tracing::info!(sink = %self.sink, database = %self.shown, table = %self.table, "connected to PostgreSQL");
+        Ok(Conn {
+            client,
+            read_cursor,
+            write_cursor,
+            copy: format!(
+                "COPY {} (feed, seq, id, type, data, data_json, received_at) FROM STDIN (FORMAT binary)",
+                self.table
+            ),
+        })
+    }
+
+    async fn store(&mut self, request: &Request) -> Result<Report, String> {
+        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            self.conn = Some(self.connect().await?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err("not connected".into());
+        };
+        let result = store_batch(conn, &self.table, self.data_json, request).await;
+        if let Err(e) = &result {
+            // A broken connection is opened again for the retry; a refusal by the server
+            // (permissions, a bad table) keeps it.
+            if e.is_closed() || e.as_db_error().is_none() {
+                self.conn = None;
+            }
+        }
+        result.map_err(|e| describe(&format!("cannot store a batch in {}", self.table), &e))
+    }
+}
+
+async fn store_batch(
+    conn: &mut Conn,
+    table: &str,
+    data_json: bool,
+    request: &Request,
+) -> Result<Report, tokio_postgres::Error> {
+    let mut report = Report::default();
+    let tx = conn.client.transaction().await?;
+    // Each feed that resumed after a checkpoint: its cursor, read in this transaction, says
+    // which re-fetched events the table already holds.
+    let mut floors: HashMap<&str, (i64, String)> = HashMap::new();
+    for event in &request.events {
+        let feed: &str = &event.feed;
+        if floors.contains_key(feed) {
+            continue;
+        }
+        let resumed = request.runs.get(feed).is_some_and(|r| r.start_seq > 0);
+        if !resumed {
+            floors.insert(feed, (-1, String::new()));
+            continue;
+        }
+        let row = tx.query_opt(&conn.read_cursor, &[&table, &feed]).await?;
+        let floor = row.map_or((-1, String::new()), |r| (r.get::<_, i64>(0), r.get(1)));
+        floors.insert(feed, floor);
+    }
+    let mut kept: Vec<&Event> = Vec::with_capacity(request.events.len());
+    let mut checked: Vec<&str> = Vec::new();
+    for event in &request.events {
+        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+        let feed: &str = &event.feed;
+        let (floor, stored_id) = floors
+            .get(feed)
+            .map_or((-1, ""), |(s, id)| (*s, id.as_str()));
+        if seq < floor {
+            report.skipped += 1;
+        } else if seq == floor && !checked.contains(&feed) {
+            checked.push(feed);
+            if *event.id == *stored_id {
+                report.skipped += 1;
+            } else {
+                report.mismatches.push((
+                    feed.to_string(),
+                    event.seq,
+                    stored_id.to_string(),
+                    event.id.to_string(),
+                ));
+                kept.push(event);
+            }
+        } else {
+            kept.push(event);
+        }
+    }
+    if !kept.is_empty() {
+        let sink = tx.copy_in(&conn.copy).await?;
+        let types = [
+            Type::TEXT,
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::JSONB,
+            Type::TIMESTAMPTZ,
+        ];
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        futures_util::pin_mut!(writer);
+        for e in &kept {
+            let seq = i64::try_from(e.seq).unwrap_or(i64::MAX);
+            let json = (data_json
+                && serde_json::from_str::<serde::de::IgnoredAny>(&e.data).is_ok())
+            .then_some(RawJson(&e.data));
+            writer
+                .as_mut()
+                .write(&[
+                    &&*e.feed,
+                    &seq,
+                    &&*e.id,
+                    &&*e.event_type,
+                    &e.data.as_str(),
+                    &json,
+                    &e.received_at,
+                ])
+                .await?;
+        }
+        writer.finish().await?;
+        // Each feed's cursor: its last event in this batch.
+        let mut last: Vec<&Event> = Vec::new();
+        for e in kept.iter().rev() {
+            if !last.iter().any(|l| l.feed == e.feed) {
+                last.push(e);
+            }
+        }
+        for e in last {
+            let seq = i64::try_from(e.seq).unwrap_or(i64::MAX);
+            tx.execute(&conn.write_cursor, &[&table, &&*e.feed, &seq, &&*e.id])
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(report)
+}

@@ -1,0 +1,98 @@
+//! The PostgreSQL schema of a `postgres` sink: numbered SQL files from `migrations/postgres/`,
+//! applied to each events table once, each in a transaction that also records it, under an
+//! advisory lock so that two bridges starting at once do not race.
+
+/// `(version, name, SQL)` in order. The SQL names the table through placeholders only
+/// (`{table}`, `{prefix}`, `{name}`), filled with the validated table name.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "0001_events",
+    include_str!("../../../migrations/postgres/0001_events.sql"),
+)];
+
+/// The schema part of `table` with its dot (`events.`), or nothing.
+pub(super) fn prefix(table: &str) -> &str {
+    match table.rfind('.') {
+        Some(i) => &table[..=i],
+        None => "",
+    }
+}
+
+/// The cursor table next to `table`.
+pub(super) fn cursors_table(table: &str) -> String {
+    format!("{}sse_bridge_cursors", prefix(table))
+}
+
+fn fill(sql: &str, table: &str) -> String {
+    sql.replace("{table}", table)
+        .replace("{prefix}", prefix(table))
+        .replace("{name}", &table.replace('.', "_"))
+}
+
+/// Brings `table` (a validated name) to the current schema.
+pub(super) async fn migrate(
+    client: &mut tokio_postgres::Client,
+    table: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let records = format!("{}sse_bridge_schema_migrations", prefix(table));
+    if !prefix(table).is_empty() {
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                prefix(table).trim_end_matches('.')
+            ))
+            .await?;
+    }
+    for (version, name, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        // One bridge at a time per table; released at the end of the transaction.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('sse-bridge migrations ' || $1::text))",
+            &[&table],
+        )
+        .await?;
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {records} (
+                 target     text        NOT NULL,
+                 version    integer     NOT NULL,
+                 name       text        NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (target, version)
+             )"
+        ))
+        .await?;
+        let done = tx
+            .query_opt(
+                &format!("SELECT 1 FROM {records} WHERE target = $1 AND version = $2"),
+                &[&table, version],
+            )
+            .await?
+            .is_some();
+        if !done {
+            tx.batch_execute(&fill(sql, table)).await?;
+            tx.execute(
+                &format!("INSERT INTO {records} (target, version, name) VALUES ($1, $2, $3)"),
+                &[&table, version, name],
+            )
+            .await?;
+            tracing::info!(table, migration = name, "applied a schema migration");
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_take_the_validated_name() {
+        assert_eq!(prefix("sse_events"), "");
+        assert_eq!(prefix("events.sse"), "events.");
+        assert_eq!(cursors_table("events.sse"), "events.sse_bridge_cursors");
+        let sql = fill("CREATE INDEX {name}_x ON {table}; {prefix}c", "events.sse");
+        assert_eq!(sql, "CREATE INDEX events_sse_x ON events.sse; events.c");
+        assert!(!MIGRATIONS[0].2.is_empty());
+    }
+}

@@ -1,0 +1,273 @@
+//! The postgres sink against the machine's real PostgreSQL (127.0.0.1:5432, user `postgres`):
+//! each test makes its own database and drops it. Without a server the tests say so and pass,
+//! unless one is required (`CI` or `SSE_BRIDGE_REQUIRE_POSTGRES=1`).
+
+use super::*;
+use crate::sink::Sink;
+
+const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5";
+
+fn required() -> bool {
+    let set = |v: &str| {
+        std::env::var(v)
+            .is_ok_and(|s| !s.is_empty() && s != "0" && !s.eq_ignore_ascii_case("false"))
+    };
+    set("CI") || set("SSE_BRIDGE_REQUIRE_POSTGRES")
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Runs `sql` on database `db` as `postgres`; the rows' first columns as text.
+fn sql(db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    let conn = ADMIN.replace("dbname=postgres", &format!("dbname={db}"));
+    block_on(async move {
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let rows = client.simple_query(sql).await.unwrap();
+        rows.into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+/// A database of its own, dropped at the end.
+pub(crate) struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn create() -> Option<TestDb> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let reachable = block_on(async {
+            tokio_postgres::connect(ADMIN, tokio_postgres::NoTls)
+                .await
+                .is_ok()
+        });
+        if !reachable {
+            assert!(
+                !required(),
+                "PostgreSQL is required (CI or SSE_BRIDGE_REQUIRE_POSTGRES) but 127.0.0.1:5432 does not answer"
+            );
+            eprintln!("\n*** SKIPPED: no PostgreSQL on 127.0.0.1:5432 ***\n");
+            return None;
+        }
+        let name = format!(
+            "sse_bridge_unit_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        sql("postgres", &format!("DROP DATABASE IF EXISTS {name}"));
+        sql("postgres", &format!("CREATE DATABASE {name}"));
+        Some(TestDb { name })
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "postgresql://postgres@127.0.0.1:5432/{}?sslmode=disable",
+            self.name
+        )
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        sql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn config(db: &TestDb, extra: &str) -> PostgresSinkConfig {
+    toml::from_str(&format!("url = \"{}\"\n{extra}", db.url())).unwrap()
+}
+
+fn events(range: std::ops::RangeInclusive<u64>) -> Vec<Arc<Event>> {
+    range
+        .map(|n| {
+            Arc::new(Event::new(
+                "f",
+                "edit",
+                &format!("id-{n}"),
+                format!("{{\"n\":{n}}}"),
+                n,
+            ))
+        })
+        .collect()
+}
+
+fn column(db: &TestDb, query: &str) -> Vec<String> {
+    sql(&db.name, query)
+        .into_iter()
+        .map(|r| r[0].clone().unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn rows_and_the_cursor_commit_together() {
+    let Some(db) = TestDb::create() else { return };
+    let mut sink = PostgresSink::build("pg", &config(&db, "data_json = true"), None).unwrap();
+    sink.write(&events(1..=100)).unwrap();
+    let mut odd = events(101..=101);
+    odd.push(Arc::new(Event::new("f", "log", "id-102", "not json", 102)));
+    sink.write(&odd).unwrap();
+    assert_eq!(column(&db, "SELECT count(*) FROM sse_events"), ["102"]);
+    assert_eq!(
+        column(&db, "SELECT data_json->>'n' FROM sse_events WHERE seq = 42"),
+        ["42"]
+    );
+    assert_eq!(
+        column(
+            &db,
+            "SELECT data_json IS NULL FROM sse_events WHERE seq = 102"
+        ),
+        ["t"]
+    );
+    assert_eq!(
+        column(
+            &db,
+            "SELECT seq || ' ' || id FROM sse_bridge_cursors WHERE feed = 'f'"
+        ),
+        ["102 id-102"]
+    );
+    // In insertion order, as serve and replay read them.
+    let seqs = column(&db, "SELECT seq FROM sse_events ORDER BY pos");
+    assert_eq!(seqs.len(), 102);
+    assert!(seqs
+        .windows(2)
+        .all(|w| w[0].parse::<u64>().unwrap() < w[1].parse().unwrap()));
+    // The schema is recorded, and applying it again changes nothing.
+    drop(sink);
+    let mut again = PostgresSink::build("pg", &config(&db, ""), None).unwrap();
+    again.write(&events(103..=103)).unwrap();
+    assert_eq!(
+        column(&db, "SELECT count(*) FROM sse_bridge_schema_migrations"),
+        ["1"]
+    );
+}
+
+#[test]
+fn re_fetched_events_are_dropped_and_a_mismatch_is_a_gap() {
+    let Some(db) = TestDb::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    crate::state::StateStore::open(&state).unwrap();
+    let c = config(&db, "");
+    let mut sink = PostgresSink::build("pg", &c, Some(&state)).unwrap();
+    sink.write(&events(1..=10)).unwrap();
+    drop(sink);
+
+    // Resumed from a checkpoint at 5: 6..=10 are copies.
+    let mut sink = PostgresSink::build("pg", &c, Some(&state)).unwrap();
+    sink.feed_started("f", "http://x/", 5);
+    sink.write(&events(6..=8)).unwrap();
+    sink.write(&events(9..=15)).unwrap();
+    assert_eq!(sink.duplicates.get(), 5);
+    assert_eq!(
+        column(
+            &db,
+            "SELECT count(*) || ' ' || count(DISTINCT seq) FROM sse_events"
+        ),
+        ["15 15"]
+    );
+    drop(sink);
+
+    // Resumed at 12, but the server's event 15 is another one.
+    let mut sink = PostgresSink::build("pg", &c, Some(&state)).unwrap();
+    sink.feed_started("f", "http://x/", 12);
+    let other: Vec<Arc<Event>> = (13..=16)
+        .map(|n| Arc::new(Event::new("f", "edit", &format!("other-{n}"), "o", n)))
+        .collect();
+    sink.write(&other).unwrap();
+    assert_eq!(
+        column(
+            &db,
+            "SELECT id FROM sse_events WHERE seq >= 15 ORDER BY pos"
+        ),
+        ["id-15", "other-15", "other-16"]
+    );
+    let gaps = crate::state::StateStore::open(&state)
+        .unwrap()
+        .list_gaps(None)
+        .unwrap();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0].reason, crate::state::GapReason::ReplayMismatch);
+    assert!(gaps[0].detail.contains("other-15") && gaps[0].detail.contains("the table holds"));
+}
+
+#[test]
+fn a_terminated_connection_loses_nothing_and_stores_nothing_twice() {
+    let Some(db) = TestDb::create() else { return };
+    let mut sink = PostgresSink::build("pg", &config(&db, ""), None).unwrap();
+    sink.feed_started("f", "http://x/", 0);
+    let mut failures = 0;
+    for chunk in 0..20u64 {
+        let batch = events(chunk * 100 + 1..=chunk * 100 + 100);
+        if chunk % 5 == 2 {
+            sql(
+                "postgres",
+                &format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = '{}' AND application_name = 'sse-bridge'",
+                    db.name
+                ),
+            );
+        }
+        // The runner retries a failed batch until it is stored.
+        let mut attempts = 0;
+        while let Err(e) = sink.write(&batch) {
+            failures += 1;
+            attempts += 1;
+            assert!(attempts < 10, "{e}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(failures >= 1, "the terminated connection was noticed");
+    assert_eq!(
+        column(
+            &db,
+            "SELECT count(*) || ' ' || count(DISTINCT seq) FROM sse_events"
+        ),
+        ["2000 2000"]
+    );
+}
+
+#[test]
+fn a_missing_permission_is_reported_clearly() {
+    let Some(db) = TestDb::create() else { return };
+    let role = format!("{}_ro", db.name);
+    sql(&db.name, &format!("DROP ROLE IF EXISTS {role}"));
+    sql(&db.name, &format!("CREATE ROLE {role} LOGIN"));
+    sql(&db.name, "REVOKE CREATE ON SCHEMA public FROM PUBLIC");
+    let c: PostgresSinkConfig = toml::from_str(&format!(
+        "url = \"postgresql://{role}@127.0.0.1:5432/{}?sslmode=disable\"",
+        db.name
+    ))
+    .unwrap();
+    let mut sink = PostgresSink::build("pg", &c, None).unwrap();
+    let err = sink.write(&events(1..=1)).unwrap_err().to_string();
+    assert!(
+        err.contains("sse_events") && err.contains("permission denied") && err.contains("42501"),
+        "{err}"
+    );
+    drop(sink);
+    sql(&db.name, &format!("DROP OWNED BY {role}"));
+    sql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", db.name),
+    );
+    sql("postgres", &format!("DROP ROLE IF EXISTS {role}"));
+}
