@@ -12,6 +12,7 @@
 //! stop where the first pass ended (`--follow` continues from there).
 
 mod follow;
+pub mod postgres;
 mod series;
 
 use std::fs::File;
@@ -46,7 +47,9 @@ const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
     /// The stored log: an SQLite database written by a `sqlite` sink (or the state database
-    /// it shares), or the JSON Lines files of a `file` sink: files (plain, gzip or zstd, told
+    /// it shares), a PostgreSQL database written by a `postgres` sink
+    /// (`postgresql://USER@HOST/DB`, its table named by --table; the password from
+    /// `PGPASSWORD`, never on the command line), or the JSON Lines files of a `file` sink: files (plain, gzip or zstd, told
     /// apart by their first bytes, not their names) and directories holding a sink's series
     /// (searched below, `.tmp` leftovers and hidden files left out). Several JSON Lines paths
     /// are merged into one log. Files are only read.
@@ -58,6 +61,10 @@ pub struct ReplayArgs {
     /// (any feed, type or strftime period), for an SQLite sink its database.
     #[arg(long, value_name = "NAME", conflicts_with = "source")]
     pub sink: Option<String>,
+
+    /// The table of a PostgreSQL source given as a URL.
+    #[arg(long, value_name = "NAME", default_value = "sse_events")]
+    pub table: String,
 
     /// After the stored history, keep reading what the bridge appends, across rotations (as
     /// `tail -F` does), until interrupted (SIGINT, SIGTERM) or the output is closed.
@@ -267,6 +274,8 @@ pub fn parse_rate(s: &str) -> Result<f64, ArgError> {
 /// A stored log.
 pub enum Source {
     Sqlite(SqliteLog),
+    /// A `postgres` sink's table.
+    Postgres(postgres::PostgresLog),
     /// JSON Lines files merged into one log (directories, several files, compressed files,
     /// a file sink's series).
     Series(SeriesSource),
@@ -298,14 +307,34 @@ impl Source {
                     Source::series(discover, false, format!("sink `{name}`"))
                 }
                 SinkConfig::Sqlite(c) => Ok(Source::Sqlite(SqliteLog::open(&c.path)?)),
+                SinkConfig::Postgres(c) => {
+                    let connection = c.connection().map_err(|e| anyhow!("--sink {name}: {e}"))?;
+                    Ok(Source::Postgres(postgres::PostgresLog::open(
+                        connection, &c.table,
+                    )?))
+                }
                 other => bail!(
-                    "--sink {name}: a {} sink keeps nothing replay can read back (file and \
-                     sqlite sinks do)",
+                    "--sink {name}: a {} sink keeps nothing replay can read back (file, \
+                     sqlite and postgres sinks do)",
                     other.kind()
                 ),
             };
         }
         if let [one] = args.source.as_slice() {
+            if let Some(url) = one.to_str().filter(|u| postgres::is_postgres_url(u)) {
+                let mut connection: tokio_postgres::Config = url
+                    .parse()
+                    .map_err(|e| anyhow!("not a PostgreSQL connection URL: {e}"))?;
+                if connection.get_password().is_none() {
+                    if let Ok(password) = std::env::var("PGPASSWORD") {
+                        connection.password(password);
+                    }
+                }
+                return Ok(Source::Postgres(postgres::PostgresLog::open(
+                    connection,
+                    &args.table,
+                )?));
+            }
             if is_sqlite(one) {
                 return Ok(Source::Sqlite(SqliteLog::open(one)?));
             }
@@ -350,6 +379,7 @@ impl Source {
     ) -> anyhow::Result<u64> {
         match self {
             Source::Sqlite(s) => s.scan(filter, visit),
+            Source::Postgres(p) => p.scan(filter, visit),
             Source::Series(s) => scan_series(&mut s.log, filter, visit),
         }
     }
@@ -797,7 +827,7 @@ pub fn replay(
         Source::Series(s) => {
             Progress::new(s.log.total_bytes(), Some(s.log.read_bytes.clone()), quiet)
         }
-        Source::Sqlite(_) => Progress::new(total, None, quiet),
+        Source::Sqlite(_) | Source::Postgres(_) => Progress::new(total, None, quiet),
     };
     let mut writer = Writer {
         output,
@@ -868,6 +898,7 @@ fn follow(
             let mut f = follow::Follow::new(&mut s.log, Box::new(move || discover()));
             f.run(stop, &mut emit)?;
         }
+        Source::Postgres(p) => p.follow(stop, &mut emit)?,
         Source::Sqlite(db) => {
             // New rows past the last position read, every poll.
             while !stop.load(Ordering::SeqCst) {
@@ -954,6 +985,7 @@ pub fn run(args: &ReplayArgs, loaded: &LoadedConfig) -> anyhow::Result<Summary> 
     )?;
     let from = match &source {
         Source::Sqlite(db) => db.path.display().to_string(),
+        Source::Postgres(p) => p.shown.clone(),
         Source::Series(s) => s.what.clone(),
     };
     eprintln!(

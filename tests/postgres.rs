@@ -57,12 +57,7 @@ async fn kill_9_loop_into_a_file_and_postgres_stores_every_event_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), &server.url(), &db.url());
     let file = dir.path().join("out/wiki.jsonl");
-    let rows = || {
-        db.column("SELECT count(*) FROM events.sse")
-            .first()
-            .and_then(|c| c.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let rows = || db.count("events.sse");
     let mut rng = rand::thread_rng();
     let started = Instant::now();
     let mut kills = Vec::new();
@@ -132,4 +127,73 @@ async fn kill_9_loop_into_a_file_and_postgres_stores_every_event_once() {
         stored.len(),
         TOTAL
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reads_a_postgres_table_and_follows_its_commits() {
+    use std::io::BufRead;
+    let Some(db) = postgres::TestDb::create("replay") else {
+        return;
+    };
+    const TOTAL: u64 = 3_000;
+    // 100 events every 50 ms: the stream is still arriving while replay follows it.
+    let server = Server::log(TOTAL, 100, Duration::from_millis(50)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), &server.url(), &db.url());
+    let bridge = Bridge::spawn(&config);
+    let rows = || db.count("events.sse");
+    assert!(support::wait_for(Duration::from_secs(60), || rows() >= 300).await);
+
+    // The history: what is stored when replay starts, in order.
+    let url = db.url();
+    let out = support::replay(&[&url, "--table", "events.sse", "--feed", "wiki"]);
+    support::ok(&out);
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(lines.len() >= 300, "{} lines", lines.len());
+    let seqs: Vec<u64> = lines
+        .iter()
+        .map(|l| support::bridge::parse_line(l, "replay").seq)
+        .collect();
+    assert!(
+        seqs.iter().zip(1..).all(|(s, n)| *s == n),
+        "in order from 1"
+    );
+
+    // --follow: the history, then each commit as the sink's NOTIFY wakes it.
+    let mut child = support::command(["replay", url.as_str(), "--table", "events.sse", "--follow"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("replay --follow");
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut seqs = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            seqs.push(support::bridge::parse_line(&line, "follow").seq);
+            if seqs.len() as u64 == TOTAL {
+                break;
+            }
+        }
+        seqs
+    });
+    let end = Instant::now() + Duration::from_secs(90);
+    while !reader.is_finished() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let followed = reader.join().expect("reader");
+    let _ = child.wait();
+    assert_eq!(
+        followed,
+        (1..=TOTAL).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    let (status, _) = bridge.terminate(Duration::from_secs(30)).await;
+    assert!(status.success());
 }

@@ -37,6 +37,11 @@ where
 
 /// Runs `sql` on database `db` as `postgres`: every row, as text.
 pub fn query(db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    try_query(db, sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// [`query`], with the server's error as text.
+pub fn try_query(db: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
     let conn = ADMIN.replace("dbname=postgres", &format!("dbname={db}"));
     let sql = sql.to_string();
     block_on(async move {
@@ -44,10 +49,13 @@ pub fn query(db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
             .await
             .expect("connect to PostgreSQL");
         tokio::spawn(connection);
-        client
+        Ok(client
             .simple_query(&sql)
             .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => db.message().to_string(),
+                None => e.to_string(),
+            })?
             .into_iter()
             .filter_map(|m| match m {
                 tokio_postgres::SimpleQueryMessage::Row(r) => {
@@ -55,7 +63,7 @@ pub fn query(db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
                 }
                 _ => None,
             })
-            .collect()
+            .collect())
     })
 }
 
@@ -93,6 +101,16 @@ impl TestDb {
             "postgresql://postgres@127.0.0.1:5432/{}?sslmode=disable",
             self.name
         )
+    }
+
+    /// Rows in `table` (0 while it does not exist yet).
+    pub fn count(&self, table: &str) -> u64 {
+        try_query(&self.name, &format!("SELECT count(*) FROM {table}"))
+            .ok()
+            .and_then(|rows| rows.into_iter().next())
+            .and_then(|r| r.into_iter().next().flatten())
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
     }
 
     /// The first column of every row of `sql`, as text.

@@ -33,6 +33,9 @@ use tokio_postgres::types::{IsNull, ToSql, Type};
 use super::{DuplicateCounter, SinkError, WriteOptions};
 use crate::event::Event;
 
+/// The channel a commit notifies, with the table as payload (`LISTEN sse_bridge_events`).
+pub const NOTIFY_CHANNEL: &str = "sse_bridge_events";
+
 /// A batch may take this long (connecting, the copy, the commit) before the connection is
 /// dropped and the batch retried.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -465,6 +468,9 @@ async fn store_batch(
             tx.execute(&conn.write_cursor, &[&table, &&*e.feed, &seq, &&*e.id])
                 .await?;
         }
+        // Readers that follow the table (`replay --follow`) are woken at the commit.
+        tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &table])
+            .await?;
     }
     tx.commit().await?;
     Ok(report)
