@@ -14,11 +14,15 @@
 //!   batched insert of the same rows.
 //! - `kafka`: one feed into the Kafka sink, beside a bare rdkafka producer sending the same
 //!   records to the same local broker (tansu, started by the scenario).
+//! - `postgres`: one feed into the PostgreSQL sink, beside a raw binary `COPY` of the same rows
+//!   into a table of the same shape in the same database (the machine's PostgreSQL on
+//!   127.0.0.1:5432; a database of its own, dropped at the end).
 //! - `idle`: 10 000 feeds of heartbeat comments only: time to open them all, peak RSS, CPU.
 //! - `reconnect`: 1 000 feeds, the server restarts: when the reconnections arrive.
 //!
 //! Sizes can be changed with environment variables: `BENCH_EVENTS` (file, default 2 000 000),
-//! `BENCH_SQLITE_EVENTS` (default 500 000), `BENCH_KAFKA_EVENTS` (500 000), `BENCH_IDLE_FEEDS`
+//! `BENCH_SQLITE_EVENTS` (default 500 000), `BENCH_KAFKA_EVENTS` (500 000), `BENCH_PG_EVENTS`
+//! (500 000), `BENCH_IDLE_FEEDS`
 //! (10 000), `BENCH_IDLE_SECS` (30), `BENCH_RECONNECT_FEEDS` (1 000). Each scenario is a
 //! function; a new sink adds one.
 //! `BENCH_WRAP="perf record -o bridge.perf --"` runs the bridge under a profiler.
@@ -42,13 +46,23 @@ use sse_bridge::sse::parser::{Item, Limits, Parser};
 
 #[path = "../tests/support/kafka.rs"]
 mod kafka;
+#[path = "../tests/support/postgres.rs"]
+mod postgres;
 #[path = "../tests/support/mod.rs"]
 mod support;
 use kafka::Broker;
 use support::bridge::{self, cpu_seconds, Bridge};
 use support::server::{self, Reply, Server};
 
-const SCENARIOS: &[&str] = &["raw", "file", "sqlite", "kafka", "idle", "reconnect"];
+const SCENARIOS: &[&str] = &[
+    "raw",
+    "file",
+    "sqlite",
+    "kafka",
+    "postgres",
+    "idle",
+    "reconnect",
+];
 const FEED: &str = "bench";
 const EVENT_TYPE: &str = "price-update";
 /// Bytes per chunk of the generator's chunked response (and per bare-parse push).
@@ -102,6 +116,7 @@ fn main() {
             "file" => scenario_file(&ctx),
             "sqlite" => scenario_sqlite(&ctx),
             "kafka" => scenario_kafka(&ctx),
+            "postgres" => scenario_postgres(&ctx),
             "idle" => scenario_idle(&ctx),
             "reconnect" => scenario_reconnect(&ctx),
             _ => unreachable!("checked above"),
@@ -884,6 +899,158 @@ fn scenario_sqlite(ctx: &Ctx) {
         &run,
         &[(raw, "raw rusqlite"), (parse, "bare parse")],
     ));
+}
+
+/// A connection to the benchmark's database and a runtime to drive it.
+struct Pg {
+    runtime: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl Pg {
+    fn connect(url: &str) -> Pg {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to PostgreSQL");
+            tokio::spawn(connection);
+            client
+        });
+        Pg { runtime, client }
+    }
+}
+
+/// One feed into the PostgreSQL sink, beside a raw binary `COPY` of the same rows (the sink's
+/// columns and types, `SQLITE_BATCH` rows per transaction) into a table of the same shape and
+/// indexes in the same database (the goal: at least 60 % of the raw rate). `BENCH_PG_EVENTS`
+/// (default 500 000) sets the size.
+fn scenario_postgres(ctx: &Ctx) {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+
+    let Some(db) = postgres::TestDb::create("bench") else {
+        ctx.note("postgres: skipped, no server on 127.0.0.1:5432".into());
+        return;
+    };
+    let events = env_usize("BENCH_PG_EVENTS", 500_000);
+    let parse = ctx.parse();
+    let mut sse = Vec::new();
+    for n in 1..=events {
+        event_text(n, &mut sse);
+    }
+    let mb = sse.len() as f64 / 1e6;
+
+    // Raw: the same rows by binary COPY, one transaction per batch.
+    let url = format!("host=127.0.0.1 port=5432 user=postgres dbname={}", db.name);
+    let mut pg = Pg::connect(&url);
+    let rows: Vec<Event> = (1..=events).map(event_of).collect();
+    let cpu0 = thread_cpu();
+    let started = Instant::now();
+    pg.runtime.block_on(async {
+        pg.client
+            .batch_execute(
+                "CREATE TABLE raw (pos bigserial PRIMARY KEY, feed text NOT NULL, \
+                 seq bigint NOT NULL, id text NOT NULL, type text NOT NULL, data text NOT NULL, \
+                 data_json jsonb, received_at timestamptz NOT NULL); \
+                 CREATE INDEX ON raw (feed, seq); CREATE INDEX ON raw (feed, id); \
+                 CREATE INDEX ON raw (received_at);",
+            )
+            .await
+            .expect("raw table");
+        let types = [
+            Type::TEXT,
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::JSONB,
+            Type::TIMESTAMPTZ,
+        ];
+        for chunk in rows.chunks(SQLITE_BATCH) {
+            let tx = pg.client.transaction().await.expect("begin");
+            let sink = tx
+                .copy_in(
+                    "COPY raw (feed, seq, id, type, data, data_json, received_at) \
+                     FROM STDIN (FORMAT binary)",
+                )
+                .await
+                .expect("copy");
+            let writer = BinaryCopyInWriter::new(sink, &types);
+            futures_util::pin_mut!(writer);
+            let none: Option<serde_json::Value> = None;
+            for e in chunk {
+                writer
+                    .as_mut()
+                    .write(&[
+                        &&*e.feed,
+                        &(e.seq as i64),
+                        &&*e.id,
+                        &&*e.event_type,
+                        &e.data.as_str(),
+                        &none,
+                        &e.received_at,
+                    ])
+                    .await
+                    .expect("row");
+            }
+            writer.finish().await.expect("finish");
+            tx.commit().await.expect("commit");
+        }
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let raw = Rate {
+        events_per_s: events as f64 / secs,
+        mb_per_s: mb / secs,
+        cpu_s: thread_cpu() - cpu0,
+    };
+    drop(rows);
+    let mut row = Row::new(format!(
+        "raw: PostgreSQL binary COPY, {SQLITE_BATCH} per transaction"
+    ));
+    row.events = Some(events as u64);
+    row.events_per_s = Some(raw.events_per_s);
+    row.mb_per_s = Some(raw.mb_per_s);
+    row.cpu_s = Some(raw.cpu_s);
+    ctx.add(row);
+
+    // The bridge into the sink's own table.
+    let dir = ctx.scratch();
+    let sink = format!(
+        "[sink.out]\ntype = \"postgres\"\nurl = \"{}\"\ntable = \"bench_events\"\n",
+        db.url()
+    );
+    let mut last_read = Instant::now() - Duration::from_secs(1);
+    let mut seen = 0u64;
+    let run = run_one_feed(ctx, dir.path(), events, Bytes::from(sse), &sink, || {
+        // A query every 20 ms at most, on one connection: the figure is within 20 ms.
+        if last_read.elapsed() >= Duration::from_millis(20) {
+            last_read = Instant::now();
+            seen = pg.runtime.block_on(async {
+                pg.client
+                    .query_one(
+                        "SELECT coalesce(max(seq), 0) FROM bench_events WHERE feed = $1",
+                        &[&FEED],
+                    )
+                    .await
+                    .map(|r| r.get::<_, i64>(0) as u64)
+                    .unwrap_or(0)
+            });
+        }
+        seen
+    });
+    ctx.add(bridge_row(
+        "bridge -> PostgreSQL sink (binary COPY, cursor per batch)",
+        events,
+        mb,
+        &run,
+        &[(raw, "raw COPY"), (parse, "bare parse")],
+    ));
+    drop(pg);
+    drop(db);
 }
 
 /// One feed into the Kafka sink against a local broker, beside a bare rdkafka producer sending

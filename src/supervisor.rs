@@ -660,18 +660,31 @@ async fn start_serve(
     let Some(serve) = &config.serve else {
         return Ok(None);
     };
-    let sqlite = config.sink.iter().find_map(|(name, sink)| match sink {
-        SinkConfig::Sqlite(s) if serve.sink.as_ref().is_none_or(|n| n == name) => Some(s),
-        _ => None,
+    let source = config.sink.iter().find_map(|(name, sink)| {
+        if serve.sink.as_ref().is_some_and(|n| n != name) {
+            return None;
+        }
+        match sink {
+            SinkConfig::Sqlite(s) => Some(Ok(crate::serve::EventSource::Sqlite(s.path.clone()))),
+            SinkConfig::Postgres(p) => Some(
+                p.connection()
+                    .map(|connection| crate::serve::EventSource::Postgres {
+                        connection: Box::new(connection),
+                        table: p.table.clone(),
+                    })
+                    .map_err(|e| anyhow::anyhow!("serve: sink `{name}`: {e}")),
+            ),
+            _ => None,
+        }
     });
-    let Some(sqlite) = sqlite else {
-        anyhow::bail!("serve: `serve.sink`: no sqlite sink to serve");
+    let Some(source) = source else {
+        anyhow::bail!("serve: `serve.sink`: no sqlite or postgres sink to serve");
     };
+    let source = source?;
     // What the feeds and sinks need: two sockets a feed, and the state database, sinks and
     // admin endpoint besides.
     let reserve = 2 * config.feed.len() as u64 + crate::open_files::BRIDGE_RESERVE;
-    let handle =
-        crate::serve::start(&sqlite.path, serve, feed_names(config), reserve, false).await?;
+    let handle = crate::serve::start(source, serve, feed_names(config), reserve, false).await?;
     Ok(Some(handle))
 }
 

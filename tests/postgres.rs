@@ -197,3 +197,79 @@ async fn replay_reads_a_postgres_table_and_follows_its_commits() {
     let (status, _) = bridge.terminate(Duration::from_secs(30)).await;
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_streams_a_postgres_table_with_resume_and_a_live_tail() {
+    use sse_bridge::sse::parser::{Item, Limits, Parser};
+    let Some(db) = postgres::TestDb::create("serve") else {
+        return;
+    };
+    const TOTAL: u64 = 2_000;
+    // 100 events every 50 ms: a live tail of about a second after the client connects.
+    let server = Server::log(TOTAL, 100, Duration::from_millis(50)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = support::free_port();
+    let mut text =
+        std::fs::read_to_string(config(dir.path(), &server.url(), &db.url())).expect("config");
+    text.push_str(&format!(
+        "\n[serve]\nlisten = \"127.0.0.1:{port}\"\nsink = \"pg\"\nretry = \"200ms\"\n"
+    ));
+    let config = write_file(dir.path(), "serve.toml", &text);
+    let bridge = Bridge::spawn(&config);
+    bridge
+        .wait_log("serve listening", Duration::from_secs(30), |l| {
+            l.message.contains("serve: listening on http://")
+        })
+        .await;
+    assert!(support::wait_for(Duration::from_secs(60), || db.count("events.sse") >= 200).await);
+
+    // From the start, resuming after an id, and every event up to the last: stored ones
+    // first, then the ones committed while the client listens (woken by NOTIFY).
+    let url = format!("http://127.0.0.1:{port}/feeds/wiki/events");
+    let read = |response: reqwest::Response, n: usize| async move {
+        let mut parser = Parser::new(Limits::default());
+        let mut ids = Vec::new();
+        let mut items = Vec::new();
+        let mut response = response;
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while ids.len() < n {
+            let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(end, response.chunk()).await else {
+                break;
+            };
+            items.clear();
+            parser.push(&chunk, &mut items).expect("parse");
+            for item in items.drain(..) {
+                if let Item::Event(e) = item {
+                    ids.push(e.id.to_string());
+                }
+            }
+        }
+        ids
+    };
+    let client = reqwest::Client::new();
+    let all = read(client.get(&url).send().await.expect("GET"), TOTAL as usize).await;
+    assert_eq!(
+        all,
+        (1..=TOTAL).map(|n| n.to_string()).collect::<Vec<_>>(),
+        "every event once, in order, stored and live"
+    );
+    let resumed = client
+        .get(&url)
+        .header("Last-Event-ID", "1500")
+        .send()
+        .await
+        .expect("GET");
+    let rest = read(resumed, 500).await;
+    assert_eq!(
+        rest,
+        (1501..=TOTAL).map(|n| n.to_string()).collect::<Vec<_>>()
+    );
+    let unknown = client
+        .get(format!("http://127.0.0.1:{port}/feeds/nope/events"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(unknown.status().as_u16(), 404);
+    let (status, _) = bridge.terminate(Duration::from_secs(30)).await;
+    assert!(status.success());
+}

@@ -128,7 +128,7 @@ pub(super) fn validate(cfg: &Config, config_file: Option<&Path>) -> Vec<ConfigIs
         let sqlite_sinks: Vec<&str> = cfg
             .sink
             .iter()
-            .filter(|(_, s)| matches!(s, SinkConfig::Sqlite(_)))
+            .filter(|(_, s)| matches!(s, SinkConfig::Sqlite(_) | SinkConfig::Postgres(_)))
             .map(|(n, _)| n.as_str())
             .collect();
         for (key, message) in serve.validate(Some(&sqlite_sinks)) {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use globset::GlobMatcher;
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use super::db::{read_rows, DbError, Frame, FIRST_PAGE_BYTES, PAGE_BYTES};
+use super::db::{DbError, Frame, FIRST_PAGE_BYTES, PAGE_BYTES};
 use super::stats::FeedCounters;
 use super::Shared;
 use crate::http_server::Hangup;
@@ -410,17 +410,14 @@ async fn stream_to(
         let mut took_end = shared.published.load(Ordering::Acquire);
         let mut live = shared.live.subscribe();
         loop {
-            let f = feed.clone();
+            let max = if first_page {
+                FIRST_PAGE_BYTES
+            } else {
+                PAGE_BYTES
+            };
             let page = shared
-                .pool
-                .with(first_page, move |c| {
-                    let max = if first_page {
-                        FIRST_PAGE_BYTES
-                    } else {
-                        PAGE_BYTES
-                    };
-                    read_rows(c, Some(&f), cursor, max)
-                })
+                .store
+                .page(first_page, Some(feed.clone()), cursor, max)
                 .await;
             first_page = false;
             let page = match page {

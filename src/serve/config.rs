@@ -33,8 +33,8 @@ pub struct ServeConfig {
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// (`[serve]` only) The `sqlite` sink whose database is served. May be left out when
-    /// there is exactly one `sqlite` sink.
+    /// (`[serve]` only) The `sqlite` or `postgres` sink whose events are served. May be left
+    /// out when there is exactly one such sink.
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink: Option<String>,
@@ -201,21 +201,21 @@ impl ServeConfig {
                 (Some(name), _) if !sinks.contains(&name.as_str()) => issue(
                     "sink",
                     format!(
-                        "`{name}` is not a sqlite sink; serve reads a sqlite sink's database \
-                         (sqlite sinks: {})",
+                        "`{name}` is not a sqlite or postgres sink; serve reads what one of \
+                         those stores (such sinks: {})",
                         list(sinks)
                     ),
                 ),
                 (None, []) => issue(
                     "sink",
-                    "serve reads a sqlite sink's database, and there is none: add a \
-                     `type = \"sqlite\"` sink"
+                    "serve reads what a sqlite or postgres sink stores, and there is none: \
+                     add a `type = \"sqlite\"` or `type = \"postgres\"` sink"
                         .into(),
                 ),
                 (None, [_, _, ..]) => issue(
                     "sink",
                     format!(
-                        "there are several sqlite sinks ({}); name the one to serve",
+                        "there are several sqlite and postgres sinks ({}); name the one to serve",
                         list(sinks)
                     ),
                 ),
@@ -250,10 +250,16 @@ fn list(names: &[&str]) -> String {
 /// `sse-bridge serve` arguments: the database, then the same settings as `[serve]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// The SQLite database written by a `sqlite` sink (or the state database it shares). It
-    /// is opened read-only and must already exist.
+    /// The SQLite database written by a `sqlite` sink (or the state database it shares),
+    /// opened read-only, which must already exist; or a PostgreSQL database written by a
+    /// `postgres` sink, `postgresql://USER@HOST/DB` (its table named by --table; the
+    /// password from `PGPASSWORD`, never on the command line).
     #[arg(value_name = "DATABASE")]
     pub database: PathBuf,
+
+    /// The table of a PostgreSQL database.
+    #[arg(long, value_name = "NAME", default_value = "sse_events")]
+    pub table: String,
 
     /// A feed that may be asked for before it has stored events (repeatable). Feeds with
     /// stored events are always served; any other name is answered 404.
@@ -262,6 +268,34 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub config: ServeConfig,
+}
+
+impl ServeArgs {
+    /// Where the events are: the file, or the PostgreSQL URL and --table.
+    pub fn source(&self) -> anyhow::Result<super::EventSource> {
+        let Some(url) = self
+            .database
+            .to_str()
+            .filter(|u| crate::replay::postgres::is_postgres_url(u))
+        else {
+            return Ok(super::EventSource::Sqlite(self.database.clone()));
+        };
+        if let Some(problem) = crate::sink::postgres::config::table_problem(&self.table) {
+            anyhow::bail!("--table: {problem}");
+        }
+        let mut connection: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("not a PostgreSQL connection URL: {e}"))?;
+        if connection.get_password().is_none() {
+            if let Ok(password) = std::env::var("PGPASSWORD") {
+                connection.password(password);
+            }
+        }
+        Ok(super::EventSource::Postgres {
+            connection: Box::new(connection),
+            table: self.table.clone(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -317,7 +351,7 @@ mod tests {
         let named: ServeConfig = toml::from_str("sink = \"nope\"").unwrap();
         assert!(named.validate(Some(&["db"]))[0]
             .1
-            .contains("not a sqlite sink"));
+            .contains("not a sqlite or postgres sink"));
         assert!(ServeConfig::default().validate(Some(&[]))[0]
             .1
             .contains("there is none"));

@@ -15,7 +15,7 @@ use crate::sse::encode::encode_sse;
 use crate::store::sqlite::{self as store, open_read_only as open_event_db};
 
 /// Rows per database page.
-const PAGE: usize = 500;
+pub(super) const PAGE: usize = 500;
 
 /// A page read from the database stops once it holds this many bytes of rendered frames (and
 /// always holds at least one row): what a client catching up holds besides its queue.
@@ -25,7 +25,7 @@ pub const PAGE_BYTES: usize = 64 * 1024;
 pub(super) const FIRST_PAGE_BYTES: usize = 8 * 1024;
 
 /// The poller's pages may be larger: it reads once for every client.
-const POLL_PAGE_BYTES: usize = 1024 * 1024;
+pub(super) const POLL_PAGE_BYTES: usize = 1024 * 1024;
 
 /// Read-only database connections shared by all clients (each holds up to three descriptors,
 /// the database and its `-wal` and `-shm`, and a page cache).
@@ -79,6 +79,121 @@ pub(super) enum DbError {
     Closed,
     #[error("a database read failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Pg(String),
+    #[error("the events table does not exist yet")]
+    NoTable,
+}
+
+/// Where `serve` reads stored events: a `sqlite` sink's database, or a `postgres` sink's table.
+#[derive(Debug, Clone)]
+pub enum EventSource {
+    Sqlite(PathBuf),
+    Postgres {
+        /// Boxed: the driver's settings are large, and sources are few.
+        connection: Box<tokio_postgres::Config>,
+        table: String,
+    },
+}
+
+impl EventSource {
+    /// What log lines call it (never a password).
+    pub fn shown(&self) -> String {
+        match self {
+            EventSource::Sqlite(path) => path.display().to_string(),
+            EventSource::Postgres { connection, table } => format!(
+                "{} table {table}",
+                crate::sink::postgres::config::shown(connection)
+            ),
+        }
+    }
+}
+
+/// The store the handlers, the clients and the poller read.
+pub(super) enum Store {
+    Sqlite(Arc<Pool>),
+    Postgres(Arc<super::pg::PgPool>),
+}
+
+impl Store {
+    pub(super) fn open(source: &EventSource) -> Result<Store, String> {
+        Ok(match source {
+            EventSource::Sqlite(path) => Store::Sqlite(Arc::new(Pool::new(path.clone()))),
+            EventSource::Postgres { connection, table } => Store::Postgres(Arc::new(
+                super::pg::PgPool::new((**connection).clone(), table.clone())?,
+            )),
+        })
+    }
+
+    /// A page of `feed` (or of every feed) after `after`; `first`: a client's first read.
+    pub(super) async fn page(
+        &self,
+        first: bool,
+        feed: Option<Arc<str>>,
+        after: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<Row>, DbError> {
+        match self {
+            Store::Sqlite(pool) => {
+                pool.with(first, move |c| {
+                    read_rows(c, feed.as_deref(), after, max_bytes)
+                })
+                .await
+            }
+            Store::Postgres(pool) => pool.page(first, feed.as_deref(), after, max_bytes).await,
+        }
+    }
+
+    /// Whether `feed` is known (configured, or stored) and where a resume after `resume`
+    /// continues.
+    pub(super) async fn lookup(
+        &self,
+        feed: String,
+        configured: bool,
+        resume: Option<String>,
+    ) -> Result<(bool, Option<i64>), DbError> {
+        match self {
+            Store::Sqlite(pool) => {
+                pool.with(true, move |conn| {
+                    let known = configured || feed_has_events(conn, &feed)?;
+                    let pos = match (&resume, known) {
+                        (Some(id), true) => resume_pos(conn, &feed, id)?,
+                        _ => None,
+                    };
+                    Ok((known, pos))
+                })
+                .await
+            }
+            Store::Postgres(pool) => pool.lookup(&feed, configured, resume.as_deref()).await,
+        }
+    }
+
+    /// Where the log ends now.
+    pub(super) async fn last_pos(&self) -> Result<i64, DbError> {
+        match self {
+            Store::Sqlite(pool) => pool.with(true, |c| Ok(store::last_pos(c)?)).await,
+            Store::Postgres(pool) => pool.last_pos().await,
+        }
+    }
+}
+
+/// Publishes rows to every live client, in order; the last `pos` published.
+pub(super) fn publish(shared: &Shared, page: Vec<Row>) -> Option<i64> {
+    let mut last = None;
+    for row in page {
+        last = Some(row.pos);
+        let len = row.bytes.len() as u64;
+        let end = shared.published.fetch_add(len, Ordering::AcqRel) + len;
+        // No receiver is fine: nobody is live right now.
+        let _ = shared.live.send(Arc::new(Frame {
+            pos: row.pos,
+            feed: Arc::from(row.feed),
+            event_type: row.event_type,
+            bytes: row.bytes,
+            end,
+        }));
+    }
+    last
 }
 
 /// Rows after `after` (of `feed`, or of every feed), rendered, in `pos` order: at most
@@ -158,8 +273,7 @@ impl Pool {
 }
 
 /// Reads new rows and publishes them until shutdown.
-pub(super) fn poll_loop(shared: Shared, mut last: i64) {
-    let path = shared.options.database.clone();
+pub(super) fn poll_loop(shared: Shared, path: PathBuf, mut last: i64) {
     let mut conn: Option<Connection> = None;
     let mut failing = false;
     while !shared.shutdown.is_cancelled() {
@@ -184,18 +298,8 @@ pub(super) fn poll_loop(shared: Shared, mut last: i64) {
                         }
                         let full = page.len() >= PAGE;
                         let bytes: usize = page.iter().map(|r| r.bytes.len()).sum();
-                        for row in page {
-                            last = row.pos;
-                            let len = row.bytes.len() as u64;
-                            let end = shared.published.fetch_add(len, Ordering::AcqRel) + len;
-                            // No receiver is fine: nobody is live right now.
-                            let _ = shared.live.send(Arc::new(Frame {
-                                pos: row.pos,
-                                feed: Arc::from(row.feed),
-                                event_type: row.event_type,
-                                bytes: row.bytes,
-                                end,
-                            }));
+                        if let Some(l) = publish(&shared, page) {
+                            last = l;
                         }
                         if !full && bytes < POLL_PAGE_BYTES {
                             break;

@@ -52,11 +52,11 @@ mod client;
 pub mod config;
 pub mod cors;
 mod db;
+mod pg;
 pub mod stats;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -73,16 +73,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use self::config::{ServeArgs, ServeConfig};
-pub use self::db::{served_id, PAGE_BYTES, POOL};
+pub use self::db::{served_id, EventSource, PAGE_BYTES, POOL};
 pub use self::stats::{ServeCollector, ServeStats};
 
 use self::access::{Access, Verdict};
 use self::client::{open_stream, Client};
 use self::cors::Cors;
-use self::db::{Frame, Pool};
+use self::db::{Frame, Store};
 use self::stats::Refusal;
 use crate::http_server::Hangup;
-use crate::store::sqlite::{self as store, open_read_only as open_event_db};
+use crate::store::sqlite::open_read_only as open_event_db;
 
 /// Bytes of a response hyper buffers in front of a client's socket.
 pub const SOCKET_BUF_BYTES: usize = 64 * 1024;
@@ -104,7 +104,7 @@ const MAX_TYPE_PATTERN: usize = 1024;
 /// Settings of a running server.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub database: PathBuf,
+    pub source: EventSource,
     pub heartbeat: Duration,
     pub retry: Duration,
     pub poll_interval: Duration,
@@ -119,9 +119,9 @@ pub struct ServeOptions {
 }
 
 impl ServeOptions {
-    pub fn new(database: &Path, c: &ServeConfig) -> ServeOptions {
+    pub fn new(source: &EventSource, c: &ServeConfig) -> ServeOptions {
         ServeOptions {
-            database: database.to_path_buf(),
+            source: source.clone(),
             heartbeat: c.heartbeat,
             retry: c.retry,
             poll_interval: c.poll_interval,
@@ -163,7 +163,7 @@ struct Shared {
     published: Arc<AtomicU64>,
     /// Bytes queued for all clients.
     queued: Arc<AtomicUsize>,
-    pool: Arc<Pool>,
+    store: Arc<Store>,
     shutdown: CancellationToken,
     access: Arc<Access>,
     cors: Arc<Cors>,
@@ -211,7 +211,7 @@ impl ServeHandle {
 /// descriptors are kept for the rest of the process. `own_metrics`: answer `/metrics` with
 /// serve's counters (the standalone command; under `run` the admin endpoint shows them).
 pub async fn start(
-    database: &Path,
+    source: EventSource,
     config: &ServeConfig,
     known_feeds: impl IntoIterator<Item = String>,
     fd_reserve: u64,
@@ -247,7 +247,7 @@ pub async fn start(
             "serve listens beyond this machine without TLS: tokens cross the network in clear text (set tls_cert and tls_key, or put a TLS proxy in front)"
         );
     }
-    let mut options = ServeOptions::new(database, config);
+    let mut options = ServeOptions::new(&source, config);
     // Every client holds a socket: never accept more clients than there are descriptors for.
     let limit = crate::open_files::soft_limit();
     let reserve = fd_reserve + FD_RESERVE + 3 * POOL as u64;
@@ -264,14 +264,12 @@ pub async fn start(
         .await
         .with_context(|| format!("serve: cannot listen on {} (`listen`)", config.listen))?;
     let addr = listener.local_addr()?;
+    let store = Store::open(&source).map_err(|e| anyhow::anyhow!("serve: {e}"))?;
     // Where the log ends now: the poller publishes what comes after.
-    let db = options.database.clone();
-    let end = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-        let conn = open_event_db(&db)?;
-        store::last_pos(&conn)
-            .with_context(|| format!("{}: cannot read the events table", db.display()))
-    })
-    .await??;
+    let end = store
+        .last_pos()
+        .await
+        .with_context(|| format!("serve: cannot read the events of {}", source.shown()))?;
     let access = Arc::new(access);
     let feeds = Arc::new(KnownFeeds::default());
     feeds.set(known_feeds);
@@ -279,7 +277,7 @@ pub async fn start(
     let stop = CancellationToken::new();
     let (live, _) = broadcast::channel(options.max_lag.max(16));
     let shared = Shared {
-        pool: Arc::new(Pool::new(options.database.clone())),
+        store: Arc::new(store),
         options: Arc::new(options),
         live,
         published: Arc::default(),
@@ -292,16 +290,26 @@ pub async fn start(
         refusals: Arc::new(LogBudget::new(REFUSALS_LOGGED)),
         connections: Arc::new(LogBudget::new(CONNECTIONS_LOGGED)),
     };
-    let poller = {
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("serve-poller".into())
-            .spawn(move || db::poll_loop(shared, end))
-            .context("serve: cannot start the poller thread")?
+    let poller = match (&source, &*shared.store) {
+        (EventSource::Sqlite(path), _) => {
+            let (shared, path) = (shared.clone(), path.clone());
+            Poller::Thread(
+                std::thread::Builder::new()
+                    .name("serve-poller".into())
+                    .spawn(move || db::poll_loop(shared, path, end))
+                    .context("serve: cannot start the poller thread")?,
+            )
+        }
+        (_, Store::Postgres(pool)) => {
+            Poller::Task(tokio::spawn(pg::tail(shared.clone(), pool.clone(), end)))
+        }
+        (_, Store::Sqlite(_)) => {
+            anyhow::bail!("serve: internal error: the store is not the source")
+        }
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
-        database = %database.display(),
+        database = %source.shown(),
         max_clients = shared.options.max_clients,
         tokens = shared.access.requires_token(),
         cors_origins = config.cors_origins.len(),
@@ -325,7 +333,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     own_metrics: bool,
-    poller: std::thread::JoinHandle<()>,
+    poller: Poller,
 ) -> anyhow::Result<()> {
     let options = shared.options.clone();
     let limits = crate::http_server::Limits {
@@ -352,8 +360,21 @@ async fn serve(
         .with_state(shared);
     crate::http_server::run(listener, app, limits, move || max_clients, shutdown.clone()).await;
     shutdown.cancel();
-    let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+    match poller {
+        Poller::Thread(t) => {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        Poller::Task(t) => {
+            let _ = t.await;
+        }
+    }
     Ok(())
+}
+
+/// What publishes new rows: a thread for SQLite, a task for PostgreSQL.
+enum Poller {
+    Thread(std::thread::JoinHandle<()>),
+    Task(JoinHandle<()>),
 }
 
 /// Answers preflights, refuses origins that are not allowed, names allowed ones on every
@@ -617,23 +638,14 @@ async fn events(
     };
     let resume = header_id.or(query_id).filter(|s| !s.is_empty());
 
-    let lookup_feed = feed.clone();
-    let lookup_id = resume.clone();
     let configured = shared.feeds.contains(&feed);
     let found = shared
-        .pool
-        .with(true, move |conn| {
-            let known = configured || db::feed_has_events(conn, &lookup_feed)?;
-            let pos = match (&lookup_id, known) {
-                (Some(id), true) => db::resume_pos(conn, &lookup_feed, id)?,
-                _ => None,
-            };
-            Ok((known, pos))
-        })
+        .store
+        .lookup(feed.clone(), configured, resume.clone())
         .await;
     let cursor = match (found, &resume) {
         (Err(e), _) => {
-            tracing::error!(database = %shared.options.database.display(), "{e}");
+            tracing::error!(database = %shared.options.source.shown(), "{e}");
             return plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the event database cannot be read\n".to_string(),
@@ -679,6 +691,7 @@ async fn events(
 
 /// `sse-bridge serve`: serves until SIGTERM or SIGINT; SIGHUP re-reads the token file.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let source = args.source()?;
     // Settings errors name the flag, as the user wrote it.
     if let Some((key, message)) = args.config.validate(None).first() {
         let key = key.split('[').next().unwrap_or(key);
@@ -689,7 +702,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--{flag}: {message}");
     }
     // Fail early, with the file named, if the database is not usable.
-    open_event_db(Path::new(&args.database))?;
+    if let EventSource::Sqlite(path) = &source {
+        open_event_db(path)?;
+    }
     // Every client holds a socket: raise the soft limit as `run` does.
     crate::open_files::raise_to_hard_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -701,7 +716,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
-        let handle = start(&args.database, &args.config, args.feeds.clone(), 0, true).await?;
+        let handle = start(source, &args.config, args.feeds.clone(), 0, true).await?;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
