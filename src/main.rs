@@ -255,10 +255,11 @@ enum Command {
 
     /// Serve stored events as Server-Sent Events, live, to browsers and other clients.
     ///
-    /// Opens an SQLite database written by a `sqlite` sink (read-only) and answers
+    /// Opens an SQLite database written by a `sqlite` sink (read-only), or the table of a
+    /// `postgres` sink (`postgresql://USER@HOST/DB`, --table), and answers
     /// `GET /feeds/FEED/events` with a `text/event-stream` of the feed's stored events, then
     /// the new ones as they are stored (by a bridge in another process, or any writer of the
-    /// same database). `?type=GLOB` keeps only matching event types. The same server runs
+    /// same database; from PostgreSQL, woken by the sink's NOTIFY). `?type=GLOB` keeps only matching event types. The same server runs
     /// inside `run` when the config has a `[serve]` section, with the same settings as keys.
     ///
     /// Each event carries its original id; an event stored without one carries `@POS`. A
