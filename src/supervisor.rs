@@ -249,12 +249,13 @@ impl Supervisor {
         let feed = Arc::new(feed);
         // The lowest of the sinks' own cursors: where the stored data of some sink ends, when
         // that is behind the checkpoint (a file that lost an unsynced tail).
+        // Asked when the sinks started, so used for the feed's first start only (taken out):
+        // a feed restarted later by a reload resumes from its checkpoint.
         let lowest = self
             .sinks
-            .iter()
-            .filter_map(|(sink, s)| Some((sink, s.cursors.get(&feed.name)?)))
-            .min_by_key(|(_, c)| c.seq)
-            .map(|(sink, c)| (sink.clone(), c.clone()));
+            .iter_mut()
+            .filter_map(|(sink, s)| Some((sink.clone(), s.cursors.remove(&feed.name)?)))
+            .min_by_key(|(_, c)| c.seq);
         let start = start_position(&self.state, &feed, lowest).await?;
         let tracker = Arc::new(FeedTracker::for_feed(&feed.name, &feed.url, start.clone()));
         let status = StatusHandle::new();

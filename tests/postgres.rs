@@ -273,3 +273,60 @@ async fn serve_streams_a_postgres_table_with_resume_and_a_live_tail() {
     let (status, _) = bridge.terminate(Duration::from_secs(30)).await;
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_connection_mid_stream_loses_nothing_and_stores_nothing_twice() {
+    let Some(db) = postgres::TestDb::create("terminate") else {
+        return;
+    };
+    const TOTAL: u64 = 30_000;
+    // 300 events every 20 ms: about 2 s of stream, during which the sink's backend is
+    // terminated three times.
+    let server = Server::log(TOTAL, 300, Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), &server.url(), &db.url());
+    let bridge = Bridge::spawn(&config);
+    let mut terminated = 0;
+    for at in [3_000u64, 10_000, 18_000] {
+        assert!(
+            support::wait_for(Duration::from_secs(60), || db.count("events.sse") >= at).await,
+            "{}",
+            bridge.log_text()
+        );
+        let killed = postgres::query(
+            "postgres",
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = '{}' AND application_name = 'sse-bridge'",
+                db.name
+            ),
+        );
+        terminated += killed[0][0]
+            .as_deref()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    assert!(
+        terminated >= 3,
+        "the sink's connection was terminated {terminated} times"
+    );
+    assert!(
+        support::wait_for(Duration::from_secs(120), || db.count("events.sse") >= TOTAL).await,
+        "{}",
+        bridge.log_text()
+    );
+    let (status, logs) = bridge.terminate(Duration::from_secs(60)).await;
+    assert!(status.success());
+    assert_eq!(
+        db.column(
+            "SELECT count(*) || ' ' || count(DISTINCT seq) || ' ' || max(seq) FROM events.sse"
+        ),
+        [format!("{TOTAL} {TOTAL} {TOTAL}")]
+    );
+    // The feed went on: the failures were the sink's, retried on a new connection.
+    assert!(
+        logs.iter().any(|l| l.message.contains("sink recovered")),
+        "{}",
+        logs.iter().map(|l| l.show()).collect::<Vec<_>>().join("\n")
+    );
+}

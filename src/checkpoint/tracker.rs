@@ -67,8 +67,10 @@ pub struct FeedTracker {
     /// The feed's name and URL: the key of its checkpoint (empty for an anonymous tracker).
     feed: Arc<str>,
     url: Arc<str>,
-    /// The `seq` this run of the feed resumed after (0: from the beginning).
+    /// The `seq` this run of the feed resumed after (0: from the beginning), and that event's
+    /// id (the Last-Event-ID it resumed with).
     start_seq: u64,
+    start_id: Arc<str>,
     inner: Mutex<Inner>,
 }
 
@@ -85,6 +87,7 @@ impl FeedTracker {
             feed: Arc::from(feed),
             url: Arc::from(url),
             start_seq: start.seq,
+            start_id: start.last_event_id.clone(),
             inner: Mutex::new(Inner {
                 pending: VecDeque::new(),
                 front_seq: start.seq + 1,
@@ -108,6 +111,11 @@ impl FeedTracker {
     /// `start_seq + 1` (0: the feed started from the beginning, with nothing to resume).
     pub fn start_seq(&self) -> u64 {
         self.start_seq
+    }
+
+    /// The id of the event this run resumed after (the Last-Event-ID it resumed with).
+    pub fn start_id(&self) -> &str {
+        &self.start_id
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -118,7 +118,14 @@ impl PgPool {
                 self.give_back(client);
                 Ok(v)
             }
-            Err(e) => Err(self.error(&e)),
+            Err(e) => {
+                let e = self.error(&e);
+                // A missing table is an answer, not a broken connection.
+                if matches!(e, DbError::NoTable) {
+                    self.give_back(client);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -321,6 +328,11 @@ pub(super) async fn tail(shared: Shared, pool: Arc<PgPool>, mut last: i64) {
                 _ = tokio::time::sleep(SAFETY_POLL) => {}
                 _ = shared.shutdown.cancelled() => {}
             }
+        }
+        // The listening connection broke: a floor before the next one.
+        tokio::select! {
+            _ = tokio::time::sleep(SAFETY_POLL) => {}
+            _ = shared.shutdown.cancelled() => {}
         }
     }
 }

@@ -344,13 +344,15 @@ pub trait Sink: Send {
         Ok(None)
     }
 
-    /// A run of `feed` (from `url`) starts: its events are numbered from `start_seq + 1`, and
-    /// those up to what the sink already holds are re-fetched copies (ARCHITECTURE.md §4). A
-    /// sink that drops them uses this to know where the re-fetched part starts (0: the feed
-    /// starts from the beginning, nothing is a copy). Called by the runner before the first
-    /// write holding events of that run.
-    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64) {
-        let _ = (feed, url, start_seq);
+    /// A run of `feed` (from `url`) starts after the event (`start_seq`, `start_id`): its
+    /// events are numbered from `start_seq + 1`, and those up to what the sink already holds
+    /// are re-fetched copies (ARCHITECTURE.md §4). A sink that drops them uses this to know
+    /// where the re-fetched part starts, and checks that what it holds continues this
+    /// numbering: it must hold `start_id` at `start_seq` (a reset checkpoint, a new URL or a
+    /// stream without ids never opens a window). Called by the runner before the first write
+    /// holding events of that run.
+    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64, start_id: &str) {
+        let _ = (feed, url, start_seq, start_id);
     }
 
     /// Makes everything written so far durable; called at shutdown.

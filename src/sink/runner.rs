@@ -398,7 +398,12 @@ fn announce_run(sink: &mut dyn Sink, runs: &mut Vec<Arc<FeedTracker>>, tracker: 
         Some(known) => *known = tracker.clone(),
         None => runs.push(tracker.clone()),
     }
-    sink.feed_started(tracker.feed(), tracker.url(), tracker.start_seq());
+    sink.feed_started(
+        tracker.feed(),
+        tracker.url(),
+        tracker.start_seq(),
+        tracker.start_id(),
+    );
 }
 
 /// For each feed in the first `upto` events of the batch (the envelopes' events, in order), the

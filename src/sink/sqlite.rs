@@ -138,6 +138,8 @@ pub struct SqliteSink {
     co_located: bool,
     options: WriteOptions,
     duplicates: Arc<super::DuplicateCounter>,
+    /// `synchronous = "normal"`: a power loss can undo the last commits.
+    can_lose_commits: bool,
 }
 
 impl SqliteSink {
@@ -212,6 +214,7 @@ impl SqliteSink {
                 checkpoints: co_located,
             },
             duplicates: Arc::default(),
+            can_lose_commits: c.synchronous == Synchronous::Normal,
         })
     }
 
@@ -323,7 +326,7 @@ impl super::Sink for SqliteSink {
     /// transaction as they do. In the state database the checkpoint commits with the events
     /// and is never ahead of them.
     fn cursor(&mut self, feed: &str) -> Result<Option<super::Cursor>, SinkError> {
-        if self.co_located {
+        if self.co_located || !self.can_lose_commits {
             return Ok(None);
         }
         let last = store::last_of_feed(&self.conn, feed)

@@ -21,15 +21,22 @@
 //! Floors are per series, not per feed, because one batch writes several files one after the
 //! other: a crash can leave a later event in one file and an earlier one missing from another.
 //!
+//! The files must continue the feed's numbering: they must hold the event the feed resumes
+//! after (`start_seq` with `start_id`), and only series whose last line was received after it
+//! count. A checkpoint that was reset, a stream without ids, or files left from another
+//! numbering open no window: nothing is dropped then.
+//!
 //! With `fsync = "never"` or `"interval"` the files can also lose an acknowledged tail (a
 //! power loss): then the checkpoint is ahead of what survived, and [`FileSink::feed_cursor`]
-//! tells the supervisor to resume from the lowest series floor instead (see
+//! tells the supervisor to resume from the highest event the files hold instead (see
 //! [`crate::sink::Sink::cursor`]).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 
 use super::{FileSink, SinkError};
 use crate::event::Event;
@@ -45,6 +52,9 @@ pub(super) struct Floor {
     pub(super) seq: u64,
     pub(super) id: Arc<str>,
 }
+
+/// Per series key: its floor and when that event was received.
+type SeriesFloors = HashMap<String, (Floor, DateTime<Utc>)>;
 
 /// A feed inside its re-fetched window.
 #[derive(Debug)]
@@ -79,7 +89,25 @@ pub(super) struct Filtered {
 
 /// The feed's lines at the end of `file`: the last complete line whose feed is `feed`,
 /// decoded, if one is found within [`SCAN_BUDGET`] bytes of the end.
+#[cfg(test)]
 fn last_event_of(file: &File, feed: &str) -> std::io::Result<Option<Event>> {
+    Ok(scan_feed(file, feed, None)?.0)
+}
+
+/// Reads `file` back from its end: the last complete line of `feed`, and, with `anchor`, the
+/// line of `feed` at that `seq` (the scan goes on until a line of the feed at or below it),
+/// all within [`SCAN_BUDGET`] bytes of the end.
+fn scan_feed(
+    file: &File,
+    feed: &str,
+    anchor: Option<u64>,
+) -> std::io::Result<(Option<Event>, Option<Event>)> {
+    let mut last: Option<Event> = None;
+    let mut found: Option<Event> = None;
+    let done = |last: &Option<Event>, found: &Option<Event>, seq: Option<u64>| match anchor {
+        None => last.is_some(),
+        Some(a) => found.is_some() || seq.is_some_and(|s| s <= a),
+    };
     use std::os::unix::fs::FileExt;
     let len = file.metadata()?.len();
     // Lines of this feed start with this (the encoder writes `feed` first).
@@ -132,19 +160,28 @@ fn last_event_of(file: &File, feed: &str) -> std::io::Result<Option<Event>> {
                     .and_then(|l| crate::store::jsonl::decode(l).map_err(|_| ()))
                 {
                     if &*event.feed == feed {
-                        return Ok(Some(event));
+                        let seq = event.seq;
+                        if anchor == Some(seq) && found.is_none() {
+                            found = Some(event.clone());
+                        }
+                        if last.is_none() {
+                            last = Some(event);
+                        }
+                        if done(&last, &found, Some(seq)) {
+                            return Ok((last, found));
+                        }
                     }
                 }
             }
             if line_start == 0 {
-                return Ok(None);
+                return Ok((last, found));
             }
             lines_end = line_start;
         }
         carry = text[..lines_end].to_vec();
         end = begin;
     }
-    Ok(None)
+    Ok((last, found))
 }
 
 /// Regular files down to `depth` directory levels below `dir`, never through a symbolic link.
@@ -166,13 +203,19 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
 }
 
 impl FileSink {
-    /// Per series, the last event of `feed` its files hold: read from the end of every
-    /// uncompressed file the template can have rendered.
-    fn stored_floors(&mut self, feed: &str) -> Result<HashMap<String, Floor>, SinkError> {
+    /// Per series, the last event of `feed` its files hold (with when it was received): read
+    /// from the end of every uncompressed file the template can have rendered. With `anchor`,
+    /// also the line of the feed at that `seq`, if some file holds it.
+    fn stored_floors(
+        &mut self,
+        feed: &str,
+        anchor: Option<u64>,
+    ) -> Result<(SeriesFloors, Option<Event>), SinkError> {
         let mut files = Vec::new();
         let depth = self.template.components.len().saturating_sub(1);
         walk(&self.template.base, depth, &mut files);
-        let mut floors: HashMap<String, Floor> = HashMap::new();
+        let mut floors: SeriesFloors = HashMap::new();
+        let mut anchored: Option<Event> = None;
         for path in files {
             let shown = path.display().to_string();
             if shown.ends_with(".gz") || shown.ends_with(".zst") || shown.ends_with(".tmp") {
@@ -184,58 +227,88 @@ impl FileSink {
             let Ok(file) = super::writer::open_existing(&path, false) else {
                 continue;
             };
-            let event = last_event_of(&file, feed)
+            let wanted = anchor.filter(|_| anchored.is_none());
+            let (event, at_anchor) = scan_feed(&file, feed, wanted)
                 .map_err(|e| self.io(format!("cannot read {shown}"), e))?;
+            if anchored.is_none() {
+                anchored = at_anchor;
+            }
             let Some(event) = event else { continue };
             let Ok(series) = self.template.series(feed, &event.event_type) else {
                 continue;
             };
+            // A line in a file that is not one of its series' files is another sink's, or an
+            // older layout's: not this sink's floor.
+            let in_series = path.parent() == Some(series.dir.as_path())
+                || (series.dir == Path::new(".")
+                    && path
+                        .parent()
+                        .is_some_and(|p| p == Path::new("") || p == Path::new(".")));
+            let named = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| super::rotation::Members::classify(&series, n).is_some());
+            if !in_series || !named {
+                continue;
+            }
             let floor = Floor {
                 seq: event.seq,
                 id: event.id.clone(),
             };
             match floors.get(&series.key) {
-                Some(known) if known.seq >= floor.seq => {}
+                Some((known, _)) if known.seq >= floor.seq => {}
                 _ => {
-                    floors.insert(series.key, floor);
+                    floors.insert(series.key, (floor, event.received_at));
                 }
             }
         }
-        Ok(floors)
+        Ok((floors, anchored))
     }
 
-    /// The lowest series floor of `feed`, when its files can have lost an acknowledged tail
-    /// (`fsync` other than `always`): where the feed must resume so that nothing is missing.
+    /// The highest event of `feed` the files hold, when they can have lost an acknowledged
+    /// tail (`fsync` other than `always`): the supervisor resumes the feed from it when it is
+    /// behind the checkpoint. The highest, not the lowest of the series: a type not written for
+    /// a long time must not pull the feed back to it.
     pub(super) fn feed_cursor(&mut self, feed: &str) -> Result<Option<Cursor>, SinkError> {
         if self.policy == super::FsyncPolicy::Always {
             return Ok(None);
         }
-        let floors = self.stored_floors(feed)?;
-        Ok(floors.into_values().min_by_key(|f| f.seq).map(|f| Cursor {
-            seq: f.seq,
-            id: f.id,
-        }))
+        let (floors, _) = self.stored_floors(feed, None)?;
+        Ok(floors
+            .into_values()
+            .max_by_key(|(f, _)| f.seq)
+            .map(|(f, _)| Cursor {
+                seq: f.seq,
+                id: f.id,
+            }))
     }
 
-    /// A run of `feed` starts after `start_seq`: the events up to what the files hold are
-    /// copies.
-    pub(super) fn start_window(&mut self, feed: &str, url: &str, start_seq: u64) {
+    /// A run of `feed` starts after (`start_seq`, `start_id`): the events up to what the files
+    /// hold are copies, provided the files continue this numbering. They must hold `start_id`
+    /// at `start_seq`; only series whose last line was received after that event count. A
+    /// feed that starts from the beginning, or resumes without an id, opens no window: then
+    /// nothing can tell a copy from a new event, and nothing is dropped.
+    pub(super) fn start_window(&mut self, feed: &str, url: &str, start_seq: u64, start_id: &str) {
         self.windows.remove(feed);
-        if start_seq == 0 {
-            // From the beginning: nothing the files hold can be these events (a checkpoint
-            // that was reset, or lost, must never make the sink drop new events).
+        if start_seq == 0 || start_id.is_empty() {
             return;
         }
-        let floors = match self.stored_floors(feed) {
+        let (floors, anchor) = match self.stored_floors(feed, Some(start_seq)) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(sink = %self.name, feed, "cannot read what the files hold, so re-fetched events may be stored twice: {e}");
                 return;
             }
         };
+        let Some(anchor) = anchor.filter(|a| &*a.id == start_id) else {
+            // The files do not hold the event the feed resumes after: they are not this
+            // numbering (a reset checkpoint, another stream) or it went to other sinks.
+            return;
+        };
         let floors: HashMap<String, Floor> = floors
             .into_iter()
-            .filter(|(_, f)| f.seq > start_seq)
+            .filter(|(_, (f, at))| f.seq > start_seq && *at >= anchor.received_at)
+            .map(|(k, (f, _))| (k, f))
             .collect();
         let Some(end) = floors.values().map(|f| f.seq).max() else {
             return;

@@ -248,8 +248,8 @@ impl super::Sink for FileSink {
         self.feed_cursor(feed)
     }
 
-    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64) {
-        self.start_window(feed, url, start_seq);
+    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64, start_id: &str) {
+        self.start_window(feed, url, start_seq, start_id);
     }
 
     fn counters(&self) -> Option<Arc<dyn super::SinkCounters>> {

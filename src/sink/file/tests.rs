@@ -1353,7 +1353,7 @@ fn re_fetched_events_are_dropped_per_file_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let template = "{feed}/{type}.jsonl";
     let mut sink = sink_in(dir.path(), template, FsyncPolicy::Always);
-    sink.feed_started("f", "http://x/", 0);
+    sink.feed_started("f", "http://x/", 0, "");
     sink.write(&mixed(1..=10)).unwrap();
     // A crash in the middle of a batch: `b` got 11 and 13, `a` did not get 12.
     sink.write(&[event("f", "b", 11, "d11"), event("f", "b", 13, "d13")])
@@ -1362,7 +1362,7 @@ fn re_fetched_events_are_dropped_per_file_after_a_crash() {
 
     // The feed resumes from its checkpoint at 4: 5..=20 come again.
     let mut sink = sink_in(dir.path(), template, FsyncPolicy::Always);
-    sink.feed_started("f", "http://x/", 4);
+    sink.feed_started("f", "http://x/", 4, "id-4");
     for chunk in mixed(5..=20).chunks(3) {
         sink.write(chunk).unwrap();
     }
@@ -1384,7 +1384,7 @@ fn a_feed_started_from_the_beginning_drops_nothing() {
     drop(sink);
     // The checkpoint was reset: the feed starts over with seq 1, and its events are new.
     let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
-    sink.feed_started("f", "http://x/", 0);
+    sink.feed_started("f", "http://x/", 0, "");
     sink.write(&mixed(1..=3)).unwrap();
     assert_eq!(seqs(&dir.path().join("f.jsonl")), [1, 2, 3, 4, 5, 1, 2, 3]);
     assert_eq!(sink.counters.get(), 0);
@@ -1401,7 +1401,7 @@ fn a_server_that_sends_other_events_is_a_gap_and_stops_the_dropping() {
     sink.write(&mixed(1..=6)).unwrap();
     drop(sink);
     let mut sink = FileSink::build_with_state("archive", &cfg, Some(&state)).unwrap();
-    sink.feed_started("f", "http://x/", 3);
+    sink.feed_started("f", "http://x/", 3, "id-3");
     // The server's stream after id-3 is another one: event 6 has another id.
     let other: Vec<Arc<Event>> = (4..=8)
         .map(|n| {
@@ -1441,7 +1441,7 @@ fn a_failed_batch_is_filtered_the_same_way_when_retried() {
     sink.write(&mixed(1..=6)).unwrap();
     drop(sink);
     let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
-    sink.feed_started("f", "http://x/", 2);
+    sink.feed_started("f", "http://x/", 2, "id-2");
     let batch = mixed(3..=9);
     let filtered = sink.filter_stored(&batch).unwrap();
     // Not applied (as if the write failed): the same batch again gives the same answer.
@@ -1459,14 +1459,15 @@ fn only_an_unsynced_file_can_pull_the_feed_back() {
     let dir = tempfile::tempdir().unwrap();
     for (policy, expect) in [
         (FsyncPolicy::Always, None),
-        (FsyncPolicy::Never, Some(5)),
-        (FsyncPolicy::Interval, Some(5)),
+        (FsyncPolicy::Never, Some(6)),
+        (FsyncPolicy::Interval, Some(6)),
     ] {
         let dir = dir.path().join(format!("{policy:?}"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut sink = sink_in(&dir, "{feed}/{type}.jsonl", policy);
         sink.write(&mixed(1..=6)).unwrap();
-        // The lowest of the series: `b` ends at 5, `a` at 6.
+        // The highest of the series (`b` ends at 5, `a` at 6): a type written long ago must
+        // not pull the feed back.
         assert_eq!(
             sink.cursor("f").unwrap().map(|c| c.seq),
             expect,
@@ -1474,4 +1475,46 @@ fn only_an_unsynced_file_can_pull_the_feed_back() {
         );
         assert_eq!(sink.cursor("other").unwrap(), None);
     }
+}
+
+#[test]
+fn files_of_another_numbering_drop_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = "{feed}/{type}.jsonl";
+    let mut sink = sink_in(dir.path(), template, FsyncPolicy::Always);
+    // An earlier numbering, an hour ago: type `x` up to seq 100.
+    let old: Vec<Arc<Event>> = (1..=100)
+        .map(|n| {
+            let mut e = Event::new("f", "x", &format!("old-{n}"), "o", n);
+            e.received_at = Utc::now() - chrono::Duration::hours(1);
+            Arc::new(e)
+        })
+        .collect();
+    sink.write(&old).unwrap();
+    // The checkpoint was reset: a new numbering, type `a`, 1..=5, then a crash.
+    sink.feed_started("f", "http://x/", 0, "");
+    let new: Vec<Arc<Event>> = (1..=5)
+        .map(|n| event("f", "a", n, &format!("n{n}")))
+        .collect();
+    sink.write(&new).unwrap();
+    drop(sink);
+
+    // Resumes after id-3: the `x` file's seq 100 is not this numbering.
+    let mut sink = sink_in(dir.path(), template, FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 3, "id-3");
+    let again: Vec<Arc<Event>> = (4..=10)
+        .map(|n| event("f", if n <= 5 { "a" } else { "x" }, n, "d"))
+        .collect();
+    sink.write(&again).unwrap();
+    assert_eq!(seqs(&dir.path().join("f/a.jsonl")), [1, 2, 3, 4, 5]);
+    let x = seqs(&dir.path().join("f/x.jsonl"));
+    assert_eq!(&x[100..], [6, 7, 8, 9, 10], "the new x events are stored");
+    assert_eq!(sink.counters.get(), 2, "only 4 and 5 were copies");
+
+    // A stream without ids, or a resume point the files do not hold, opens no window.
+    let mut sink = sink_in(dir.path(), template, FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 3, "");
+    assert!(sink.windows.is_empty());
+    sink.feed_started("f", "http://x/", 3, "id-999");
+    assert!(sink.windows.is_empty());
 }

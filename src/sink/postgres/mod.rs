@@ -45,6 +45,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 struct Run {
     url: String,
     start_seq: u64,
+    start_id: String,
 }
 
 /// What a stored batch left out.
@@ -195,12 +196,13 @@ impl super::Sink for PostgresSink {
         self.options
     }
 
-    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64) {
+    fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64, start_id: &str) {
         self.runs.insert(
             Arc::from(feed),
             Run {
                 url: url.to_string(),
                 start_seq,
+                start_id: start_id.to_string(),
             },
         );
     }
@@ -230,6 +232,8 @@ struct Worker {
 /// An open connection with its statements.
 struct Conn {
     client: tokio_postgres::Client,
+    lock: tokio_postgres::Statement,
+    anchor: tokio_postgres::Statement,
     read_cursor: tokio_postgres::Statement,
     write_cursor: tokio_postgres::Statement,
     copy: String,
@@ -256,6 +260,16 @@ impl ToSql for RawJson<'_> {
     }
 
     tokio_postgres::types::to_sql_checked!();
+}
+
+/// `text` as PostgreSQL can store it: a `text` value cannot hold NUL, which a stream may send;
+/// it is stored as U+FFFD (README, "The PostgreSQL sink").
+fn pg_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 /// What an error says, with the server's message, code and detail when there is one.
@@ -341,9 +355,23 @@ impl Worker {
             ))
             .await
             .map_err(|e| describe("cannot prepare the cursor update", &e))?;
+        let lock = client
+            .prepare("SELECT pg_advisory_xact_lock(hashtext('sse-bridge writes ' || $1::text))")
+            .await
+            .map_err(|e| describe("cannot prepare the table lock", &e))?;
+        let anchor = client
+            .prepare(&format!(
+                "SELECT (SELECT max(pos) FROM {t} WHERE feed = $1 AND seq = $2 AND id = $3), \
+                        (SELECT max(pos) FROM {t} WHERE feed = $1 AND seq = $4 AND id = $5)",
+                t = self.table
+            ))
+            .await
+            .map_err(|e| describe("cannot prepare the resume check", &e))?;
         tracing::info!(sink = %self.sink, database = %self.shown, table = %self.table, "connected to PostgreSQL");
         Ok(Conn {
             client,
+            lock,
+            anchor,
             read_cursor,
             write_cursor,
             copy: format!(
@@ -380,22 +408,64 @@ async fn store_batch(
 ) -> Result<Report, tokio_postgres::Error> {
     let mut report = Report::default();
     let tx = conn.client.transaction().await?;
-    // Each feed that resumed after a checkpoint: its cursor, read in this transaction, says
-    // which re-fetched events the table already holds.
+    // One writer per table at a time: a retry waits for an earlier attempt still committing
+    // (its answer lost) instead of reading a cursor that is about to move, and rows commit
+    // in `pos` order, as readers that tail by `pos` need.
+    tx.execute(&conn.lock, &[&table]).await?;
+    // Per feed, the cursor below which the batch's events are already stored, when that is
+    // sure: the batch holds the very event at the cursor (a retry after a lost commit
+    // answer, or a re-fetch), or the feed resumed after an event the table holds before the
+    // cursor (the same numbering continued).
     let mut floors: HashMap<&str, (i64, String)> = HashMap::new();
     for event in &request.events {
         let feed: &str = &event.feed;
         if floors.contains_key(feed) {
             continue;
         }
-        let resumed = request.runs.get(feed).is_some_and(|r| r.start_seq > 0);
-        if !resumed {
-            floors.insert(feed, (-1, String::new()));
+        let none = (-1, String::new());
+        let Some(row) = tx.query_opt(&conn.read_cursor, &[&table, &feed]).await? else {
+            floors.insert(feed, none);
             continue;
-        }
-        let row = tx.query_opt(&conn.read_cursor, &[&table, &feed]).await?;
-        let floor = row.map_or((-1, String::new()), |r| (r.get::<_, i64>(0), r.get(1)));
-        floors.insert(feed, floor);
+        };
+        let cursor: (i64, String) = (row.get(0), row.get(1));
+        let same_feed = request.events.iter().filter(|e| &*e.feed == feed);
+        let holds_cursor = same_feed.clone().any(|e| {
+            i64::try_from(e.seq).ok() == Some(cursor.0) && pg_text(&e.id) == cursor.1.as_str()
+        });
+        let reaches = same_feed
+            .clone()
+            .any(|e| i64::try_from(e.seq).is_ok_and(|s| s <= cursor.0));
+        let continued = match request.runs.get(feed) {
+            Some(run)
+                if reaches && !holds_cursor && run.start_seq > 0 && !run.start_id.is_empty() =>
+            {
+                let start = i64::try_from(run.start_seq).unwrap_or(i64::MAX);
+                let order = tx
+                    .query_one(
+                        &conn.anchor,
+                        &[
+                            &feed,
+                            &start,
+                            &pg_text(&run.start_id).as_ref(),
+                            &cursor.0,
+                            &cursor.1,
+                        ],
+                    )
+                    .await?;
+                let anchor: Option<i64> = order.get(0);
+                let at_cursor: Option<i64> = order.get(1);
+                matches!((anchor, at_cursor), (Some(a), Some(c)) if a < c)
+            }
+            _ => false,
+        };
+        floors.insert(
+            feed,
+            if holds_cursor || continued {
+                cursor
+            } else {
+                none
+            },
+        );
     }
     let mut kept: Vec<&Event> = Vec::with_capacity(request.events.len());
     let mut checked: Vec<&str> = Vec::new();
@@ -409,7 +479,7 @@ async fn store_batch(
             report.skipped += 1;
         } else if seq == floor && !checked.contains(&feed) {
             checked.push(feed);
-            if *event.id == *stored_id {
+            if pg_text(&event.id) == stored_id {
                 report.skipped += 1;
             } else {
                 report.mismatches.push((
@@ -439,17 +509,26 @@ async fn store_batch(
         futures_util::pin_mut!(writer);
         for e in &kept {
             let seq = i64::try_from(e.seq).unwrap_or(i64::MAX);
+            // jsonb refuses a NUL character even escaped; such data stays text only.
             let json = (data_json
+                && !e.data.contains('\0')
+                && !e.data.contains("\\u0000")
                 && serde_json::from_str::<serde::de::IgnoredAny>(&e.data).is_ok())
             .then_some(RawJson(&e.data));
+            let (feed, id, event_type, data) = (
+                pg_text(&e.feed),
+                pg_text(&e.id),
+                pg_text(&e.event_type),
+                pg_text(&e.data),
+            );
             writer
                 .as_mut()
                 .write(&[
-                    &&*e.feed,
+                    &feed.as_ref(),
                     &seq,
-                    &&*e.id,
-                    &&*e.event_type,
-                    &e.data.as_str(),
+                    &id.as_ref(),
+                    &event_type.as_ref(),
+                    &data.as_ref(),
                     &json,
                     &e.received_at,
                 ])
@@ -465,8 +544,16 @@ async fn store_batch(
         }
         for e in last {
             let seq = i64::try_from(e.seq).unwrap_or(i64::MAX);
-            tx.execute(&conn.write_cursor, &[&table, &&*e.feed, &seq, &&*e.id])
-                .await?;
+            tx.execute(
+                &conn.write_cursor,
+                &[
+                    &table,
+                    &pg_text(&e.feed).as_ref(),
+                    &seq,
+                    &pg_text(&e.id).as_ref(),
+                ],
+            )
+            .await?;
         }
         // Readers that follow the table (`replay --follow`) are woken at the commit.
         tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &table])

@@ -172,7 +172,7 @@ fn re_fetched_events_are_dropped_and_a_mismatch_is_a_gap() {
 
     // Resumed from a checkpoint at 5: 6..=10 are copies.
     let mut sink = PostgresSink::build("pg", &c, Some(&state)).unwrap();
-    sink.feed_started("f", "http://x/", 5);
+    sink.feed_started("f", "http://x/", 5, "id-5");
     sink.write(&events(6..=8)).unwrap();
     sink.write(&events(9..=15)).unwrap();
     assert_eq!(sink.duplicates.get(), 5);
@@ -187,7 +187,7 @@ fn re_fetched_events_are_dropped_and_a_mismatch_is_a_gap() {
 
     // Resumed at 12, but the server's event 15 is another one.
     let mut sink = PostgresSink::build("pg", &c, Some(&state)).unwrap();
-    sink.feed_started("f", "http://x/", 12);
+    sink.feed_started("f", "http://x/", 12, "id-12");
     let other: Vec<Arc<Event>> = (13..=16)
         .map(|n| Arc::new(Event::new("f", "edit", &format!("other-{n}"), "o", n)))
         .collect();
@@ -212,7 +212,7 @@ fn re_fetched_events_are_dropped_and_a_mismatch_is_a_gap() {
 fn a_terminated_connection_loses_nothing_and_stores_nothing_twice() {
     let Some(db) = TestDb::create() else { return };
     let mut sink = PostgresSink::build("pg", &config(&db, ""), None).unwrap();
-    sink.feed_started("f", "http://x/", 0);
+    sink.feed_started("f", "http://x/", 0, "");
     let mut failures = 0;
     for chunk in 0..20u64 {
         let batch = events(chunk * 100 + 1..=chunk * 100 + 100);
@@ -270,4 +270,52 @@ fn a_missing_permission_is_reported_clearly() {
         &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", db.name),
     );
     sql("postgres", &format!("DROP ROLE IF EXISTS {role}"));
+}
+
+#[test]
+fn a_retry_after_a_lost_commit_answer_stores_nothing_twice() {
+    let Some(db) = TestDb::create() else { return };
+    let c = config(&db, "");
+    let mut sink = PostgresSink::build("pg", &c, None).unwrap();
+    sink.feed_started("f", "http://x/", 0, "");
+    sink.write(&events(1..=10)).unwrap();
+    // The answer to that commit was lost: the runner sends the batch again (here with more
+    // behind it). The batch holds the event at the cursor: what precedes it is stored.
+    sink.write(&events(6..=12)).unwrap();
+    assert_eq!(
+        column(
+            &db,
+            "SELECT count(*) || ' ' || count(DISTINCT seq) FROM sse_events"
+        ),
+        ["12 12"]
+    );
+    // A new numbering (a reset checkpoint) below the cursor is stored, not dropped.
+    sink.feed_started("f", "http://x/", 0, "");
+    let reset: Vec<Arc<Event>> = (1..=3)
+        .map(|n| Arc::new(Event::new("f", "edit", &format!("new-{n}"), "n", n)))
+        .collect();
+    sink.write(&reset).unwrap();
+    assert_eq!(column(&db, "SELECT count(*) FROM sse_events"), ["15"]);
+}
+
+#[test]
+fn a_nul_from_the_stream_is_stored_not_refused_for_ever() {
+    let Some(db) = TestDb::create() else { return };
+    let mut sink = PostgresSink::build("pg", &config(&db, "data_json = true"), None).unwrap();
+    let odd = vec![
+        Arc::new(Event::new("f", "t\0y", "i\0d", "a\0b", 1)),
+        Arc::new(Event::new("f", "t", "id-2", "{\"k\":\"\\u0000\"}", 2)),
+    ];
+    sink.write(&odd).unwrap();
+    assert_eq!(
+        column(&db, "SELECT data FROM sse_events ORDER BY pos"),
+        ["a\u{FFFD}b", "{\"k\":\"\\u0000\"}"]
+    );
+    assert_eq!(
+        column(
+            &db,
+            "SELECT count(*) FROM sse_events WHERE data_json IS NULL"
+        ),
+        ["2"]
+    );
 }
