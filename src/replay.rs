@@ -322,14 +322,8 @@ impl Source {
         }
         if let [one] = args.source.as_slice() {
             if let Some(url) = one.to_str().filter(|u| postgres::is_postgres_url(u)) {
-                let mut connection: tokio_postgres::Config = url
-                    .parse()
-                    .map_err(|e| anyhow!("not a PostgreSQL connection URL: {e}"))?;
-                if connection.get_password().is_none() {
-                    if let Ok(password) = std::env::var("PGPASSWORD") {
-                        connection.password(password);
-                    }
-                }
+                let connection = crate::sink::postgres::config::parse_connection(url)
+                    .map_err(|e| anyhow!("{e}"))?;
                 return Ok(Source::Postgres(postgres::PostgresLog::open(
                     connection,
                     &args.table,

@@ -283,14 +283,8 @@ impl ServeArgs {
         if let Some(problem) = crate::sink::postgres::config::table_problem(&self.table) {
             anyhow::bail!("--table: {problem}");
         }
-        let mut connection: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("not a PostgreSQL connection URL: {e}"))?;
-        if connection.get_password().is_none() {
-            if let Ok(password) = std::env::var("PGPASSWORD") {
-                connection.password(password);
-            }
-        }
+        let connection = crate::sink::postgres::config::parse_connection(url)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(super::EventSource::Postgres {
             connection: Box::new(connection),
             table: self.table.clone(),

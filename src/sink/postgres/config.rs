@@ -187,23 +187,30 @@ impl PostgresSinkConfig {
             },
             _ => return Err("no connection string (url, url_env or url_file)".to_string()),
         };
-        let mut config: tokio_postgres::Config = text
-            .parse()
-            .map_err(|e| format!("not a PostgreSQL connection string: {e}"))?;
-        if config.get_password().is_none() {
-            if let Ok(password) = std::env::var("PGPASSWORD") {
-                config.password(password);
-            }
-        }
-        if config.get_user().is_none() {
-            if let Ok(user) = std::env::var("PGUSER") {
-                config.user(user);
-            }
-        }
+        let mut config = parse_connection(&text)?;
         config.connect_timeout(self.connect_timeout);
         config.application_name("sse-bridge");
         Ok(config)
     }
+}
+
+/// Parses a connection string (URL or `key=value`); `PGPASSWORD` and `PGUSER` fill in what it
+/// leaves out. The error never holds the string (it may hold a password).
+pub fn parse_connection(text: &str) -> Result<tokio_postgres::Config, String> {
+    let mut config: tokio_postgres::Config = text
+        .parse()
+        .map_err(|e| format!("not a PostgreSQL connection string: {e}"))?;
+    if config.get_password().is_none() {
+        if let Ok(password) = std::env::var("PGPASSWORD") {
+            config.password(password);
+        }
+    }
+    if config.get_user().is_none() {
+        if let Ok(user) = std::env::var("PGUSER") {
+            config.user(user);
+        }
+    }
+    Ok(config)
 }
 
 /// What log lines and errors say about a connection: user, hosts, ports and database, never

@@ -5,91 +5,10 @@
 use super::*;
 use crate::sink::Sink;
 
-const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5";
+#[path = "../../../tests/support/postgres.rs"]
+mod support;
 
-fn required() -> bool {
-    let set = |v: &str| {
-        std::env::var(v)
-            .is_ok_and(|s| !s.is_empty() && s != "0" && !s.eq_ignore_ascii_case("false"))
-    };
-    set("CI") || set("SSE_BRIDGE_REQUIRE_POSTGRES")
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// Runs `sql` on database `db` as `postgres`; the rows' first columns as text.
-fn sql(db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
-    let conn = ADMIN.replace("dbname=postgres", &format!("dbname={db}"));
-    block_on(async move {
-        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let rows = client.simple_query(sql).await.unwrap();
-        rows.into_iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => {
-                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-                }
-                _ => None,
-            })
-            .collect()
-    })
-}
-
-/// A database of its own, dropped at the end.
-pub(crate) struct TestDb {
-    pub name: String,
-}
-
-impl TestDb {
-    pub fn create() -> Option<TestDb> {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let reachable = block_on(async {
-            tokio_postgres::connect(ADMIN, tokio_postgres::NoTls)
-                .await
-                .is_ok()
-        });
-        if !reachable {
-            assert!(
-                !required(),
-                "PostgreSQL is required (CI or SSE_BRIDGE_REQUIRE_POSTGRES) but 127.0.0.1:5432 does not answer"
-            );
-            eprintln!("\n*** SKIPPED: no PostgreSQL on 127.0.0.1:5432 ***\n");
-            return None;
-        }
-        let name = format!(
-            "sse_bridge_unit_{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        sql("postgres", &format!("DROP DATABASE IF EXISTS {name}"));
-        sql("postgres", &format!("CREATE DATABASE {name}"));
-        Some(TestDb { name })
-    }
-
-    pub fn url(&self) -> String {
-        format!(
-            "postgresql://postgres@127.0.0.1:5432/{}?sslmode=disable",
-            self.name
-        )
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        sql(
-            "postgres",
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        );
-    }
-}
+use support::{query as sql, TestDb};
 
 fn config(db: &TestDb, extra: &str) -> PostgresSinkConfig {
     toml::from_str(&format!("url = \"{}\"\n{extra}", db.url())).unwrap()
@@ -110,15 +29,14 @@ fn events(range: std::ops::RangeInclusive<u64>) -> Vec<Arc<Event>> {
 }
 
 fn column(db: &TestDb, query: &str) -> Vec<String> {
-    sql(&db.name, query)
-        .into_iter()
-        .map(|r| r[0].clone().unwrap_or_default())
-        .collect()
+    db.column(query)
 }
 
 #[test]
 fn rows_and_the_cursor_commit_together() {
-    let Some(db) = TestDb::create() else { return };
+    let Some(db) = TestDb::create("rows") else {
+        return;
+    };
     let mut sink = PostgresSink::build("pg", &config(&db, "data_json = true"), None).unwrap();
     sink.write(&events(1..=100)).unwrap();
     let mut odd = events(101..=101);
@@ -161,7 +79,9 @@ fn rows_and_the_cursor_commit_together() {
 
 #[test]
 fn re_fetched_events_are_dropped_and_a_mismatch_is_a_gap() {
-    let Some(db) = TestDb::create() else { return };
+    let Some(db) = TestDb::create("refetch") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.db");
     crate::state::StateStore::open(&state).unwrap();
@@ -210,7 +130,9 @@ fn re_fetched_events_are_dropped_and_a_mismatch_is_a_gap() {
 
 #[test]
 fn a_terminated_connection_loses_nothing_and_stores_nothing_twice() {
-    let Some(db) = TestDb::create() else { return };
+    let Some(db) = TestDb::create("terminate") else {
+        return;
+    };
     let mut sink = PostgresSink::build("pg", &config(&db, ""), None).unwrap();
     sink.feed_started("f", "http://x/", 0, "");
     let mut failures = 0;
@@ -247,7 +169,9 @@ fn a_terminated_connection_loses_nothing_and_stores_nothing_twice() {
 
 #[test]
 fn a_missing_permission_is_reported_clearly() {
-    let Some(db) = TestDb::create() else { return };
+    let Some(db) = TestDb::create("perm") else {
+        return;
+    };
     let role = format!("{}_ro", db.name);
     sql(&db.name, &format!("DROP ROLE IF EXISTS {role}"));
     sql(&db.name, &format!("CREATE ROLE {role} LOGIN"));
@@ -274,7 +198,9 @@ fn a_missing_permission_is_reported_clearly() {
 
 #[test]
 fn a_retry_after_a_lost_commit_answer_stores_nothing_twice() {
-    let Some(db) = TestDb::create() else { return };
+    let Some(db) = TestDb::create("lost") else {
+        return;
+    };
     let c = config(&db, "");
     let mut sink = PostgresSink::build("pg", &c, None).unwrap();
     sink.feed_started("f", "http://x/", 0, "");
@@ -300,7 +226,9 @@ fn a_retry_after_a_lost_commit_answer_stores_nothing_twice() {
 
 #[test]
 fn a_nul_from_the_stream_is_stored_not_refused_for_ever() {
-    let Some(db) = TestDb::create() else { return };
+    let Some(db) = TestDb::create("nul") else {
+        return;
+    };
     let mut sink = PostgresSink::build("pg", &config(&db, "data_json = true"), None).unwrap();
     let odd = vec![
         Arc::new(Event::new("f", "t\0y", "i\0d", "a\0b", 1)),
