@@ -100,6 +100,89 @@ fn default_batch_max_events() -> usize {
     8192
 }
 
+/// PostgreSQL's reserved key words (those that cannot name a table unquoted); the sink never
+/// quotes names, so it refuses them up front instead of failing at every write.
+const RESERVED: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "column",
+    "constraint",
+    "create",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "from",
+    "grant",
+    "group",
+    "having",
+    "in",
+    "initially",
+    "intersect",
+    "into",
+    "lateral",
+    "leading",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "not",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "select",
+    "session_user",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
 /// Whether `name` is a table name this sink accepts: `[a-z_][a-z0-9_]*`, at most 63 bytes,
 /// optionally `schema.table` of two such names. Never quoted, never built from data.
 pub fn table_problem(name: &str) -> Option<String> {
@@ -113,6 +196,12 @@ pub fn table_problem(name: &str) -> Option<String> {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     };
     let parts: Vec<&str> = name.split('.').collect();
+    if let Some(word) = parts.iter().find(|p| RESERVED.contains(p)) {
+        return Some(format!(
+            "{word:?} is a reserved word in PostgreSQL; choose another table name (such as \
+             `{word}_events`)"
+        ));
+    }
     if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
         return Some(format!(
             "{name:?} is not a table name this sink uses: lowercase letters, digits and `_`, \
@@ -294,6 +383,10 @@ mod tests {
         }
         assert!(toml::from_str::<PostgresSinkConfig>("url = \"x\"\ntabel = \"y\"").is_err());
         assert!(table_problem("events.sse_2026").is_none());
+        assert!(table_problem("user").unwrap().contains("reserved word"));
+        assert!(table_problem("order.events")
+            .unwrap()
+            .contains("reserved word"));
     }
 
     #[test]
