@@ -48,12 +48,7 @@ impl PostgresLog {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let tls = {
-            let shared = crate::sse::transport::tls::shared_config()?;
-            let mut config = (*shared).clone();
-            config.alpn_protocols.clear();
-            tokio_postgres_rustls::MakeRustlsConnect::new(config)
-        };
+        let tls = crate::sink::postgres::tls_connector(None).map_err(|e| anyhow!("{e}"))?;
         let (client, notified) = runtime.block_on(async {
             let (client, mut connection) = connection
                 .connect(tls)

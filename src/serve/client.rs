@@ -106,17 +106,11 @@ impl Drop for Connected {
     }
 }
 
-/// At most this many characters of a client's resume id or type filter go into a log line.
-const LOGGED_CHARS: usize = 128;
-
+/// A client's resume id or type filter as a log line shows it (`-` when absent).
 fn shown(s: &Option<String>) -> String {
     match s {
         None => "-".into(),
-        Some(s) => {
-            let short: String = s.chars().take(LOGGED_CHARS).collect();
-            let more = if short.len() < s.len() { "…" } else { "" };
-            format!("{:?}{more}", crate::text::escape_controls(&short))
-        }
+        Some(s) => format!("{:?}", super::shown_name(s)),
     }
 }
 

@@ -447,11 +447,12 @@ impl LogBudget {
     }
 }
 
-/// A name from a request, for a log line or an answer: at most 128 characters, control
-/// characters escaped.
+/// A name from a request, for a log line or an answer: at most 128 characters (then `…`),
+/// control characters escaped.
 fn shown_name(name: &str) -> String {
     let short: String = name.chars().take(128).collect();
-    crate::text::escape_controls(&short).into_owned()
+    let more = if short.len() < name.len() { "…" } else { "" };
+    format!("{}{more}", crate::text::escape_controls(&short))
 }
 
 impl Shared {
@@ -653,8 +654,7 @@ async fn events(
         }
         (Ok((false, _)), _) => {
             // The name comes from the client: shortened and escaped wherever it is echoed.
-            let name: String = feed.chars().take(128).collect();
-            let name = crate::text::escape_controls(&name);
+            let name = shown_name(&feed);
             shared.refuse(Refusal::UnknownFeed, None, format!("no feed {name:?}"));
             return plain(
                 StatusCode::NOT_FOUND,

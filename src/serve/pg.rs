@@ -27,13 +27,10 @@ pub(super) struct PgPool {
 
 impl PgPool {
     pub(super) fn new(connection: tokio_postgres::Config, table: String) -> Result<PgPool, String> {
-        let shared = crate::sse::transport::tls::shared_config().map_err(|e| e.to_string())?;
-        let mut tls = (*shared).clone();
-        tls.alpn_protocols.clear();
         Ok(PgPool {
             connection,
             table,
-            tls: tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            tls: crate::sink::postgres::tls_connector(None)?,
             idle: Mutex::new(Vec::new()),
             bulk: Semaphore::new(POOL - 1),
             first: Semaphore::new(1),

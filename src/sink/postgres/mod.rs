@@ -91,7 +91,7 @@ impl PostgresSink {
             return Err(config_error(format!("{key}: {message}")));
         }
         let connection = c.connection().map_err(config_error)?;
-        let tls = tls_config(c).map_err(config_error)?;
+        let tls = tls_connector(c.ca_file.as_deref()).map_err(config_error)?;
         let worker = Worker {
             sink: name.to_string(),
             shown: config::shown(&connection),
@@ -134,17 +134,19 @@ impl PostgresSink {
     }
 }
 
-/// The rustls settings: the web roots, or those plus `ca_file`; no ALPN (PostgreSQL
-/// negotiates TLS inside its own protocol).
-fn tls_config(c: &PostgresSinkConfig) -> Result<rustls::ClientConfig, String> {
-    let shared = match &c.ca_file {
+/// The TLS connector of every PostgreSQL client (this sink, `replay`, `serve`): the web roots,
+/// or those plus `ca_file`; no ALPN (PostgreSQL negotiates TLS inside its own protocol).
+pub fn tls_connector(
+    ca_file: Option<&Path>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    let shared = match ca_file {
         Some(path) => crate::sse::transport::tls::tls_config_with_ca_file(path),
         None => crate::sse::transport::tls::shared_config(),
     }
     .map_err(|e| format!("ca_file: {e}"))?;
     let mut config = (*shared).clone();
     config.alpn_protocols.clear();
-    Ok(config)
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 impl Drop for PostgresSink {
@@ -222,7 +224,7 @@ struct Worker {
     sink: String,
     shown: String,
     connection: tokio_postgres::Config,
-    tls: rustls::ClientConfig,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     table: String,
     cursors: String,
     data_json: bool,
@@ -324,7 +326,7 @@ impl Worker {
     }
 
     async fn connect(&mut self) -> Result<Conn, String> {
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls.clone());
+        let tls = self.tls.clone();
         let (mut client, connection) = self
             .connection
             .connect(tls)
