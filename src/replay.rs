@@ -58,7 +58,8 @@ pub struct ReplayArgs {
 
     /// Replay what the sink `[sink.NAME]` of the configuration given with -c stored: for a
     /// file sink every file its path template, rotation and compression can have produced
-    /// (any feed, type or strftime period), for an SQLite sink its database.
+    /// (any feed, type or strftime period), for an SQLite sink its database, for a PostgreSQL
+    /// sink its table.
     #[arg(long, value_name = "NAME", conflicts_with = "source")]
     pub sink: Option<String>,
 

@@ -476,6 +476,7 @@ async fn the_standalone_command_serves_https_with_the_same_rules() {
     command
         .arg(&db)
         .args(["--listen", "127.0.0.1:0", "--feed", "later"])
+        .args(["--header-timeout", "1s"])
         .arg("--tls-cert")
         .arg(&cert_file)
         .arg("--tls-key")
@@ -540,6 +541,36 @@ async fn the_standalone_command_serves_https_with_the_same_rules() {
         status(format!("{base}/feeds/nope/events?access_token={ALL}")).await,
         404
     );
+    // Hostile requests: a huge ?type= pattern, a huge feed name (never echoed whole).
+    let long_type = "a".repeat(2_000);
+    assert_eq!(
+        status(format!(
+            "{base}/feeds/wiki/events?access_token={ALL}&type={long_type}"
+        ))
+        .await,
+        400
+    );
+    let long_feed = "f".repeat(5_000);
+    let answer = trusted
+        .get(format!(
+            "{base}/feeds/{long_feed}/events?access_token={ALL}"
+        ))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status().as_u16(), 404);
+    let body = answer.text().await.expect("body");
+    assert!(body.len() < 400, "{} bytes echoed", body.len());
+    // A peer that opens a connection and never starts the TLS handshake is closed after
+    // the header timeout (1 s here), not held.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        idle.read(&mut buf).await
+    })
+    .await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
     // Plain HTTP to the TLS port gets no answer; /metrics needs a token too.
     let err = client()
         .get(format!("http://{addr}/feeds/wiki/events"))

@@ -153,6 +153,12 @@ impl TokenList {
 pub fn read_token_file(path: &Path) -> Result<TokenList, String> {
     use std::io::Read;
     let shown = path.display();
+    // Checked before opening: opening a FIFO would wait for a writer, holding the start (or
+    // the SIGHUP reload) for ever.
+    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown}: not a regular file"));
+    }
     let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
     if !meta.is_file() {
@@ -364,5 +370,21 @@ mod tests {
         assert!(Access::from_file(&dir.path().join("missing"))
             .unwrap_err()
             .contains("missing"));
+    }
+
+    #[test]
+    fn a_fifo_or_a_huge_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid, NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Returns instead of waiting for a writer.
+        let err = Access::from_file(&fifo).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let huge = dir.path().join("huge");
+        std::fs::write(&huge, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let err = Access::from_file(&huge).unwrap_err();
+        assert!(err.contains("larger than"), "{err}");
     }
 }
