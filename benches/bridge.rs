@@ -735,6 +735,16 @@ fn run_one_feed(
     }
 }
 
+/// The row of a raw limit measured over `events` events.
+fn raw_row(what: String, events: usize, rate: &Rate) -> Row {
+    let mut row = Row::new(what);
+    row.events = Some(events as u64);
+    row.events_per_s = Some(rate.events_per_s);
+    row.mb_per_s = Some(rate.mb_per_s);
+    row.cpu_s = Some(rate.cpu_s);
+    row
+}
+
 fn bridge_row(what: &str, events: usize, mb: f64, run: &Run, against: &[(Rate, &str)]) -> Row {
     let events_per_s = events as f64 / run.secs;
     let mut row = Row::new(what);
@@ -857,14 +867,11 @@ fn scenario_sqlite(ctx: &Ctx) {
     drop(conn);
     drop(rows);
     drop(raw_dir);
-    let mut row = Row::new(format!(
-        "raw: rusqlite insert, {SQLITE_BATCH} per transaction"
+    ctx.add(raw_row(
+        format!("raw: rusqlite insert, {SQLITE_BATCH} per transaction"),
+        events,
+        &raw,
     ));
-    row.events = Some(events as u64);
-    row.events_per_s = Some(raw.events_per_s);
-    row.mb_per_s = Some(raw.mb_per_s);
-    row.cpu_s = Some(raw.cpu_s);
-    ctx.add(row);
 
     // The bridge, the sink in the state database (events and checkpoints in one transaction).
     let dir = ctx.scratch();
@@ -1008,14 +1015,11 @@ fn scenario_postgres(ctx: &Ctx) {
         cpu_s: thread_cpu() - cpu0,
     };
     drop(rows);
-    let mut row = Row::new(format!(
-        "raw: PostgreSQL binary COPY, {SQLITE_BATCH} per transaction"
+    ctx.add(raw_row(
+        format!("raw: PostgreSQL binary COPY, {SQLITE_BATCH} per transaction"),
+        events,
+        &raw,
     ));
-    row.events = Some(events as u64);
-    row.events_per_s = Some(raw.events_per_s);
-    row.mb_per_s = Some(raw.mb_per_s);
-    row.cpu_s = Some(raw.cpu_s);
-    ctx.add(row);
 
     // The bridge into the sink's own table.
     let dir = ctx.scratch();

@@ -48,6 +48,13 @@ default = {sinks}
     write_file(dir, "bridge.toml", &text)
 }
 
+/// Rows in the SQLite sink's database in `dir` (0 while it cannot be read).
+fn sqlite_rows(dir: &Path) -> i64 {
+    rusqlite::Connection::open(dir.join("events.db"))
+        .and_then(|c| c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0)))
+        .unwrap_or(0)
+}
+
 /// Runs the bridge until the file holds `n` lines, then stops it (SIGTERM); its log.
 async fn run_until(config: &Path, file: &Path, n: usize) -> Vec<support::bridge::LogLine> {
     run_until_both(config, file, n, || true).await
@@ -152,11 +159,7 @@ async fn a_server_that_sends_other_events_after_a_restart_is_a_recorded_gap() {
         )
         .expect("update");
 
-    let db_rows = || {
-        rusqlite::Connection::open(dir.path().join("events.db"))
-            .and_then(|c| c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0)))
-            .unwrap_or(0)
-    };
+    let db_rows = || sqlite_rows(dir.path());
     let logs = run_until_both(&config, &file, 121, || db_rows() >= 170).await;
     let stored = read_jsonl(&file);
     let ids: Vec<&str> = stored.iter().map(|e| e.id.as_str()).collect();
@@ -233,11 +236,7 @@ async fn a_feed_into_a_file_and_sqlite_ends_exactly_once_in_both_after_kill_9() 
     // an event read and not yet handed to every sink is left for the next start, behind the
     // checkpoint).
     let bridge = Bridge::spawn(&config);
-    let sqlite_rows = || {
-        rusqlite::Connection::open(dir.path().join("events.db"))
-            .and_then(|c| c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0)))
-            .unwrap_or(0)
-    };
+    let sqlite_rows = || sqlite_rows(dir.path());
     assert!(
         support::wait_for(Duration::from_secs(60), || {
             support::bridge::line_count(&file) >= 20_000 && sqlite_rows() >= 20_000

@@ -177,8 +177,19 @@ impl Store {
     }
 }
 
+/// The poller's step: publishes a page read after `last` and moves `last` past it; whether
+/// the page was full (more may be waiting to be read at once).
+pub(super) fn publish_page(shared: &Shared, page: Vec<Row>, last: &mut i64) -> bool {
+    let full =
+        page.len() >= PAGE || page.iter().map(|r| r.bytes.len()).sum::<usize>() >= POLL_PAGE_BYTES;
+    if let Some(l) = publish(shared, page) {
+        *last = l;
+    }
+    full
+}
+
 /// Publishes rows to every live client, in order; the last `pos` published.
-pub(super) fn publish(shared: &Shared, page: Vec<Row>) -> Option<i64> {
+fn publish(shared: &Shared, page: Vec<Row>) -> Option<i64> {
     let mut last = None;
     for row in page {
         last = Some(row.pos);
@@ -296,12 +307,7 @@ pub(super) fn poll_loop(shared: Shared, path: PathBuf, mut last: i64) {
                             tracing::info!(database = %path.display(), "reading new events again");
                             failing = false;
                         }
-                        let full = page.len() >= PAGE;
-                        let bytes: usize = page.iter().map(|r| r.bytes.len()).sum();
-                        if let Some(l) = publish(&shared, page) {
-                            last = l;
-                        }
-                        if !full && bytes < POLL_PAGE_BYTES {
+                        if !publish_page(&shared, page, &mut last) {
                             break;
                         }
                     }

@@ -302,12 +302,7 @@ pub(super) async fn tail(shared: Shared, pool: Arc<PgPool>, mut last: i64) {
                             tracing::info!(source = %pool.shown(), "serve: reading new events again");
                             failing = false;
                         }
-                        let full = page.len() >= PAGE;
-                        let bytes: usize = page.iter().map(|r| r.bytes.len()).sum();
-                        if let Some(l) = super::db::publish(&shared, page) {
-                            last = l;
-                        }
-                        if !full && bytes < POLL_PAGE_BYTES {
+                        if !super::db::publish_page(&shared, page, &mut last) {
                             break;
                         }
                     }
