@@ -1,7 +1,8 @@
 //! Sinks that know what they hold (ARCHITECTURE.md §4), driven through the real binary: a file
 //! that lost an acknowledged tail makes its feed resume from what survived; a server that sends
 //! other events after a restart is a recorded gap, not silently dropped data; a feed routed to a
-//! file and an SQLite sink at once ends exactly once in both.
+//! file and an SQLite sink at once ends exactly once in both, also when it is killed before its
+//! first checkpoint.
 
 mod support;
 
@@ -12,6 +13,16 @@ use support::bridge::{checkpoint, read_jsonl, write_file, Bridge};
 use support::server::{event_text, Reply, Server};
 
 fn config(dir: &Path, url: &str, fsync: &str, extra_sink: bool) -> PathBuf {
+    config_committing(dir, url, fsync, extra_sink, "100ms")
+}
+
+fn config_committing(
+    dir: &Path,
+    url: &str,
+    fsync: &str,
+    extra_sink: bool,
+    commit_interval: &str,
+) -> PathBuf {
     let sqlite = if extra_sink {
         format!(
             "[sink.db]\ntype = \"sqlite\"\npath = \"{}/events.db\"\n\n",
@@ -28,7 +39,7 @@ fn config(dir: &Path, url: &str, fsync: &str, extra_sink: bool) -> PathBuf {
     let text = format!(
         r#"[state]
 path = "{d}/state.db"
-commit_interval = "100ms"
+commit_interval = "{commit_interval}"
 
 [[feed]]
 name = "wiki"
@@ -268,4 +279,47 @@ async fn a_feed_into_a_file_and_sqlite_ends_exactly_once_in_both_after_kill_9() 
         })
         .expect("count");
     assert_eq!((rows, distinct), (20_000, 20_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_before_the_first_checkpoint_stores_nothing_twice() {
+    // No checkpoint is committed before the kills (`commit_interval` is an hour): every start
+    // is from the beginning, and the server sends the same stream again each time.
+    let server = Server::log(6_000, 200, Duration::from_millis(10)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_committing(dir.path(), &server.url(), "always", true, "1h");
+    let file = dir.path().join("out/wiki.jsonl");
+    let mut dropped_copies = 0;
+    for stop_at in [1_500, 3_500] {
+        let bridge = Bridge::spawn(&config);
+        assert!(
+            support::wait_for(Duration::from_secs(60), || {
+                support::bridge::line_count(&file) >= stop_at
+            })
+            .await,
+            "{}",
+            bridge.log_text()
+        );
+        let logs = bridge.kill9();
+        dropped_copies += logs
+            .iter()
+            .filter(|l| l.message.contains("those are dropped, not stored twice"))
+            .count();
+        assert_eq!(checkpoint(&dir.path().join("state.db"), "wiki"), None);
+    }
+    let db_rows = || sqlite_rows(dir.path());
+    let logs = run_until_both(&config, &file, 6_000, || db_rows() >= 6_000).await;
+    dropped_copies += logs
+        .iter()
+        .filter(|l| l.message.contains("those are dropped, not stored twice"))
+        .count();
+    assert_eq!(dropped_copies, 2, "each restart found the file ahead of it");
+    let stored: Vec<u64> = read_jsonl(&file).iter().map(|e| e.seq).collect();
+    assert_eq!(stored, (1..=6_000).collect::<Vec<_>>(), "nothing twice");
+    assert_eq!(db_rows(), 6_000);
+    // The SIGTERM committed the end.
+    assert_eq!(
+        checkpoint(&dir.path().join("state.db"), "wiki"),
+        Some(("6000".to_string(), 6_000))
+    );
 }

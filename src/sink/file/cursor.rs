@@ -23,8 +23,10 @@
 //!
 //! The files must continue the feed's numbering: they must hold the event the feed resumes
 //! after (`start_seq` with `start_id`), and only series whose last line was received after it
-//! count. A checkpoint that was reset, a stream without ids, or files left from another
-//! numbering open no window: nothing is dropped then.
+//! count. A feed that starts from the beginning (no checkpoint: the previous run crashed before
+//! its first commit, or the checkpoint was reset) is judged by its first event instead: the
+//! files must hold that very event (seq, id, type and data). A stream without ids, or files
+//! left from another numbering or stream, open no window: nothing is dropped then.
 //!
 //! With `fsync = "never"` or `"interval"` the files can also lose an acknowledged tail (a
 //! power loss): then the checkpoint is ahead of what survived, and [`FileSink::feed_cursor`]
@@ -286,28 +288,54 @@ impl FileSink {
     /// A run of `feed` starts after (`start_seq`, `start_id`): the events up to what the files
     /// hold are copies, provided the files continue this numbering. They must hold `start_id`
     /// at `start_seq`; only series whose last line was received after that event count. A
-    /// feed that starts from the beginning, or resumes without an id, opens no window: then
-    /// nothing can tell a copy from a new event, and nothing is dropped.
+    /// feed that resumes without an id opens no window: then nothing can tell a copy from a
+    /// new event, and nothing is dropped. A feed that starts from the beginning (no checkpoint
+    /// yet: a crash before the first commit, or a reset) is judged by its first event instead,
+    /// see [`FileSink::resolve_first_events`].
     pub(super) fn start_window(&mut self, feed: &str, url: &str, start_seq: u64, start_id: &str) {
         self.windows.remove(feed);
-        if start_seq == 0 || start_id.is_empty() {
+        self.first_event_pending.remove(feed);
+        if start_seq == 0 {
+            self.first_event_pending
+                .insert(Arc::from(feed), url.to_string());
             return;
         }
-        let (floors, anchor) = match self.stored_floors(feed, Some(start_seq)) {
+        if start_id.is_empty() {
+            return;
+        }
+        self.open_window(feed, url, start_seq, false, |stored| {
+            &*stored.id == start_id
+        });
+    }
+
+    /// Opens the window of `feed` when the files hold, at `anchor_seq`, an event `is_anchor`
+    /// accepts. `inclusive`: the anchor event itself is fetched again (and so is a copy).
+    fn open_window(
+        &mut self,
+        feed: &str,
+        url: &str,
+        anchor_seq: u64,
+        inclusive: bool,
+        is_anchor: impl Fn(&Event) -> bool,
+    ) {
+        let (floors, anchor) = match self.stored_floors(feed, Some(anchor_seq)) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(sink = %self.name, feed, "cannot read what the files hold, so re-fetched events may be stored twice: {e}");
                 return;
             }
         };
-        let Some(anchor) = anchor.filter(|a| &*a.id == start_id) else {
+        let Some(anchor) = anchor.filter(|a| is_anchor(a)) else {
             // The files do not hold the event the feed resumes after: they are not this
             // numbering (a reset checkpoint, another stream) or it went to other sinks.
             return;
         };
         let floors: HashMap<String, Floor> = floors
             .into_iter()
-            .filter(|(_, (f, at))| f.seq > start_seq && *at >= anchor.received_at)
+            .filter(|(_, (f, at))| {
+                (f.seq > anchor_seq || (inclusive && f.seq == anchor_seq))
+                    && *at >= anchor.received_at
+            })
             .map(|(k, (f, _))| (k, f))
             .collect();
         let Some(end) = floors.values().map(|f| f.seq).max() else {
@@ -316,7 +344,7 @@ impl FileSink {
         tracing::info!(
             sink = %self.name,
             feed,
-            resumes_after = start_seq,
+            resumes_after = anchor_seq - u64::from(inclusive),
             stored_up_to = end,
             "the files already hold events the feed fetches again; those are dropped, not stored twice"
         );
@@ -328,6 +356,36 @@ impl FileSink {
                 floors,
             },
         );
+    }
+
+    /// Feeds that started from the beginning are judged by the first event this sink gets of
+    /// them: when the files hold that very event (same `seq`, id, type and data, received
+    /// after which the series' last lines were), the server is sending the stream the files
+    /// hold again (the previous run crashed before its first checkpoint), and the window opens
+    /// as after a checkpoint. Otherwise (new events, a stream without ids, files of another
+    /// numbering) nothing is dropped. Called before a batch is filtered; a failed batch finds
+    /// the same window when retried.
+    pub(super) fn resolve_first_events(&mut self, events: &[Arc<Event>]) {
+        if self.first_event_pending.is_empty() {
+            return;
+        }
+        for event in events {
+            let Some(url) = self.first_event_pending.remove(&event.feed) else {
+                continue;
+            };
+            if event.id.is_empty() {
+                continue;
+            }
+            let first = event.clone();
+            self.open_window(&event.feed, &url, event.seq, true, |stored| {
+                stored.id == first.id
+                    && stored.event_type == first.event_type
+                    && stored.data == first.data
+            });
+            if self.first_event_pending.is_empty() {
+                return;
+            }
+        }
     }
 
     /// `events` without the copies of stored events (nothing is changed until

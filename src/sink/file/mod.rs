@@ -106,6 +106,8 @@ pub struct FileSink {
     next_age_sweep: i64,
     /// Feeds inside their re-fetched window (see `cursor`).
     windows: HashMap<Arc<str>, cursor::Window>,
+    /// Feeds that started from the beginning, until their first event is seen (feed → URL).
+    first_event_pending: HashMap<Arc<str>, String>,
     /// The state database, where a gap found by `cursor` is recorded.
     state_path: Option<PathBuf>,
     counters: Arc<super::DuplicateCounter>,
@@ -187,6 +189,7 @@ impl FileSink {
             maintenance,
             next_age_sweep: i64::MIN,
             windows: HashMap::new(),
+            first_event_pending: HashMap::new(),
             state_path: None,
             counters: Arc::default(),
             rendered: String::new(),
@@ -222,6 +225,7 @@ impl super::Sink for FileSink {
     fn write(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError> {
         self.apply_pending_undo()?;
         // Inside a re-fetched window, the copies of what the files hold are left out.
+        self.resolve_first_events(events);
         let filtered = if self.windows.is_empty() {
             None
         } else {

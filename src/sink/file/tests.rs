@@ -1377,16 +1377,52 @@ fn re_fetched_events_are_dropped_per_file_after_a_crash() {
 }
 
 #[test]
-fn a_feed_started_from_the_beginning_drops_nothing() {
+fn a_feed_started_from_the_beginning_is_judged_by_its_first_event() {
     let dir = tempfile::tempdir().unwrap();
     let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 0, "");
     sink.write(&mixed(1..=5)).unwrap();
     drop(sink);
-    // The checkpoint was reset: the feed starts over with seq 1, and its events are new.
+    // A crash before the first checkpoint: the feed starts over from the beginning, and the
+    // server sends the same stream again. What the files hold is not stored twice.
     let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
     sink.feed_started("f", "http://x/", 0, "");
-    sink.write(&mixed(1..=3)).unwrap();
-    assert_eq!(seqs(&dir.path().join("f.jsonl")), [1, 2, 3, 4, 5, 1, 2, 3]);
+    sink.write(&mixed(1..=2)).unwrap();
+    sink.write(&mixed(3..=7)).unwrap();
+    assert_eq!(
+        seqs(&dir.path().join("f.jsonl")),
+        (1..=7).collect::<Vec<_>>()
+    );
+    assert_eq!(sink.counters.get(), 5);
+    assert!(sink.windows.is_empty());
+
+    // The checkpoint was reset and the server sends other events (same ids, other data, as
+    // a server that restarted its own numbering would): they are new, and all stored.
+    let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 0, "");
+    let other: Vec<Arc<Event>> = (1..=3)
+        .map(|n| {
+            event(
+                "f",
+                if n % 2 == 0 { "a" } else { "b" },
+                n,
+                &format!("new{n}"),
+            )
+        })
+        .collect();
+    sink.write(&other).unwrap();
+    assert_eq!(
+        seqs(&dir.path().join("f.jsonl")),
+        [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    );
+    assert_eq!(sink.counters.get(), 0);
+
+    // A stream without ids opens no window either.
+    let mut sink = sink_in(dir.path(), "{feed}.jsonl", FsyncPolicy::Always);
+    sink.feed_started("f", "http://x/", 0, "");
+    sink.write(&[Arc::new(Event::new("f", "b", "", "new1", 1))])
+        .unwrap();
+    assert_eq!(seqs(&dir.path().join("f.jsonl")).len(), 11);
     assert_eq!(sink.counters.get(), 0);
 }
 

@@ -44,8 +44,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 struct Run {
     url: String,
+    /// The event the run resumes after (0 and "": from the beginning).
     start_seq: u64,
     start_id: String,
+    /// A run from the beginning is judged by its first event instead (see
+    /// `PostgresSink::resolve_first_events`): `None` until it is seen.
+    first: Option<Arc<Event>>,
 }
 
 /// What a stored batch left out.
@@ -149,6 +153,29 @@ pub fn tls_connector(
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+impl PostgresSink {
+    /// A run that started from the beginning (no checkpoint: a crash before the first
+    /// commit, or a reset) has no event to resume after; its first event takes that place.
+    /// When the table holds that very event (seq, id, type and data) before its cursor, the
+    /// server is sending the stream the table holds again, and the copies are dropped as
+    /// after a checkpoint (ARCHITECTURE.md §4).
+    fn resolve_first_events(&mut self, events: &[Arc<Event>]) {
+        for (feed, run) in self.runs.iter_mut() {
+            if run.start_seq > 0 || run.first.is_some() {
+                continue;
+            }
+            let Some(first) = events.iter().find(|e| e.feed == *feed) else {
+                continue;
+            };
+            run.first = Some(first.clone());
+            if !first.id.is_empty() {
+                run.start_seq = first.seq;
+                run.start_id = first.id.to_string();
+            }
+        }
+    }
+}
+
 impl Drop for PostgresSink {
     fn drop(&mut self) {
         self.requests = None;
@@ -160,6 +187,7 @@ impl Drop for PostgresSink {
 
 impl super::Sink for PostgresSink {
     fn write(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError> {
+        self.resolve_first_events(events);
         let (reply, answer) = mpsc::channel();
         let request = Request {
             events: events.to_vec(),
@@ -205,6 +233,7 @@ impl super::Sink for PostgresSink {
                 url: url.to_string(),
                 start_seq,
                 start_id: start_id.to_string(),
+                first: None,
             },
         );
     }
@@ -363,7 +392,8 @@ impl Worker {
             .map_err(|e| describe("cannot prepare the table lock", &e))?;
         let anchor = client
             .prepare(&format!(
-                "SELECT (SELECT max(pos) FROM {t} WHERE feed = $1 AND seq = $2 AND id = $3), \
+                "SELECT (SELECT max(pos) FROM {t} WHERE feed = $1 AND seq = $2 AND id = $3 \
+                                AND ($6::text IS NULL OR (type = $6 AND data = $7))), \
                         (SELECT max(pos) FROM {t} WHERE feed = $1 AND seq = $4 AND id = $5)",
                 t = self.table
             ))
@@ -442,6 +472,10 @@ async fn store_batch(
                 if reaches && !holds_cursor && run.start_seq > 0 && !run.start_id.is_empty() =>
             {
                 let start = i64::try_from(run.start_seq).unwrap_or(i64::MAX);
+                // A run from the beginning: its first event must be the very one stored.
+                let first = run.first.as_ref().filter(|e| e.seq == run.start_seq);
+                let first_type = first.map(|e| pg_text(&e.event_type));
+                let first_data = first.map(|e| pg_text(&e.data));
                 let order = tx
                     .query_one(
                         &conn.anchor,
@@ -451,6 +485,8 @@ async fn store_batch(
                             &pg_text(&run.start_id).as_ref(),
                             &cursor.0,
                             &cursor.1,
+                            &first_type.as_deref(),
+                            &first_data.as_deref(),
                         ],
                     )
                     .await?;

@@ -129,6 +129,45 @@ fn re_fetched_events_are_dropped_and_a_mismatch_is_a_gap() {
 }
 
 #[test]
+fn a_run_from_the_beginning_is_judged_by_its_first_event() {
+    let Some(db) = TestDb::create("first") else {
+        return;
+    };
+    let c = config(&db, "");
+    let mut sink = PostgresSink::build("pg", &c, None).unwrap();
+    sink.feed_started("f", "http://x/", 0, "");
+    sink.write(&events(1..=10)).unwrap();
+    drop(sink);
+
+    // A crash before the first checkpoint: the run starts over and the server sends the same
+    // stream; batches that do not reach the cursor are copies too.
+    let mut sink = PostgresSink::build("pg", &c, None).unwrap();
+    sink.feed_started("f", "http://x/", 0, "");
+    sink.write(&events(1..=3)).unwrap();
+    sink.write(&events(4..=6)).unwrap();
+    sink.write(&events(7..=12)).unwrap();
+    assert_eq!(sink.duplicates.get(), 10);
+    assert_eq!(
+        column(
+            &db,
+            "SELECT count(*) || ' ' || count(DISTINCT seq) FROM sse_events"
+        ),
+        ["12 12"]
+    );
+    drop(sink);
+
+    // A reset checkpoint and a server with new events under the same ids: all stored.
+    let mut sink = PostgresSink::build("pg", &c, None).unwrap();
+    sink.feed_started("f", "http://x/", 0, "");
+    let other: Vec<Arc<Event>> = (1..=3)
+        .map(|n| Arc::new(Event::new("f", "edit", &format!("id-{n}"), "new", n)))
+        .collect();
+    sink.write(&other).unwrap();
+    assert_eq!(sink.duplicates.get(), 0);
+    assert_eq!(column(&db, "SELECT count(*) FROM sse_events"), ["15"]);
+}
+
+#[test]
 fn a_terminated_connection_loses_nothing_and_stores_nothing_twice() {
     let Some(db) = TestDb::create("terminate") else {
         return;
