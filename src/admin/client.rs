@@ -167,6 +167,11 @@ fn feed_table(feeds: &Value) -> String {
             vec![
                 text(&f["name"]),
                 text(&f["state"]),
+                match (f["protocol"].as_str(), f["connection"].as_u64()) {
+                    (Some(p), Some(c)) => format!("{p} #{c}"),
+                    (Some(p), None) => p.to_string(),
+                    _ => "-".to_string(),
+                },
                 text(&f["last_event_id"]),
                 seconds(&f["last_event_age_seconds"])
                     .map(|d| format!("{} ago", humantime::format_duration(d)))
@@ -193,6 +198,7 @@ fn feed_table(feeds: &Value) -> String {
         &[
             "FEED",
             "STATE",
+            "PROTOCOL",
             "LAST-EVENT-ID",
             "LAST EVENT",
             "EVENTS",

@@ -324,6 +324,8 @@ async fn feeds(State(state): State<Arc<AdminState>>) -> Response {
                 "last_error": st.last_error,
                 "last_error_at": st.last_error_at.map(rfc3339),
                 "open_since": st.open_since.map(rfc3339),
+                "protocol": st.protocol,
+                "connection": st.connection,
                 "errors": st.errors,
                 "events": {
                     "received": load(&stats.received),

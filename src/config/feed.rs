@@ -56,6 +56,14 @@ pub struct FeedConfig {
     /// error, since the bridge asked for none.
     #[serde(default)]
     pub compression: bool,
+    /// Which HTTP versions the feed may use: `"auto"` (the default: over TLS the bridge offers
+    /// HTTP/2 and HTTP/1.1 and the server chooses; `http://` is HTTP/1.1), `"1.1"` (a
+    /// connection of its own per feed) or `"2"` (HTTP/2 only; on `http://`, with prior
+    /// knowledge, h2c). Over HTTP/2 the feeds of one origin (scheme, host, port, TLS settings,
+    /// proxy) are streams on shared connections: a new connection opens when the others carry
+    /// as many streams as the server allows (`SETTINGS_MAX_CONCURRENT_STREAMS`, at most 128).
+    #[serde(default)]
+    pub http_version: HttpVersion,
     /// Extra request headers, for example `{ "User-Agent" = "my-bridge (ops@example.org)" }`.
     /// `Accept`, `Cache-Control` and `Last-Event-ID` are set by the bridge and cannot be
     /// overridden here. Put secrets in `bearer_token_env` / `bearer_token_file` instead.
@@ -205,6 +213,7 @@ impl std::fmt::Debug for FeedConfig {
             .field("start", &self.start)
             .field("since_query", &self.since_query)
             .field("compression", &self.compression)
+            .field("http_version", &self.http_version)
             .field("headers", &headers)
             .field("secret_headers", &self.secret_headers)
             .field(
@@ -238,6 +247,18 @@ pub struct StartConfig {
     /// An RFC 3339 time (`"2026-12-01T00:00:00Z"`) or a duration back from the start
     /// (`"1h"`).
     pub since: String,
+}
+
+/// See `FeedConfig::http_version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum HttpVersion {
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "1.1")]
+    Http1,
+    #[serde(rename = "2")]
+    Http2,
 }
 
 /// How a feed reacts to failures. See `FeedConfig::policy`.
@@ -318,6 +339,11 @@ impl From<&FeedConfig> for ClientOptions {
                 .and_then(|s| sse::Since::parse(&s.since).ok()),
             since_query: feed.since_query.clone(),
             compression: feed.compression,
+            http_version: match feed.http_version {
+                HttpVersion::Auto => crate::sse::transport::HttpVersion::Auto,
+                HttpVersion::Http1 => crate::sse::transport::HttpVersion::Http1,
+                HttpVersion::Http2 => crate::sse::transport::HttpVersion::Http2,
+            },
             headers: feed
                 .headers
                 .iter()
@@ -382,6 +408,7 @@ impl FeedConfig {
             start: None,
             since_query: defaults::since_query(),
             compression: false,
+            http_version: HttpVersion::Auto,
             headers: BTreeMap::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,

@@ -18,7 +18,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-pub use feed::{BackoffConfig, FeedConfig, OnClientError, Policy, StartConfig};
+pub use feed::{BackoffConfig, FeedConfig, HttpVersion, OnClientError, Policy, StartConfig};
 
 use crate::route::{RouteConfig, RoutingConfig};
 use crate::sink::SinkConfig;

@@ -350,15 +350,19 @@ impl EventSource {
         tracing::info!(
             feed = %self.name,
             status = conn.status(),
+            protocol = conn.info().map_or("", |i| i.protocol.as_str()),
             last_event_id = %id,
             reconnects = self.attempts.saturating_sub(1),
             "connected to {}",
             self.connector.shown_url()
         );
+        let info = conn.info();
         self.status.update(|s| {
             s.state = ReadyState::Open;
             s.current_backoff = None;
             s.open_since = Some(SystemTime::now());
+            s.protocol = info.map(|i| i.protocol.as_str());
+            s.connection = info.map(|i| i.id);
         });
         let gap = (id.is_empty() && self.events_seen > 0 && !self.gap_reported).then(|| {
             Next::Gap {

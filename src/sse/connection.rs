@@ -26,6 +26,7 @@
 //! it is made, so that text a server echoes back (a Content-Type, a redirect target) cannot
 //! carry a credential into logs or the status.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -46,7 +47,7 @@ use super::options::{ClientOptions, RequestBodySource};
 use super::response::{self, Verdict};
 use super::secret::{is_secret_header, Redactor, Secret, MIN_SECRET_LEN, REDACTED};
 use super::token_command;
-use super::transport::http1::Http1Transport;
+use super::transport::client::HttpTransport;
 use super::transport::proxy::system_proxies;
 use super::transport::redirect::RedirectRules;
 use super::transport::{
@@ -244,6 +245,7 @@ struct Inner {
     /// serves every feed with the same TLS settings.
     max_redirects: usize,
     forward_headers_on_redirect: bool,
+    http_version: transport::HttpVersion,
     transport: Arc<dyn Transport>,
 }
 
@@ -274,27 +276,44 @@ enum TokenSource {
     Command(Vec<String>),
 }
 
+/// The transport of the feeds that trust the CA certificates of `path`: one per file and
+/// content while feeds use it (a changed file gives a new one at the next reload).
+fn with_ca_file(path: &std::path::Path) -> Result<Arc<HttpTransport>, String> {
+    type Cache = Mutex<HashMap<(PathBuf, Vec<u8>), std::sync::Weak<HttpTransport>>>;
+    static BY_FILE: OnceLock<Cache> = OnceLock::new();
+    let contents = std::fs::read(path).unwrap_or_default();
+    let key = (path.to_path_buf(), contents);
+    let cache = BY_FILE.get_or_init(Cache::default);
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    cache.retain(|_, t| t.strong_count() > 0);
+    if let Some(transport) = cache.get(&key).and_then(std::sync::Weak::upgrade) {
+        return Ok(transport);
+    }
+    let tls = tls_config_with_ca_file(path).map_err(|e| format!("`ca_file`: {e}"))?;
+    let transport = Arc::new(HttpTransport::new(system_proxies(), tls));
+    cache.insert(key, Arc::downgrade(&transport));
+    Ok(transport)
+}
+
 impl Connector {
     /// Checks the feed's URL, headers and token variable, and the TLS settings; requests go
     /// through the lean HTTP/1.1 transport with the environment's proxies, one shared by every
     /// feed without a `ca_file`.
     pub fn new(feed: &ClientOptions) -> Result<Connector, ClientError> {
-        static SHARED: OnceLock<Result<Arc<Http1Transport>, String>> = OnceLock::new();
+        static SHARED: OnceLock<Result<Arc<HttpTransport>, String>> = OnceLock::new();
         let transport: Result<Arc<dyn Transport>, String> = match &feed.ca_file {
             None => SHARED
                 .get_or_init(|| {
                     transport::tls::shared_config()
-                        .map(|tls| Arc::new(Http1Transport::new(system_proxies(), tls)))
+                        .map(|tls| Arc::new(HttpTransport::new(system_proxies(), tls)))
                         .map_err(|e| format!("cannot set up TLS: {e}"))
                 })
                 .clone()
                 .map(|t| t as Arc<dyn Transport>),
-            // Its own settings: only feeds with a ca_file pay for a root store of their own.
-            Some(path) => tls_config_with_ca_file(path)
-                .map(|tls| {
-                    Arc::new(Http1Transport::new(system_proxies(), tls)) as Arc<dyn Transport>
-                })
-                .map_err(|e| format!("`ca_file`: {e}")),
+            // Its own settings: only feeds with a ca_file pay for a root store of their own,
+            // once per file (and content), so that feeds trusting the same CA share HTTP/2
+            // connections.
+            Some(path) => with_ca_file(path).map(|t| t as Arc<dyn Transport>),
         };
         let transport = transport.map_err(|message| ClientError {
             feed: feed.name.clone(),
@@ -310,7 +329,7 @@ impl Connector {
         proxies: Arc<hyper_util::client::proxy::matcher::Matcher>,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<Connector, ClientError> {
-        Connector::with_transport(feed, Arc::new(Http1Transport::new(proxies, tls)))
+        Connector::with_transport(feed, Arc::new(HttpTransport::new(proxies, tls)))
     }
 
     /// A connector whose requests go through `transport` (which follows redirects itself).
@@ -434,6 +453,7 @@ impl Connector {
                 idle_timeout: (!feed.idle_timeout.is_zero()).then_some(feed.idle_timeout),
                 max_redirects: feed.max_redirects,
                 forward_headers_on_redirect: feed.forward_headers_on_redirect,
+                http_version: feed.http_version,
                 transport,
             }),
         })
@@ -673,6 +693,7 @@ impl Inner {
                 keep_across_origins: &KEEP_ACROSS_ORIGINS,
             });
             extensions.insert(ConnectTimeout(self.connect_timeout));
+            extensions.insert(self.http_version);
 
             let send = self.transport.clone().send(request);
             let result = match tokio::time::timeout(self.header_timeout, send).await {
@@ -757,6 +778,7 @@ impl Inner {
         ) {
             Verdict::Open => Ok(Connection {
                 status: code,
+                info: parts.extensions.get::<transport::ConnectionInfo>().copied(),
                 deadline: self
                     .idle_timeout
                     .and_then(|t| Instant::now().checked_add(t)),
@@ -781,6 +803,8 @@ impl Inner {
 /// An open event stream: the body, read piece by piece with the idle timeout.
 pub struct Connection {
     status: u16,
+    /// The protocol and connection it came over, when the transport said.
+    info: Option<transport::ConnectionInfo>,
     body: Box<dyn Body>,
     /// Decodes a gzip body (`compression = true` and the server used it).
     gunzip: Option<Box<Gunzip>>,
@@ -805,6 +829,11 @@ impl Connection {
     /// The status of the accepted response (200).
     pub fn status(&self) -> u16 {
         self.status
+    }
+
+    /// The protocol and connection the stream came over, when the transport said.
+    pub fn info(&self) -> Option<transport::ConnectionInfo> {
+        self.info
     }
 
     /// Whether the request that opened this connection carried `Last-Event-ID`.

@@ -118,6 +118,8 @@ pub struct ClientOptions {
     pub since_query: String,
     /// Ask for a gzip body (`Accept-Encoding: gzip`) and decode it.
     pub compression: bool,
+    /// Which HTTP versions requests may use.
+    pub http_version: super::transport::HttpVersion,
     /// Extra request headers, in order. Every value is held as a secret; `secret_headers`
     /// (and the well-known credential headers) decide which are also scrubbed from text.
     pub headers: Vec<(String, Secret)>,
@@ -161,6 +163,7 @@ impl ClientOptions {
             start_since: None,
             since_query: "since".into(),
             compression: false,
+            http_version: super::transport::HttpVersion::Auto,
             headers: Vec::new(),
             secret_headers: Vec::new(),
             forward_headers_on_redirect: false,

@@ -55,6 +55,10 @@ pub struct FeedStatus {
     pub current_backoff: Option<Duration>,
     /// When the current connection opened.
     pub open_since: Option<SystemTime>,
+    /// The protocol of the current (or last) connection: `HTTP/1.1` or `HTTP/2`.
+    pub protocol: Option<&'static str>,
+    /// The id of that connection: feeds on one shared HTTP/2 connection show the same id.
+    pub connection: Option<u64>,
     /// Failures so far, by class (one of [`ERROR_CLASSES`]).
     pub errors: BTreeMap<&'static str, u64>,
 }
@@ -69,6 +73,8 @@ impl Default for FeedStatus {
             reconnects: 0,
             current_backoff: None,
             open_since: None,
+            protocol: None,
+            connection: None,
             errors: BTreeMap::new(),
         }
     }

@@ -2,16 +2,19 @@
 //! (`http::Request<()>`, the URL and headers the client chose) and answers with the response's
 //! status and headers and a [`Body`] of `Bytes` chunks, following redirects on its own. The
 //! client owns none of it: it is given an `Arc<dyn Transport>`, so its state machine can be
-//! driven by a scripted transport in tests, and another protocol (HTTP/2) can go here later.
+//! driven by a scripted transport in tests.
 //!
-//! [`http1::Http1Transport`] is the lean HTTP/1.1 client the daemon uses: split by concern into
-//! [`connect`] (DNS and TCP), [`proxy`] (the environment's proxies and `CONNECT` tunnels),
-//! [`tls`], [`redirect`] (which redirects are followed and what they keep) and [`http1`] (the
-//! request and response heads, chunked and length framing). An idle connection holds no read
-//! buffer (ARCHITECTURE.md §8: 10 000 idle feeds in 256 MiB); see [`http1::body`].
+//! [`client::HttpTransport`] is the client the daemon uses: split by concern into [`connect`]
+//! (DNS and TCP), [`proxy`] (the environment's proxies and `CONNECT` tunnels), [`tls`] (and
+//! ALPN), [`redirect`] (which redirects are followed and what they keep), [`http1`] (one
+//! connection per stream: the request and response heads, chunked and length framing) and
+//! [`http2`] (streams on shared connections per origin). An idle HTTP/1.1 connection holds no
+//! read buffer (ARCHITECTURE.md §8: 10 000 idle feeds in 256 MiB); see [`http1::body`].
 
+pub mod client;
 pub mod connect;
 pub mod http1;
+pub mod http2;
 pub mod proxy;
 pub mod redirect;
 pub mod tls;
@@ -63,6 +66,42 @@ pub struct ConnectTimeout(pub Duration);
 /// sent with `Content-Length` after the head, and again to a 307 or 308 redirect's target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestBody(pub Bytes);
+
+/// Which HTTP versions a request may use (a request extension; without it, [`HttpVersion::Auto`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// TLS offers `h2` and `http/1.1` (ALPN) and the server chooses; `http://` is HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only: a connection per stream.
+    Http1,
+    /// HTTP/2 only: over TLS by ALPN, over `http://` with prior knowledge (h2c).
+    Http2,
+}
+
+/// The protocol a response came over (a response extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "HTTP/1.1",
+            Protocol::Http2 => "HTTP/2",
+        }
+    }
+}
+
+/// The connection a response came over (a response extension): feeds on the same HTTP/2
+/// connection show the same `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    pub protocol: Protocol,
+    pub id: u64,
+}
 
 /// The connect timeout of a request without [`ConnectTimeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,6 +181,15 @@ pub enum TransportError {
         #[source]
         source: Box<TransportError>,
     },
+    /// HTTP/2 failed: the handshake, or the stream before its response head.
+    #[error("request failed: HTTP/2: {source}")]
+    Http2 {
+        #[source]
+        source: h2::Error,
+    },
+    /// `http_version = "2"` and the server chose HTTP/1.1 in the TLS handshake.
+    #[error("the server does not offer HTTP/2 (ALPN chose {chosen}); set http_version = \"auto\" or \"1.1\" for this feed")]
+    Http2NotOffered { chosen: String },
     /// The request could not be made from what the client gave (not an absolute http URI).
     #[error("invalid request: {0}")]
     InvalidRequest(String),

@@ -207,6 +207,9 @@ pub enum BodyError {
     /// The chunked framing is malformed.
     #[error("{0}; dropping the connection")]
     Malformed(#[source] MalformedChunk),
+    /// The HTTP/2 stream or its connection failed (RST_STREAM, GOAWAY, a protocol error).
+    #[error("connection broken while reading the stream: HTTP/2: {0}")]
+    Http2(#[source] h2::Error),
 }
 
 /// The body of an accepted response, read piece by piece.
