@@ -61,10 +61,19 @@ fn escaping_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> +
 /// Installs the global subscriber. The filter comes from `RUST_LOG` when set, else from
 /// `level` (the command line or the config's `log.level`).
 pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    // The HTTP/2 library logs every frame at debug and trace (request paths included): only
+    // its warnings, unless the filter names it.
+    let quiet_h2 = |filter: &str| {
+        if filter.contains("h2") {
+            filter.to_string()
+        } else {
+            format!("{filter},h2=warn")
+        }
+    };
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => parse_filter(&v)
+        Ok(v) if !v.trim().is_empty() => parse_filter(&quiet_h2(&v))
             .map_err(|e| anyhow::anyhow!("RUST_LOG=`{v}` is not a valid log filter: {e}"))?,
-        _ => parse_filter(level)
+        _ => parse_filter(&quiet_h2(level))
             .map_err(|e| anyhow::anyhow!("log level `{level}` is not a valid log filter: {e}"))?,
     };
     // Colours only on a terminal: journald and log files get plain text.

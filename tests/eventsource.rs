@@ -4,6 +4,10 @@
 //! must respect whatever the scheduling noise. Nothing waits by sleeping and hoping: every wait
 //! is on an observable condition with a deadline (the only sleeps are windows in which something
 //! must NOT happen).
+//!
+//! The same tests run over HTTP/2 too: `every_test_here_passes_over_http2` runs this binary
+//! again with `SSE_BRIDGE_TEST_OVER_HTTP2=1`, where every feed goes through an h2c front
+//! (`support::gateway`) to the same server, with `http_version = "2"`.
 
 mod support;
 
@@ -78,7 +82,40 @@ impl Drop for Driver {
     }
 }
 
+/// The feed as the run's transport needs it: unchanged, or (over HTTP/2) through an h2c front.
+fn transported(mut feed: FeedConfig) -> FeedConfig {
+    if !support::gateway::over_http2() {
+        return feed;
+    }
+    let Ok(mut url) = url::Url::parse(&feed.url) else {
+        return feed;
+    };
+    let origin = match (url.scheme(), url.host_str(), url.port()) {
+        ("http", Some("127.0.0.1"), Some(port)) => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], port))
+        }
+        _ => return feed,
+    };
+    let front = support::gateway::start(origin);
+    let _ = url.set_port(Some(front.port()));
+    feed.url = url.to_string();
+    feed.http_version = sse_bridge::config::HttpVersion::Http2;
+    feed
+}
+
+/// Whether `err` names `url` (over HTTP/2 the feed's URL is the front's: then its path).
+fn names_url(err: &str, url: &str) -> bool {
+    if !support::gateway::over_http2() {
+        return err.contains(url);
+    }
+    let path = url::Url::parse(url)
+        .map(|u| u.path().to_string())
+        .unwrap_or_default();
+    err.contains("http://127.0.0.1:") && err.contains(&path)
+}
+
 fn drive(feed: FeedConfig, start_id: &str) -> Driver {
+    let feed = transported(feed);
     let status = StatusHandle::new();
     let mut es =
         EventSource::new(Arc::new(feed), start_id.to_string(), status.clone()).expect("valid feed");
@@ -615,7 +652,7 @@ async fn server_errors_back_off_exponentially_then_recover() {
         err.contains("test-feed") && err.contains("HTTP 500"),
         "{err}"
     );
-    assert!(err.contains(&server.url_for("/events")), "{err}");
+    assert!(names_url(&err, &server.url_for("/events")), "{err}");
 
     assert_eq!(d.events(1).await, vec![ev("message", "ok", "")]);
     let r = server.requests();
@@ -1268,14 +1305,14 @@ async fn secrets_never_appear_in_errors_or_logs() {
     assert_eq!(d.events(1).await.len(), 1);
     let err = last_error(&d);
     let shown = server.url_for("/path");
-    assert!(err.contains(&shown), "{err}");
+    assert!(names_url(&err, &shown), "{err}");
     let logs = logs.text();
     assert!(
         logs.contains("HTTP 500") && logs.contains("HTTP 403"),
         "{logs}"
     );
     assert!(
-        logs.contains("test-feed") && logs.contains(&shown),
+        logs.contains("test-feed") && names_url(&logs, &shown),
         "{logs}"
     );
     for secret in ["pa55word", "qu3ry-s3cret", "t0ken-s3cret-value", "apikey"] {
@@ -1311,8 +1348,12 @@ async fn next_is_cancel_safe() {
     }
     let server = Server::replies(vec![Reply::status(500), reply.hang()]).await;
     let status = StatusHandle::new();
-    let mut es = EventSource::new(Arc::new(feed(server.url_for("/"))), String::new(), status)
-        .expect("valid feed");
+    let mut es = EventSource::new(
+        Arc::new(transported(feed(server.url_for("/")))),
+        String::new(),
+        status,
+    )
+    .expect("valid feed");
     let mut got = Vec::new();
     let mut cancelled = 0;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -1340,4 +1381,27 @@ async fn next_is_cancel_safe() {
         "cancelling must not start extra attempts"
     );
     assert_eq!(es.last_event_id(), "19");
+}
+
+/// Every test above, over HTTP/2: this binary again, each feed through an h2c front.
+#[test]
+fn every_test_here_passes_over_http2() {
+    if support::gateway::over_http2() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let output = std::process::Command::new(exe)
+        .args([
+            "--skip",
+            "every_test_here_passes_over_http2",
+            "--test-threads",
+            "4",
+        ])
+        .env("SSE_BRIDGE_TEST_OVER_HTTP2", "1")
+        .output()
+        .expect("run the tests over HTTP/2");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "over HTTP/2:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("test result: ok."), "{stdout}");
 }

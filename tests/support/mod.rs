@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub mod bridge;
+pub mod gateway;
 pub mod h2;
 pub mod server;
 
