@@ -2,7 +2,9 @@
 //! a real HTTP/2 server on 127.0.0.1 (`support::h2`, hyperium's `h2`), over TLS with a test CA
 //! and in clear text (h2c): events and Last-Event-ID as over HTTP/1.1, two connections for 200
 //! feeds when the server allows 100 streams each, GOAWAY and RST_STREAM, a stalled feed beside
-//! a busy one, and the choice between HTTP/1.1 and HTTP/2.
+//! a busy one, and the choice between HTTP/1.1 and HTTP/2. And through a real third-party
+//! HTTP/2 server: Debian's nginx terminating TLS in front of the HTTP/1.1 test server (skipped
+//! without nginx unless `SSE_BRIDGE_REQUIRE_NGINX=1`, which `.ci/run` sets after installing it).
 
 mod support;
 
@@ -271,7 +273,10 @@ async fn auto_uses_http1_where_the_server_offers_nothing_else_and_2_says_so() {
     let ca = support::h2::write(
         dir.path(),
         "ca.pem",
-        &support::h2::pem(server.cert_der.as_deref().expect("certificate")),
+        &support::h2::pem(
+            server.cert_der.as_deref().expect("certificate"),
+            "CERTIFICATE",
+        ),
     );
     let mut config = FeedConfig::new("h1", server.url());
     config.ca_file = Some(ca.clone());
@@ -292,5 +297,164 @@ async fn auto_uses_http1_where_the_server_offers_nothing_else_and_2_says_so() {
     assert!(
         error.contains("does not offer HTTP/2") && error.contains("http_version"),
         "{error}"
+    );
+}
+
+/// nginx (`/usr/sbin/nginx` or on PATH) as a child process; killed when dropped.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx_binary() -> Option<std::path::PathBuf> {
+    let fixed = std::path::PathBuf::from("/usr/sbin/nginx");
+    if fixed.is_file() {
+        return Some(fixed);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("nginx"))
+            .find(|p| p.is_file())
+    })
+}
+
+impl Nginx {
+    /// nginx with TLS and HTTP/2 on 127.0.0.1, proxying to `upstream` without buffering (as
+    /// an SSE origin needs), its certificate from a new test CA. `None` when nginx is missing
+    /// and not required.
+    async fn start(upstream: std::net::SocketAddr) -> Option<(Nginx, support::h2::TestCerts)> {
+        let Some(binary) = nginx_binary() else {
+            assert!(
+                std::env::var_os("SSE_BRIDGE_REQUIRE_NGINX").is_none_or(|v| v != "1"),
+                "nginx is required (SSE_BRIDGE_REQUIRE_NGINX=1) but not installed: \
+                 apt-get install nginx-light, or run .ci/run"
+            );
+            eprintln!("nginx is not installed: skipping the nginx test");
+            return None;
+        };
+        let certs = support::h2::TestCerts::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = &dir.path().to_path_buf();
+        support::h2::write(d, "cert.pem", &certs.cert);
+        support::h2::write(d, "key.pem", &certs.key);
+        std::fs::create_dir_all(d.join("tmp")).expect("tmp");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {d}/access.log combined;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        server_name localhost;
+        ssl_certificate {d}/cert.pem;
+        ssl_certificate_key {d}/key.pem;
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+        }}
+    }}
+}}
+"#,
+            d = d.display()
+        );
+        let conf_path = support::h2::write(d, "nginx.conf", &conf);
+        let child = std::process::Command::new(binary)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start nginx");
+        let nginx = Nginx { child, port, dir };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nginx did not listen on {port}: {}",
+                std::fs::read_to_string(d.join("error.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some((nginx, certs))
+    }
+
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_through_nginx_over_http2_get_every_event() {
+    use support::server::Server;
+    let upstream = Server::log(300, 50, Duration::from_millis(10)).await;
+    let Some((nginx, certs)) = Nginx::start(upstream.addr).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = support::h2::write(dir.path(), "ca.pem", &certs.ca);
+    let mut feeds: Vec<Feed> = (0..20)
+        .map(|i| {
+            let mut f = FeedConfig::new(
+                format!("n{i}"),
+                format!("https://localhost:{}/stream/{i}", nginx.port),
+            );
+            f.ca_file = Some(ca.clone());
+            Feed::start(f)
+        })
+        .collect();
+    for f in &mut feeds {
+        f.until(300).await;
+    }
+    let mut connections: Vec<u64> = feeds
+        .iter()
+        .map(|f| {
+            let s = f.status();
+            assert_eq!(s.protocol, Some("HTTP/2"), "{s:?}");
+            s.connection.expect("connection")
+        })
+        .collect();
+    connections.sort_unstable();
+    connections.dedup();
+    assert_eq!(connections.len(), 1, "20 feeds on one connection to nginx");
+    // nginx logs a request when it ends: the feeds go away.
+    drop(feeds);
+    let logged = |log: &str| log.lines().filter(|l| l.contains("/stream/")).count();
+    assert!(
+        support::wait_for(WAIT, || logged(&nginx.access_log()) >= 20).await,
+        "nginx's access log: {}",
+        nginx.access_log()
+    );
+    let log = nginx.access_log();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("/stream/"))
+            .all(|l| l.contains("HTTP/2.0")),
+        "nginx's access log: {log}"
     );
 }

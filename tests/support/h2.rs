@@ -328,21 +328,44 @@ async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> Result<(), 
     Ok(())
 }
 
+/// A new test CA and a certificate for `localhost` it signed, all PEM.
+pub struct TestCerts {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+    cert_der: rustls::pki_types::CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl TestCerts {
+    pub fn new() -> TestCerts {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "sse-bridge test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let cert = params.signed_by(&key, &ca, &ca_key).expect("certificate");
+        let key_der = key.serialize_der();
+        TestCerts {
+            ca: pem(ca.der(), "CERTIFICATE"),
+            cert: pem(cert.der(), "CERTIFICATE"),
+            key: pem(&key_der, "PRIVATE KEY"),
+            cert_der: cert.der().clone(),
+            key_der,
+        }
+    }
+}
+
 /// A TLS acceptor (ALPN `h2`) with a certificate for `localhost` signed by a new test CA;
 /// returns it with the CA's certificate (PEM).
 fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "sse-bridge test CA");
-    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-    let cert = params.signed_by(&key, &ca, &ca_key).expect("certificate");
+    let certs = TestCerts::new();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
-        key.serialize_der(),
+        certs.key_der.clone(),
     ));
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -350,13 +373,10 @@ fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
     .with_safe_default_protocol_versions()
     .expect("TLS versions")
     .with_no_client_auth()
-    .with_single_cert(vec![cert.der().clone()], key)
+    .with_single_cert(vec![certs.cert_der.clone()], key)
     .expect("server certificate");
     config.alpn_protocols = vec![b"h2".to_vec()];
-    (
-        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-        pem(ca.der()),
-    )
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), certs.ca)
 }
 
 /// Writes `text` to `dir/name`.
@@ -366,8 +386,8 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// A certificate (DER) as PEM.
-pub fn pem(der: &[u8]) -> String {
+/// DER as a PEM block labelled `label`.
+pub fn pem(der: &[u8], label: &str) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::new();
     for chunk in der.chunks(3) {
@@ -389,7 +409,7 @@ pub fn pem(der: &[u8]) -> String {
         .map(|l| std::str::from_utf8(l).expect("ascii"))
         .collect();
     format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
         lines.join("\n")
     )
 }
