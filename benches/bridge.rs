@@ -19,6 +19,12 @@
 //!   127.0.0.1:5432; a database of its own, dropped at the end).
 //! - `idle`: 10 000 feeds of heartbeat comments only: time to open them all, peak RSS, CPU.
 //! - `reconnect`: 1 000 feeds, the server restarts: when the reconnections arrive.
+//! - `http2`: HTTP/2 beside HTTP/1.1 in the same run: one busy feed into the file sink
+//!   (`fsync = "interval"`) straight to the generator and through an h2c front
+//!   (`tests/support/gateway.rs`, in this process) with `http_version = "2"`; then
+//!   `BENCH_IDLE_FEEDS` idle feeds over HTTP/2 to one origin (an HTTP/2 server of heartbeats,
+//!   `tests/support/h2.rs`, 100 streams per connection): time until all are open, connections,
+//!   and the bridge's peak RSS (goal: at most 64 MiB).
 //!
 //! Sizes can be changed with environment variables: `BENCH_EVENTS` (file, default 2 000 000),
 //! `BENCH_SQLITE_EVENTS` (default 500 000), `BENCH_KAFKA_EVENTS` (500 000), `BENCH_PG_EVENTS`
@@ -62,6 +68,7 @@ const SCENARIOS: &[&str] = &[
     "postgres",
     "idle",
     "reconnect",
+    "http2",
 ];
 const FEED: &str = "bench";
 const EVENT_TYPE: &str = "price-update";
@@ -73,6 +80,8 @@ const FILE_BATCH: usize = 8192;
 const SQLITE_BATCH: usize = 8192;
 /// The goal for idle feeds (README, "Benchmark": at most 256 MiB).
 const IDLE_RSS_BUDGET: u64 = 256 * 1024 * 1024;
+/// The goal for idle feeds over HTTP/2 (README, "Benchmark": at most 64 MiB).
+const IDLE_H2_RSS_BUDGET: u64 = 64 * 1024 * 1024;
 
 fn main() {
     // `cargo bench` passes `--bench`; everything else names scenarios.
@@ -119,6 +128,7 @@ fn main() {
             "postgres" => scenario_postgres(&ctx),
             "idle" => scenario_idle(&ctx),
             "reconnect" => scenario_reconnect(&ctx),
+            "http2" => scenario_http2(&ctx),
             _ => unreachable!("checked above"),
         }
     }
@@ -683,13 +693,33 @@ fn run_one_feed(
     events: usize,
     sse: Bytes,
     sink_toml: &str,
+    stored: impl FnMut() -> u64,
+) -> Run {
+    run_one_feed_over(ctx, dir, events, sse, sink_toml, false, stored)
+}
+
+/// [`run_one_feed`], over HTTP/2 through an h2c front when `http2`.
+fn run_one_feed_over(
+    ctx: &Ctx,
+    dir: &Path,
+    events: usize,
+    sse: Bytes,
+    sink_toml: &str,
+    http2: bool,
     mut stored: impl FnMut() -> u64,
 ) -> Run {
     let mut generator = generator(ctx, Body::Stream(sse), Duration::from_secs(1));
+    let feed = if http2 {
+        let front = front(ctx, &generator);
+        format!(
+            "[[feed]]\nname = {FEED:?}\nurl = \"http://{front}/stream\"\nhttp_version = \"2\"\n\n"
+        )
+    } else {
+        feed_toml(FEED, &generator.url())
+    };
     let config = format!(
-        "[state]\npath = {:?}\n\n[log]\nlevel = \"warn\"\n\n{}{sink_toml}\n[routing]\ndefault = [\"out\"]\n",
+        "[state]\npath = {:?}\n\n[log]\nlevel = \"warn\"\n\n{feed}{sink_toml}\n[routing]\ndefault = [\"out\"]\n",
         dir.join("state.db"),
-        feed_toml(FEED, &generator.url()),
     );
     let mut bridge = start_bridge(dir, &config);
     assert!(
@@ -796,7 +826,17 @@ fn scenario_file(ctx: &Ctx) {
     }
 }
 
+/// An h2c front for `generator` (HTTP/2 in, HTTP/1.1 to it), in this process.
+fn front(ctx: &Ctx, generator: &Server) -> std::net::SocketAddr {
+    let _runtime = ctx.rt.enter();
+    support::gateway::start(generator.addr)
+}
+
 fn file_run(ctx: &Ctx, fsync: &str) -> Run {
+    file_run_over(ctx, fsync, false)
+}
+
+fn file_run_over(ctx: &Ctx, fsync: &str, http2: bool) -> Run {
     let stream = ctx.stream();
     let dir = ctx.scratch();
     let expected = jsonl_size(stream.events);
@@ -805,12 +845,13 @@ fn file_run(ctx: &Ctx, fsync: &str) -> Run {
         "[sink.out]\ntype = \"file\"\npath = {:?}\nfsync = {fsync:?}\n",
         dir.path().join("events").join("{feed}.jsonl")
     );
-    let run = run_one_feed(
+    let run = run_one_feed_over(
         ctx,
         dir.path(),
         stream.events,
         stream.sse.clone(),
         &sink,
+        http2,
         || {
             // Whole lines only: the file is complete when it has the exact expected size.
             match std::fs::metadata(&out) {
@@ -1223,15 +1264,18 @@ fn scenario_kafka(ctx: &Ctx) {
 /// A config with `n` feeds to `generator`, all routed to one file sink (which idle feeds never
 /// write to).
 fn many_feeds_config(dir: &Path, generator: &Server, n: usize) -> String {
+    many_feeds_config_at(dir, &generator.url_for(""), "", n)
+}
+
+/// [`many_feeds_config`] to `base` (`http://HOST:PORT`), each feed with `extra` TOML lines.
+fn many_feeds_config_at(dir: &Path, base: &str, extra: &str, n: usize) -> String {
     let mut config = format!(
         "[state]\npath = {:?}\n\n[log]\nlevel = \"warn\"\n\n",
         dir.join("state.db")
     );
     for i in 0..n {
-        config.push_str(&feed_toml(
-            &format!("f{i:05}"),
-            &generator.url_for(&format!("/f{i}")),
-        ));
+        config.push_str(&feed_toml(&format!("f{i:05}"), &format!("{base}/f{i}")));
+        config.push_str(extra);
     }
     let _ = write!(
         config,
@@ -1300,6 +1344,109 @@ fn scenario_idle(ctx: &Ctx) {
         drain.as_secs_f64(),
         complaints.len()
     ));
+}
+
+fn scenario_http2(ctx: &Ctx) {
+    // One busy feed: HTTP/1.1 and HTTP/2 in the same run.
+    let stream = ctx.stream();
+    let h1 = file_run_over(ctx, "interval", false);
+    let h2 = file_run_over(ctx, "interval", true);
+    let h1_rate = Rate {
+        events_per_s: stream.events as f64 / h1.secs,
+        mb_per_s: stream.mb() / h1.secs,
+        cpu_s: h1.cpu_s,
+    };
+    for (what, run) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+        ctx.add(bridge_row(
+            &format!("bridge -> file sink (fsync interval) over {what}"),
+            stream.events,
+            stream.mb(),
+            run,
+            &[(h1_rate, "the same over HTTP/1.1")],
+        ));
+    }
+
+    // Idle feeds over HTTP/2, all to one origin: an HTTP/2 server of heartbeats only
+    // (`tests/support/h2.rs`, in this process; 100 streams per connection, as nginx's default).
+    let feeds = env_usize("BENCH_IDLE_FEEDS", 10_000);
+    let idle = Duration::from_secs(env_usize("BENCH_IDLE_SECS", 30) as u64);
+    let dir = ctx.scratch();
+    let server = ctx
+        .rt
+        .block_on(support::h2::H2Server::start(support::h2::Options {
+            heartbeat: Some(Duration::from_secs(10)),
+            max_streams: 100,
+            ..support::h2::Options::default()
+        }));
+    let mut bridge = start_bridge(
+        dir.path(),
+        &many_feeds_config_at(
+            dir.path(),
+            &format!("http://{}", server.addr),
+            "http_version = \"2\"\n\n",
+            feeds,
+        ),
+    );
+    let started = Instant::now();
+    let all_open = wait_until(
+        &mut bridge,
+        Duration::from_secs(300),
+        Duration::from_millis(20),
+        || server.request_count() >= feeds,
+    );
+    let open_secs = started.elapsed().as_secs_f64();
+    let startup_cpu = bridge.cpu_seconds();
+    assert!(
+        all_open,
+        "only {} of {feeds} HTTP/2 feeds opened in 300 s; the bridge logged: {:#?}",
+        server.request_count(),
+        complaints(&bridge).iter().take(10).collect::<Vec<_>>()
+    );
+    std::thread::sleep(idle);
+    let idle_cpu = bridge.cpu_seconds() - startup_cpu;
+    let peak = bridge.peak_rss().unwrap_or(0);
+    let rss = bridge.rss().unwrap_or(0);
+    let connections = connections_of(&bridge);
+    let complaints = complaints(&bridge);
+    stop_bridge(ctx, bridge);
+    drop(server);
+    let mut row = Row::new(format!(
+        "{feeds} idle feeds over HTTP/2: start + {} s idle",
+        idle.as_secs()
+    ));
+    row.cpu_s = Some(startup_cpu + idle_cpu);
+    row.peak_rss = Some(peak);
+    row.ratios.push((
+        peak as f64 / IDLE_H2_RSS_BUDGET as f64,
+        "64 MiB goal".into(),
+    ));
+    ctx.add(row);
+    ctx.note(format!(
+        "idle over HTTP/2: all {feeds} open after {open_secs:.1} s (CPU {startup_cpu:.2} s) on \
+         {connections} TCP connections; idle {} s: CPU {idle_cpu:.2} s; RSS {} (peak {}, {:.1} KiB \
+         per feed); {} warnings/errors logged",
+        idle.as_secs(),
+        mib(rss),
+        mib(peak),
+        peak as f64 / 1024.0 / feeds as f64,
+        complaints.len()
+    ));
+}
+
+/// The bridge's TCP sockets (from `/proc/PID/fd`).
+fn connections_of(bridge: &Bridge) -> usize {
+    let pid = bridge.pid();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn scenario_reconnect(ctx: &Ctx) {

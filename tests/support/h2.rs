@@ -32,6 +32,8 @@ pub struct Options {
     pub pause: Duration,
     /// The size of each event's data (at least the `NAME N` text).
     pub data_size: usize,
+    /// No events: a `: connected` comment, then one every so often (an idle feed).
+    pub heartbeat: Option<Duration>,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             per_request: None,
             pause: Duration::from_millis(20),
             data_size: 0,
+            heartbeat: None,
         }
     }
 }
@@ -149,6 +152,11 @@ impl H2Server {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests received so far.
+    pub fn request_count(&self) -> usize {
+        self.shared.requests.lock().expect("lock").len()
     }
 
     pub fn requests(&self) -> Vec<Record> {
@@ -267,6 +275,26 @@ async fn stream(
         .entry(path.clone())
         .or_default()
         .clone();
+    if let Some(every) = options.heartbeat {
+        // At a random phase, so that many idle streams do not beat together.
+        let phase = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
+        let mut text = Bytes::from_static(b": connected\n\n");
+        let mut wait = phase;
+        loop {
+            if send_all(&mut send, text).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = reset.notified() => {
+                    send.send_reset(h2::Reason::CANCEL);
+                    return;
+                }
+            }
+            text = Bytes::from_static(b": heartbeat\n\n");
+            wait = every;
+        }
+    }
     let mut next: u64 = last_event_id.and_then(|id| id.parse().ok()).unwrap_or(0) + 1;
     let name = path.trim_start_matches('/').to_string();
     let mut count = 0u64;
