@@ -237,11 +237,10 @@ impl HttpTransport {
                 _ => Ok(Opened::Http1(stream)),
             }
         };
-        match self
-            .pool
-            .request(&key, &request, connect_timeout, open)
-            .await?
-        {
+        // Boxed: an attempt's future is as large as its largest branch, and 10 000 feeds
+        // connecting at once over HTTP/1.1 should not each carry the HTTP/2 handshake's state.
+        let outcome = Box::pin(self.pool.request(&key, &request, connect_timeout, open)).await?;
+        match outcome {
             Outcome::Http2(response, slot) => {
                 let id = slot.connection();
                 let (parts, recv) = response.into_parts();

@@ -44,7 +44,7 @@ pub enum TlsConfigError {
 }
 
 /// The TLS settings of every feed, built once: ring, TLS 1.2 and 1.3, the webpki root
-/// certificates, SNI, ALPN `http/1.1` (the transport speaks nothing else). Shared: a
+/// certificates, SNI, ALPN `http/1.1` (`HttpTransport` makes one copy per HTTP version it offers). Shared: a
 /// configuration per feed would hold its own root store, about 25 KiB per feed.
 pub fn shared_config() -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, TlsConfigError>> = OnceLock::new();
