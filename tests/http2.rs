@@ -48,17 +48,28 @@ impl Drop for Feed {
 
 impl Feed {
     fn start(config: FeedConfig) -> Feed {
+        Feed::start_reading(config, usize::MAX)
+    }
+
+    /// A feed that stops reading after `events` events, and keeps its stream open (as a feed
+    /// whose sink holds it back).
+    fn start_reading(config: FeedConfig, events: usize) -> Feed {
         let status = StatusHandle::new();
         let mut es =
             EventSource::new(Arc::new(config), String::new(), status.clone()).expect("valid feed");
         let (tx, ids) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
+            let mut read = 0;
             loop {
+                if read >= events {
+                    std::future::pending::<()>().await;
+                }
                 let mut items = Vec::new();
                 match es.next(&mut items).await {
                     Next::Items => {
                         for item in items {
                             if let Item::Event(e) = item {
+                                read += 1;
                                 let id: u64 = e.id.parse().expect("numeric id");
                                 if tx.send(id).is_err() {
                                     return;
@@ -243,14 +254,19 @@ async fn a_stalled_feed_does_not_slow_the_others_on_its_connection() {
     })
     .await;
     // `stalled` reads its first events, then never again (as a feed whose sink is stuck).
-    let mut stalled = Feed::start(feed("stalled", &server, HttpVersion::Http2));
+    let mut stalled = Feed::start_reading(feed("stalled", &server, HttpVersion::Http2), 1);
     stalled.until(1).await;
-    stalled.task.abort();
     let mut busy = Feed::start(feed("busy", &server, HttpVersion::Http2));
     // 2 000 events of 16 KiB: 32 MiB, twice the connection window and 256 times the stream
     // window.
     busy.until(2_000).await;
     assert_eq!(server.connections(), 1, "both on one connection");
+    assert_eq!(
+        stalled.status().connection,
+        busy.status().connection,
+        "both on one connection"
+    );
+    assert_eq!(stalled.status().state, ReadyState::Open);
     let held = server.sent("stalled");
     assert!(
         held < 100,
@@ -457,4 +473,25 @@ async fn feeds_through_nginx_over_http2_get_every_event() {
             .all(|l| l.contains("HTTP/2.0")),
         "nginx's access log: {log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_allows_no_streams_is_a_clear_error_not_a_pile_of_connections() {
+    let server = H2Server::start(Options {
+        max_streams: 0,
+        ..Options::default()
+    })
+    .await;
+    let f = Feed::start(feed("z", &server, HttpVersion::Http2));
+    let mut rx = f.status.subscribe();
+    let status = tokio::time::timeout(WAIT, rx.wait_for(|s| s.reconnects >= 3))
+        .await
+        .expect("reconnects")
+        .expect("status")
+        .clone();
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("allows no streams"), "{error}");
+    // One connection per attempt, each closed at once: never a request queued on one.
+    assert!(server.requests().is_empty());
+    assert!(server.connections() <= status.reconnects as usize + 1);
 }

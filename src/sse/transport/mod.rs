@@ -187,6 +187,11 @@ pub enum TransportError {
         #[source]
         source: h2::Error,
     },
+    /// The server's SETTINGS allow no stream on a new connection.
+    #[error(
+        "request failed: HTTP/2: the server allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
+    )]
+    Http2NoStreams,
     /// `http_version = "2"` and the server chose HTTP/1.1 in the TLS handshake.
     #[error("the server does not offer HTTP/2 (ALPN chose {chosen}); set http_version = \"auto\" or \"1.1\" for this feed")]
     Http2NotOffered { chosen: String },

@@ -206,10 +206,12 @@ impl Pool {
     fn origin(&self, key: &OriginKey) -> Arc<Origin> {
         let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
         // Origins without connections are forgotten (those known to answer HTTP/1.1 too, past
-        // a few thousand), so that redirects to ever new origins cannot grow the map.
+        // a few thousand), so that redirects to ever new origins cannot grow the map; never one
+        // a request is using (opening its first connection, say), or a second would open.
         let crowded = origins.len() > MAX_REMEMBERED_ORIGINS;
         origins.retain(|k, o| {
             k == key
+                || Arc::strong_count(o) > 1
                 || (!crowded && o.http1_only.load(Ordering::Relaxed))
                 || !o.conns.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
         });
@@ -259,6 +261,12 @@ impl Pool {
                             }
                             Opened::Http2(stream) => {
                                 let (conn, ping) = handshake(key, stream, wait).await?;
+                                if conn.limit() == 0 {
+                                    // Nothing could ever be sent on it: an error now, not a
+                                    // stream queued until the header timeout.
+                                    conn.close();
+                                    return Err(TransportError::Http2NoStreams);
+                                }
                                 origin.http1_only.store(false, Ordering::Relaxed);
                                 conn.active.fetch_add(1, Ordering::AcqRel);
                                 let slot = Slot { conn: conn.clone() };
