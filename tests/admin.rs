@@ -377,6 +377,8 @@ drop = true
     assert!(f["current_backoff_seconds"].is_null());
     assert!(f["last_error"].is_null());
     assert!(f["open_since"].is_string());
+    assert_eq!(f["protocol"], "HTTP/1.1");
+    assert!(f["connection"].is_u64(), "{f}");
     assert_eq!(f["events"]["received"], N);
     assert_eq!(f["events"]["routed"], N / 3);
     assert_eq!(f["events"]["dropped"], N / 3);
@@ -418,7 +420,9 @@ drop = true
         .find(|l| l.starts_with("wiki "))
         .unwrap_or_else(|| panic!("no row for the feed:\n{stdout}"));
     let cells: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(&cells[..3], ["wiki", "open", "300"], "{stdout}");
+    assert_eq!(&cells[..3], ["wiki", "open", "HTTP/1.1"], "{stdout}");
+    assert!(cells[3].starts_with('#'), "the connection's id: {stdout}");
+    assert_eq!(cells[4], "300", "{stdout}");
     assert!(row.contains(" ago "), "{stdout}");
     assert!(
         stdout

@@ -495,3 +495,19 @@ async fn a_server_that_allows_no_streams_is_a_clear_error_not_a_pile_of_connecti
     assert!(server.requests().is_empty());
     assert!(server.connections() <= status.reconnects as usize + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_sent_again_at_once_not_counted_as_a_failure() {
+    let server = H2Server::start(Options {
+        refuse: 2,
+        ..Options::default()
+    })
+    .await;
+    let mut f = Feed::start(feed("r", &server, HttpVersion::Http2));
+    f.until(5).await;
+    assert_eq!(server.refused(), 2);
+    let status = f.status();
+    assert_eq!(status.reconnects, 0, "{status:?}");
+    assert!(status.last_error.is_none(), "{status:?}");
+    assert_eq!(server.requests().len(), 1);
+}

@@ -1332,7 +1332,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tls_streams_are_read_with_the_given_roots_and_alpn_http_1_1() {
+    async fn tls_streams_are_read_with_the_given_roots_and_only_alpn_http_1_1_with_version_1_1() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let rcgen::CertifiedKey { cert, key_pair } =
             rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -1381,7 +1381,10 @@ mod tests {
             .unwrap()
             .alpn_protocols
             .clone();
-        let f = ClientOptions::new("f", format!("https://localhost:{port}/s"));
+        // A server that prefers HTTP/2 gets HTTP/1.1 from a feed with `http_version = "1.1"`
+        // (with "auto" it would choose h2: tests/http2.rs).
+        let mut f = ClientOptions::new("f", format!("https://localhost:{port}/s"));
+        f.http_version = transport::HttpVersion::Http1;
         let connector = Connector::with_settings(&f, no_proxies(), Arc::new(config)).unwrap();
         let mut conn = connector.connect("").outcome().await.unwrap();
         let mut body = Vec::new();

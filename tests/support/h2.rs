@@ -34,6 +34,9 @@ pub struct Options {
     pub data_size: usize,
     /// No events: a `: connected` comment, then one every so often (an idle feed).
     pub heartbeat: Option<Duration>,
+    /// The first this many streams are refused (RST_STREAM REFUSED_STREAM, before any
+    /// response): not processed, so a client may send them again at once.
+    pub refuse: usize,
 }
 
 impl Default for Options {
@@ -45,6 +48,7 @@ impl Default for Options {
             pause: Duration::from_millis(20),
             data_size: 0,
             heartbeat: None,
+            refuse: 0,
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct Record {
 struct Shared {
     requests: Mutex<Vec<Record>>,
     connections: AtomicUsize,
+    /// Streams refused so far.
+    refused: AtomicUsize,
     /// Per path: reset its stream(s) now.
     resets: Mutex<HashMap<String, Arc<Notify>>>,
     /// Events sent, per path.
@@ -72,6 +78,7 @@ struct Shared {
 pub struct H2Server {
     pub addr: SocketAddr,
     tls: bool,
+    refuse: usize,
     shared: Arc<Shared>,
     goaway: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
@@ -100,6 +107,7 @@ impl H2Server {
             (None, None)
         };
         let tls = options.tls;
+        let refuse = options.refuse;
         let shared = Arc::new(Shared::default());
         let (goaway, goaway_rx) = watch::channel(0u64);
         let task = {
@@ -130,6 +138,7 @@ impl H2Server {
         H2Server {
             addr,
             tls,
+            refuse,
             shared,
             goaway,
             task,
@@ -152,6 +161,11 @@ impl H2Server {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Streams refused so far (see [`Options::refuse`]).
+    pub fn refused(&self) -> usize {
+        self.shared.refused.load(Ordering::SeqCst).min(self.refuse)
     }
 
     /// Requests received so far.
@@ -244,6 +258,10 @@ async fn stream(
     goaway_seen: u64,
     mut goaway: watch::Receiver<u64>,
 ) {
+    if shared.refused.fetch_add(1, Ordering::SeqCst) < options.refuse {
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+        return;
+    }
     let path = request.uri().path().to_string();
     let header = |name: &str| {
         request

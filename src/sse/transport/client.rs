@@ -255,6 +255,7 @@ impl HttpTransport {
                 })
             }
             Outcome::Http1(stream) => self.http1(stream, method, url, headers, body, &route).await,
+            Outcome::UseHttp1 => http1(&self.tls_http1).await,
         }
     }
 

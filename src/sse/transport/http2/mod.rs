@@ -56,6 +56,18 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// A connection without streams this long is closed.
 pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
 
+/// The stream count of a connection closed for being idle: above any limit, so no request
+/// takes a slot on it.
+const IDLE_CLOSED: usize = usize::MAX / 2;
+
+/// h2 closes a connection whose buffered DATA frames are too many small ones (each frame under
+/// 256 bytes costs 256 less its length until the feed reads it): enough for every stream's
+/// full window in frames of 64 bytes, so that feeds stalled together (a sink down) keep their
+/// connection (h2's default, half the connection window, would end it after a few). About 48
+/// MiB of budget; the windows bound what it can hold anyway.
+const DATA_FRAME_BUDGET: usize =
+    MAX_STREAMS_PER_CONNECTION * (STREAM_WINDOW as usize / 64) * (256 - 64);
+
 /// Largest response header list accepted (as the HTTP/1.1 head limit).
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
@@ -91,8 +103,11 @@ pub struct Conn {
     send: h2::client::SendRequest<Bytes>,
     /// Streams open (or being opened) on it.
     active: AtomicUsize,
-    /// Closed, failed, or told to go away: takes no new stream.
+    /// Ended (failed, closed, its driver finished): nothing works on it any more.
     closed: Arc<AtomicBool>,
+    /// Takes no new stream (the server sent GOAWAY, a request could not be sent on it); the
+    /// streams open on it go on, and keepalive keeps checking it.
+    draining: AtomicBool,
     driver: tokio::task::AbortHandle,
 }
 
@@ -107,6 +122,11 @@ impl Conn {
     fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.driver.abort();
+    }
+
+    /// Whether a new stream may go on it.
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
     }
 
     /// Open streams.
@@ -144,11 +164,14 @@ struct Origin {
 }
 
 impl Origin {
-    /// A free slot on an open connection.
-    fn checkout(&self) -> Option<Slot> {
+    /// A free slot on a usable connection other than `exclude`.
+    fn checkout(&self, exclude: Option<u64>) -> Option<Slot> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|c| !c.closed.load(Ordering::Relaxed));
         conns.iter().find_map(|c| {
+            if !c.usable() || Some(c.id) == exclude {
+                return None;
+            }
             let mut n = c.active.load(Ordering::Relaxed);
             loop {
                 if n >= c.limit() {
@@ -192,6 +215,8 @@ pub enum Outcome {
     Http2(http::Response<h2::RecvStream>, Slot),
     /// A connection on which to speak HTTP/1.1 instead.
     Http1(Stream),
+    /// The origin answers HTTP/1.1: open a connection of its own.
+    UseHttp1,
 }
 
 /// A request as HTTP/2 sends it.
@@ -210,10 +235,15 @@ impl Pool {
         // a request is using (opening its first connection, say), or a second would open.
         let crowded = origins.len() > MAX_REMEMBERED_ORIGINS;
         origins.retain(|k, o| {
+            // (An origin whose connections all ended is forgotten too.)
             k == key
                 || Arc::strong_count(o) > 1
                 || (!crowded && o.http1_only.load(Ordering::Relaxed))
-                || !o.conns.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+                || o.conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .any(|c| !c.closed.load(Ordering::Relaxed))
         });
         origins.entry(key.clone()).or_default().clone()
     }
@@ -225,9 +255,10 @@ impl Pool {
     }
 
     /// Sends `request` as a stream on a connection to `key`'s origin, opening one with `open`
-    /// when none has a free slot (one opening per origin at a time; waiting for it is bounded by
-    /// `wait`). `open` may answer that the server chose HTTP/1.1: then that connection is
-    /// returned for the caller to use.
+    /// when none has a free slot (one opening per origin at a time; `wait` bounds the PING
+    /// after a handshake). `open` may answer that the server chose HTTP/1.1: then that
+    /// connection is returned for the caller to use, and later callers are told to open their
+    /// own.
     pub async fn request<F, Fut>(
         &self,
         key: &OriginKey,
@@ -241,18 +272,20 @@ impl Pool {
     {
         let origin = self.origin(key);
         let mut retries = 0;
+        // After a refusal, the connection that refused is not asked again at once.
+        let mut exclude: Option<u64> = None;
         loop {
-            let slot = match origin.checkout() {
+            let slot = match origin.checkout(exclude) {
                 Some(slot) => slot,
                 None => {
-                    let gate = tokio::time::timeout(wait, origin.opening.lock())
-                        .await
-                        .map_err(|_| TransportError::ConnectTimeout {
-                            timeout: wait,
-                            host: key.host.clone(),
-                            port: key.port,
-                        })?;
-                    match origin.checkout() {
+                    // One opening per origin at a time; the caller's header timeout bounds
+                    // the wait.
+                    let gate = origin.opening.lock().await;
+                    if origin.http1_only.load(Ordering::Relaxed) {
+                        // Whoever held the gate found HTTP/1.1: connect outside it.
+                        return Ok(Outcome::UseHttp1);
+                    }
+                    match origin.checkout(exclude) {
                         Some(slot) => slot,
                         None => match open().await? {
                             Opened::Http1(stream) => {
@@ -267,7 +300,6 @@ impl Pool {
                                     conn.close();
                                     return Err(TransportError::Http2NoStreams);
                                 }
-                                origin.http1_only.store(false, Ordering::Relaxed);
                                 conn.active.fetch_add(1, Ordering::AcqRel);
                                 let slot = Slot { conn: conn.clone() };
                                 origin
@@ -283,27 +315,40 @@ impl Pool {
                     }
                 }
             };
-            match send(&slot, build_request(request)?, request.body).await {
+            let retry = match send(&slot, build_request(request)?, request.body).await {
                 Ok(response) => return Ok(Outcome::Http2(response, slot)),
-                Err(e) if unprocessed(&e) && retries < UNPROCESSED_RETRIES => {
-                    // The server did not take the stream (GOAWAY, refused): the connection
-                    // takes no more, and the request goes again at once, to another one.
-                    retries += 1;
-                    if e.is_go_away() {
-                        slot.conn.closed.store(true, Ordering::Relaxed);
-                    }
-                    tracing::debug!(origin = %key.shown(), connection = slot.conn.id, "stream not processed, sent again: {e}");
-                    drop(slot);
-                    let jitter = rand::random::<u64>() % 50;
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                // It never left: the connection is broken or going away, and the request is
+                // safe to send elsewhere.
+                Err(Sent::Not(e)) => {
+                    slot.conn.draining.store(true, Ordering::Relaxed);
+                    e
                 }
-                Err(e) => {
-                    if e.is_go_away() || e.is_io() {
+                // The server did not take the stream (GOAWAY, refused).
+                Err(Sent::Yes(e)) if unprocessed(&e) => {
+                    if e.is_go_away() {
+                        slot.conn.draining.store(true, Ordering::Relaxed);
+                    }
+                    e
+                }
+                Err(Sent::Yes(e)) => {
+                    if e.is_go_away() {
+                        slot.conn.draining.store(true, Ordering::Relaxed);
+                    }
+                    if e.is_io() {
                         slot.conn.closed.store(true, Ordering::Relaxed);
                     }
                     return Err(TransportError::Http2 { source: e });
                 }
+            };
+            if retries >= UNPROCESSED_RETRIES {
+                return Err(TransportError::Http2 { source: retry });
             }
+            retries += 1;
+            exclude = Some(slot.conn.id);
+            tracing::debug!(origin = %key.shown(), connection = slot.conn.id, "stream not processed, sent again: {retry}");
+            drop(slot);
+            let jitter = rand::random::<u64>() % 50;
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
         }
     }
 }
@@ -328,6 +373,7 @@ async fn handshake(
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(64 * 1024)
         .enable_push(false)
+        .data_frame_budget(DATA_FRAME_BUDGET)
         .handshake::<_, Bytes>(stream)
         .await
         .map_err(failed)?;
@@ -349,6 +395,7 @@ async fn handshake(
         send,
         active: AtomicUsize::new(0),
         closed,
+        draining: AtomicBool::new(false),
         driver: driver.abort_handle(),
     });
     let Some(mut ping) = ping else {
@@ -387,7 +434,13 @@ async fn keepalive(conn: Weak<Conn>, mut ping: Option<h2::PingPong>) {
         }
         if c.streams() == 0 {
             let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
-            if since.elapsed() >= IDLE_CLOSE {
+            // Closed only if no request takes a slot meanwhile: the count is swapped for one
+            // under which no request can take a slot.
+            if since.elapsed() >= IDLE_CLOSE
+                && c.active
+                    .compare_exchange(0, IDLE_CLOSED, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
                 c.close();
                 return;
             }
@@ -413,9 +466,14 @@ async fn keepalive(conn: Weak<Conn>, mut ping: Option<h2::PingPong>) {
 /// The request as HTTP/2 sends it: the URI with scheme and authority, no connection-specific
 /// fields.
 fn build_request(request: &H2Request<'_>) -> Result<http::Request<()>, TransportError> {
+    // A `Host` the feed sets is the authority, as over HTTP/1.1 it is the `Host` line.
+    let host = request
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok());
     let mut builder = http::Request::builder()
         .method(request.method.clone())
-        .uri(request_uri(request.url));
+        .uri(request_uri(request.url, host));
     if let Some(headers) = builder.headers_mut() {
         for (name, value) in request.headers {
             // Connection-specific fields do not exist in HTTP/2 (RFC 9113 §8.2.2); `Host` is
@@ -431,10 +489,25 @@ fn build_request(request: &H2Request<'_>) -> Result<http::Request<()>, Transport
                 http::HeaderValue::from_static(super::http1::head::USER_AGENT),
             );
         }
+        // Its length, as over HTTP/1.1 (0 for a POST without one: some servers want it).
+        if let Some(body) = request.body {
+            headers.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(body.len()),
+            );
+        }
     }
     builder
         .body(())
         .map_err(|e| TransportError::InvalidRequest(format!("not an HTTP/2 request: {e}")))
+}
+
+/// Whether a failed request had left.
+enum Sent {
+    /// It never left (the connection was already broken or going away).
+    Not(h2::Error),
+    /// It left; the server may have seen it.
+    Yes(h2::Error),
 }
 
 /// Sends the request on the slot's connection and waits for the response head.
@@ -442,14 +515,18 @@ async fn send(
     slot: &Slot,
     req: http::Request<()>,
     body: Option<&[u8]>,
-) -> Result<http::Response<h2::RecvStream>, h2::Error> {
-    let mut sender = slot.conn.send.clone().ready().await?;
+) -> Result<http::Response<h2::RecvStream>, Sent> {
+    let mut sender = slot.conn.send.clone().ready().await.map_err(Sent::Not)?;
     let body = body.filter(|b| !b.is_empty());
-    let (response, mut stream) = sender.send_request(req, body.is_none())?;
+    let (response, mut stream) = sender
+        .send_request(req, body.is_none())
+        .map_err(Sent::Not)?;
     if let Some(body) = body {
-        stream.send_data(Bytes::copy_from_slice(body), true)?;
+        stream
+            .send_data(Bytes::copy_from_slice(body), true)
+            .map_err(Sent::Yes)?;
     }
-    response.await
+    response.await.map_err(Sent::Yes)
 }
 
 fn is_connection_specific(name: &http::HeaderName) -> bool {
@@ -463,15 +540,19 @@ fn is_connection_specific(name: &http::HeaderName) -> bool {
         || name.as_str() == "proxy-connection"
 }
 
-/// The URI of an HTTP/2 request: scheme, authority and path with query, without userinfo.
-fn request_uri(url: &url::Url) -> String {
+/// The URI of an HTTP/2 request: scheme, authority (`host` when the feed set a `Host`) and
+/// path with query, without userinfo.
+fn request_uri(url: &url::Url, host: Option<&str>) -> String {
+    let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+    let target = if target.is_empty() { "/" } else { target };
+    if let Some(authority) = host {
+        return format!("{}://{authority}{target}", url.scheme());
+    }
     let host = match url.host() {
         Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
         Some(h) => h.to_string(),
         None => String::new(),
     };
-    let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
-    let target = if target.is_empty() { "/" } else { target };
     match url.port() {
         Some(port) => format!("{}://{host}:{port}{target}", url.scheme()),
         None => format!("{}://{host}{target}", url.scheme()),
