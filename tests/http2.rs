@@ -511,3 +511,23 @@ async fn a_refused_stream_is_sent_again_at_once_not_counted_as_a_failure() {
     assert!(status.last_error.is_none(), "{status:?}");
     assert_eq!(server.requests().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_head_past_64_kib_is_an_error_and_the_feed_retries() {
+    // 1 MiB of response headers: refused by the header list limit, never buffered whole.
+    let server = H2Server::start(Options {
+        junk_headers: 1024 * 1024,
+        ..Options::default()
+    })
+    .await;
+    let f = Feed::start(feed("big", &server, HttpVersion::Http2));
+    let mut rx = f.status.subscribe();
+    let status = tokio::time::timeout(WAIT, rx.wait_for(|s| s.reconnects >= 2))
+        .await
+        .expect("the feed retries")
+        .expect("status")
+        .clone();
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("HTTP/2"), "{error}");
+    assert_ne!(status.state, ReadyState::Open);
+}

@@ -34,6 +34,8 @@ pub struct Options {
     pub data_size: usize,
     /// No events: a `: connected` comment, then one every so often (an idle feed).
     pub heartbeat: Option<Duration>,
+    /// Bytes of junk response header (`x-junk-N` fields of 1 KiB), as a hostile server sends.
+    pub junk_headers: usize,
     /// The first this many streams are refused (RST_STREAM REFUSED_STREAM, before any
     /// response): not processed, so a client may send them again at once.
     pub refuse: usize,
@@ -49,6 +51,7 @@ impl Default for Options {
             data_size: 0,
             heartbeat: None,
             refuse: 0,
+            junk_headers: 0,
         }
     }
 }
@@ -277,12 +280,14 @@ async fn stream(
         connection,
         user_agent: header("user-agent"),
     });
-    let response = http::Response::builder()
+    let mut response = http::Response::builder()
         .status(200)
         .header("content-type", "text/event-stream")
-        .header("cache-control", "no-cache")
-        .body(())
-        .expect("response");
+        .header("cache-control", "no-cache");
+    for i in 0..options.junk_headers / 1024 {
+        response = response.header(format!("x-junk-{i}"), "j".repeat(1000));
+    }
+    let response = response.body(()).expect("response");
     let Ok(mut send) = respond.send_response(response, false) else {
         return;
     };
