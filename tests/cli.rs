@@ -102,6 +102,29 @@ fn a_path_escaping_its_directory_is_named() {
 }
 
 #[test]
+fn http_version_takes_a_string_or_the_number_an_operator_types() {
+    for value in ["\"auto\"", "\"1.1\"", "\"2\"", "2", "1.1"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = GOOD.replace("url = ", &format!("http_version = {value}\nurl = "));
+        let path = write_file(dir.path(), "good.toml", &text);
+        let out = validate(&path);
+        assert!(
+            out.status.success(),
+            "{value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for value in ["\"3\"", "3", "1.0"] {
+        let text = GOOD.replace("url = ", &format!("http_version = {value}\nurl = "));
+        assert_config_error(
+            &text,
+            "feed[0].http_version",
+            "expected one of `auto`, `1.1`, `2`",
+        );
+    }
+}
+
+#[test]
 fn a_wrong_type_is_named() {
     let text = GOOD.replace("[state]", "[state]\ncommit_interval = 5");
     assert_config_error(&text, "state.commit_interval", "");

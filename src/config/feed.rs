@@ -249,8 +249,9 @@ pub struct StartConfig {
     pub since: String,
 }
 
-/// See `FeedConfig::http_version`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// See `FeedConfig::http_version`. Written as a string (`"auto"`, `"1.1"`, `"2"`), or as the
+/// number an operator is likely to type (`2`, `1.1`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub enum HttpVersion {
     #[default]
     #[serde(rename = "auto")]
@@ -259,6 +260,45 @@ pub enum HttpVersion {
     Http1,
     #[serde(rename = "2")]
     Http2,
+}
+
+impl<'de> Deserialize<'de> for HttpVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        const EXPECTED: &str = "one of `auto`, `1.1`, `2`";
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HttpVersion;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HttpVersion, E> {
+                match v {
+                    "auto" => Ok(HttpVersion::Auto),
+                    "1.1" => Ok(HttpVersion::Http1),
+                    "2" | "2.0" => Ok(HttpVersion::Http2),
+                    other => Err(E::custom(format!(
+                        "unknown value `{other}`; expected {EXPECTED}"
+                    ))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HttpVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HttpVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<HttpVersion, E> {
+                match v {
+                    1.1 => Ok(HttpVersion::Http1),
+                    2.0 => Ok(HttpVersion::Http2),
+                    other => Err(E::custom(format!(
+                        "unknown value `{other}`; expected {EXPECTED}"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// How a feed reacts to failures. See `FeedConfig::policy`.
