@@ -1321,17 +1321,12 @@ fn scenario_idle(ctx: &Ctx) {
     let complaints = complaints(&bridge);
     let drain = stop_bridge(ctx, bridge);
     stop_generator(&mut generator);
-    let mut row = Row::new(format!(
-        "{feeds} idle feeds: start + {} s idle",
-        idle.as_secs()
+    ctx.add(idle_row(
+        format!("{feeds} idle feeds: start + {} s idle", idle.as_secs()),
+        startup_cpu + idle_cpu,
+        peak,
+        (IDLE_RSS_BUDGET, "256 MiB budget"),
     ));
-    row.cpu_s = Some(startup_cpu + idle_cpu);
-    row.peak_rss = Some(peak);
-    row.ratios.push((
-        peak as f64 / IDLE_RSS_BUDGET as f64,
-        "256 MiB budget".into(),
-    ));
-    ctx.add(row);
     ctx.note(format!(
         "idle: all {feeds} open after {open_secs:.1} s (CPU {startup_cpu:.2} s); idle {} s: CPU {idle_cpu:.2} s \
          ({:.1} % of one core), RSS {} (peak {}, {:.0} KiB per feed); {still_open} still open at the end; \
@@ -1344,6 +1339,16 @@ fn scenario_idle(ctx: &Ctx) {
         drain.as_secs_f64(),
         complaints.len()
     ));
+}
+
+/// The row of an idle scenario: CPU, peak RSS and its ratio to `budget`.
+fn idle_row(what: String, cpu_s: f64, peak: u64, budget: (u64, &str)) -> Row {
+    let mut row = Row::new(what);
+    row.cpu_s = Some(cpu_s);
+    row.peak_rss = Some(peak);
+    row.ratios
+        .push((peak as f64 / budget.0 as f64, budget.1.to_string()));
+    row
 }
 
 fn scenario_http2(ctx: &Ctx) {
@@ -1410,17 +1415,15 @@ fn scenario_http2(ctx: &Ctx) {
     let complaints = complaints(&bridge);
     stop_bridge(ctx, bridge);
     drop(server);
-    let mut row = Row::new(format!(
-        "{feeds} idle feeds over HTTP/2: start + {} s idle",
-        idle.as_secs()
+    ctx.add(idle_row(
+        format!(
+            "{feeds} idle feeds over HTTP/2: start + {} s idle",
+            idle.as_secs()
+        ),
+        startup_cpu + idle_cpu,
+        peak,
+        (IDLE_H2_RSS_BUDGET, "64 MiB goal"),
     ));
-    row.cpu_s = Some(startup_cpu + idle_cpu);
-    row.peak_rss = Some(peak);
-    row.ratios.push((
-        peak as f64 / IDLE_H2_RSS_BUDGET as f64,
-        "64 MiB goal".into(),
-    ));
-    ctx.add(row);
     ctx.note(format!(
         "idle over HTTP/2: all {feeds} open after {open_secs:.1} s (CPU {startup_cpu:.2} s) on \
          {connections} TCP connections; idle {} s: CPU {idle_cpu:.2} s; RSS {} (peak {}, {:.1} KiB \

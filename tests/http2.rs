@@ -110,6 +110,16 @@ impl Feed {
     fn status(&self) -> FeedStatus {
         self.status.get()
     }
+
+    /// Waits until the status satisfies `pred`.
+    async fn status_until(&self, pred: impl FnMut(&FeedStatus) -> bool) -> FeedStatus {
+        let mut rx = self.status.subscribe();
+        let status = tokio::time::timeout(WAIT, rx.wait_for(pred)).await;
+        match status {
+            Ok(Ok(s)) => s.clone(),
+            _ => panic!("timed out; status {:?}", self.status.get()),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,12 +313,7 @@ async fn auto_uses_http1_where_the_server_offers_nothing_else_and_2_says_so() {
     config.http_version = HttpVersion::Http2;
     config.backoff.initial = Duration::from_secs(5);
     let h2 = Feed::start(config);
-    let mut rx = h2.status.subscribe();
-    let status = tokio::time::timeout(WAIT, rx.wait_for(|s| s.last_error.is_some()))
-        .await
-        .expect("an error")
-        .expect("status")
-        .clone();
+    let status = h2.status_until(|s| s.last_error.is_some()).await;
     let error = status.last_error.unwrap_or_default();
     assert!(
         error.contains("does not offer HTTP/2") && error.contains("http_version"),
@@ -483,12 +488,7 @@ async fn a_server_that_allows_no_streams_is_a_clear_error_not_a_pile_of_connecti
     })
     .await;
     let f = Feed::start(feed("z", &server, HttpVersion::Http2));
-    let mut rx = f.status.subscribe();
-    let status = tokio::time::timeout(WAIT, rx.wait_for(|s| s.reconnects >= 3))
-        .await
-        .expect("reconnects")
-        .expect("status")
-        .clone();
+    let status = f.status_until(|s| s.reconnects >= 3).await;
     let error = status.last_error.unwrap_or_default();
     assert!(error.contains("allows no streams"), "{error}");
     // One connection per attempt, each closed at once: never a request queued on one.
@@ -521,12 +521,7 @@ async fn a_response_head_past_64_kib_is_an_error_and_the_feed_retries() {
     })
     .await;
     let f = Feed::start(feed("big", &server, HttpVersion::Http2));
-    let mut rx = f.status.subscribe();
-    let status = tokio::time::timeout(WAIT, rx.wait_for(|s| s.reconnects >= 2))
-        .await
-        .expect("the feed retries")
-        .expect("status")
-        .clone();
+    let status = f.status_until(|s| s.reconnects >= 2).await;
     let error = status.last_error.unwrap_or_default();
     assert!(error.contains("HTTP/2"), "{error}");
     assert_ne!(status.state, ReadyState::Open);
