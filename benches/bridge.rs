@@ -20,8 +20,8 @@
 //! - `idle`: 10 000 feeds of heartbeat comments only: time to open them all, peak RSS, CPU.
 //! - `reconnect`: 1 000 feeds, the server restarts: when the reconnections arrive.
 //! - `http2`: HTTP/2 beside HTTP/1.1 in the same run: one busy feed into the file sink
-//!   (`fsync = "interval"`) straight to the generator and through an h2c front
-//!   (`tests/support/gateway.rs`, in this process) with `http_version = "2"`; then
+//!   (`fsync = "interval"`) from the generator, and the same bytes from an HTTP/2 server
+//!   (`tests/support/h2.rs`, h2c, in this process) with `http_version = "2"`; then
 //!   `BENCH_IDLE_FEEDS` idle feeds over HTTP/2 to one origin (an HTTP/2 server of heartbeats,
 //!   `tests/support/h2.rs`, 100 streams per connection): time until all are open, connections,
 //!   and the bridge's peak RSS (goal: at most 64 MiB).
@@ -708,14 +708,34 @@ fn run_one_feed_over(
     http2: bool,
     mut stored: impl FnMut() -> u64,
 ) -> Run {
-    let mut generator = generator(ctx, Body::Stream(sse), Duration::from_secs(1));
-    let feed = if http2 {
-        let front = front(ctx, &generator);
-        format!(
-            "[[feed]]\nname = {FEED:?}\nurl = \"http://{front}/stream\"\nhttp_version = \"2\"\n\n"
-        )
+    // HTTP/1.1: the generator; HTTP/2: an HTTP/2 server sending the same bytes (in this
+    // process, like the generator).
+    let (mut generator, h2) = if http2 {
+        let server = ctx
+            .rt
+            .block_on(support::h2::H2Server::start(support::h2::Options {
+                body: Some(sse),
+                ..support::h2::Options::default()
+            }));
+        (None, Some(server))
     } else {
-        feed_toml(FEED, &generator.url())
+        (
+            Some(generator(ctx, Body::Stream(sse), Duration::from_secs(1))),
+            None,
+        )
+    };
+    let feed = match (&generator, &h2) {
+        (_, Some(server)) => format!(
+            "[[feed]]\nname = {FEED:?}\nurl = {:?}\nhttp_version = \"2\"\n\n",
+            server.url("stream")
+        ),
+        (Some(g), _) => feed_toml(FEED, &g.url()),
+        (None, None) => unreachable!("one server or the other"),
+    };
+    let first = |generator: &Option<Server>| match (generator, &h2) {
+        (Some(g), _) => first_request(g),
+        (_, Some(server)) => server.requests().first().map(|r| r.at),
+        _ => None,
     };
     let config = format!(
         "[state]\npath = {:?}\n\n[log]\nlevel = \"warn\"\n\n{feed}{sink_toml}\n[routing]\ndefault = [\"out\"]\n",
@@ -727,11 +747,11 @@ fn run_one_feed_over(
             &mut bridge,
             Duration::from_secs(30),
             Duration::from_millis(1),
-            || { first_request(&generator).is_some() }
+            || first(&generator).is_some()
         ),
         "the bridge did not connect"
     );
-    let started = first_request(&generator).expect("started");
+    let started = first(&generator).expect("started");
     let cpu0 = bridge.cpu_seconds();
     let target = events as u64;
     let done = wait_until(
@@ -750,7 +770,10 @@ fn run_one_feed_over(
     );
     let complaints = complaints(&bridge);
     stop_bridge(ctx, bridge);
-    stop_generator(&mut generator);
+    if let Some(generator) = generator.as_mut() {
+        stop_generator(generator);
+    }
+    drop(h2);
     if !complaints.is_empty() {
         println!(
             "the bridge logged {} warnings/errors, first: {}",
@@ -824,12 +847,6 @@ fn scenario_file(ctx: &Ctx) {
             run.cpu_s * 1e9 / stream.events as f64
         ));
     }
-}
-
-/// An h2c front for `generator` (HTTP/2 in, HTTP/1.1 to it), in this process.
-fn front(ctx: &Ctx, generator: &Server) -> std::net::SocketAddr {
-    let _runtime = ctx.rt.enter();
-    support::gateway::start(generator.addr)
 }
 
 fn file_run(ctx: &Ctx, fsync: &str) -> Run {

@@ -34,6 +34,9 @@ pub struct Options {
     pub data_size: usize,
     /// No events: a `: connected` comment, then one every so often (an idle feed).
     pub heartbeat: Option<Duration>,
+    /// A fixed body instead of generated events: sent in 64 KiB pieces as flow control allows,
+    /// then a heartbeat every second (the benchmark's stream).
+    pub body: Option<Bytes>,
     /// Bytes of junk response header (`x-junk-N` fields of 1 KiB), as a hostile server sends.
     pub junk_headers: usize,
     /// The first this many streams are refused (RST_STREAM REFUSED_STREAM, before any
@@ -52,6 +55,7 @@ impl Default for Options {
             heartbeat: None,
             refuse: 0,
             junk_headers: 0,
+            body: None,
         }
     }
 }
@@ -59,6 +63,8 @@ impl Default for Options {
 /// A request as the server saw it.
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// When the request arrived.
+    pub at: std::time::Instant,
     pub path: String,
     pub last_event_id: Option<String>,
     /// Which connection (numbered from 1 in accept order).
@@ -275,6 +281,7 @@ async fn stream(
     };
     let last_event_id = header("last-event-id");
     shared.requests.lock().expect("lock").push(Record {
+        at: std::time::Instant::now(),
         path: path.clone(),
         last_event_id: last_event_id.clone(),
         connection,
@@ -298,7 +305,19 @@ async fn stream(
         .entry(path.clone())
         .or_default()
         .clone();
-    if let Some(every) = options.heartbeat {
+    if let Some(body) = &options.body {
+        let mut rest = body.clone();
+        while !rest.is_empty() {
+            let piece = rest.split_to(rest.len().min(64 * 1024));
+            if send_all(&mut send, piece).await.is_err() {
+                return;
+            }
+        }
+    }
+    let heartbeat = options
+        .heartbeat
+        .or(options.body.as_ref().map(|_| Duration::from_secs(1)));
+    if let Some(every) = heartbeat {
         // At a random phase, so that many idle streams do not beat together.
         let phase = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
         let mut text = Bytes::from_static(b": connected\n\n");
