@@ -995,7 +995,6 @@ impl Pg {
 /// (default 500 000) sets the size.
 fn scenario_postgres(ctx: &Ctx) {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    use tokio_postgres::types::Type;
 
     let Some(db) = postgres::TestDb::create("bench") else {
         ctx.note("postgres: skipped, no server on 127.0.0.1:5432".into());
@@ -1026,15 +1025,7 @@ fn scenario_postgres(ctx: &Ctx) {
             )
             .await
             .expect("raw table");
-        let types = [
-            Type::TEXT,
-            Type::INT8,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::JSONB,
-            Type::TIMESTAMPTZ,
-        ];
+        let types = sse_bridge::sink::postgres::COPY_TYPES;
         for chunk in rows.chunks(SQLITE_BATCH) {
             let tx = pg.client.transaction().await.expect("begin");
             let sink = tx

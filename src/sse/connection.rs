@@ -281,7 +281,15 @@ enum TokenSource {
 fn with_ca_file(path: &std::path::Path) -> Result<Arc<HttpTransport>, String> {
     type Cache = Mutex<HashMap<(PathBuf, Vec<u8>), std::sync::Weak<HttpTransport>>>;
     static BY_FILE: OnceLock<Cache> = OnceLock::new();
-    let contents = std::fs::read(path).unwrap_or_default();
+    let contents = std::fs::read(path).map_err(|e| {
+        format!(
+            "`ca_file`: {}",
+            transport::tls::TlsConfigError::Read {
+                path: path.to_path_buf(),
+                source: Arc::new(e),
+            }
+        )
+    })?;
     let key = (path.to_path_buf(), contents);
     let cache = BY_FILE.get_or_init(Cache::default);
     let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -289,7 +297,8 @@ fn with_ca_file(path: &std::path::Path) -> Result<Arc<HttpTransport>, String> {
     if let Some(transport) = cache.get(&key).and_then(std::sync::Weak::upgrade) {
         return Ok(transport);
     }
-    let tls = tls_config_with_ca_file(path).map_err(|e| format!("`ca_file`: {e}"))?;
+    let tls = transport::tls::tls_config_with_ca_pem(path, &key.1)
+        .map_err(|e| format!("`ca_file`: {e}"))?;
     let transport = Arc::new(HttpTransport::new(system_proxies(), tls));
     cache.insert(key, Arc::downgrade(&transport));
     Ok(transport)
@@ -297,8 +306,8 @@ fn with_ca_file(path: &std::path::Path) -> Result<Arc<HttpTransport>, String> {
 
 impl Connector {
     /// Checks the feed's URL, headers and token variable, and the TLS settings; requests go
-    /// through the lean HTTP/1.1 transport with the environment's proxies, one shared by every
-    /// feed without a `ca_file`.
+    /// through the HTTP transport (HTTP/1.1 or HTTP/2) with the environment's proxies, one
+    /// shared by every feed without a `ca_file` (and one per `ca_file` and content).
     pub fn new(feed: &ClientOptions) -> Result<Connector, ClientError> {
         static SHARED: OnceLock<Result<Arc<HttpTransport>, String>> = OnceLock::new();
         let transport: Result<Arc<dyn Transport>, String> = match &feed.ca_file {

@@ -128,26 +128,9 @@ async fn stream(
         };
         match chunk {
             Ok(Some(bytes)) if bytes.is_empty() => {}
-            Ok(Some(mut bytes)) => {
-                while !bytes.is_empty() {
-                    send.reserve_capacity(bytes.len());
-                    let granted = poll_fn(|cx| {
-                        if send.poll_reset(cx).is_ready() {
-                            return std::task::Poll::Ready(None);
-                        }
-                        send.poll_capacity(cx)
-                    })
-                    .await;
-                    match granted {
-                        Some(Ok(n)) if n > 0 => {
-                            let piece = bytes.split_to(n.min(bytes.len()));
-                            if send.send_data(piece, false).is_err() {
-                                return;
-                            }
-                        }
-                        Some(Ok(_)) => {}
-                        _ => return,
-                    }
+            Ok(Some(bytes)) => {
+                if super::h2::send_all(&mut send, bytes).await.is_err() {
+                    return;
                 }
             }
             Ok(None) => {

@@ -382,13 +382,19 @@ async fn stream(
     }
 }
 
-/// Sends `bytes` as flow control allows.
-async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> Result<(), h2::Error> {
+/// Sends `bytes` as flow control allows; fails when the client resets the stream meanwhile.
+pub async fn send_all(send: &mut SendStream<Bytes>, mut bytes: Bytes) -> Result<(), h2::Error> {
     while !bytes.is_empty() {
         send.reserve_capacity(bytes.len());
-        let granted = poll_fn(|cx| send.poll_capacity(cx))
-            .await
-            .ok_or_else(|| h2::Error::from(h2::Reason::CANCEL))??;
+        let granted = poll_fn(|cx| {
+            if let std::task::Poll::Ready(reason) = send.poll_reset(cx) {
+                let reason = reason.unwrap_or(h2::Reason::CANCEL);
+                return std::task::Poll::Ready(Some(Err(h2::Error::from(reason))));
+            }
+            send.poll_capacity(cx)
+        })
+        .await
+        .ok_or_else(|| h2::Error::from(h2::Reason::CANCEL))??;
         if granted == 0 {
             continue;
         }

@@ -36,6 +36,18 @@ use crate::event::Event;
 /// The channel a commit notifies, with the table as payload (`LISTEN sse_bridge_events`).
 pub const NOTIFY_CHANNEL: &str = "sse_bridge_events";
 
+/// The column types of the binary `COPY` (feed, seq, id, type, data, data_json, received_at),
+/// in the order of `migrations/postgres/0001_events.sql`.
+pub const COPY_TYPES: [Type; 7] = [
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::TIMESTAMPTZ,
+];
+
 /// A batch may take this long (connecting, the copy, the commit) before the connection is
 /// dropped and the batch retried.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -73,6 +85,8 @@ pub struct PostgresSink {
     requests: Option<mpsc::Sender<Request>>,
     thread: Option<std::thread::JoinHandle<()>>,
     runs: HashMap<Arc<str>, Run>,
+    /// Runs from the beginning whose first event is not seen yet.
+    first_pending: std::collections::HashSet<Arc<str>>,
     state_path: Option<PathBuf>,
     duplicates: Arc<DuplicateCounter>,
     options: WriteOptions,
@@ -120,6 +134,7 @@ impl PostgresSink {
             requests: Some(requests),
             thread: Some(thread),
             runs: HashMap::new(),
+            first_pending: Default::default(),
             state_path: state_path.map(Path::to_path_buf),
             duplicates: Arc::default(),
             options: WriteOptions {
@@ -160,17 +175,20 @@ impl PostgresSink {
     /// server is sending the stream the table holds again, and the copies are dropped as
     /// after a checkpoint (ARCHITECTURE.md §4).
     fn resolve_first_events(&mut self, events: &[Arc<Event>]) {
-        for (feed, run) in self.runs.iter_mut() {
-            if run.start_seq > 0 || run.first.is_some() {
+        if self.first_pending.is_empty() {
+            return;
+        }
+        for event in events {
+            if !self.first_pending.remove(&event.feed) {
                 continue;
             }
-            let Some(first) = events.iter().find(|e| e.feed == *feed) else {
+            let Some(run) = self.runs.get_mut(&event.feed) else {
                 continue;
             };
-            run.first = Some(first.clone());
-            if !first.id.is_empty() {
-                run.start_seq = first.seq;
-                run.start_id = first.id.to_string();
+            run.first = Some(event.clone());
+            if !event.id.is_empty() {
+                run.start_seq = event.seq;
+                run.start_id = event.id.to_string();
             }
         }
     }
@@ -227,6 +245,11 @@ impl super::Sink for PostgresSink {
     }
 
     fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64, start_id: &str) {
+        if start_seq == 0 {
+            self.first_pending.insert(Arc::from(feed));
+        } else {
+            self.first_pending.remove(feed);
+        }
         self.runs.insert(
             Arc::from(feed),
             Run {
@@ -534,16 +557,7 @@ async fn store_batch(
     }
     if !kept.is_empty() {
         let sink = tx.copy_in(&conn.copy).await?;
-        let types = [
-            Type::TEXT,
-            Type::INT8,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::JSONB,
-            Type::TIMESTAMPTZ,
-        ];
-        let writer = BinaryCopyInWriter::new(sink, &types);
+        let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
         futures_util::pin_mut!(writer);
         for e in &kept {
             let seq = i64::try_from(e.seq).unwrap_or(i64::MAX);

@@ -211,9 +211,6 @@ impl HttpTransport {
                 .as_ref()
                 .map(|_| format!("{}:{}", route.host, route.port)),
         };
-        if version == HttpVersion::Auto && self.pool.prefers_http1(&key) {
-            return http1(&self.tls_http1).await;
-        }
         let request = H2Request {
             method,
             url,

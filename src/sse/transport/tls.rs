@@ -80,12 +80,20 @@ fn config(
 /// what is wrong with it. `validate` calls it too, so a file that would fail at start is
 /// reported there.
 pub fn tls_config_with_ca_file(path: &Path) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
-    use rustls::pki_types::pem::PemObject;
     let bytes = std::fs::read(path).map_err(|source| TlsConfigError::Read {
         path: path.to_path_buf(),
         source: Arc::new(source),
     })?;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
+    tls_config_with_ca_pem(path, &bytes)
+}
+
+/// [`tls_config_with_ca_file`] for the contents `bytes` already read from `path`.
+pub fn tls_config_with_ca_pem(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsConfigError::Pem {
             path: path.to_path_buf(),

@@ -248,12 +248,6 @@ impl Pool {
         origins.entry(key.clone()).or_default().clone()
     }
 
-    /// Whether the origin answered HTTP/1.1 when offered both (a request with `auto` then goes
-    /// straight to a connection of its own).
-    pub fn prefers_http1(&self, key: &OriginKey) -> bool {
-        self.origin(key).http1_only.load(Ordering::Relaxed)
-    }
-
     /// Sends `request` as a stream on a connection to `key`'s origin, opening one with `open`
     /// when none has a free slot (one opening per origin at a time; `wait` bounds the PING
     /// after a handshake). `open` may answer that the server chose HTTP/1.1: then that
@@ -271,6 +265,10 @@ impl Pool {
         Fut: std::future::Future<Output = Result<Opened, TransportError>>,
     {
         let origin = self.origin(key);
+        if origin.http1_only.load(Ordering::Relaxed) {
+            // The origin answered HTTP/1.1 when offered both: no wait for the gate.
+            return Ok(Outcome::UseHttp1);
+        }
         let mut retries = 0;
         // After a refusal, the connection that refused is not asked again at once.
         let mut exclude: Option<u64> = None;
