@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod http_server;

@@ -523,7 +523,26 @@ async fn watch_file(path: PathBuf, reload: tokio::sync::mpsc::Sender<()>) {
 }
 
 fn open_state(loaded: &LoadedConfig) -> anyhow::Result<StateStore> {
+    not_in_a_fleet(loaded)?;
     Ok(StateStore::open(&loaded.config.state.path)?)
+}
+
+/// With `[cluster]` the checkpoints and gaps are in the fleet's database, not the SQLite file
+/// these commands read (ARCHITECTURE.md §9).
+fn not_in_a_fleet(loaded: &LoadedConfig) -> anyhow::Result<()> {
+    if let Some(cluster) = &loaded.config.cluster {
+        let database = cluster
+            .connection()
+            .map(|c| sse_bridge::sink::postgres::config::shown(&c))
+            .unwrap_or_else(|_| "the database of `cluster.url`".to_string());
+        anyhow::bail!(
+            "{}: this configuration has [cluster]: checkpoints and gaps are in the fleet's \
+             database ({database}), tables sse_bridge_checkpoints and sse_bridge_gaps; read \
+             them with psql, and change a checkpoint only while every instance is stopped",
+            loaded.source
+        );
+    }
+    Ok(())
 }
 
 fn feed_url<'a>(loaded: &'a LoadedConfig, feed: &str) -> anyhow::Result<&'a str> {
@@ -561,6 +580,7 @@ fn shown_url(url: &str) -> String {
 fn checkpoints(loaded: &LoadedConfig, cmd: CheckpointsCommand) -> anyhow::Result<()> {
     // Changing a checkpoint under a running bridge would be overwritten at its next commit
     // (or worse, move it backwards): `set` and `reset` need the bridge stopped.
+    not_in_a_fleet(loaded)?;
     let _lock = match cmd {
         CheckpointsCommand::List { .. } => None,
         _ => Some(StateLock::acquire(&loaded.config.state.path)?),

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -19,7 +19,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{commit, commit_loop, with_store, FeedTracker, Position, SharedState};
+use crate::checkpoint::{commit, commit_loop, FeedTracker, Position, SharedState};
+use crate::cluster::fence::Fence;
+use crate::cluster::{Command, Fleet, StopReason};
 use crate::config::{Config, FeedConfig, LoadedConfig};
 use crate::event::Event;
 use crate::notify::Notifier;
@@ -47,6 +49,7 @@ pub struct SinkView {
 /// stream of routed events for live observers. Shared with the admin endpoint.
 pub struct Registry {
     feeds: RwLock<BTreeMap<String, FeedView>>,
+    fleet: RwLock<Option<Arc<crate::cluster::FleetStats>>>,
     sinks: RwLock<BTreeMap<String, SinkView>>,
     tap: broadcast::Sender<Arc<Event>>,
     serve: RwLock<Option<Arc<crate::serve::ServeStats>>>,
@@ -57,6 +60,7 @@ impl Default for Registry {
     fn default() -> Self {
         Registry {
             feeds: RwLock::new(BTreeMap::new()),
+            fleet: RwLock::default(),
             sinks: RwLock::new(BTreeMap::new()),
             tap: broadcast::channel(TAP_CAPACITY).0,
             serve: RwLock::default(),
@@ -97,6 +101,17 @@ impl Registry {
     fn remove_feed(&self, name: &str) {
         if let Ok(mut m) = self.feeds.write() {
             m.remove(name);
+        }
+    }
+
+    /// The fleet this instance belongs to (`[cluster]`): its leases and counters.
+    pub fn fleet(&self) -> Option<Arc<crate::cluster::FleetStats>> {
+        self.fleet.read().ok().and_then(|f| f.clone())
+    }
+
+    fn set_fleet(&self, stats: Option<Arc<crate::cluster::FleetStats>>) {
+        if let Ok(mut f) = self.fleet.write() {
+            *f = stats;
         }
     }
 
@@ -144,6 +159,10 @@ pub struct Supervisor {
     give_up: CancellationToken,
     stop_committer: CancellationToken,
     committer: Option<JoinHandle<()>>,
+    /// With `[cluster]`: the leases decide which feeds run here (ARCHITECTURE.md §9).
+    fleet: Option<Fleet>,
+    /// Feeds stopping here (a lost lease or a hand-over), drained by tasks of their own.
+    stopping: Vec<JoinHandle<()>>,
 }
 
 /// What a reload changed.
@@ -159,11 +178,22 @@ pub struct ReloadSummary {
 impl Supervisor {
     /// Opens the state store, starts every sink and every enabled feed.
     pub async fn start(loaded: LoadedConfig, registry: Arc<Registry>) -> anyhow::Result<Self> {
-        let state_path = loaded.config.state.path.clone();
-        let store = tokio::task::spawn_blocking(move || StateStore::open(&state_path))
-            .await
-            .context("opening the state database")??;
-        let state: SharedState = Arc::new(Mutex::new(store));
+        let (state, fleet) = match &loaded.config.cluster {
+            Some(cluster) => {
+                let fleet = Fleet::start(cluster, enabled_feed_names(&loaded.config))
+                    .await
+                    .with_context(|| format!("{}: [cluster]", loaded.source))?;
+                (SharedState::Fleet(fleet.store.clone()), Some(fleet))
+            }
+            None => {
+                let state_path = loaded.config.state.path.clone();
+                let store = tokio::task::spawn_blocking(move || StateStore::open(&state_path))
+                    .await
+                    .context("opening the state database")??;
+                (SharedState::local(store), None)
+            }
+        };
+        registry.set_fleet(fleet.as_ref().map(|f| f.stats.clone()));
         let give_up = CancellationToken::new();
         let mut sinks = BTreeMap::new();
         for (name, config) in &loaded.config.sink {
@@ -172,7 +202,8 @@ impl Supervisor {
                 start_sink(
                     name,
                     config,
-                    &loaded.config.state.path,
+                    state_path_for_sinks(&loaded.config),
+                    fleet.as_ref().map(|f| &f.fence),
                     &give_up,
                     None,
                     &feed_names(&loaded.config),
@@ -191,11 +222,17 @@ impl Supervisor {
             give_up,
             stop_committer: CancellationToken::new(),
             committer: None,
+            fleet,
+            stopping: Vec::new(),
         };
         supervisor.publish_sinks();
-        let feeds: Vec<FeedConfig> = supervisor.loaded.config.enabled_feeds().cloned().collect();
-        for feed in feeds {
-            supervisor.start_feed(feed).await?;
+        // In a fleet, feeds start when their lease is claimed.
+        if supervisor.fleet.is_none() {
+            let feeds: Vec<FeedConfig> =
+                supervisor.loaded.config.enabled_feeds().cloned().collect();
+            for feed in feeds {
+                supervisor.start_feed(feed).await?;
+            }
         }
         let registry = supervisor.registry.clone();
         supervisor.committer = Some(tokio::spawn(commit_loop(
@@ -293,6 +330,81 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The coordinator's requests, when this instance is part of a fleet (taken once).
+    pub fn take_fleet_commands(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Command>> {
+        self.fleet.as_mut().and_then(Fleet::take_commands)
+    }
+
+    /// Does what the fleet's coordinator asks: start a feed whose lease was claimed, stop one
+    /// whose lease was lost (at once) or is handed over (drained and committed first, in a
+    /// task of its own so that the supervisor goes on).
+    pub async fn on_fleet_command(&mut self, command: Command) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        match command {
+            Command::Start(name) => {
+                if self.feeds.contains_key(&name) {
+                    return;
+                }
+                let config = self
+                    .loaded
+                    .config
+                    .enabled_feeds()
+                    .find(|f| f.name == name)
+                    .cloned();
+                let Some(config) = config else {
+                    fleet.stopped(&name);
+                    return;
+                };
+                if let Err(e) = self.start_feed(config).await {
+                    tracing::error!(feed = %name, "cannot start the feed; its lease is released: {e:#}");
+                    if let Some(fleet) = &self.fleet {
+                        fleet.stopped(&name);
+                    }
+                }
+            }
+            Command::Stop { feed: name, why } => {
+                let Some(feed) = self.feeds.remove(&name) else {
+                    fleet.stopped(&name);
+                    return;
+                };
+                self.registry.remove_feed(&name);
+                feed.stop.cancel();
+                let state = self.state.clone();
+                let timeout = self.loaded.config.shutdown.timeout;
+                let fleet_stopped = fleet.stopped_sender();
+                self.stopping.retain(|t| !t.is_finished());
+                self.stopping.push(tokio::spawn(async move {
+                    if tokio::time::timeout(timeout, feed.task).await.is_err() {
+                        tracing::warn!(feed = %name, "feed task did not stop in time");
+                    }
+                    // Lost or not, what the sinks still hold of this run is written (or, for
+                    // a fenced sink, refused) before the feed may run here again.
+                    let tracker = feed.view.tracker.clone();
+                    let drained = tokio::time::timeout(timeout, async move {
+                        while tracker.pending() > 0 {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    })
+                    .await
+                    .is_ok();
+                    if why == StopReason::HandOver {
+                        if !drained {
+                            tracing::warn!(feed = %name, pending = feed.view.tracker.pending(), "sinks did not store everything this feed sent in time; the next holder fetches the rest again");
+                        }
+                        if let Err(e) = commit(std::slice::from_ref(&feed.view), &state).await {
+                            tracing::error!(feed = %name, "committing the checkpoint of a handed-over feed failed: {e}");
+                        }
+                    }
+                    feed.view.status.update(|s| s.state = ReadyState::Closed);
+                    log_feed_summary(&feed.view);
+                    let _ = fleet_stopped.send(name);
+                }));
+            }
+        }
+    }
+
     /// Stops a feed: stop reading, wait (up to the shutdown timeout) until the sinks stored
     /// what it sent, commit its checkpoint.
     async fn stop_feed(&mut self, name: &str) {
@@ -356,7 +468,8 @@ impl Supervisor {
                     match start_sink(
                         name,
                         config,
-                        &self.loaded.config.state.path,
+                        state_path_for_sinks(&self.loaded.config),
+                        self.fleet.as_ref().map(|f| &f.fence),
                         &self.give_up,
                         after,
                         &feed_names(&new.config),
@@ -404,12 +517,27 @@ impl Supervisor {
                 }
                 None => {
                     self.stop_feed(&name).await;
+                    if let Some(fleet) = &self.fleet {
+                        // Its lease is released (the feed is no longer configured).
+                        fleet.stopped(&name);
+                    }
                     summary.feeds_removed.push(name);
                 }
             }
         }
         self.loaded = new;
+        if let Some(fleet) = &self.fleet {
+            fleet.set_feeds(enabled_feed_names(&self.loaded.config));
+        }
         for (name, cfg) in new_feeds {
+            // In a fleet, a feed starts here only under a lease this instance holds: a
+            // restarted one (its lease is still held), or one claimed later.
+            if self.fleet.is_some() && !summary.feeds_restarted.contains(&name) {
+                if !self.feeds.contains_key(&name) {
+                    summary.feeds_added.push(name);
+                }
+                continue;
+            }
             if !self.feeds.contains_key(&name) {
                 if !summary.feeds_restarted.contains(&name) {
                     summary.feeds_added.push(name.clone());
@@ -435,6 +563,9 @@ impl Supervisor {
     pub async fn shutdown(mut self) -> bool {
         let deadline = tokio::time::Instant::now() + self.loaded.config.shutdown.timeout;
         tracing::info!(timeout = ?self.loaded.config.shutdown.timeout, "shutting down: draining feeds and sinks");
+        if let Some(fleet) = &self.fleet {
+            fleet.stop_claiming();
+        }
         let feeds = std::mem::take(&mut self.feeds);
         for feed in feeds.values() {
             feed.stop.cancel();
@@ -472,8 +603,15 @@ impl Supervisor {
         if let Some(c) = self.committer.take() {
             let _ = c.await;
         }
+        for task in std::mem::take(&mut self.stopping) {
+            let _ = tokio::time::timeout_at(deadline, task).await;
+        }
         if let Err(e) = commit(&views, &self.state).await {
             tracing::error!("committing checkpoints at shutdown failed: {e}");
+        }
+        // After the last commit: the leases go, and the other instances take the feeds over.
+        if let Some(fleet) = self.fleet.take() {
+            fleet.leave().await;
         }
         for view in &views {
             log_feed_summary(view);
@@ -503,16 +641,31 @@ fn log_feed_summary(view: &FeedView) {
     );
 }
 
+/// The state database sinks may share (an SQLite sink that writes into it commits the
+/// checkpoints with its events): none in a fleet, whose checkpoints are in PostgreSQL.
+fn state_path_for_sinks(config: &Config) -> Option<&std::path::Path> {
+    match config.cluster {
+        Some(_) => None,
+        None => Some(&config.state.path),
+    }
+}
+
+/// The names of the enabled feeds: what a fleet holds leases for.
+fn enabled_feed_names(config: &Config) -> Vec<String> {
+    config.enabled_feeds().map(|f| f.name.clone()).collect()
+}
+
 fn start_sink(
     name: &str,
     config: &SinkConfig,
-    state_path: &std::path::Path,
+    state_path: Option<&std::path::Path>,
+    fence: Option<&Arc<Fence>>,
     give_up: &CancellationToken,
     after: Option<SinkWorker>,
     feeds: &[String],
 ) -> anyhow::Result<RunningSink> {
     let mut sink = config
-        .build_with_state(name, Some(state_path))
+        .build_for_bridge(name, state_path, fence.cloned())
         .with_context(|| format!("starting sink `{name}`"))?;
     // Asked before the sink writes anything: what its own storage holds of each feed.
     let mut cursors = BTreeMap::new();
@@ -594,9 +747,16 @@ pub async fn run(
         })
     });
     let status = tokio::spawn(status_loop(registry.clone(), notifier.clone()));
+    let mut fleet_commands = supervisor.take_fleet_commands();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(command) = async {
+                match fleet_commands.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => supervisor.on_fleet_command(command).await,
             Some(()) = reload.recv() => {
                 notifier.reloading();
                 match supervisor.loaded().reload() {
@@ -727,44 +887,46 @@ async fn start_position(
 ) -> anyhow::Result<Position> {
     let name = feed.name.clone();
     let url = feed.url.clone();
-    let position = with_store(state, move |store| {
-        let checkpoint = store.checkpoint(&name, &url)?;
-        let gap = |reason, detail: String, id: &str, seq| {
-            Gap::once(&name, &url, reason, detail, id, seq, Utc::now())
-        };
-        match checkpoint {
-            Some(cp) => {
-                if cp.last_event_id.is_empty() && cp.seq > 0 {
-                    store.record_gap(&gap(
+    let (checkpoint, other_url) = state.checkpoint(&name, &url).await?;
+    let gap = |reason, detail: String, id: &str, seq| {
+        Gap::once(&name, &url, reason, detail, id, seq, Utc::now())
+    };
+    match checkpoint {
+        Some(cp) => {
+            if cp.last_event_id.is_empty() && cp.seq > 0 {
+                state
+                    .record_gap(gap(
                         GapReason::RestartWithoutId,
                         "restarted without a Last-Event-ID: the stream carries no ids, so events sent while the bridge was down are lost".into(),
                         "",
                         cp.seq,
-                    ))?;
-                }
-                match lowest_cursor {
-                    Some((sink, cursor)) if cursor.seq < cp.seq => {
-                        tracing::warn!(
-                            feed = %name,
-                            sink = %sink,
-                            checkpoint_seq = cp.seq,
-                            stored_seq = cursor.seq,
-                            "the sink's data ends before the checkpoint (an unsynced tail was lost): resuming from what it holds"
-                        );
-                        Ok(Position {
-                            seq: cursor.seq,
-                            last_event_id: cursor.id.clone(),
-                        })
-                    }
-                    _ => Ok(Position {
-                        seq: cp.seq,
-                        last_event_id: Arc::from(cp.last_event_id.as_str()),
-                    }),
-                }
+                    ))
+                    .await?;
             }
-            None => {
-                if store.has_checkpoint_for_other_url(&name, &url)? {
-                    store.record_gap(&gap(
+            match lowest_cursor {
+                Some((sink, cursor)) if cursor.seq < cp.seq => {
+                    tracing::warn!(
+                        feed = %name,
+                        sink = %sink,
+                        checkpoint_seq = cp.seq,
+                        stored_seq = cursor.seq,
+                        "the sink's data ends before the checkpoint (an unsynced tail was lost): resuming from what it holds"
+                    );
+                    Ok(Position {
+                        seq: cursor.seq,
+                        last_event_id: cursor.id.clone(),
+                    })
+                }
+                _ => Ok(Position {
+                    seq: cp.seq,
+                    last_event_id: Arc::from(cp.last_event_id.as_str()),
+                }),
+            }
+        }
+        None => {
+            if other_url {
+                state
+                    .record_gap(gap(
                         GapReason::UrlChanged,
                         format!(
                             "the feed's URL changed to {}; starting without a Last-Event-ID",
@@ -774,15 +936,13 @@ async fn start_position(
                         ),
                         "",
                         0,
-                    ))?;
-                }
-                Ok(Position {
-                    seq: 0,
-                    last_event_id: Arc::from(""),
-                })
+                    ))
+                    .await?;
             }
+            Ok(Position {
+                seq: 0,
+                last_event_id: Arc::from(""),
+            })
         }
-    })
-    .await?;
-    Ok(position)
+    }
 }

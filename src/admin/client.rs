@@ -159,12 +159,18 @@ fn shorten(s: String, max: usize) -> String {
 }
 
 fn feed_table(feeds: &Value) -> String {
+    // In a fleet, each feed's owner and lease epoch (ARCHITECTURE.md §9).
+    let fleet = feeds
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|f| !f["owner"].is_null() || !f["epoch"].is_null());
     let rows = feeds
         .as_array()
         .into_iter()
         .flatten()
         .map(|f| {
-            vec![
+            let mut row = vec![
                 text(&f["name"]),
                 text(&f["state"]),
                 match (f["protocol"].as_str(), f["connection"].as_u64()) {
@@ -191,24 +197,36 @@ fn feed_table(feeds: &Value) -> String {
                         120,
                     )
                 },
-            ]
+            ];
+            if fleet {
+                let owner = if f["owner"].is_null() {
+                    "-".to_string()
+                } else {
+                    text(&f["owner"])
+                };
+                row.insert(2, owner);
+                row.insert(3, text(&f["epoch"]));
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "FEED",
-            "STATE",
-            "PROTOCOL",
-            "LAST-EVENT-ID",
-            "LAST EVENT",
-            "EVENTS",
-            "RECONNECTS",
-            "BACKOFF",
-            "CKPT LAG",
-            "LAST ERROR",
-        ],
-        rows,
-    )
+    let mut headers = vec![
+        "FEED",
+        "STATE",
+        "PROTOCOL",
+        "LAST-EVENT-ID",
+        "LAST EVENT",
+        "EVENTS",
+        "RECONNECTS",
+        "BACKOFF",
+        "CKPT LAG",
+        "LAST ERROR",
+    ];
+    if fleet {
+        headers.insert(2, "OWNER");
+        headers.insert(3, "EPOCH");
+    }
+    table(&headers, rows)
 }
 
 fn sink_table(sinks: &Value) -> String {

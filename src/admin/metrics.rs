@@ -167,6 +167,7 @@ pub(super) struct Page {
     tap_clients: usize,
     tap_skipped: u64,
     serve: Option<Arc<crate::serve::ServeStats>>,
+    fleet: Option<Arc<crate::cluster::FleetStats>>,
 }
 
 impl std::fmt::Debug for Page {
@@ -187,8 +188,48 @@ impl Page {
             tap_clients: state.taps.active.load(Ordering::Relaxed),
             tap_skipped: state.taps.skipped.load(Ordering::Relaxed),
             serve: state.registry.serve_stats(),
+            fleet: state.registry.fleet(),
         }
     }
+}
+
+/// The fleet's families (`[cluster]`, ARCHITECTURE.md §9), labelled with this instance.
+fn fleet_families(
+    enc: &mut DescriptorEncoder,
+    fleet: &crate::cluster::FleetStats,
+) -> Result<(), std::fmt::Error> {
+    let labels = || vec![("instance", fleet.instance.as_str())];
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    gauges(
+        enc,
+        "sse_bridge_cluster_leases_held",
+        "Feed leases this instance holds now (the feeds it reads).",
+        [(labels(), load(&fleet.held) as i64)],
+    )?;
+    gauges(
+        enc,
+        "sse_bridge_cluster_live_instances",
+        "Instances of the fleet whose heartbeat had not expired at the last round.",
+        [(labels(), load(&fleet.live_instances) as i64)],
+    )?;
+    counters(
+        enc,
+        "sse_bridge_cluster_leases_claimed_total",
+        "Leases this instance claimed (free, released or expired ones).",
+        [(labels(), load(&fleet.claimed))],
+    )?;
+    counters(
+        enc,
+        "sse_bridge_cluster_leases_lost_total",
+        "Leases this instance lost while holding them (not renewed in time, or taken by another instance); each stopped its feed at once.",
+        [(labels(), load(&fleet.lost))],
+    )?;
+    counters(
+        enc,
+        "sse_bridge_cluster_leases_handed_over_total",
+        "Leases this instance released on purpose after draining the feed (rebalancing, a removed feed, shutdown).",
+        [(labels(), load(&fleet.handed_over))],
+    )
 }
 
 impl Collector for Page {
@@ -219,7 +260,11 @@ impl Collector for Page {
             "sse_bridge_tap_skipped_events_total",
             "Events /tap connections skipped because they read too slowly (the bridge never waits for a tap).",
             [(vec![], self.tap_skipped)],
-        )
+        )?;
+        if let Some(fleet) = &self.fleet {
+            fleet_families(&mut enc, fleet)?;
+        }
+        Ok(())
     }
 }
 
@@ -586,6 +631,7 @@ mod tests {
             tap_clients: 2,
             tap_skipped: 7,
             serve: Some(serve_stats()),
+            fleet: None,
         };
         (page, worker)
     }

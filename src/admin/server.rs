@@ -253,8 +253,20 @@ async fn healthz() -> Response {
 pub(super) fn readiness(registry: &Registry, running: bool) -> Vec<String> {
     let mut reasons = Vec::new();
     let feeds = registry.feeds();
-    if !running || feeds.is_empty() {
+    let fleet = registry.fleet();
+    // In a fleet, an instance without feeds is a standby, ready once it has reached the
+    // fleet's database; its readiness is that of the feeds it holds (ARCHITECTURE.md §9).
+    let idle_is_fine = fleet.as_ref().is_some_and(|f| f.connected());
+    if !running || (feeds.is_empty() && !idle_is_fine) {
         reasons.push("the bridge is starting or shutting down".to_string());
+    }
+    if let Some(fleet) = &fleet {
+        if !fleet.connected() {
+            reasons.push(format!(
+                "instance `{}` cannot reach the fleet's database: it holds no lease it could renew",
+                fleet.instance
+            ));
+        }
     }
     for f in &feeds {
         let s = f.status.get();
@@ -301,7 +313,15 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
 
 async fn feeds(State(state): State<Arc<AdminState>>) -> Response {
     let now = SystemTime::now();
-    let feeds: Vec<Value> = snapshot_feeds(&state)
+    let fleet = state.registry.fleet();
+    let leases = fleet.as_ref().map(|f| f.leases()).unwrap_or_default();
+    let lease_of = |name: &str| leases.iter().find(|l| l.feed == name);
+    let snapshots = snapshot_feeds(&state);
+    let running: Vec<String> = snapshots
+        .iter()
+        .map(|f| f.view.config.name.clone())
+        .collect();
+    let mut feeds: Vec<Value> = snapshots
         .into_iter()
         .map(|f| {
             let st = &f.status;
@@ -326,6 +346,8 @@ async fn feeds(State(state): State<Arc<AdminState>>) -> Response {
                 "open_since": st.open_since.map(rfc3339),
                 "protocol": st.protocol,
                 "connection": st.connection,
+                "owner": fleet.as_ref().map(|f| f.instance.clone()),
+                "epoch": lease_of(&f.view.config.name).map(|l| l.epoch),
                 "errors": st.errors,
                 "events": {
                     "received": load(&stats.received),
@@ -346,6 +368,15 @@ async fn feeds(State(state): State<Arc<AdminState>>) -> Response {
             })
         })
         .collect();
+    // In a fleet, the feeds other instances read (or nobody does, for the moment).
+    for lease in leases.iter().filter(|l| !running.contains(&l.feed)) {
+        feeds.push(json!({
+            "name": lease.feed,
+            "state": if lease.owner.is_some() { "elsewhere" } else { "unowned" },
+            "owner": lease.owner,
+            "epoch": lease.epoch,
+        }));
+    }
     json_response(StatusCode::OK, &Value::Array(feeds))
 }
 

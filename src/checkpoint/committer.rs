@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::{with_store, FeedTracker, SharedState, StoreError};
+use super::{FeedTracker, SharedState, StoreError};
 use crate::state::Checkpoint;
 
 /// A feed whose checkpoint the committer writes.
@@ -66,7 +66,7 @@ pub async fn commit<C: Committable>(feeds: &[C], state: &SharedState) -> Result<
         return Ok(());
     }
     let checkpoints: Vec<Checkpoint> = changed.iter().map(|(_, c)| c.clone()).collect();
-    let result = with_store(state, move |store| store.save_checkpoints(&checkpoints)).await;
+    let result = state.save_checkpoints(checkpoints).await;
     match result {
         Ok(()) => {
             for (i, c) in changed {
@@ -123,22 +123,24 @@ mod tests {
     #[tokio::test]
     async fn changed_positions_are_committed_and_reported_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = StateStore::open(&dir.path().join("state.db")).expect("open");
-        let state: SharedState = Arc::new(Mutex::new(store));
+        let store = Arc::new(Mutex::new(
+            StateStore::open(&dir.path().join("state.db")).expect("open"),
+        ));
+        let state = SharedState::Local(store.clone());
         let feeds = [feed("a"), feed("b")];
         feeds[0].tracker.register([(1, "x", 0), (2, "y", 1)]);
         feeds[0].tracker.ack([2]);
         commit(&feeds, &state).await.expect("commit");
         assert_eq!(feeds[0].committed.load(Ordering::Relaxed), 2);
         assert_eq!(feeds[1].committed.load(Ordering::Relaxed), 0, "unchanged");
-        let stored = state
+        let stored = store
             .lock()
             .expect("lock")
             .checkpoint("a", "http://127.0.0.1:9/a")
             .expect("read")
             .expect("a row");
         assert_eq!((stored.seq, stored.last_event_id.as_str()), (2, "y"));
-        assert!(state
+        assert!(store
             .lock()
             .expect("lock")
             .checkpoint("b", "http://127.0.0.1:9/b")
@@ -150,10 +152,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_commit_keeps_the_position_for_the_next_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = StateStore::open(&dir.path().join("state.db")).expect("open");
-        let state: SharedState = Arc::new(Mutex::new(store));
+        let store = Arc::new(Mutex::new(
+            StateStore::open(&dir.path().join("state.db")).expect("open"),
+        ));
+        let state = SharedState::Local(store.clone());
         // Poison the lock: the commit cannot reach the store.
-        let poisoner = state.clone();
+        let poisoner = store.clone();
         let _ = std::thread::spawn(move || {
             let _guard = poisoner.lock();
             panic!("poisoning the state lock on purpose");

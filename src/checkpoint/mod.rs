@@ -7,22 +7,82 @@ pub mod tracker;
 
 use std::sync::{Arc, Mutex};
 
-use crate::state::StateStore;
+use crate::cluster::store::FleetStore;
+use crate::state::{Checkpoint, Gap, Recorded, StateStore};
 
 pub use committer::{commit, commit_loop, Committable};
 pub use tracker::{EventId, FeedTracker, Position};
 
 use crate::state::StateError;
 
-/// The state database, shared by the committer, the feeds (gaps, start positions) and the
-/// supervisor; every use is a short blocking call on a blocking thread ([`with_store`]).
-pub type SharedState = Arc<Mutex<StateStore>>;
+/// Where checkpoints and gaps live, shared by the committer, the feeds (gaps, start
+/// positions) and the supervisor: the SQLite state database of a single bridge (every use a
+/// short blocking call on a blocking thread, [`with_store`]), or a fleet's PostgreSQL tables
+/// (ARCHITECTURE.md §9).
+#[derive(Clone)]
+pub enum SharedState {
+    Local(Arc<Mutex<StateStore>>),
+    Fleet(Arc<FleetStore>),
+}
+
+impl SharedState {
+    /// The SQLite state database of a single bridge.
+    pub fn local(store: StateStore) -> SharedState {
+        SharedState::Local(Arc::new(Mutex::new(store)))
+    }
+
+    /// Commits every checkpoint in `cps` in one transaction (in a fleet: those whose lease this
+    /// instance still holds; the others are reported lost and left out).
+    pub async fn save_checkpoints(&self, cps: Vec<Checkpoint>) -> Result<(), StoreError> {
+        match self {
+            SharedState::Local(store) => with_store(store, move |s| s.save_checkpoints(&cps)).await,
+            SharedState::Fleet(fleet) => fleet
+                .save_checkpoints(&cps)
+                .await
+                .map(|_| ())
+                .map_err(StoreError::Fleet),
+        }
+    }
+
+    /// Records a gap.
+    pub async fn record_gap(&self, gap: Gap) -> Result<Recorded, StoreError> {
+        match self {
+            SharedState::Local(store) => with_store(store, move |s| s.record_gap(&gap)).await,
+            SharedState::Fleet(fleet) => fleet.record_gap(&gap).await.map_err(StoreError::Fleet),
+        }
+    }
+
+    /// The checkpoint of `feed` at `url`, and whether the feed has one for another URL.
+    pub async fn checkpoint(
+        &self,
+        feed: &str,
+        url: &str,
+    ) -> Result<(Option<Checkpoint>, bool), StoreError> {
+        match self {
+            SharedState::Local(store) => {
+                let (feed, url) = (feed.to_string(), url.to_string());
+                with_store(store, move |s| {
+                    Ok((
+                        s.checkpoint(&feed, &url)?,
+                        s.has_checkpoint_for_other_url(&feed, &url)?,
+                    ))
+                })
+                .await
+            }
+            SharedState::Fleet(fleet) => {
+                fleet.checkpoint(feed, url).await.map_err(StoreError::Fleet)
+            }
+        }
+    }
+}
 
 /// Why a call on the shared state database failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("{0}")]
+    Fleet(String),
     #[error("the state store's lock is poisoned (a thread panicked while holding it)")]
     Poisoned,
     #[error("the state store's blocking task failed: {0}")]
@@ -30,7 +90,7 @@ pub enum StoreError {
 }
 
 /// Runs `f` on the state database on a blocking thread (SQLite calls block).
-pub async fn with_store<T, F>(state: &SharedState, f: F) -> Result<T, StoreError>
+pub async fn with_store<T, F>(state: &Arc<Mutex<StateStore>>, f: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce(&mut StateStore) -> Result<T, StateError> + Send + 'static,

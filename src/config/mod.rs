@@ -36,7 +36,9 @@ pub const ENV_PREFIX: &str = "SSE_BRIDGE_";
 
 /// Top-level sections that environment variables may override. Other `SSE_BRIDGE_*` variables
 /// (such as a token named in `bearer_token_env`) are left alone.
-const ENV_SECTIONS: &[&str] = &["state", "log", "shutdown", "routing", "admin", "serve"];
+const ENV_SECTIONS: &[&str] = &[
+    "state", "log", "shutdown", "routing", "admin", "serve", "cluster",
+];
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -70,6 +72,10 @@ pub struct Config {
     /// (CORS, tokens, TLS); off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serve: Option<crate::serve::ServeConfig>,
+    /// `[cluster]`: run as one instance of a fleet that shares this configuration through a
+    /// PostgreSQL database; each feed is read by exactly one instance. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// `[state]`

@@ -124,6 +124,12 @@ pub(super) fn validate(cfg: &Config, config_file: Option<&Path>) -> Vec<ConfigIs
             issues.add(format!("admin.{key}"), message);
         }
     }
+    if let Some(cluster) = &cfg.cluster {
+        for (key, message) in cluster.validate() {
+            issues.add(format!("cluster.{key}"), message);
+        }
+        validate_fleet_sinks(&mut issues, cfg, cluster);
+    }
     if let Some(serve) = &cfg.serve {
         let sqlite_sinks: Vec<&str> = cfg
             .sink
@@ -147,6 +153,45 @@ pub(super) fn validate(cfg: &Config, config_file: Option<&Path>) -> Vec<ConfigIs
         }
     }
     issues.0
+}
+
+/// In a fleet, a `postgres` sink checks each feed's lease in its own transaction, so its table
+/// must be in the fleet's database (ARCHITECTURE.md §9). Compared where both connection
+/// strings are in the file; one read from the environment or a file is checked at start.
+fn validate_fleet_sinks(
+    issues: &mut Issues,
+    cfg: &Config,
+    cluster: &crate::cluster::ClusterConfig,
+) {
+    let Some(Ok(fleet)) = cluster
+        .url
+        .as_deref()
+        .map(crate::sink::postgres::config::parse_connection)
+    else {
+        return;
+    };
+    for (name, sink) in &cfg.sink {
+        let SinkConfig::Postgres(pg) = sink else {
+            continue;
+        };
+        let Some(Ok(sink_db)) = pg
+            .url
+            .as_deref()
+            .map(crate::sink::postgres::config::parse_connection)
+        else {
+            continue;
+        };
+        if !crate::cluster::same_database(&fleet, &sink_db) {
+            issues.add(
+                format!("sink.{name}.url"),
+                format!(
+                    "in a fleet, a postgres sink must write to the fleet's database ({}), not {}:                      each batch checks the feed's lease in the same transaction, so that an                      instance that lost a lease cannot insert a row",
+                    crate::sink::postgres::config::shown(&fleet),
+                    crate::sink::postgres::config::shown(&sink_db),
+                ),
+            );
+        }
+    }
 }
 
 /// A file sink may only ever write its own files: no path it can render (for any feed,

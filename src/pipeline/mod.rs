@@ -21,7 +21,7 @@ use chrono::Utc;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{with_store, Committable, FeedTracker, SharedState};
+use crate::checkpoint::{Committable, FeedTracker, SharedState};
 use crate::config::FeedConfig;
 use crate::event::Event;
 use crate::route::Router;
@@ -279,7 +279,7 @@ impl<S: Source> FeedTask<S> {
             p.seq.max(self.next_seq.saturating_sub(1)),
             Utc::now(),
         );
-        let result = with_store(&self.state, move |s| s.record_gap(&gap).map(|r| (r, gap))).await;
+        let result = self.state.record_gap(gap.clone()).await.map(|r| (r, gap));
         match result {
             // A repeat of the previous gap is counted in its row; logging each one again
             // would turn a server that closes at once into a flood of identical lines.

@@ -144,7 +144,7 @@ impl Rig {
         let config = Config::from_toml_str(config).expect("config");
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::open(&dir.path().join("state.db")).expect("state");
-        let state: SharedState = Arc::new(std::sync::Mutex::new(store));
+        let state = SharedState::local(store);
         let configs: Vec<(String, crate::sink::SinkConfig)> = config
             .sink
             .iter()
@@ -342,8 +342,10 @@ async fn a_gap_is_recorded_with_the_position_it_happened_at() {
         false,
     );
     rig.acked_at(9).await;
-    let gaps = rig
-        .state
+    let SharedState::Local(store) = &rig.state else {
+        panic!("a local state database");
+    };
+    let gaps = store
         .lock()
         .expect("state")
         .list_gaps(Some("f"))

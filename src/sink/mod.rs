@@ -86,6 +86,22 @@ impl SinkConfig {
         }
     }
 
+    /// Opens the sink of a running bridge: [`SinkConfig::build_with_state`], and in a fleet
+    /// the lease fence a `postgres` sink checks in every transaction (ARCHITECTURE.md §9).
+    pub fn build_for_bridge(
+        &self,
+        name: &str,
+        state_path: Option<&Path>,
+        fence: Option<Arc<crate::cluster::fence::Fence>>,
+    ) -> Result<Box<dyn Sink>, SinkError> {
+        match (self, fence) {
+            (SinkConfig::Postgres(c), Some(fence)) => Ok(Box::new(
+                postgres::PostgresSink::build(name, c, state_path)?.fenced(fence)?,
+            )),
+            _ => self.build_with_state(name, state_path),
+        }
+    }
+
     /// The in-memory buffer in front of the sink.
     pub fn buffer(&self) -> &BufferConfig {
         match self {

@@ -71,10 +71,20 @@ struct Report {
     /// Feeds whose stored event at the cursor had another id than the re-fetched one:
     /// (feed, cursor seq, stored id, re-fetched id).
     mismatches: Vec<(String, u64, String, String)>,
+    /// Feeds whose events were refused because this instance no longer holds their lease
+    /// (a fleet, ARCHITECTURE.md §9), with how many events.
+    fenced: Vec<(String, u64)>,
+}
+
+/// In a fleet: the instance and the lease epochs (feed, epoch) a batch is written under.
+struct Fencing {
+    instance: String,
+    leases: Vec<(String, i64)>,
 }
 
 struct Request {
     events: Vec<Arc<Event>>,
+    fencing: Option<Fencing>,
     runs: HashMap<Arc<str>, Run>,
     reply: mpsc::Sender<Result<Report, String>>,
 }
@@ -90,6 +100,10 @@ pub struct PostgresSink {
     state_path: Option<PathBuf>,
     duplicates: Arc<DuplicateCounter>,
     options: WriteOptions,
+    /// In a fleet: the leases this instance holds, checked in every transaction.
+    fence: Option<Arc<crate::cluster::fence::Fence>>,
+    /// The database, as [`crate::cluster::same_database`] compares it.
+    connection: tokio_postgres::Config,
 }
 
 impl PostgresSink {
@@ -113,7 +127,7 @@ impl PostgresSink {
         let worker = Worker {
             sink: name.to_string(),
             shown: config::shown(&connection),
-            connection,
+            connection: connection.clone(),
             tls,
             table: c.table.clone(),
             cursors: schema::cursors_table(&c.table),
@@ -142,7 +156,28 @@ impl PostgresSink {
                 max_batch_wait: c.batch_max_wait,
                 checkpoints: false,
             },
+            fence: None,
+            connection,
         })
+    }
+
+    /// In a fleet: every batch checks, in its transaction, that this instance still holds
+    /// the lease of each feed in it, with the epoch the feed runs under; the events of a feed
+    /// whose lease is gone are refused, and the coordinator told (ARCHITECTURE.md §9). The
+    /// table must be in the fleet's database.
+    pub fn fenced(mut self, fence: Arc<crate::cluster::fence::Fence>) -> Result<Self, SinkError> {
+        if !crate::cluster::same_database(fence.database(), &self.connection) {
+            return Err(SinkError::Config {
+                sink: self.name.clone(),
+                message: format!(
+                    "url: in a fleet, a postgres sink must write to the fleet's database ({}),                      not {}: each batch checks the feed's lease in the same transaction",
+                    config::shown(fence.database()),
+                    config::shown(&self.connection)
+                ),
+            });
+        }
+        self.fence = Some(fence);
+        Ok(self)
     }
 
     fn db_error(&self, message: String) -> SinkError {
@@ -207,8 +242,22 @@ impl super::Sink for PostgresSink {
     fn write(&mut self, events: &[Arc<Event>]) -> Result<(), SinkError> {
         self.resolve_first_events(events);
         let (reply, answer) = mpsc::channel();
+        let fencing = self.fence.as_ref().map(|fence| {
+            let mut leases: Vec<(String, i64)> = Vec::new();
+            for e in events {
+                if !leases.iter().any(|(f, _)| **f == *e.feed) {
+                    // A feed not held at all is named with epoch -1: no lease row has it.
+                    leases.push((e.feed.to_string(), fence.epoch(&e.feed).unwrap_or(-1)));
+                }
+            }
+            Fencing {
+                instance: fence.instance().to_string(),
+                leases,
+            }
+        });
         let request = Request {
             events: events.to_vec(),
+            fencing,
             runs: self.runs.clone(),
             reply,
         };
@@ -224,6 +273,12 @@ impl super::Sink for PostgresSink {
             .map_err(|_| self.db_error("the PostgreSQL connection thread has ended".into()))?
             .map_err(|m| self.db_error(m))?;
         self.duplicates.add(report.skipped);
+        for (feed, events) in &report.fenced {
+            tracing::warn!(sink = %self.name, feed = %feed, events, "this instance lost the feed's lease: the sink refused its events (the new holder stores them)");
+            if let Some(fence) = &self.fence {
+                fence.report_lost(feed);
+            }
+        }
         for (feed, seq, stored, found) in report.mismatches {
             let url = self.runs.get(feed.as_str()).map(|r| r.url.clone());
             super::record_replay_mismatch(
@@ -318,7 +373,7 @@ impl ToSql for RawJson<'_> {
 
 /// `text` as PostgreSQL can store it: a `text` value cannot hold NUL, which a stream may send;
 /// it is stored as U+FFFD (README, "The PostgreSQL sink").
-fn pg_text(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn pg_text(text: &str) -> std::borrow::Cow<'_, str> {
     if text.contains('\0') {
         std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
     } else {
@@ -327,7 +382,7 @@ fn pg_text(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// What an error says, with the server's message, code and detail when there is one.
-fn describe(context: &str, e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(context: &str, e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut text = format!(
@@ -467,12 +522,43 @@ async fn store_batch(
     // (its answer lost) instead of reading a cursor that is about to move, and rows commit
     // in `pos` order, as readers that tail by `pos` need.
     tx.execute(&conn.lock, &[&table]).await?;
+    // In a fleet, the leases of the batch's feeds, held for the transaction (`FOR SHARE`: a
+    // claim by another instance waits until it ends); the events of a feed whose lease is
+    // gone are left out.
+    let mut refused: Vec<&str> = Vec::new();
+    if let Some(fencing) = &request.fencing {
+        let feeds: Vec<&str> = fencing.leases.iter().map(|(f, _)| f.as_str()).collect();
+        let epochs: Vec<i64> = fencing.leases.iter().map(|(_, e)| *e).collect();
+        let holding: Vec<String> = tx
+            .query(
+                "SELECT l.feed FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
+                 JOIN sse_bridge_leases l ON l.feed = w.feed AND l.epoch = w.epoch \
+                 WHERE l.owner = $3 AND l.expires_at > now() ORDER BY l.feed FOR SHARE OF l",
+                &[&feeds, &epochs, &fencing.instance],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for feed in feeds {
+            if !holding.iter().any(|h| h == feed) {
+                refused.push(feed);
+                let n = request.events.iter().filter(|e| &*e.feed == feed).count() as u64;
+                report.fenced.push((feed.to_string(), n));
+            }
+        }
+    }
+    let events: Vec<&Arc<Event>> = request
+        .events
+        .iter()
+        .filter(|e| !refused.contains(&&*e.feed))
+        .collect();
     // Per feed, the cursor below which the batch's events are already stored, when that is
     // sure: the batch holds the very event at the cursor (a retry after a lost commit
     // answer, or a re-fetch), or the feed resumed after an event the table holds before the
     // cursor (the same numbering continued).
     let mut floors: HashMap<&str, (i64, String)> = HashMap::new();
-    for event in &request.events {
+    for event in &events {
         let feed: &str = &event.feed;
         if floors.contains_key(feed) {
             continue;
@@ -483,7 +569,7 @@ async fn store_batch(
             continue;
         };
         let cursor: (i64, String) = (row.get(0), row.get(1));
-        let same_feed = request.events.iter().filter(|e| &*e.feed == feed);
+        let same_feed = events.iter().filter(|e| &*e.feed == feed);
         let holds_cursor = same_feed.clone().any(|e| {
             i64::try_from(e.seq).ok() == Some(cursor.0) && pg_text(&e.id) == cursor.1.as_str()
         });
@@ -528,9 +614,9 @@ async fn store_batch(
             },
         );
     }
-    let mut kept: Vec<&Event> = Vec::with_capacity(request.events.len());
+    let mut kept: Vec<&Event> = Vec::with_capacity(events.len());
     let mut checked: Vec<&str> = Vec::new();
-    for event in &request.events {
+    for event in &events {
         let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
         let feed: &str = &event.feed;
         let (floor, stored_id) = floors

@@ -1,0 +1,66 @@
+//! The leases this instance holds, as the writers see them (ARCHITECTURE.md §9): every
+//! checkpoint write and every `postgres` sink transaction names the feed's epoch from here
+//! and checks it against the lease row in the same transaction.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use tokio::sync::mpsc;
+
+/// The epochs of the leases held, and the way back to the coordinator for a writer that found
+/// a lease gone.
+pub struct Fence {
+    instance: String,
+    database: tokio_postgres::Config,
+    held: RwLock<HashMap<String, i64>>,
+    lost: mpsc::UnboundedSender<String>,
+}
+
+impl Fence {
+    /// A fence for `instance`; feeds a writer finds fenced out are sent to `lost`.
+    pub fn new(
+        instance: String,
+        database: tokio_postgres::Config,
+        lost: mpsc::UnboundedSender<String>,
+    ) -> Fence {
+        Fence {
+            instance,
+            database,
+            held: RwLock::default(),
+            lost,
+        }
+    }
+
+    /// This instance's name (the lease owner it writes as).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The fleet's database (where a fenced writer must write).
+    pub fn database(&self) -> &tokio_postgres::Config {
+        &self.database
+    }
+
+    /// The epoch of `feed`'s lease, if this instance holds it.
+    pub fn epoch(&self, feed: &str) -> Option<i64> {
+        self.held.read().ok().and_then(|m| m.get(feed).copied())
+    }
+
+    pub(super) fn hold(&self, feed: &str, epoch: i64) {
+        if let Ok(mut m) = self.held.write() {
+            m.insert(feed.to_string(), epoch);
+        }
+    }
+
+    pub(super) fn forget(&self, feed: &str) {
+        if let Ok(mut m) = self.held.write() {
+            m.remove(feed);
+        }
+    }
+
+    /// A writer found that this instance no longer holds `feed`'s lease (the database said
+    /// so inside its transaction): the coordinator stops the feed.
+    pub fn report_lost(&self, feed: &str) {
+        let _ = self.lost.send(feed.to_string());
+    }
+}

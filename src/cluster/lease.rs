@@ -1,0 +1,621 @@
+//! The lease coordinator (ARCHITECTURE.md §9): one task per instance that, every
+//! `lease_ttl / 3`, renews its heartbeat and the leases it holds, claims free or expired
+//! leases up to its fair share, and hands over what it holds beyond it. Every judgement of
+//! time is the database's (`now()`); the instance's own clock only decides when it must stop
+//! feeds whose renewal it could not confirm (before the database would let them expire).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::db::{Db, LEASES_CHANNEL};
+use super::fence::Fence;
+use super::{Command, FleetStats, LeaseView, StopReason};
+use crate::sink::postgres::describe;
+
+/// The soonest two rounds run one after another when notifications ask for more.
+const MIN_ROUND_GAP: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// The feed runs here.
+    Running,
+    /// Handing over: the feed drains and commits; the lease is still renewed until then.
+    Draining,
+    /// Lost: the feed is stopping; the lease is not ours any more.
+    Stopping,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    epoch: i64,
+    held: Held,
+}
+
+/// What one round learned from the database.
+#[derive(Debug, Default)]
+struct Round {
+    /// Leases this instance renewed (feed names).
+    renewed: Vec<String>,
+    /// Leases claimed: (feed, epoch, previous owner).
+    claimed: Vec<(String, i64, Option<String>)>,
+    /// How many running feeds to hand over.
+    hand_over: usize,
+    leases: Vec<LeaseView>,
+    live: u64,
+}
+
+pub(super) struct Coordinator {
+    db: Db,
+    instance: String,
+    ttl: Duration,
+    fence: Arc<Fence>,
+    stats: Arc<FleetStats>,
+    commands: mpsc::UnboundedSender<Command>,
+    stop_claiming: CancellationToken,
+    leases: BTreeMap<String, Lease>,
+    /// When the leases renewed last end at the earliest, by this instance's clock: the send
+    /// time of that renewal plus the TTL, less a margin.
+    deadline: Option<Instant>,
+    /// Whether the last round failed (to log a recovery once).
+    failing: bool,
+    notified: Option<mpsc::UnboundedReceiver<()>>,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// This instance's fair share: `feeds / live`, the remainder going one each to the first
+/// instances by name, so the shares add up to the number of feeds.
+fn fair_share(feeds: usize, live: &[String], instance: &str) -> usize {
+    let n = live.len().max(1);
+    let rank = live.iter().position(|i| i == instance).unwrap_or(n - 1);
+    feeds / n + usize::from(rank < feeds % n)
+}
+
+impl Coordinator {
+    pub(super) fn new(
+        db: Db,
+        instance: String,
+        ttl: Duration,
+        fence: Arc<Fence>,
+        stats: Arc<FleetStats>,
+        commands: mpsc::UnboundedSender<Command>,
+        stop_claiming: CancellationToken,
+    ) -> Coordinator {
+        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
+        Coordinator {
+            db: db.listening(notify_tx),
+            instance,
+            ttl,
+            fence,
+            stats,
+            commands,
+            stop_claiming,
+            leases: BTreeMap::new(),
+            deadline: None,
+            failing: false,
+            notified: Some(notify_rx),
+        }
+    }
+
+    fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Runs until `shutdown`, then releases every lease still held and leaves the fleet.
+    pub(super) async fn run(
+        mut self,
+        mut feeds: watch::Receiver<Vec<String>>,
+        mut stopped: mpsc::UnboundedReceiver<String>,
+        mut lost: mpsc::UnboundedReceiver<String>,
+        shutdown: CancellationToken,
+    ) {
+        let mut notified = self.notified.take();
+        let mut ticker = tokio::time::interval(self.renew_every());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_round = Instant::now() - MIN_ROUND_GAP;
+        loop {
+            let deadline = self
+                .deadline
+                .filter(|_| self.holds_any())
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let soonest = last_round + MIN_ROUND_GAP;
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let configured = feeds.borrow_and_update().clone();
+                    self.round(&configured).await;
+                    last_round = Instant::now();
+                }
+                Some(()) = async {
+                    match notified.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Another instance released leases: a round now, not at the next tick.
+                    tokio::time::sleep_until(soonest).await;
+                    if let Some(rx) = notified.as_mut() {
+                        while rx.try_recv().is_ok() {}
+                    }
+                    let configured = feeds.borrow_and_update().clone();
+                    self.round(&configured).await;
+                    last_round = Instant::now();
+                }
+                Ok(()) = feeds.changed() => {
+                    let configured = feeds.borrow_and_update().clone();
+                    self.round(&configured).await;
+                    last_round = Instant::now();
+                }
+                Some(feed) = stopped.recv() => self.on_stopped(&feed).await,
+                Some(feed) = lost.recv() => {
+                    self.lose(&[feed], "a write found that this instance no longer holds the lease");
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let held: Vec<String> = self.held_names();
+                    self.lose(&held, "the leases could not be renewed before they end (the fleet's database did not answer in time)");
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        self.leave().await;
+    }
+
+    fn holds_any(&self) -> bool {
+        self.leases
+            .values()
+            .any(|l| matches!(l.held, Held::Running | Held::Draining))
+    }
+
+    fn held_names(&self) -> Vec<String> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| matches!(l.held, Held::Running | Held::Draining))
+            .map(|(f, _)| f.clone())
+            .collect()
+    }
+
+    fn update_held_gauge(&self) {
+        let held = self
+            .leases
+            .values()
+            .filter(|l| matches!(l.held, Held::Running | Held::Draining))
+            .count();
+        self.stats.held.store(held as u64, Ordering::Relaxed);
+    }
+
+    /// Stops the feeds whose leases are gone, at once.
+    fn lose(&mut self, feeds: &[String], why: &str) {
+        for feed in feeds {
+            let Some(lease) = self.leases.get_mut(feed) else {
+                continue;
+            };
+            let was = lease.held;
+            if was == Held::Stopping {
+                continue;
+            }
+            lease.held = Held::Stopping;
+            self.fence.forget(feed);
+            self.stats.lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(feed = %feed, instance = %self.instance, epoch = lease.epoch, "lost the lease: {why}; stopping the feed here");
+            // A draining feed is already stopping; its `stopped` comes back once.
+            if was == Held::Running {
+                let _ = self.commands.send(Command::Stop {
+                    feed: feed.clone(),
+                    why: StopReason::Lost,
+                });
+            }
+        }
+        self.update_held_gauge();
+    }
+
+    /// A feed stopped here: its lease, if still ours, is released so that another instance
+    /// takes it over now rather than after it expires.
+    async fn on_stopped(&mut self, feed: &str) {
+        let Some(lease) = self.leases.remove(feed) else {
+            return;
+        };
+        self.update_held_gauge();
+        if lease.held == Held::Stopping {
+            return;
+        }
+        match self.release(&[(feed.to_string(), lease.epoch)]).await {
+            Ok(()) => {
+                self.stats.handed_over.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(feed = %feed, instance = %self.instance, epoch = lease.epoch, "handed the feed over: released its lease");
+            }
+            Err(e) => {
+                tracing::warn!(feed = %feed, instance = %self.instance, "could not release the lease (it ends by itself within lease_ttl): {e}");
+            }
+        }
+        self.fence.forget(feed);
+    }
+
+    /// Releases `leases` (feed, epoch) if still ours, and tells the others.
+    async fn release(&self, leases: &[(String, i64)]) -> Result<(), String> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let feeds: Vec<&str> = leases.iter().map(|(f, _)| f.as_str()).collect();
+        let epochs: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
+        let mut held = self.db.client().await?;
+        let Some(client) = held.as_mut() else {
+            return Err("not connected".into());
+        };
+        let result = tokio::time::timeout(self.db.timeout, async {
+            client
+                .execute(
+                    "UPDATE sse_bridge_leases l SET owner = NULL, expires_at = now() \
+                     FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
+                     WHERE l.feed = w.feed AND l.epoch = w.epoch AND l.owner = $3",
+                    &[&feeds, &epochs, &self.instance],
+                )
+                .await?;
+            client
+                .execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&LEASES_CHANNEL, &self.instance],
+                )
+                .await
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                Db::failed(&mut held, &e);
+                Err(describe(&format!("fleet database {}", self.db.shown), &e))
+            }
+            Err(_) => {
+                *held = None;
+                Err(format!(
+                    "fleet database {}: no answer in time",
+                    self.db.shown
+                ))
+            }
+        }
+    }
+
+    /// One round: heartbeat, renewals, claims, hand-overs.
+    async fn round(&mut self, configured: &[String]) {
+        let sent = Instant::now();
+        let renew: Vec<(String, i64)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| matches!(l.held, Held::Running | Held::Draining))
+            .map(|(f, l)| (f.clone(), l.epoch))
+            .collect();
+        let stopping: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.held == Held::Stopping)
+            .map(|(f, _)| f.clone())
+            .collect();
+        let running = self
+            .leases
+            .values()
+            .filter(|l| l.held == Held::Running)
+            .count();
+        let claiming = !self.stop_claiming.is_cancelled();
+        let result = tokio::time::timeout(
+            self.renew_every(),
+            self.exchange(configured, &renew, &stopping, running, claiming),
+        )
+        .await;
+        let round = match result {
+            Ok(Ok(round)) => round,
+            Ok(Err(e)) => {
+                self.fail(&e);
+                return;
+            }
+            Err(_) => {
+                self.db.reset().await;
+                self.fail("no answer within lease_ttl / 3");
+                return;
+            }
+        };
+        if self.failing {
+            self.failing = false;
+            tracing::info!(instance = %self.instance, database = %self.db.shown, "the fleet's database answers again");
+        }
+        // The renewals were sent at `sent`; the database set their end to its `now()` plus
+        // the TTL, which is no earlier. A tenth of the TTL keeps the stop ahead of it.
+        self.deadline = Some(sent + self.ttl - self.ttl / 10);
+        self.stats
+            .live_instances
+            .store(round.live, Ordering::Relaxed);
+        self.stats.set_connected(true);
+        self.stats.set_leases(round.leases);
+        let gone: Vec<String> = renew
+            .iter()
+            .filter(|(f, _)| !round.renewed.contains(f))
+            .map(|(f, _)| f.clone())
+            .collect();
+        self.lose(
+            &gone,
+            "its renewal found it expired or claimed by another instance",
+        );
+        for (feed, epoch, previous) in round.claimed {
+            self.leases.insert(
+                feed.clone(),
+                Lease {
+                    epoch,
+                    held: Held::Running,
+                },
+            );
+            self.fence.hold(&feed, epoch);
+            self.stats.claimed.fetch_add(1, Ordering::Relaxed);
+            match previous {
+                Some(previous) if previous != self.instance => {
+                    tracing::info!(feed = %feed, instance = %self.instance, epoch, from = %previous, "claimed the feed's lease (its previous holder's lease had ended)")
+                }
+                _ => {
+                    tracing::info!(feed = %feed, instance = %self.instance, epoch, "claimed the feed's lease")
+                }
+            }
+            let _ = self.commands.send(Command::Start(feed));
+        }
+        // Feeds no longer configured, then the excess over the fair share, are handed over.
+        let mut hand_over: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(f, l)| l.held == Held::Running && !configured.contains(f))
+            .map(|(f, _)| f.clone())
+            .collect();
+        let excess: Vec<String> = self
+            .leases
+            .iter()
+            .rev()
+            .filter(|(f, l)| l.held == Held::Running && !hand_over.contains(f))
+            .map(|(f, _)| f.clone())
+            .take(round.hand_over)
+            .collect();
+        hand_over.extend(excess);
+        for feed in hand_over {
+            if let Some(lease) = self.leases.get_mut(&feed) {
+                lease.held = Held::Draining;
+                tracing::info!(feed = %feed, instance = %self.instance, epoch = lease.epoch, "handing the feed over to another instance (fair share)");
+                let _ = self.commands.send(Command::Stop {
+                    feed,
+                    why: StopReason::HandOver,
+                });
+            }
+        }
+        self.update_held_gauge();
+    }
+
+    fn fail(&mut self, e: &str) {
+        self.stats.set_connected(false);
+        if !self.failing {
+            let until = self
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            tracing::warn!(instance = %self.instance, "cannot renew the leases: {e}; retrying every lease_ttl / 3 (the feeds held stop in {until:?} unless a renewal succeeds)");
+        } else {
+            tracing::debug!(instance = %self.instance, "cannot renew the leases: {e}");
+        }
+        self.failing = true;
+    }
+
+    /// The database side of a round, on one connection.
+    async fn exchange(
+        &self,
+        configured: &[String],
+        renew: &[(String, i64)],
+        stopping: &[String],
+        running: usize,
+        claiming: bool,
+    ) -> Result<Round, String> {
+        let mut held = self.db.client().await?;
+        let Some(client) = held.as_mut() else {
+            return Err("not connected".into());
+        };
+        let result = self
+            .exchange_on(client, configured, renew, stopping, running, claiming)
+            .await;
+        if let Err(e) = &result {
+            Db::failed(&mut held, e);
+        }
+        result.map_err(|e| describe(&format!("fleet database {}", self.db.shown), &e))
+    }
+
+    async fn exchange_on(
+        &self,
+        client: &tokio_postgres::Client,
+        configured: &[String],
+        renew: &[(String, i64)],
+        stopping: &[String],
+        running: usize,
+        claiming: bool,
+    ) -> Result<Round, tokio_postgres::Error> {
+        let ttl = millis(self.ttl);
+        let me = &self.instance;
+        let mut round = Round::default();
+        client
+            .execute(
+                "INSERT INTO sse_bridge_instances (instance, expires_at) \
+                 VALUES ($1, now() + $2::bigint * interval '1 millisecond') \
+                 ON CONFLICT (instance) DO UPDATE SET seen_at = now(), \
+                     expires_at = excluded.expires_at",
+                &[me, &ttl],
+            )
+            .await?;
+        if !renew.is_empty() {
+            let feeds: Vec<&str> = renew.iter().map(|(f, _)| f.as_str()).collect();
+            let epochs: Vec<i64> = renew.iter().map(|(_, e)| *e).collect();
+            round.renewed = client
+                .query(
+                    "UPDATE sse_bridge_leases l \
+                     SET expires_at = now() + $4::bigint * interval '1 millisecond' \
+                     FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
+                     WHERE l.feed = w.feed AND l.epoch = w.epoch AND l.owner = $3 \
+                       AND l.expires_at > now() \
+                     RETURNING l.feed",
+                    &[&feeds, &epochs, me, &ttl],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        }
+        client
+            .execute(
+                "INSERT INTO sse_bridge_leases (feed) SELECT unnest($1::text[]) \
+                 ON CONFLICT (feed) DO NOTHING",
+                &[&configured],
+            )
+            .await?;
+        let live: Vec<String> = client
+            .query(
+                "SELECT instance FROM sse_bridge_instances WHERE expires_at > now() \
+                 ORDER BY instance",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        round.live = live.len() as u64;
+        let share = fair_share(configured.len(), &live, me);
+        let holding = round.renewed.len();
+        if claiming && holding < share {
+            let want = i64::try_from(share - holding).unwrap_or(0);
+            round.claimed = client
+                .query(
+                    "WITH free AS ( \
+                         SELECT feed, CASE WHEN expires_at > now() THEN NULL ELSE owner END AS previous \
+                         FROM sse_bridge_leases \
+                         WHERE feed = ANY($2) AND NOT (feed = ANY($3)) \
+                           AND (owner IS NULL OR expires_at <= now()) \
+                         ORDER BY feed LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                     UPDATE sse_bridge_leases l SET owner = $1, epoch = l.epoch + 1, \
+                         expires_at = now() + $5::bigint * interval '1 millisecond', \
+                         claimed_at = now() \
+                     FROM free WHERE l.feed = free.feed \
+                     RETURNING l.feed, l.epoch, free.previous",
+                    &[me, &configured, &stopping, &want, &ttl],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+        }
+        if running > share {
+            // Hand over only what others can take: the instances below their share, less
+            // the free leases they will claim first.
+            let counts: BTreeMap<String, usize> = client
+                .query(
+                    "SELECT owner, count(*) FROM sse_bridge_leases \
+                     WHERE owner IS NOT NULL AND expires_at > now() AND feed = ANY($1) \
+                     GROUP BY owner",
+                    &[&configured],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        usize::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                    )
+                })
+                .collect();
+            let owned: usize = counts.values().sum();
+            let free = configured.len().saturating_sub(owned);
+            let deficit: usize = live
+                .iter()
+                .filter(|i| *i != me)
+                .map(|i| {
+                    fair_share(configured.len(), &live, i)
+                        .saturating_sub(counts.get(i).copied().unwrap_or(0))
+                })
+                .sum();
+            round.hand_over = (running - share).min(deficit.saturating_sub(free));
+        }
+        round.leases = client
+            .query(
+                "SELECT feed, CASE WHEN expires_at > now() THEN owner END, epoch \
+                 FROM sse_bridge_leases WHERE feed = ANY($1) ORDER BY feed",
+                &[&configured],
+            )
+            .await?
+            .iter()
+            .map(|r| LeaseView {
+                feed: r.get(0),
+                owner: r.get(1),
+                epoch: r.get(2),
+            })
+            .collect();
+        Ok(round)
+    }
+
+    /// At shutdown, after the drain: releases what is still held and removes the heartbeat.
+    async fn leave(&mut self) {
+        let held: Vec<(String, i64)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| matches!(l.held, Held::Running | Held::Draining))
+            .map(|(f, l)| (f.clone(), l.epoch))
+            .collect();
+        match self.release(&held).await {
+            Ok(()) => {
+                if !held.is_empty() {
+                    self.stats
+                        .handed_over
+                        .fetch_add(held.len() as u64, Ordering::Relaxed);
+                    tracing::info!(instance = %self.instance, leases = held.len(), "released every lease held: the other instances take the feeds over now");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(instance = %self.instance, "could not release the leases at shutdown (they end within lease_ttl): {e}")
+            }
+        }
+        for (feed, _) in &held {
+            self.fence.forget(feed);
+        }
+        self.leases.clear();
+        self.update_held_gauge();
+        if let Ok(mut held) = self.db.client().await {
+            if let Some(client) = held.as_mut() {
+                let _ = tokio::time::timeout(
+                    self.db.timeout,
+                    client.execute(
+                        "DELETE FROM sse_bridge_instances WHERE instance = $1",
+                        &[&self.instance],
+                    ),
+                )
+                .await;
+            }
+        }
+        tracing::info!(instance = %self.instance, "left the fleet");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fair_share;
+
+    #[test]
+    fn fair_shares_add_up_to_the_feeds() {
+        let live: Vec<String> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for feeds in [0, 1, 4, 12, 13, 100] {
+            for n in 1..=live.len() {
+                let live = &live[..n];
+                let total: usize = live.iter().map(|i| fair_share(feeds, live, i)).sum();
+                assert_eq!(total, feeds, "{feeds} feeds on {n} instances");
+                let shares: Vec<usize> = live.iter().map(|i| fair_share(feeds, live, i)).collect();
+                let spread = shares.iter().max().unwrap_or(&0) - shares.iter().min().unwrap_or(&0);
+                assert!(spread <= 1, "{shares:?}");
+            }
+        }
+        // Not yet in the list (its heartbeat is not seen): counted as the last.
+        assert_eq!(fair_share(12, &["a".into(), "b".into()], "z"), 6);
+    }
+}

@@ -1,0 +1,222 @@
+//! A fleet of bridges on PostgreSQL (ARCHITECTURE.md §9): the same configuration on several
+//! machines, each feed read by exactly one of them. Leases live in the fleet's database and
+//! are judged by its clock; the coordinator ([`lease`]) claims, renews, hands over and
+//! releases them and tells the supervisor which feeds to start and stop; every write of a
+//! checkpoint ([`store`]) or a `postgres` sink batch names the lease's epoch ([`fence`]) and
+//! checks it in its own transaction.
+
+pub mod config;
+pub mod db;
+pub mod fence;
+pub mod lease;
+pub mod store;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ClusterConfig;
+
+use db::Db;
+use fence::Fence;
+use store::FleetStore;
+
+/// Whether two connection strings reach the same database: the same hosts, port and
+/// database name (the user may differ).
+pub fn same_database(a: &tokio_postgres::Config, b: &tokio_postgres::Config) -> bool {
+    let key = |c: &tokio_postgres::Config| {
+        let shown = crate::sink::postgres::config::shown(c);
+        // user@hosts:port/db: everything after the user.
+        shown
+            .split_once('@')
+            .map(|(_, rest)| rest.to_string())
+            .unwrap_or(shown)
+    };
+    key(a) == key(b)
+}
+
+/// What the coordinator asks of the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// This instance now holds the feed's lease: start it from its checkpoint.
+    Start(String),
+    /// Stop the feed; say so with [`Fleet::stopped`] once it is stopped.
+    Stop { feed: String, why: StopReason },
+}
+
+/// Why a feed stops here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The lease is gone (expired, or claimed by another instance): stop at once; nothing it
+    /// still writes can pass the fence.
+    Lost,
+    /// Handing over: drain, commit, then the lease is released.
+    HandOver,
+}
+
+/// One lease as last read from the fleet's database.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseView {
+    pub feed: String,
+    /// The instance holding it, if any holds it now (an expired lease has no owner here).
+    pub owner: Option<String>,
+    pub epoch: i64,
+}
+
+/// What `/metrics` and `status` show of the fleet.
+#[derive(Debug, Default)]
+pub struct FleetStats {
+    pub instance: String,
+    /// Leases this instance holds now.
+    pub held: AtomicU64,
+    /// Leases this instance claimed, lost (expired or taken while it held them) and handed
+    /// over (released on purpose: a rebalance, a removed feed, shutdown).
+    pub claimed: AtomicU64,
+    pub lost: AtomicU64,
+    pub handed_over: AtomicU64,
+    /// Live instances as of the last round.
+    pub live_instances: AtomicU64,
+    /// Whether the last round reached the database.
+    connected: std::sync::atomic::AtomicBool,
+    leases: RwLock<Vec<LeaseView>>,
+}
+
+impl FleetStats {
+    /// Whether the last round of the coordinator reached the fleet's database.
+    pub fn connected(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.connected
+            .store(connected, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every configured feed's lease as of the last round.
+    pub fn leases(&self) -> Vec<LeaseView> {
+        self.leases.read().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    fn set_leases(&self, leases: Vec<LeaseView>) {
+        if let Ok(mut l) = self.leases.write() {
+            *l = leases;
+        }
+    }
+}
+
+/// This instance's part in a fleet, held by the supervisor.
+pub struct Fleet {
+    pub instance: String,
+    pub fence: Arc<Fence>,
+    pub store: Arc<FleetStore>,
+    pub stats: Arc<FleetStats>,
+    commands: Option<mpsc::UnboundedReceiver<Command>>,
+    stopped: mpsc::UnboundedSender<String>,
+    feeds: watch::Sender<Vec<String>>,
+    stop_claiming: CancellationToken,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// Connects to the fleet's database, brings its tables up to date and starts the
+    /// coordinator for the configured (enabled) `feeds`. A database that cannot be reached
+    /// fails the start, naming it.
+    pub async fn start(config: &ClusterConfig, feeds: Vec<String>) -> anyhow::Result<Fleet> {
+        let instance = config
+            .instance_name()
+            .map_err(|e| anyhow::anyhow!("cluster.instance: {e}"))?;
+        let connection = config
+            .connection()
+            .map_err(|e| anyhow::anyhow!("cluster.url: {e}"))?;
+        let tls = crate::sink::postgres::tls_connector(config.ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("cluster.{e}"))?;
+        let timeout = config
+            .renew_every()
+            .max(std::time::Duration::from_millis(300));
+        let coordinator_db = Db::new(connection.clone(), tls.clone(), timeout);
+        coordinator_db
+            .migrate()
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("starting the fleet")?;
+        // State writes (checkpoints, gaps) go through a connection of their own, so that a
+        // slow commit never delays a lease renewal.
+        let store_db = Db::new(connection.clone(), tls, config.lease_ttl);
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let fence = Arc::new(Fence::new(instance.clone(), connection, lost_tx));
+        let store = Arc::new(FleetStore::new(store_db, fence.clone()));
+        let stats = Arc::new(FleetStats {
+            instance: instance.clone(),
+            ..FleetStats::default()
+        });
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped_rx) = mpsc::unbounded_channel();
+        let (feeds_tx, feeds_rx) = watch::channel(feeds);
+        let stop_claiming = CancellationToken::new();
+        let shutdown = CancellationToken::new();
+        tracing::info!(instance = %instance, database = %coordinator_db.shown, lease_ttl = ?config.lease_ttl, "joining the fleet");
+        let coordinator = lease::Coordinator::new(
+            coordinator_db,
+            instance.clone(),
+            config.lease_ttl,
+            fence.clone(),
+            stats.clone(),
+            commands_tx,
+            stop_claiming.clone(),
+        );
+        let task = tokio::spawn(coordinator.run(feeds_rx, stopped_rx, lost_rx, shutdown.clone()));
+        Ok(Fleet {
+            instance,
+            fence,
+            store,
+            stats,
+            commands: Some(commands_rx),
+            stopped: stopped_tx,
+            feeds: feeds_tx,
+            stop_claiming,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// The coordinator's requests (taken once, by the supervisor's loop).
+    pub fn take_commands(&mut self) -> Option<mpsc::UnboundedReceiver<Command>> {
+        self.commands.take()
+    }
+
+    /// The feed no longer runs here (after a [`Command::Stop`], or a start that failed).
+    pub fn stopped(&self, feed: &str) {
+        let _ = self.stopped.send(feed.to_string());
+    }
+
+    /// A sender for [`Fleet::stopped`], for a task that outlives the borrow.
+    pub fn stopped_sender(&self) -> mpsc::UnboundedSender<String> {
+        self.stopped.clone()
+    }
+
+    /// The configured feeds changed (a reload).
+    pub fn set_feeds(&self, feeds: Vec<String>) {
+        self.feeds.send_replace(feeds);
+    }
+
+    /// No more claims: the instance is shutting down (its feeds drain while their leases are
+    /// still renewed).
+    pub fn stop_claiming(&self) {
+        self.stop_claiming.cancel();
+    }
+
+    /// After the drain: releases every lease held (the others take the feeds over at once)
+    /// and leaves the fleet.
+    pub async fn leave(mut self) {
+        self.stop_claiming.cancel();
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
