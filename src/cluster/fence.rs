@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 pub struct Fence {
     instance: String,
     database: tokio_postgres::Config,
+    lease_ttl: std::time::Duration,
     held: RwLock<HashMap<String, i64>>,
     lost: mpsc::UnboundedSender<String>,
 }
@@ -21,11 +22,13 @@ impl Fence {
     pub fn new(
         instance: String,
         database: tokio_postgres::Config,
+        lease_ttl: std::time::Duration,
         lost: mpsc::UnboundedSender<String>,
     ) -> Fence {
         Fence {
             instance,
             database,
+            lease_ttl,
             held: RwLock::default(),
             lost,
         }
@@ -39,6 +42,11 @@ impl Fence {
     /// The fleet's database (where a fenced writer must write).
     pub fn database(&self) -> &tokio_postgres::Config {
         &self.database
+    }
+
+    /// The fleet's `lease_ttl`.
+    pub fn lease_ttl(&self) -> std::time::Duration {
+        self.lease_ttl
     }
 
     /// The epoch of `feed`'s lease, if this instance holds it.

@@ -39,6 +39,21 @@ pub fn same_database(a: &tokio_postgres::Config, b: &tokio_postgres::Config) -> 
     key(a) == key(b)
 }
 
+/// Bounds what a session of an instance can hold on the server: a transaction whose client
+/// stopped in the middle (a frozen process: SIGSTOP, a long GC-like pause) keeps lease rows
+/// `FOR SHARE`, which no other instance could claim, and the sink's table lock. The server
+/// ends such a session after half a lease (`idle_in_transaction_session_timeout`), and a
+/// statement, such as a `COPY` whose client stopped sending, after a whole lease but never
+/// under 10 s, so that a large batch on a slow server still fits (`statement_timeout`). Options already in the connection string are kept before these.
+pub fn bound_sessions(connection: &mut tokio_postgres::Config, lease_ttl: std::time::Duration) {
+    let idle = (lease_ttl / 2).as_millis().max(500);
+    let statement = lease_ttl.as_millis().max(10_000);
+    let existing = connection.get_options().unwrap_or("").trim().to_string();
+    let ours =
+        format!("-c idle_in_transaction_session_timeout={idle} -c statement_timeout={statement}");
+    connection.options(format!("{existing} {ours}").trim());
+}
+
 /// What the coordinator asks of the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -130,9 +145,13 @@ impl Fleet {
         let instance = config
             .instance_name()
             .map_err(|e| anyhow::anyhow!("cluster.instance: {e}"))?;
-        let connection = config
+        let mut connection = config
             .connection()
             .map_err(|e| anyhow::anyhow!("cluster.url: {e}"))?;
+        // pg_stat_activity names the instance (PostgreSQL keeps 63 bytes of it).
+        let application: String = format!("sse-bridge {instance}").chars().take(63).collect();
+        connection.application_name(&application);
+        bound_sessions(&mut connection, config.lease_ttl);
         let tls = crate::sink::postgres::tls_connector(config.ca_file.as_deref())
             .map_err(|e| anyhow::anyhow!("cluster.{e}"))?;
         let timeout = config
@@ -148,7 +167,12 @@ impl Fleet {
         // slow commit never delays a lease renewal.
         let store_db = Db::new(connection.clone(), tls, config.lease_ttl);
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
-        let fence = Arc::new(Fence::new(instance.clone(), connection, lost_tx));
+        let fence = Arc::new(Fence::new(
+            instance.clone(),
+            connection,
+            config.lease_ttl,
+            lost_tx,
+        ));
         let store = Arc::new(FleetStore::new(store_db, fence.clone()));
         let stats = Arc::new(FleetStats {
             instance: instance.clone(),

@@ -96,7 +96,7 @@ impl SinkConfig {
     ) -> Result<Box<dyn Sink>, SinkError> {
         match (self, fence) {
             (SinkConfig::Postgres(c), Some(fence)) => Ok(Box::new(
-                postgres::PostgresSink::build(name, c, state_path)?.fenced(fence)?,
+                postgres::PostgresSink::build_fenced(name, c, state_path, Some(fence))?,
             )),
             _ => self.build_with_state(name, state_path),
         }

@@ -102,8 +102,6 @@ pub struct PostgresSink {
     options: WriteOptions,
     /// In a fleet: the leases this instance holds, checked in every transaction.
     fence: Option<Arc<crate::cluster::fence::Fence>>,
-    /// The database, as [`crate::cluster::same_database`] compares it.
-    connection: tokio_postgres::Config,
 }
 
 impl PostgresSink {
@@ -115,6 +113,21 @@ impl PostgresSink {
         c: &PostgresSinkConfig,
         state_path: Option<&Path>,
     ) -> Result<Self, SinkError> {
+        Self::build_fenced(name, c, state_path, None)
+    }
+
+    /// [`PostgresSink::build`] for an instance of a fleet: every batch checks, in its
+    /// transaction, that this instance still holds the lease of each feed in it, with the
+    /// epoch the feed runs under; the events of a feed whose lease is gone are refused and
+    /// the coordinator told (ARCHITECTURE.md §9). The table must be in the fleet's database,
+    /// and the session ends a transaction its client stopped in the middle of (a frozen
+    /// instance), so the lease rows it holds are free again within half a lease.
+    pub fn build_fenced(
+        name: &str,
+        c: &PostgresSinkConfig,
+        state_path: Option<&Path>,
+        fence: Option<Arc<crate::cluster::fence::Fence>>,
+    ) -> Result<Self, SinkError> {
         let config_error = |message: String| SinkError::Config {
             sink: name.to_string(),
             message,
@@ -122,12 +135,23 @@ impl PostgresSink {
         if let Some((key, message)) = c.validate().into_iter().next() {
             return Err(config_error(format!("{key}: {message}")));
         }
-        let connection = c.connection().map_err(config_error)?;
+        let mut connection = c.connection().map_err(config_error)?;
+        if let Some(fence) = &fence {
+            if !crate::cluster::same_database(fence.database(), &connection) {
+                return Err(config_error(format!(
+                    "url: in a fleet, a postgres sink must write to the fleet's database ({}), \
+                     not {}: each batch checks the feed's lease in the same transaction",
+                    config::shown(fence.database()),
+                    config::shown(&connection)
+                )));
+            }
+            crate::cluster::bound_sessions(&mut connection, fence.lease_ttl());
+        }
         let tls = tls_connector(c.ca_file.as_deref()).map_err(config_error)?;
         let worker = Worker {
             sink: name.to_string(),
             shown: config::shown(&connection),
-            connection: connection.clone(),
+            connection,
             tls,
             table: c.table.clone(),
             cursors: schema::cursors_table(&c.table),
@@ -156,28 +180,8 @@ impl PostgresSink {
                 max_batch_wait: c.batch_max_wait,
                 checkpoints: false,
             },
-            fence: None,
-            connection,
+            fence,
         })
-    }
-
-    /// In a fleet: every batch checks, in its transaction, that this instance still holds
-    /// the lease of each feed in it, with the epoch the feed runs under; the events of a feed
-    /// whose lease is gone are refused, and the coordinator told (ARCHITECTURE.md §9). The
-    /// table must be in the fleet's database.
-    pub fn fenced(mut self, fence: Arc<crate::cluster::fence::Fence>) -> Result<Self, SinkError> {
-        if !crate::cluster::same_database(fence.database(), &self.connection) {
-            return Err(SinkError::Config {
-                sink: self.name.clone(),
-                message: format!(
-                    "url: in a fleet, a postgres sink must write to the fleet's database ({}),                      not {}: each batch checks the feed's lease in the same transaction",
-                    config::shown(fence.database()),
-                    config::shown(&self.connection)
-                ),
-            });
-        }
-        self.fence = Some(fence);
-        Ok(self)
     }
 
     fn db_error(&self, message: String) -> SinkError {
