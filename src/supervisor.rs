@@ -146,6 +146,8 @@ struct RunningFeed {
     view: FeedView,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// In a fleet: the epoch of the lease the feed runs under.
+    epoch: Option<i64>,
 }
 
 /// A running bridge.
@@ -288,11 +290,15 @@ impl Supervisor {
         // that is behind the checkpoint (a file that lost an unsynced tail).
         // Asked when the sinks started, so used for the feed's first start only (taken out):
         // a feed restarted later by a reload resumes from its checkpoint.
+        // In a fleet the sinks' own cursors are not used: a file or SQLite sink is this
+        // machine's, and what it held when this instance started says nothing of where the
+        // fleet's checkpoint is now (ARCHITECTURE.md §9).
         let lowest = self
             .sinks
             .iter_mut()
             .filter_map(|(sink, s)| Some((sink.clone(), s.cursors.remove(&feed.name)?)))
-            .min_by_key(|(_, c)| c.seq);
+            .min_by_key(|(_, c)| c.seq)
+            .filter(|_| self.fleet.is_none());
         let start = start_position(&self.state, &feed, lowest).await?;
         let tracker = Arc::new(FeedTracker::for_feed(&feed.name, &feed.url, start.clone()));
         let status = StatusHandle::new();
@@ -325,8 +331,15 @@ impl Supervisor {
         );
         let task = tokio::spawn(Box::new(task).run(stop.clone()));
         self.registry.set_feed(view.clone());
-        self.feeds
-            .insert(feed.name.clone(), RunningFeed { view, stop, task });
+        self.feeds.insert(
+            feed.name.clone(),
+            RunningFeed {
+                view,
+                stop,
+                task,
+                epoch: None,
+            },
+        );
         Ok(())
     }
 
@@ -343,7 +356,7 @@ impl Supervisor {
             return;
         };
         match command {
-            Command::Start(name) => {
+            Command::Start { feed: name, epoch } => {
                 if self.feeds.contains_key(&name) {
                     return;
                 }
@@ -354,19 +367,36 @@ impl Supervisor {
                     .find(|f| f.name == name)
                     .cloned();
                 let Some(config) = config else {
-                    fleet.stopped(&name);
+                    fleet.stopped(&name, epoch, false);
                     return;
                 };
-                if let Err(e) = self.start_feed(config).await {
-                    tracing::error!(feed = %name, "cannot start the feed; its lease is released: {e:#}");
-                    if let Some(fleet) = &self.fleet {
-                        fleet.stopped(&name);
+                match self.start_feed(config).await {
+                    Ok(()) => {
+                        if let (Some(fleet), Some(feed)) = (&self.fleet, self.feeds.get_mut(&name))
+                        {
+                            feed.epoch = Some(epoch);
+                            fleet.fence.register_run(&name, feed.stop.clone());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(feed = %name, "cannot start the feed; its lease is released: {e:#}");
+                        if let Some(fleet) = &self.fleet {
+                            fleet.stopped(&name, epoch, true);
+                        }
                     }
                 }
             }
-            Command::Stop { feed: name, why } => {
-                let Some(feed) = self.feeds.remove(&name) else {
-                    fleet.stopped(&name);
+            Command::Stop {
+                feed: name,
+                epoch,
+                why,
+            } => {
+                let running = self
+                    .feeds
+                    .get(&name)
+                    .is_some_and(|f| f.epoch == Some(epoch));
+                let Some(feed) = running.then(|| self.feeds.remove(&name)).flatten() else {
+                    fleet.stopped(&name, epoch, false);
                     return;
                 };
                 self.registry.remove_feed(&name);
@@ -393,13 +423,20 @@ impl Supervisor {
                         if !drained {
                             tracing::warn!(feed = %name, pending = feed.view.tracker.pending(), "sinks did not store everything this feed sent in time; the next holder fetches the rest again");
                         }
+                        // Written whether or not the committer took the change already: its
+                        // transaction may come after the release, and be refused.
+                        feed.view.tracker.mark_changed();
                         if let Err(e) = commit(std::slice::from_ref(&feed.view), &state).await {
                             tracing::error!(feed = %name, "committing the checkpoint of a handed-over feed failed: {e}");
                         }
                     }
                     feed.view.status.update(|s| s.state = ReadyState::Closed);
                     log_feed_summary(&feed.view);
-                    let _ = fleet_stopped.send(name);
+                    let _ = fleet_stopped.send(crate::cluster::Stopped {
+                        feed: name,
+                        epoch,
+                        failed: false,
+                    });
                 }));
             }
         }
@@ -444,6 +481,12 @@ impl Supervisor {
     /// removed feeds drain and stop; new feeds start. Changed sinks are replaced once the old
     /// instance has stored what it holds. `[state]` cannot change without a restart.
     pub async fn reload(&mut self, new: LoadedConfig) -> anyhow::Result<ReloadSummary> {
+        if new.config.cluster != self.loaded.config.cluster {
+            anyhow::bail!(
+                "{}: `[cluster]` cannot change while running (restart sse-bridge to join, leave or move a fleet)",
+                new.source
+            );
+        }
         if new.config.state.path != self.loaded.config.state.path {
             anyhow::bail!(
                 "{}: key `state.path` cannot change while running (restart sse-bridge to move the state database)",
@@ -501,6 +544,7 @@ impl Supervisor {
             .map(|f| (f.name.clone(), f.clone()))
             .collect();
         let old_names: Vec<String> = self.feeds.keys().cloned().collect();
+        let mut restarted_epochs: BTreeMap<String, i64> = BTreeMap::new();
         for name in old_names {
             match new_feeds.get(&name) {
                 Some(cfg)
@@ -512,14 +556,19 @@ impl Supervisor {
                     summary.feeds_kept.push(name);
                 }
                 Some(_) => {
+                    // In a fleet it restarts under the lease it holds.
+                    if let Some(epoch) = self.feeds.get(&name).and_then(|f| f.epoch) {
+                        restarted_epochs.insert(name.clone(), epoch);
+                    }
                     self.stop_feed(&name).await;
                     summary.feeds_restarted.push(name);
                 }
                 None => {
+                    let epoch = self.feeds.get(&name).and_then(|f| f.epoch);
                     self.stop_feed(&name).await;
-                    if let Some(fleet) = &self.fleet {
+                    if let (Some(fleet), Some(epoch)) = (&self.fleet, epoch) {
                         // Its lease is released (the feed is no longer configured).
-                        fleet.stopped(&name);
+                        fleet.stopped(&name, epoch, false);
                     }
                     summary.feeds_removed.push(name);
                 }
@@ -542,8 +591,25 @@ impl Supervisor {
                 if !summary.feeds_restarted.contains(&name) {
                     summary.feeds_added.push(name.clone());
                 }
-                if let Err(e) = self.start_feed(cfg).await {
-                    tracing::error!(feed = %name, "cannot start feed after reload: {e:#}");
+                match self.start_feed(cfg).await {
+                    Ok(()) => {
+                        if let (Some(fleet), Some(epoch), Some(feed)) = (
+                            &self.fleet,
+                            restarted_epochs.get(&name),
+                            self.feeds.get_mut(&name),
+                        ) {
+                            feed.epoch = Some(*epoch);
+                            fleet.fence.register_run(&name, feed.stop.clone());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(feed = %name, "cannot start feed after reload: {e:#}");
+                        if let (Some(fleet), Some(epoch)) =
+                            (&self.fleet, restarted_epochs.get(&name))
+                        {
+                            fleet.stopped(&name, *epoch, true);
+                        }
+                    }
                 }
             }
         }

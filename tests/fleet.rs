@@ -121,7 +121,7 @@ default = ["pg"]
         let config = self.config(name, db_url, admin);
         let bridge = Bridge::spawn_with_env(
             &config,
-            "info,sse_bridge=info",
+            "info,sse_bridge::cluster=debug",
             &[("SSE_BRIDGE_CLUSTER__INSTANCE", name)],
         );
         self.nodes.insert(
@@ -435,25 +435,28 @@ async fn a_fourth_instance_joins_and_the_feeds_spread_out() {
         .await;
     let rebalance = joined_at.elapsed();
     eprintln!("join: 12 feeds spread over 4 instances {rebalance:?} after the fourth started");
-    // `status` names each feed's owner and epoch.
+    // `status` names each feed's owner and epoch (as of the instance's last round: read
+    // until it agrees with the database, which moves on its own).
     let admin = fleet.nodes["node-d"].admin;
-    let out = Bridge::command(&["status", "--admin", &format!("127.0.0.1:{admin}")])
-        .output()
-        .expect("status");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("OWNER") && text.contains("EPOCH"),
-        "status: {text}"
-    );
-    for (feed, owner) in fleet.owners() {
-        let owner = owner.expect("owned");
-        assert!(
-            text.lines()
-                .any(|l| l.starts_with(&feed) && l.contains(&owner)),
-            "{feed} held by {owner}: {text}"
-        );
-    }
+    let status = || {
+        let out = Bridge::command(&["status", "--admin", &format!("127.0.0.1:{admin}")])
+            .output()
+            .expect("status");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let agrees = |text: &str| {
+        text.contains("OWNER")
+            && text.contains("EPOCH")
+            && fleet.owners().iter().all(|(feed, owner)| {
+                owner.as_ref().is_some_and(|owner| {
+                    text.lines()
+                        .any(|l| l.starts_with(feed.as_str()) && l.contains(owner.as_str()))
+                })
+            })
+    };
+    let agreed = support::wait_for(Duration::from_secs(10), || agrees(&status())).await;
+    assert!(agreed, "status: {}\nowners: {:?}", status(), fleet.owners());
     let metrics = reqwest::get(format!(
         "http://127.0.0.1:{}/metrics",
         fleet.nodes["node-a"].admin
@@ -571,6 +574,21 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
             Duration::from_secs(30),
         )
         .await;
+    // Every feed started and storing (a start that fails on a terminated connection releases
+    // its lease, as it should, and is not what this part is about).
+    let feeds_storing = || {
+        fleet.db.column(
+            "SELECT count(*) FROM (SELECT feed FROM events GROUP BY feed HAVING count(*) >= 200) s",
+        ) == [FEEDS.to_string()]
+    };
+    let started = support::wait_for(Duration::from_secs(30), feeds_storing).await;
+    assert!(started, "rows {}; logs:\n{}", fleet.rows(), fleet.logs());
+    fleet
+        .wait_shares(
+            &[("node-a", 4), ("node-b", 4), ("node-c", 4)],
+            Duration::from_secs(30),
+        )
+        .await;
     let epochs = || {
         fleet.db.column(
             "SELECT string_agg(feed || ':' || epoch, ',' ORDER BY feed) FROM sse_bridge_leases \
@@ -586,7 +604,12 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
     );
     assert_ne!(terminated, ["0"], "node-a's fleet connections");
     tokio::time::sleep(2 * TTL).await;
-    assert_eq!(epochs(), before, "the same leases, renewed");
+    assert_eq!(
+        epochs(),
+        before,
+        "the same leases, renewed; logs:\n{}",
+        fleet.logs()
+    );
     assert!(
         !fleet
             .bridge("node-a")

@@ -211,7 +211,7 @@ mod tests {
     fn defaults_and_checks_name_the_key() {
         let c = parse("url = \"postgresql://bridge@localhost/bridge\"");
         assert_eq!(c.lease_ttl, Duration::from_secs(10));
-        assert_eq!(c.renew_every(), Duration::from_millis(3333));
+        assert_eq!(c.renew_every(), Duration::from_secs(10) / 3);
         assert!(c.validate().is_empty(), "{:?}", c.validate());
         assert!(!c.instance_name().expect("host name").is_empty());
         for (text, key, what) in [

@@ -30,7 +30,7 @@ pub struct Db {
     /// The longest one exchange may take before the connection is given up.
     pub timeout: Duration,
     /// Where notifications on [`LEASES_CHANNEL`] go, when this connection listens for them.
-    listen: Option<mpsc::UnboundedSender<()>>,
+    listen: Option<mpsc::UnboundedSender<String>>,
 }
 
 /// The channel an instance notifies when it releases leases, so that the others claim them
@@ -56,9 +56,9 @@ impl Db {
         }
     }
 
-    /// Listens on [`LEASES_CHANNEL`] on every connection it opens; each notification is sent
-    /// to `to`.
-    pub fn listening(mut self, to: mpsc::UnboundedSender<()>) -> Db {
+    /// Listens on [`LEASES_CHANNEL`] on every connection it opens; each notification's
+    /// payload (the releasing instance) is sent to `to`.
+    pub fn listening(mut self, to: mpsc::UnboundedSender<String>) -> Db {
         self.listen = Some(to);
         self
     }
@@ -68,6 +68,7 @@ impl Db {
         let mut held = self.client.lock().await;
         if held.as_ref().is_none_or(Client::is_closed) {
             *held = None;
+            let began = std::time::Instant::now();
             let (client, mut connection) =
                 tokio::time::timeout(self.timeout, self.connection.connect(self.tls.clone()))
                     .await
@@ -80,9 +81,9 @@ impl Db {
                     let message =
                         futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await;
                     match message {
-                        Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                             if let Some(to) = &listen {
-                                let _ = to.send(());
+                                let _ = to.send(n.payload().to_string());
                             }
                         }
                         Some(Ok(_)) => {}
@@ -108,6 +109,7 @@ impl Db {
                     Err(_) => return Err(format!("{}: no answer in time to LISTEN", self.shown)),
                 }
             }
+            tracing::debug!(database = %self.shown, elapsed = ?began.elapsed(), "connected to the fleet database");
             *held = Some(client);
         }
         Ok(held)
@@ -121,9 +123,25 @@ impl Db {
     /// Forgets the connection after an error that may have broken it; a refusal by the
     /// server (a constraint, a permission) keeps it.
     pub fn failed(held: &mut Held<'_>, e: &tokio_postgres::Error) {
-        if e.is_closed() || e.as_db_error().is_none() {
+        // SQLSTATE classes 08 (connection exception) and 57 (operator intervention, such as
+        // pg_terminate_backend) end the session too.
+        let ended = e.as_db_error().is_none_or(|db| {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57")
+        });
+        if e.is_closed() || ended {
             **held = None;
         }
+    }
+
+    /// Whether there is no usable connection now (the last exchange broke it): an idempotent
+    /// exchange that failed is worth one more try on a new connection.
+    pub async fn broken(&self) -> bool {
+        self.client
+            .lock()
+            .await
+            .as_ref()
+            .is_none_or(Client::is_closed)
     }
 
     /// Brings the fleet's tables to the current schema, under an advisory lock so that
@@ -149,6 +167,13 @@ impl Db {
 async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
     for (version, name, sql) in MIGRATIONS {
         let tx = client.transaction().await?;
+        // Every migration runner (each sink table, the fleet) creates the records table if
+        // missing: one at a time, or two could both create it.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('sse-bridge schema_migrations'))",
+            &[],
+        )
+        .await?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('sse-bridge migrations ' || $1::text))",
             &[&TARGET],

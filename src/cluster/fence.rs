@@ -3,9 +3,10 @@
 //! and checks it against the lease row in the same transaction.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// The epochs of the leases held, and the way back to the coordinator for a writer that found
 /// a lease gone.
@@ -14,7 +15,10 @@ pub struct Fence {
     database: tokio_postgres::Config,
     lease_ttl: std::time::Duration,
     held: RwLock<HashMap<String, i64>>,
-    lost: mpsc::UnboundedSender<String>,
+    lost: mpsc::UnboundedSender<(String, i64)>,
+    /// Each running feed's stop token, so that a lost lease stops reading at once, without
+    /// waiting for the supervisor's loop.
+    runs: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl Fence {
@@ -23,7 +27,7 @@ impl Fence {
         instance: String,
         database: tokio_postgres::Config,
         lease_ttl: std::time::Duration,
-        lost: mpsc::UnboundedSender<String>,
+        lost: mpsc::UnboundedSender<(String, i64)>,
     ) -> Fence {
         Fence {
             instance,
@@ -31,6 +35,7 @@ impl Fence {
             lease_ttl,
             held: RwLock::default(),
             lost,
+            runs: Mutex::default(),
         }
     }
 
@@ -66,9 +71,25 @@ impl Fence {
         }
     }
 
-    /// A writer found that this instance no longer holds `feed`'s lease (the database said
-    /// so inside its transaction): the coordinator stops the feed.
-    pub fn report_lost(&self, feed: &str) {
-        let _ = self.lost.send(feed.to_string());
+    /// A writer found that this instance no longer holds `feed`'s lease at `epoch` (the
+    /// database said so inside its transaction): the coordinator stops that run.
+    pub fn report_lost(&self, feed: &str, epoch: i64) {
+        let _ = self.lost.send((feed.to_string(), epoch));
+    }
+
+    /// The stop token of the feed's run here.
+    pub fn register_run(&self, feed: &str, stop: CancellationToken) {
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.insert(feed.to_string(), stop);
+        }
+    }
+
+    /// Stops reading the feed now (its lease is lost).
+    pub(super) fn cancel_run(&self, feed: &str) {
+        if let Ok(mut runs) = self.runs.lock() {
+            if let Some(stop) = runs.remove(feed) {
+                stop.cancel();
+            }
+        }
     }
 }

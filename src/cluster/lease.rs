@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::db::{Db, LEASES_CHANNEL};
 use super::fence::Fence;
-use super::{Command, FleetStats, LeaseView, StopReason};
+use super::{Command, FleetStats, LeaseView, StopReason, Stopped};
 use crate::sink::postgres::describe;
 
 /// The soonest two rounds run one after another when notifications ask for more.
@@ -64,7 +64,9 @@ pub(super) struct Coordinator {
     deadline: Option<Instant>,
     /// Whether the last round failed (to log a recovery once).
     failing: bool,
-    notified: Option<mpsc::UnboundedReceiver<()>>,
+    notified: Option<mpsc::UnboundedReceiver<String>>,
+    /// Feeds that failed to start here, and until when they are not claimed here again.
+    cooling: BTreeMap<String, Instant>,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -102,6 +104,7 @@ impl Coordinator {
             deadline: None,
             failing: false,
             notified: Some(notify_rx),
+            cooling: BTreeMap::new(),
         }
     }
 
@@ -113,8 +116,8 @@ impl Coordinator {
     pub(super) async fn run(
         mut self,
         mut feeds: watch::Receiver<Vec<String>>,
-        mut stopped: mpsc::UnboundedReceiver<String>,
-        mut lost: mpsc::UnboundedReceiver<String>,
+        mut stopped: mpsc::UnboundedReceiver<Stopped>,
+        mut lost: mpsc::UnboundedReceiver<(String, i64)>,
         shutdown: CancellationToken,
     ) {
         let mut notified = self.notified.take();
@@ -127,42 +130,49 @@ impl Coordinator {
                 .filter(|_| self.holds_any())
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let soonest = last_round + MIN_ROUND_GAP;
+            // Biased: an overdue renewal stops feeds before anything else runs (a process
+            // that wakes from a pause finds its deadline passed and its ticker due at once).
             tokio::select! {
-                _ = ticker.tick() => {
-                    let configured = feeds.borrow_and_update().clone();
-                    self.round(&configured).await;
-                    last_round = Instant::now();
+                biased;
+                _ = tokio::time::sleep_until(deadline) => {
+                    let held: Vec<String> = self.held_names();
+                    self.lose(&held, "the leases could not be renewed before they end (the fleet's database did not answer in time)");
+                    continue;
                 }
-                Some(()) = async {
+                Some(feed) = lost.recv() => {
+                    let (feed, epoch) = feed;
+                    if self.leases.get(&feed).is_some_and(|l| l.epoch == epoch) {
+                        self.lose(&[feed], "a write found that this instance no longer holds the lease");
+                    }
+                    continue;
+                }
+                Some(run) = stopped.recv() => {
+                    self.on_stopped(run).await;
+                    continue;
+                }
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+                Some(from) = async {
                     match notified.as_mut() {
                         Some(rx) => rx.recv().await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    // Another instance released leases: a round now, not at the next tick.
+                    // Another instance released leases: a round now, not at the next tick
+                    // (this instance's own releases are no news to it).
+                    if from == self.instance {
+                        continue;
+                    }
                     tokio::time::sleep_until(soonest).await;
                     if let Some(rx) = notified.as_mut() {
                         while rx.try_recv().is_ok() {}
                     }
-                    let configured = feeds.borrow_and_update().clone();
-                    self.round(&configured).await;
-                    last_round = Instant::now();
                 }
-                Ok(()) = feeds.changed() => {
-                    let configured = feeds.borrow_and_update().clone();
-                    self.round(&configured).await;
-                    last_round = Instant::now();
-                }
-                Some(feed) = stopped.recv() => self.on_stopped(&feed).await,
-                Some(feed) = lost.recv() => {
-                    self.lose(&[feed], "a write found that this instance no longer holds the lease");
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let held: Vec<String> = self.held_names();
-                    self.lose(&held, "the leases could not be renewed before they end (the fleet's database did not answer in time)");
-                }
-                _ = shutdown.cancelled() => break,
+                Ok(()) = feeds.changed() => {}
             }
+            let configured = feeds.borrow_and_update().clone();
+            self.round(&configured).await;
+            last_round = Instant::now();
         }
         self.leave().await;
     }
@@ -202,12 +212,14 @@ impl Coordinator {
             }
             lease.held = Held::Stopping;
             self.fence.forget(feed);
+            self.fence.cancel_run(feed);
             self.stats.lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(feed = %feed, instance = %self.instance, epoch = lease.epoch, "lost the lease: {why}; stopping the feed here");
             // A draining feed is already stopping; its `stopped` comes back once.
             if was == Held::Running {
                 let _ = self.commands.send(Command::Stop {
                     feed: feed.clone(),
+                    epoch: lease.epoch,
                     why: StopReason::Lost,
                 });
             }
@@ -217,11 +229,21 @@ impl Coordinator {
 
     /// A feed stopped here: its lease, if still ours, is released so that another instance
     /// takes it over now rather than after it expires.
-    async fn on_stopped(&mut self, feed: &str) {
+    async fn on_stopped(&mut self, run: Stopped) {
+        let feed = run.feed.as_str();
+        // A run under another epoch than the lease held now is old news.
+        if self.leases.get(feed).is_none_or(|l| l.epoch != run.epoch) {
+            return;
+        }
         let Some(lease) = self.leases.remove(feed) else {
             return;
         };
         self.update_held_gauge();
+        if run.failed {
+            // Not claimed here again for a lease: another instance may do better.
+            self.cooling
+                .insert(feed.to_string(), Instant::now() + self.ttl);
+        }
         if lease.held == Held::Stopping {
             return;
         }
@@ -290,11 +312,15 @@ impl Coordinator {
             .filter(|(_, l)| matches!(l.held, Held::Running | Held::Draining))
             .map(|(f, l)| (f.clone(), l.epoch))
             .collect();
+        // Never claimed here: a feed with a run here in any state (a lost one is claimed again
+        // only once its run has stopped), or one that just failed to start here.
+        let now = Instant::now();
+        self.cooling.retain(|_, until| *until > now);
         let stopping: Vec<String> = self
             .leases
-            .iter()
-            .filter(|(_, l)| l.held == Held::Stopping)
-            .map(|(f, _)| f.clone())
+            .keys()
+            .chain(self.cooling.keys())
+            .cloned()
             .collect();
         let running = self
             .leases
@@ -302,8 +328,14 @@ impl Coordinator {
             .filter(|l| l.held == Held::Running)
             .count();
         let claiming = !self.stop_claiming.is_cancelled();
-        let result = tokio::time::timeout(
-            self.renew_every(),
+        // A slow round may take until the renewal deadline (the next tick waits for it), but
+        // never past it: then the feeds stop (in `run`).
+        let limit = match self.deadline.filter(|_| !renew.is_empty()) {
+            Some(deadline) => deadline,
+            None => sent + self.ttl - self.ttl / 10,
+        };
+        let result = tokio::time::timeout_at(
+            limit,
             self.exchange(configured, &renew, &stopping, running, claiming),
         )
         .await;
@@ -315,7 +347,10 @@ impl Coordinator {
             }
             Err(_) => {
                 self.db.reset().await;
-                self.fail("no answer within lease_ttl / 3");
+                self.fail(&format!(
+                    "no answer before the leases would end (the round began {:?} ago)",
+                    sent.elapsed()
+                ));
                 return;
             }
         };
@@ -358,7 +393,7 @@ impl Coordinator {
                     tracing::info!(feed = %feed, instance = %self.instance, epoch, "claimed the feed's lease")
                 }
             }
-            let _ = self.commands.send(Command::Start(feed));
+            let _ = self.commands.send(Command::Start { feed, epoch });
         }
         // Feeds no longer configured, then the excess over the fair share, are handed over.
         let mut hand_over: Vec<String> = self
@@ -382,6 +417,7 @@ impl Coordinator {
                 tracing::info!(feed = %feed, instance = %self.instance, epoch = lease.epoch, "handing the feed over to another instance (fair share)");
                 let _ = self.commands.send(Command::Stop {
                     feed,
+                    epoch: lease.epoch,
                     why: StopReason::HandOver,
                 });
             }
@@ -424,9 +460,11 @@ impl Coordinator {
         result.map_err(|e| describe(&format!("fleet database {}", self.db.shown), &e))
     }
 
+    /// One transaction: a round that fails part-way leaves nothing behind (a claim whose
+    /// round failed would be a lease held by nobody who knows it).
     async fn exchange_on(
         &self,
-        client: &tokio_postgres::Client,
+        client: &mut tokio_postgres::Client,
         configured: &[String],
         renew: &[(String, i64)],
         stopping: &[String],
@@ -436,13 +474,16 @@ impl Coordinator {
         let ttl = millis(self.ttl);
         let me = &self.instance;
         let mut round = Round::default();
+        let client = client.transaction().await?;
         client
             .execute(
                 "INSERT INTO sse_bridge_instances (instance, expires_at) \
                  VALUES ($1, now() + $2::bigint * interval '1 millisecond') \
                  ON CONFLICT (instance) DO UPDATE SET seen_at = now(), \
                      expires_at = excluded.expires_at",
-                &[me, &ttl],
+                // An instance that is shutting down no longer counts as live: the others'
+                // shares grow to cover its feeds as it releases them.
+                &[me, &if claiming { ttl } else { 0 }],
             )
             .await?;
         if !renew.is_empty() {
@@ -550,6 +591,7 @@ impl Coordinator {
                 epoch: r.get(2),
             })
             .collect();
+        client.commit().await?;
         Ok(round)
     }
 

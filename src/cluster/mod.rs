@@ -57,10 +57,23 @@ pub fn bound_sessions(connection: &mut tokio_postgres::Config, lease_ttl: std::t
 /// What the coordinator asks of the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// This instance now holds the feed's lease: start it from its checkpoint.
-    Start(String),
-    /// Stop the feed; say so with [`Fleet::stopped`] once it is stopped.
-    Stop { feed: String, why: StopReason },
+    /// This instance now holds the feed's lease, at `epoch`: start it from its checkpoint.
+    Start { feed: String, epoch: i64 },
+    /// Stop the feed's run under `epoch`; say so with [`Fleet::stopped`] once it is stopped.
+    Stop {
+        feed: String,
+        epoch: i64,
+        why: StopReason,
+    },
+}
+
+/// What the supervisor tells the coordinator about a run: the feed, the epoch it ran under,
+/// and whether it ended because it could not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    pub feed: String,
+    pub epoch: i64,
+    pub failed: bool,
 }
 
 /// Why a feed stops here.
@@ -130,7 +143,7 @@ pub struct Fleet {
     pub store: Arc<FleetStore>,
     pub stats: Arc<FleetStats>,
     commands: Option<mpsc::UnboundedReceiver<Command>>,
-    stopped: mpsc::UnboundedSender<String>,
+    stopped: mpsc::UnboundedSender<Stopped>,
     feeds: watch::Sender<Vec<String>>,
     stop_claiming: CancellationToken,
     shutdown: CancellationToken,
@@ -213,13 +226,18 @@ impl Fleet {
         self.commands.take()
     }
 
-    /// The feed no longer runs here (after a [`Command::Stop`], or a start that failed).
-    pub fn stopped(&self, feed: &str) {
-        let _ = self.stopped.send(feed.to_string());
+    /// The feed's run under `epoch` no longer runs here (after a [`Command::Stop`], or a
+    /// reload that removed the feed); `failed`: it could not start.
+    pub fn stopped(&self, feed: &str, epoch: i64, failed: bool) {
+        let _ = self.stopped.send(Stopped {
+            feed: feed.to_string(),
+            epoch,
+            failed,
+        });
     }
 
     /// A sender for [`Fleet::stopped`], for a task that outlives the borrow.
-    pub fn stopped_sender(&self) -> mpsc::UnboundedSender<String> {
+    pub fn stopped_sender(&self) -> mpsc::UnboundedSender<Stopped> {
         self.stopped.clone()
     }
 

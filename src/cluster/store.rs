@@ -47,6 +47,18 @@ impl FleetStore {
         feed: &str,
         url: &str,
     ) -> Result<(Option<Checkpoint>, bool), String> {
+        // A read: tried again once on a new connection when the first one broke.
+        match self.checkpoint_once(feed, url).await {
+            Err(_) if self.db.broken().await => self.checkpoint_once(feed, url).await,
+            result => result,
+        }
+    }
+
+    async fn checkpoint_once(
+        &self,
+        feed: &str,
+        url: &str,
+    ) -> Result<(Option<Checkpoint>, bool), String> {
         let mut held = self.db.client().await?;
         let Some(client) = held.as_mut() else {
             return Err(format!("fleet database {}: not connected", self.db.shown));
@@ -95,10 +107,19 @@ impl FleetStore {
     }
 
     /// Writes the checkpoints of the feeds whose lease this instance still holds, in one
-    /// transaction that holds those lease rows (`FOR SHARE`: a claim by another instance
-    /// waits for it). Returns the feeds left out because their lease is gone; each is also
+    /// transaction that holds those lease rows (`FOR KEY SHARE`: a claim by another instance,
+    /// `FOR UPDATE`, cannot take them until it ends; renewals, which change no key, go on). Returns the feeds left out because their lease is gone; each is also
     /// reported to the coordinator. A checkpoint never moves back.
     pub async fn save_checkpoints(&self, cps: &[Checkpoint]) -> Result<Vec<String>, String> {
+        // Idempotent (a checkpoint never moves back): tried again once on a new connection
+        // when the first one broke.
+        match self.save_checkpoints_once(cps).await {
+            Err(_) if self.db.broken().await => self.save_checkpoints_once(cps).await,
+            result => result,
+        }
+    }
+
+    async fn save_checkpoints_once(&self, cps: &[Checkpoint]) -> Result<Vec<String>, String> {
         let mut feeds = Vec::new();
         let mut epochs = Vec::new();
         let mut fenced = Vec::new();
@@ -124,7 +145,7 @@ impl FleetStore {
                         "SELECT l.feed FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
                          JOIN sse_bridge_leases l ON l.feed = w.feed AND l.epoch = w.epoch \
                          WHERE l.owner = $3 AND l.expires_at > now() \
-                         ORDER BY l.feed FOR SHARE OF l",
+                         FOR KEY SHARE OF l",
                         &[&feeds, &epochs, &instance],
                     )
                     .await?;
@@ -174,7 +195,9 @@ impl FleetStore {
         }
         for feed in &fenced {
             tracing::warn!(feed = %feed, instance = %self.fence.instance(), "this instance lost the feed's lease: its checkpoint was not written");
-            self.fence.report_lost(feed);
+            if let Some(epoch) = self.fence.epoch(feed) {
+                self.fence.report_lost(feed, epoch);
+            }
         }
         Ok(fenced)
     }

@@ -73,7 +73,8 @@ struct Report {
     mismatches: Vec<(String, u64, String, String)>,
     /// Feeds whose events were refused because this instance no longer holds their lease
     /// (a fleet, ARCHITECTURE.md §9), with how many events.
-    fenced: Vec<(String, u64)>,
+    /// (feed, epoch, events)
+    fenced: Vec<(String, i64, u64)>,
 }
 
 /// In a fleet: the instance and the lease epochs (feed, epoch) a batch is written under.
@@ -277,10 +278,10 @@ impl super::Sink for PostgresSink {
             .map_err(|_| self.db_error("the PostgreSQL connection thread has ended".into()))?
             .map_err(|m| self.db_error(m))?;
         self.duplicates.add(report.skipped);
-        for (feed, events) in &report.fenced {
-            tracing::warn!(sink = %self.name, feed = %feed, events, "this instance lost the feed's lease: the sink refused its events (the new holder stores them)");
+        for (feed, epoch, events) in &report.fenced {
+            tracing::warn!(sink = %self.name, feed = %feed, epoch, events, "this instance lost the feed's lease: the sink refused its events (the new holder stores them)");
             if let Some(fence) = &self.fence {
-                fence.report_lost(feed);
+                fence.report_lost(feed, *epoch);
             }
         }
         for (feed, seq, stored, found) in report.mismatches {
@@ -526,9 +527,10 @@ async fn store_batch(
     // (its answer lost) instead of reading a cursor that is about to move, and rows commit
     // in `pos` order, as readers that tail by `pos` need.
     tx.execute(&conn.lock, &[&table]).await?;
-    // In a fleet, the leases of the batch's feeds, held for the transaction (`FOR SHARE`: a
-    // claim by another instance waits until it ends); the events of a feed whose lease is
-    // gone are left out.
+    // In a fleet, the leases of the batch's feeds, held for the transaction (`FOR KEY SHARE`:
+    // a claim by another instance, `FOR UPDATE`, cannot take them until it ends; renewals
+    // change no key and go on); the events of a feed whose lease is gone are left out
+    // (ARCHITECTURE.md §9).
     let mut refused: Vec<&str> = Vec::new();
     if let Some(fencing) = &request.fencing {
         let feeds: Vec<&str> = fencing.leases.iter().map(|(f, _)| f.as_str()).collect();
@@ -537,18 +539,18 @@ async fn store_batch(
             .query(
                 "SELECT l.feed FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
                  JOIN sse_bridge_leases l ON l.feed = w.feed AND l.epoch = w.epoch \
-                 WHERE l.owner = $3 AND l.expires_at > now() ORDER BY l.feed FOR SHARE OF l",
+                 WHERE l.owner = $3 AND l.expires_at > now() FOR KEY SHARE OF l",
                 &[&feeds, &epochs, &fencing.instance],
             )
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        for feed in feeds {
+        for (feed, epoch) in &fencing.leases {
             if !holding.iter().any(|h| h == feed) {
                 refused.push(feed);
-                let n = request.events.iter().filter(|e| &*e.feed == feed).count() as u64;
-                report.fenced.push((feed.to_string(), n));
+                let n = request.events.iter().filter(|e| *e.feed == **feed).count() as u64;
+                report.fenced.push((feed.to_string(), *epoch, n));
             }
         }
     }

@@ -45,6 +45,13 @@ pub(super) async fn migrate(
     }
     for (version, name, sql) in MIGRATIONS {
         let tx = client.transaction().await?;
+        // Every migration runner (each sink table, the fleet) creates the records table if
+        // missing: one at a time, or two could both create it.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('sse-bridge schema_migrations'))",
+            &[],
+        )
+        .await?;
         // One bridge at a time per table; released at the end of the transaction.
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('sse-bridge migrations ' || $1::text))",
