@@ -507,3 +507,52 @@ async fn run_raises_the_soft_open_file_limit_to_the_hard_limit() {
     );
     assert_eq!(status.code(), Some(0));
 }
+
+/// `[cluster]` mistakes name the key and the file before anything starts; the commands that
+/// read the SQLite state refuse a fleet's configuration, saying where its state is.
+#[test]
+fn a_fleet_configuration_names_its_mistakes() {
+    let fleet = |extra: &str| {
+        format!("{GOOD}\n[cluster]\nurl = \"postgresql://bridge@db.example.org/fleet\"\n{extra}")
+    };
+    assert_config_error(
+        &fleet("lease_ttl = \"100ms\""),
+        "cluster.lease_ttl",
+        "between 1s and 10m",
+    );
+    assert_config_error(
+        &fleet("instance = \"node a\""),
+        "cluster.instance",
+        "spaces",
+    );
+    assert_config_error(
+        &fleet(
+            "[sink.pg]\ntype = \"postgres\"\nurl = \"postgresql://bridge@db.example.org/other\"\n",
+        ),
+        "sink.pg.url",
+        "the fleet's database",
+    );
+    assert_config_error(
+        &format!("{GOOD}\n[cluster]\nlease_ttl = \"5s\"\n"),
+        "cluster.url",
+        "set one of",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = fleet("").replace("STATE", &dir.path().join("state.db").display().to_string());
+    let path = write_file(dir.path(), "fleet.toml", &text);
+    for args in [["checkpoints", "list"], ["gaps", "--json"]] {
+        let out = Command::new(bin())
+            .args(args)
+            .arg("-c")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run sse-bridge");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("[cluster]") && stderr.contains("sse_bridge_checkpoints"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

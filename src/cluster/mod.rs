@@ -262,3 +262,52 @@ impl Fleet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(text: &str) -> tokio_postgres::Config {
+        text.parse().expect("a connection string")
+    }
+
+    #[test]
+    fn the_same_database_is_host_port_and_name_whoever_connects() {
+        let fleet = conn("postgresql://bridge@db.example.org/fleet");
+        assert!(same_database(
+            &fleet,
+            &conn("postgresql://writer:secret@db.example.org:5432/fleet?sslmode=require")
+        ));
+        assert!(!same_database(
+            &fleet,
+            &conn("postgresql://bridge@db.example.org/other")
+        ));
+        assert!(!same_database(
+            &fleet,
+            &conn("postgresql://bridge@db.example.org:6432/fleet")
+        ));
+        assert!(!same_database(
+            &fleet,
+            &conn("postgresql://bridge@replica.example.org/fleet")
+        ));
+    }
+
+    #[test]
+    fn sessions_are_bounded_after_the_operators_own_options() {
+        let mut c = conn("host=db user=bridge dbname=fleet options='-c search_path=bridge'");
+        bound_sessions(&mut c, std::time::Duration::from_secs(10));
+        assert_eq!(
+            c.get_options(),
+            Some(
+                "-c search_path=bridge -c idle_in_transaction_session_timeout=5000 \
+                 -c statement_timeout=10000"
+            )
+        );
+        let mut short = conn("host=db user=bridge dbname=fleet");
+        bound_sessions(&mut short, std::time::Duration::from_secs(1));
+        assert_eq!(
+            short.get_options(),
+            Some("-c idle_in_transaction_session_timeout=500 -c statement_timeout=10000")
+        );
+    }
+}
