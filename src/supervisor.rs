@@ -406,19 +406,9 @@ impl Supervisor {
                 let fleet_stopped = fleet.stopped_sender();
                 self.stopping.retain(|t| !t.is_finished());
                 self.stopping.push(tokio::spawn(async move {
-                    if tokio::time::timeout(timeout, feed.task).await.is_err() {
-                        tracing::warn!(feed = %name, "feed task did not stop in time");
-                    }
                     // Lost or not, what the sinks still hold of this run is written (or, for
                     // a fenced sink, refused) before the feed may run here again.
-                    let tracker = feed.view.tracker.clone();
-                    let drained = tokio::time::timeout(timeout, async move {
-                        while tracker.pending() > 0 {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    })
-                    .await
-                    .is_ok();
+                    let drained = wait_stopped(&name, feed.task, &feed.view, timeout).await;
                     if why == StopReason::HandOver {
                         if !drained {
                             tracing::warn!(feed = %name, pending = feed.view.tracker.pending(), "sinks did not store everything this feed sent in time; the next holder fetches the rest again");
@@ -450,17 +440,7 @@ impl Supervisor {
         };
         feed.stop.cancel();
         let timeout = self.loaded.config.shutdown.timeout;
-        if tokio::time::timeout(timeout, feed.task).await.is_err() {
-            tracing::warn!(feed = %name, "feed task did not stop in time");
-        }
-        let tracker = feed.view.tracker.clone();
-        let drained = tokio::time::timeout(timeout, async move {
-            while tracker.pending() > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .is_ok();
+        let drained = wait_stopped(name, feed.task, &feed.view, timeout).await;
         if !drained {
             tracing::warn!(feed = %name, pending = feed.view.tracker.pending(), "sinks did not store everything this feed sent in time; the rest is fetched again");
         }
@@ -689,6 +669,27 @@ impl Supervisor {
         }
         drained
     }
+}
+
+/// Waits (each step up to `timeout`) for a cancelled feed's task to end, then for the sinks to
+/// store (or refuse) what it sent; whether they did.
+async fn wait_stopped(
+    name: &str,
+    task: JoinHandle<()>,
+    view: &FeedView,
+    timeout: Duration,
+) -> bool {
+    if tokio::time::timeout(timeout, task).await.is_err() {
+        tracing::warn!(feed = %name, "feed task did not stop in time");
+    }
+    let tracker = view.tracker.clone();
+    tokio::time::timeout(timeout, async move {
+        while tracker.pending() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .is_ok()
 }
 
 fn log_feed_summary(view: &FeedView) {

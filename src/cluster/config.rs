@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::sink::postgres::config::{parse_connection, shown};
+use crate::sink::postgres::config::{
+    parse_connection, read_connection_string, shown, source_issues,
+};
 
 /// The shortest lease: renewals go every third of it, and a database round trip must fit.
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
@@ -80,30 +82,12 @@ impl std::fmt::Debug for ClusterConfig {
 impl ClusterConfig {
     /// Offline checks; keys are relative to `[cluster]`.
     pub fn validate(&self) -> Vec<(String, String)> {
-        let mut issues = Vec::new();
-        let sources = [
-            self.url.is_some(),
+        let mut issues = source_issues(
+            self.url.as_deref(),
             self.url_env.is_some(),
             self.url_file.is_some(),
-        ];
-        match sources.iter().filter(|s| **s).count() {
-            0 => issues.push((
-                "url".to_string(),
-                "set one of `url`, `url_env` or `url_file` (the fleet's database, e.g. \
-                 postgresql://bridge@db.example.org/bridge)"
-                    .to_string(),
-            )),
-            1 => {}
-            _ => issues.push((
-                "url".to_string(),
-                "set only one of `url`, `url_env` and `url_file`".to_string(),
-            )),
-        }
-        if let Some(url) = &self.url {
-            if let Err(e) = parse_connection(url) {
-                issues.push(("url".to_string(), e));
-            }
-        }
+            "the fleet's database, e.g. postgresql://bridge@db.example.org/bridge",
+        );
         if let Some(name) = &self.instance {
             if let Some(problem) = instance_problem(name) {
                 issues.push(("instance".to_string(), problem));
@@ -122,20 +106,11 @@ impl ClusterConfig {
 
     /// The connection string, read from where the config says (as for the `postgres` sink).
     pub fn connection(&self) -> Result<tokio_postgres::Config, String> {
-        let text = match (&self.url, &self.url_env, &self.url_file) {
-            (Some(url), _, _) => url.clone(),
-            (_, Some(var), _) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
-                Ok(_) => return Err(format!("environment variable `{var}` is empty")),
-                Err(_) => return Err(format!("environment variable `{var}` is not set")),
-            },
-            (_, _, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
-                Ok(_) => return Err(format!("{} is empty", path.display())),
-                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-            },
-            _ => return Err("no connection string (url, url_env or url_file)".to_string()),
-        };
+        let text = read_connection_string(
+            self.url.as_deref(),
+            self.url_env.as_deref(),
+            self.url_file.as_deref(),
+        )?;
         let mut config = parse_connection(&text)?;
         // A connection that cannot be made within a lease's renewal period is no use.
         config.connect_timeout(self.renew_every().max(Duration::from_secs(1)));

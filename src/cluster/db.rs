@@ -165,47 +165,15 @@ impl Db {
 }
 
 async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
-    for (version, name, sql) in MIGRATIONS {
-        let tx = client.transaction().await?;
-        // Every migration runner (each sink table, the fleet) creates the records table if
-        // missing: one at a time, or two could both create it.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('sse-bridge schema_migrations'))",
-            &[],
-        )
-        .await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('sse-bridge migrations ' || $1::text))",
-            &[&TARGET],
-        )
-        .await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS sse_bridge_schema_migrations (
-                 target     text        NOT NULL,
-                 version    integer     NOT NULL,
-                 name       text        NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (target, version)
-             )",
-        )
-        .await?;
-        let done = tx
-            .query_opt(
-                "SELECT 1 FROM sse_bridge_schema_migrations WHERE target = $1 AND version = $2",
-                &[&TARGET, version],
-            )
-            .await?
-            .is_some();
-        if !done {
-            tx.batch_execute(sql).await?;
-            tx.execute(
-                "INSERT INTO sse_bridge_schema_migrations (target, version, name) VALUES ($1, $2, $3)",
-                &[&TARGET, version, name],
-            )
-            .await?;
-            tracing::info!(migration = name, "applied a fleet schema migration");
-        }
-        tx.commit().await?;
-    }
-    Ok(())
+    let migrations: Vec<(i32, &str, String)> = MIGRATIONS
+        .iter()
+        .map(|(version, name, sql)| (*version, *name, sql.to_string()))
+        .collect();
+    crate::sink::postgres::schema::apply(
+        client,
+        "sse_bridge_schema_migrations",
+        TARGET,
+        &migrations,
+    )
+    .await
 }

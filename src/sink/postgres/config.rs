@@ -214,33 +214,12 @@ pub fn table_problem(name: &str) -> Option<String> {
 impl PostgresSinkConfig {
     /// Offline checks; keys are relative to `[sink.NAME]`.
     pub fn validate(&self) -> Vec<(String, String)> {
-        let mut issues = Vec::new();
-        let sources = [
-            self.url.is_some(),
+        let mut issues = source_issues(
+            self.url.as_deref(),
             self.url_env.is_some(),
             self.url_file.is_some(),
-        ];
-        match sources.iter().filter(|s| **s).count() {
-            0 => issues.push((
-                "url".to_string(),
-                "set one of `url`, `url_env` or `url_file` (the connection string, e.g. \
-                 postgresql://bridge@localhost/events)"
-                    .to_string(),
-            )),
-            1 => {}
-            _ => issues.push((
-                "url".to_string(),
-                "set only one of `url`, `url_env` and `url_file`".to_string(),
-            )),
-        }
-        if let Some(url) = &self.url {
-            if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                issues.push((
-                    "url".to_string(),
-                    format!("not a PostgreSQL connection string: {e}"),
-                ));
-            }
-        }
+            "the connection string, e.g. postgresql://bridge@localhost/events",
+        );
         if let Some(problem) = table_problem(&self.table) {
             issues.push(("table".to_string(), problem));
         }
@@ -262,24 +241,74 @@ impl PostgresSinkConfig {
     /// The connection string, read from where the config says; `PGPASSWORD` fills in a
     /// password the string leaves out. Errors name the variable or file, never a value.
     pub fn connection(&self) -> Result<tokio_postgres::Config, String> {
-        let text = match (&self.url, &self.url_env, &self.url_file) {
-            (Some(url), _, _) => url.clone(),
-            (_, Some(var), _) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
-                Ok(_) => return Err(format!("environment variable `{var}` is empty")),
-                Err(_) => return Err(format!("environment variable `{var}` is not set")),
-            },
-            (_, _, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
-                Ok(_) => return Err(format!("{} is empty", path.display())),
-                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-            },
-            _ => return Err("no connection string (url, url_env or url_file)".to_string()),
-        };
+        let text = read_connection_string(
+            self.url.as_deref(),
+            self.url_env.as_deref(),
+            self.url_file.as_deref(),
+        )?;
         let mut config = parse_connection(&text)?;
         config.connect_timeout(self.connect_timeout);
         config.application_name("sse-bridge");
         Ok(config)
+    }
+}
+
+/// The checks of `url`/`url_env`/`url_file` (exactly one; a `url` that parses), for every
+/// section that takes a connection string (`postgres` sinks, `[cluster]`); `what` says what
+/// the string is for.
+pub fn source_issues(
+    url: Option<&str>,
+    url_env: bool,
+    url_file: bool,
+    what: &str,
+) -> Vec<(String, String)> {
+    let mut issues = Vec::new();
+    match [url.is_some(), url_env, url_file]
+        .iter()
+        .filter(|s| **s)
+        .count()
+    {
+        0 => issues.push((
+            "url".to_string(),
+            format!("set one of `url`, `url_env` or `url_file` ({what})"),
+        )),
+        1 => {}
+        _ => issues.push((
+            "url".to_string(),
+            "set only one of `url`, `url_env` and `url_file`".to_string(),
+        )),
+    }
+    if let Some(url) = url {
+        if let Err(e) = url.parse::<tokio_postgres::Config>() {
+            issues.push((
+                "url".to_string(),
+                format!("not a PostgreSQL connection string: {e}"),
+            ));
+        }
+    }
+    issues
+}
+
+/// The connection string from `url`, the environment variable `url_env` or the file
+/// `url_file` (one line). Errors name the variable or file, never a value.
+pub fn read_connection_string(
+    url: Option<&str>,
+    url_env: Option<&str>,
+    url_file: Option<&std::path::Path>,
+) -> Result<String, String> {
+    match (url, url_env, url_file) {
+        (Some(url), _, _) => Ok(url.to_string()),
+        (_, Some(var), _) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            Ok(_) => Err(format!("environment variable `{var}` is empty")),
+            Err(_) => Err(format!("environment variable `{var}` is not set")),
+        },
+        (_, _, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            Ok(_) => Err(format!("{} is empty", path.display())),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        },
+        _ => Err("no connection string (url, url_env or url_file)".to_string()),
     }
 }
 

@@ -13,7 +13,7 @@
 //! and waits for the answer, as a blocking database call would.
 
 pub mod config;
-mod schema;
+pub(crate) mod schema;
 
 #[cfg(test)]
 mod tests;

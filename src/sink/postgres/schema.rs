@@ -43,19 +43,35 @@ pub(super) async fn migrate(
             ))
             .await?;
     }
-    for (version, name, sql) in MIGRATIONS {
+    let migrations: Vec<(i32, &str, String)> = MIGRATIONS
+        .iter()
+        .map(|(version, name, sql)| (*version, *name, fill(sql, table)))
+        .collect();
+    apply(client, &records, table, &migrations).await
+}
+
+/// Applies `migrations` (version, name, SQL) to `target` once each, in order, each in a
+/// transaction that also records it in `records`; one bridge at a time per target. Shared by
+/// every `postgres` sink table and the fleet's tables (`crate::cluster::db`).
+pub(crate) async fn apply(
+    client: &mut tokio_postgres::Client,
+    records: &str,
+    target: &str,
+    migrations: &[(i32, &str, String)],
+) -> Result<(), tokio_postgres::Error> {
+    for (version, name, sql) in migrations {
         let tx = client.transaction().await?;
-        // Every migration runner (each sink table, the fleet) creates the records table if
-        // missing: one at a time, or two could both create it.
+        // Every runner creates the records table if missing: one at a time, or two could
+        // both create it.
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('sse-bridge schema_migrations'))",
             &[],
         )
         .await?;
-        // One bridge at a time per table; released at the end of the transaction.
+        // One bridge at a time per target; released at the end of the transaction.
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('sse-bridge migrations ' || $1::text))",
-            &[&table],
+            &[&target],
         )
         .await?;
         tx.batch_execute(&format!(
@@ -71,18 +87,18 @@ pub(super) async fn migrate(
         let done = tx
             .query_opt(
                 &format!("SELECT 1 FROM {records} WHERE target = $1 AND version = $2"),
-                &[&table, version],
+                &[&target, version],
             )
             .await?
             .is_some();
         if !done {
-            tx.batch_execute(&fill(sql, table)).await?;
+            tx.batch_execute(sql).await?;
             tx.execute(
                 &format!("INSERT INTO {records} (target, version, name) VALUES ($1, $2, $3)"),
-                &[&table, version, name],
+                &[&target, version, name],
             )
             .await?;
-            tracing::info!(table, migration = name, "applied a schema migration");
+            tracing::info!(target, migration = name, "applied a schema migration");
         }
         tx.commit().await?;
     }
