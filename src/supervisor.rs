@@ -197,22 +197,36 @@ impl Supervisor {
         };
         registry.set_fleet(fleet.as_ref().map(|f| f.stats.clone()));
         let give_up = CancellationToken::new();
-        let mut sinks = BTreeMap::new();
-        for (name, config) in &loaded.config.sink {
-            sinks.insert(
-                name.clone(),
-                start_sink(
-                    name,
-                    config,
-                    state_path_for_sinks(&loaded.config),
-                    fleet.as_ref().map(|f| &f.fence),
-                    &give_up,
-                    None,
-                    &feed_names(&loaded.config),
-                )?,
-            );
-        }
-        let routing = build_routing(&loaded, &sinks)?;
+        let started = (|| {
+            let mut sinks = BTreeMap::new();
+            for (name, config) in &loaded.config.sink {
+                sinks.insert(
+                    name.clone(),
+                    start_sink(
+                        name,
+                        config,
+                        state_path_for_sinks(&loaded.config),
+                        fleet.as_ref().map(|f| &f.fence),
+                        &give_up,
+                        None,
+                        &feed_names(&loaded.config),
+                    )?,
+                );
+            }
+            let routing = build_routing(&loaded, &sinks)?;
+            anyhow::Ok((sinks, routing))
+        })();
+        let (sinks, routing) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                // Joined already: leave, so that the others do not wait for this instance's
+                // share or its leases.
+                if let Some(fleet) = fleet {
+                    fleet.leave().await;
+                }
+                return Err(e);
+            }
+        };
         let (routing, _) = watch::channel(Arc::new(routing));
         let mut supervisor = Supervisor {
             loaded,
@@ -233,7 +247,7 @@ impl Supervisor {
             let feeds: Vec<FeedConfig> =
                 supervisor.loaded.config.enabled_feeds().cloned().collect();
             for feed in feeds {
-                supervisor.start_feed(feed).await?;
+                supervisor.start_feed(feed, None).await?;
             }
         }
         let registry = supervisor.registry.clone();
@@ -284,7 +298,8 @@ impl Supervisor {
         );
     }
 
-    async fn start_feed(&mut self, feed: FeedConfig) -> anyhow::Result<()> {
+    /// Starts `feed` (in a fleet, under the lease `epoch`).
+    async fn start_feed(&mut self, feed: FeedConfig, epoch: Option<i64>) -> anyhow::Result<()> {
         let feed = Arc::new(feed);
         // The lowest of the sinks' own cursors: where the stored data of some sink ends, when
         // that is behind the checkpoint (a file that lost an unsynced tail).
@@ -300,7 +315,8 @@ impl Supervisor {
             .min_by_key(|(_, c)| c.seq)
             .filter(|_| self.fleet.is_none());
         let start = start_position(&self.state, &feed, lowest).await?;
-        let tracker = Arc::new(FeedTracker::for_feed(&feed.name, &feed.url, start.clone()));
+        let tracker =
+            Arc::new(FeedTracker::for_feed(&feed.name, &feed.url, start.clone()).with_epoch(epoch));
         let status = StatusHandle::new();
         let source = EventSource::new(
             feed.clone(),
@@ -330,6 +346,9 @@ impl Supervisor {
             start.seq,
         );
         let task = tokio::spawn(Box::new(task).run(stop.clone()));
+        if let (Some(fleet), Some(epoch)) = (&self.fleet, epoch) {
+            fleet.fence.register_run(&feed.name, epoch, stop.clone());
+        }
         self.registry.set_feed(view.clone());
         self.feeds.insert(
             feed.name.clone(),
@@ -337,7 +356,7 @@ impl Supervisor {
                 view,
                 stop,
                 task,
-                epoch: None,
+                epoch,
             },
         );
         Ok(())
@@ -370,14 +389,12 @@ impl Supervisor {
                     fleet.stopped(&name, epoch, false);
                     return;
                 };
-                match self.start_feed(config).await {
-                    Ok(()) => {
-                        if let (Some(fleet), Some(feed)) = (&self.fleet, self.feeds.get_mut(&name))
-                        {
-                            feed.epoch = Some(epoch);
-                            fleet.fence.register_run(&name, feed.stop.clone());
-                        }
-                    }
+                // Lost already (its Stop is queued behind this): not started at all.
+                if fleet.fence.epoch(&name) != Some(epoch) {
+                    return;
+                }
+                match self.start_feed(config, Some(epoch)).await {
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::error!(feed = %name, "cannot start the feed; its lease is released: {e:#}");
                         if let Some(fleet) = &self.fleet {
@@ -571,17 +588,11 @@ impl Supervisor {
                 if !summary.feeds_restarted.contains(&name) {
                     summary.feeds_added.push(name.clone());
                 }
-                match self.start_feed(cfg).await {
-                    Ok(()) => {
-                        if let (Some(fleet), Some(epoch), Some(feed)) = (
-                            &self.fleet,
-                            restarted_epochs.get(&name),
-                            self.feeds.get_mut(&name),
-                        ) {
-                            feed.epoch = Some(*epoch);
-                            fleet.fence.register_run(&name, feed.stop.clone());
-                        }
-                    }
+                match self
+                    .start_feed(cfg, restarted_epochs.get(&name).copied())
+                    .await
+                {
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::error!(feed = %name, "cannot start feed after reload: {e:#}");
                         if let (Some(fleet), Some(epoch)) =

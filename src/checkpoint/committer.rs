@@ -47,9 +47,11 @@ pub async fn commit_loop<C, F>(
 pub async fn commit<C: Committable>(feeds: &[C], state: &SharedState) -> Result<(), StoreError> {
     let now = Utc::now();
     let mut changed: Vec<(usize, Checkpoint)> = Vec::new();
+    let mut epochs: Vec<Option<i64>> = Vec::new();
     for (i, feed) in feeds.iter().enumerate() {
         let tracker = feed.tracker();
         if let Some(p) = tracker.take_changed() {
+            epochs.push(tracker.epoch());
             changed.push((
                 i,
                 Checkpoint {
@@ -66,7 +68,7 @@ pub async fn commit<C: Committable>(feeds: &[C], state: &SharedState) -> Result<
         return Ok(());
     }
     let checkpoints: Vec<Checkpoint> = changed.iter().map(|(_, c)| c.clone()).collect();
-    let result = state.save_checkpoints(checkpoints).await;
+    let result = state.save_checkpoints(checkpoints, epochs).await;
     match result {
         Ok(()) => {
             for (i, c) in changed {

@@ -31,13 +31,18 @@ impl SharedState {
         SharedState::Local(Arc::new(Mutex::new(store)))
     }
 
-    /// Commits every checkpoint in `cps` in one transaction (in a fleet: those whose lease this
-    /// instance still holds; the others are reported lost and left out).
-    pub async fn save_checkpoints(&self, cps: Vec<Checkpoint>) -> Result<(), StoreError> {
+    /// Commits every checkpoint in `cps` in one transaction (in a fleet: those whose run's
+    /// lease epoch, in `epochs`, this instance still holds; the others are reported lost and
+    /// left out).
+    pub async fn save_checkpoints(
+        &self,
+        cps: Vec<Checkpoint>,
+        epochs: Vec<Option<i64>>,
+    ) -> Result<(), StoreError> {
         match self {
             SharedState::Local(store) => with_store(store, move |s| s.save_checkpoints(&cps)).await,
             SharedState::Fleet(fleet) => fleet
-                .save_checkpoints(&cps)
+                .save_checkpoints(&cps, &epochs)
                 .await
                 .map(|_| ())
                 .map_err(StoreError::Fleet),

@@ -71,6 +71,9 @@ pub struct FeedTracker {
     /// id (the Last-Event-ID it resumed with).
     start_seq: u64,
     start_id: Arc<str>,
+    /// In a fleet: the epoch of the lease this run reads under; every write of the run is
+    /// fenced by it (ARCHITECTURE.md §9).
+    epoch: Option<i64>,
     inner: Mutex<Inner>,
 }
 
@@ -88,6 +91,7 @@ impl FeedTracker {
             url: Arc::from(url),
             start_seq: start.seq,
             start_id: start.last_event_id.clone(),
+            epoch: None,
             inner: Mutex::new(Inner {
                 pending: VecDeque::new(),
                 front_seq: start.seq + 1,
@@ -111,6 +115,17 @@ impl FeedTracker {
     /// `start_seq + 1` (0: the feed started from the beginning, with nothing to resume).
     pub fn start_seq(&self) -> u64 {
         self.start_seq
+    }
+
+    /// This run under the lease epoch `epoch` (a fleet).
+    pub fn with_epoch(mut self, epoch: Option<i64>) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// The lease epoch this run reads under, in a fleet.
+    pub fn epoch(&self) -> Option<i64> {
+        self.epoch
     }
 
     /// The id of the event this run resumed after (the Last-Event-ID it resumed with).

@@ -60,6 +60,9 @@ impl Db {
     /// payload (the releasing instance) is sent to `to`.
     pub fn listening(mut self, to: mpsc::UnboundedSender<String>) -> Db {
         self.listen = Some(to);
+        // A connection opened before (the migrations') does not listen: the next exchange
+        // opens one that does.
+        *self.client.get_mut() = None;
         self
     }
 

@@ -77,10 +77,16 @@ impl Fence {
         let _ = self.lost.send((feed.to_string(), epoch));
     }
 
-    /// The stop token of the feed's run here.
-    pub fn register_run(&self, feed: &str, stop: CancellationToken) {
+    /// The stop token of the feed's run here, under `epoch`. A lease lost before the run
+    /// was registered stops it at once: the token is in place before the epoch is checked,
+    /// and a loss forgets the epoch before it cancels, so one of the two sees the other.
+    pub fn register_run(&self, feed: &str, epoch: i64, stop: CancellationToken) {
         if let Ok(mut runs) = self.runs.lock() {
-            runs.insert(feed.to_string(), stop);
+            runs.insert(feed.to_string(), stop.clone());
+            if self.epoch(feed) != Some(epoch) {
+                runs.remove(feed);
+                stop.cancel();
+            }
         }
     }
 
@@ -91,5 +97,47 @@ impl Fence {
                 stop.cancel();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fence() -> (Fence, mpsc::UnboundedReceiver<(String, i64)>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let db = "host=db user=bridge dbname=fleet".parse().expect("config");
+        (
+            Fence::new("node-a".into(), db, std::time::Duration::from_secs(3), tx),
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_run_registered_after_its_lease_was_lost_stops_at_once() {
+        let (fence, _rx) = fence();
+        fence.hold("f", 7);
+        let held = CancellationToken::new();
+        fence.register_run("f", 7, held.clone());
+        assert!(!held.is_cancelled(), "the lease is held under that epoch");
+        fence.forget("f");
+        fence.cancel_run("f");
+        assert!(held.is_cancelled(), "a loss cancels the registered run");
+        // Lost before the run registers (its Start was queued behind the loss), or claimed
+        // again under a newer epoch since: the run stops as it registers.
+        let late = CancellationToken::new();
+        fence.register_run("f", 7, late.clone());
+        assert!(late.is_cancelled());
+        fence.hold("f", 8);
+        let stale = CancellationToken::new();
+        fence.register_run("f", 7, stale.clone());
+        assert!(stale.is_cancelled());
+    }
+
+    #[test]
+    fn lost_reports_carry_the_run_epoch() {
+        let (fence, mut rx) = fence();
+        fence.report_lost("f", 3);
+        assert_eq!(rx.try_recv().ok(), Some(("f".to_string(), 3)));
     }
 }

@@ -247,7 +247,18 @@ impl Coordinator {
         if lease.held == Held::Stopping {
             return;
         }
-        match self.release(&[(feed.to_string(), lease.epoch)]).await {
+        // Never past the renewal deadline of the leases still held: the loop must get there.
+        let limit = self
+            .deadline
+            .filter(|_| self.holds_any())
+            .unwrap_or_else(|| Instant::now() + self.ttl);
+        let released =
+            tokio::time::timeout_at(limit, self.release(&[(feed.to_string(), lease.epoch)]))
+                .await
+                .unwrap_or_else(|_| {
+                    Err("no answer before the other leases' renewal deadline".into())
+                });
+        match released {
             Ok(()) => {
                 self.stats.handed_over.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(feed = %feed, instance = %self.instance, epoch = lease.epoch, "handed the feed over: released its lease");

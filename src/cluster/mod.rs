@@ -167,9 +167,7 @@ impl Fleet {
         bound_sessions(&mut connection, config.lease_ttl);
         let tls = crate::sink::postgres::tls_connector(config.ca_file.as_deref())
             .map_err(|e| anyhow::anyhow!("cluster.{e}"))?;
-        let timeout = config
-            .renew_every()
-            .max(std::time::Duration::from_millis(300));
+        let timeout = config.renew_every().max(std::time::Duration::from_secs(1));
         let coordinator_db = Db::new(connection.clone(), tls.clone(), timeout);
         coordinator_db
             .migrate()

@@ -110,24 +110,37 @@ impl FleetStore {
     /// transaction that holds those lease rows (`FOR KEY SHARE`: a claim by another instance,
     /// `FOR UPDATE`, cannot take them until it ends; renewals, which change no key, go on). Returns the feeds left out because their lease is gone; each is also
     /// reported to the coordinator. A checkpoint never moves back.
-    pub async fn save_checkpoints(&self, cps: &[Checkpoint]) -> Result<Vec<String>, String> {
+    pub async fn save_checkpoints(
+        &self,
+        cps: &[Checkpoint],
+        epochs: &[Option<i64>],
+    ) -> Result<Vec<String>, String> {
         // Idempotent (a checkpoint never moves back): tried again once on a new connection
         // when the first one broke.
-        match self.save_checkpoints_once(cps).await {
-            Err(_) if self.db.broken().await => self.save_checkpoints_once(cps).await,
+        match self.save_checkpoints_once(cps, epochs).await {
+            Err(_) if self.db.broken().await => self.save_checkpoints_once(cps, epochs).await,
             result => result,
         }
     }
 
-    async fn save_checkpoints_once(&self, cps: &[Checkpoint]) -> Result<Vec<String>, String> {
+    /// Each checkpoint is written under its run's epoch (`epochs`, in the same order), never
+    /// the epoch the feed holds now: a run that lost its lease cannot pass as a newer one.
+    async fn save_checkpoints_once(
+        &self,
+        cps: &[Checkpoint],
+        epochs: &[Option<i64>],
+    ) -> Result<Vec<String>, String> {
         let mut feeds = Vec::new();
-        let mut epochs = Vec::new();
         let mut fenced = Vec::new();
-        for cp in cps {
-            match self.fence.epoch(&cp.feed) {
+        let mut run_epochs = Vec::new();
+        for (cp, epoch) in cps
+            .iter()
+            .zip(epochs.iter().chain(std::iter::repeat(&None)))
+        {
+            match epoch {
                 Some(epoch) => {
                     feeds.push(cp.feed.clone());
-                    epochs.push(epoch);
+                    run_epochs.push(*epoch);
                 }
                 None => fenced.push(cp.feed.clone()),
             }
@@ -146,12 +159,14 @@ impl FleetStore {
                          JOIN sse_bridge_leases l ON l.feed = w.feed AND l.epoch = w.epoch \
                          WHERE l.owner = $3 AND l.expires_at > now() \
                          FOR KEY SHARE OF l",
-                        &[&feeds, &epochs, &instance],
+                        &[&feeds, &run_epochs, &instance],
                     )
                     .await?;
                 let holding: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-                for cp in cps.iter().filter(|cp| holding.contains(&cp.feed)) {
-                    let epoch = self.fence.epoch(&cp.feed).unwrap_or(-1);
+                for (cp, epoch) in cps.iter().zip(epochs) {
+                    let Some(epoch) = (*epoch).filter(|_| holding.contains(&cp.feed)) else {
+                        continue;
+                    };
                     tx.execute(
                         "INSERT INTO sse_bridge_checkpoints \
                              (feed, url, last_event_id, seq, updated_at, owner, epoch) \
@@ -195,7 +210,12 @@ impl FleetStore {
         }
         for feed in &fenced {
             tracing::warn!(feed = %feed, instance = %self.fence.instance(), "this instance lost the feed's lease: its checkpoint was not written");
-            if let Some(epoch) = self.fence.epoch(feed) {
+            let epoch = cps
+                .iter()
+                .zip(epochs)
+                .find(|(cp, _)| cp.feed == *feed)
+                .and_then(|(_, e)| *e);
+            if let Some(epoch) = epoch {
                 self.fence.report_lost(feed, epoch);
             }
         }

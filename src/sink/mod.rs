@@ -367,6 +367,13 @@ pub trait Sink: Send {
     /// numbering: it must hold `start_id` at `start_seq` (a reset checkpoint, a new URL or a
     /// stream without ids never opens a window). Called by the runner before the first write
     /// holding events of that run.
+    /// In a fleet, the lease epoch the run just announced by [`Sink::feed_started`] reads
+    /// under: a sink that fences its writes (`postgres`) writes the run's events under it,
+    /// never under the epoch the feed may hold later (ARCHITECTURE.md §9).
+    fn feed_epoch(&mut self, feed: &str, epoch: Option<i64>) {
+        let _ = (feed, epoch);
+    }
+
     fn feed_started(&mut self, feed: &str, url: &str, start_seq: u64, start_id: &str) {
         let _ = (feed, url, start_seq, start_id);
     }

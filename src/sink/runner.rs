@@ -404,6 +404,7 @@ fn announce_run(sink: &mut dyn Sink, runs: &mut Vec<Arc<FeedTracker>>, tracker: 
         tracker.start_seq(),
         tracker.start_id(),
     );
+    sink.feed_epoch(tracker.feed(), tracker.epoch());
 }
 
 /// For each feed in the first `upto` events of the batch (the envelopes' events, in order), the

@@ -62,6 +62,8 @@ struct Run {
     /// A run from the beginning is judged by its first event instead (see
     /// `PostgresSink::resolve_first_events`): `None` until it is seen.
     first: Option<Arc<Event>>,
+    /// In a fleet: the lease epoch the run reads under.
+    epoch: Option<i64>,
 }
 
 /// What a stored batch left out.
@@ -251,8 +253,10 @@ impl super::Sink for PostgresSink {
             let mut leases: Vec<(String, i64)> = Vec::new();
             for e in events {
                 if !leases.iter().any(|(f, _)| **f == *e.feed) {
-                    // A feed not held at all is named with epoch -1: no lease row has it.
-                    leases.push((e.feed.to_string(), fence.epoch(&e.feed).unwrap_or(-1)));
+                    // The epoch of the run that sent the events, not the one the feed may
+                    // hold now; a run without one is named with -1, which no lease row has.
+                    let epoch = self.runs.get(&*e.feed).and_then(|r| r.epoch);
+                    leases.push((e.feed.to_string(), epoch.unwrap_or(-1)));
                 }
             }
             Fencing {
@@ -317,8 +321,15 @@ impl super::Sink for PostgresSink {
                 start_seq,
                 start_id: start_id.to_string(),
                 first: None,
+                epoch: None,
             },
         );
+    }
+
+    fn feed_epoch(&mut self, feed: &str, epoch: Option<i64>) {
+        if let Some(run) = self.runs.get_mut(feed) {
+            run.epoch = epoch;
+        }
     }
 
     fn counters(&self) -> Option<Arc<dyn super::SinkCounters>> {
