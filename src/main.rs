@@ -141,14 +141,20 @@ resumes from that checkpoint: nothing the server still retains is lost, and at m
 interval is fetched twice.\n\n\
 Sinks: `file` (JSON Lines files, paths templated by feed and event type, with rotation, \
 retention and compression), `sqlite` (rows of an SQLite database, stored exactly once), \
-`kafka` (records confirmed by the broker), `stdout` (JSON Lines on standard output). Stored \
+`kafka` (records confirmed by the broker), `postgres` (rows of a PostgreSQL table, stored exactly \
+once), `stdout` (JSON Lines on standard output). Stored \
 events come back out with `replay` (to a terminal, a file or another sink) and `serve` (a live \
 Server-Sent Events endpoint that browsers and other bridges resume from).\n\n\
+A fleet: with a [cluster] section, the same configuration runs on several machines sharing one \
+PostgreSQL database; each feed is read by exactly one instance (a lease per feed, judged by the \
+database's clock), and a dead, frozen or stopped instance's feeds move to the others within \
+seconds. Checkpoints and gaps then live in that database.\n\n\
 Try it: `sse-bridge run` runs the built-in configuration (Wikimedia's recentchange stream into \
 data/events/recentchange.jsonl, state in data/state.db).",
     after_help = "Configuration: a TOML file (see README.md, \"Configuration reference\"). \
 Environment variables SSE_BRIDGE_<SECTION>__<KEY> override keys of the [state], [log], \
-[shutdown], [routing] and [admin] sections, e.g. SSE_BRIDGE_STATE__PATH=/var/lib/sse-bridge/state.db.\n\
+[shutdown], [routing], [admin], [serve] and [cluster] sections, e.g. \
+SSE_BRIDGE_STATE__PATH=/var/lib/sse-bridge/state.db or SSE_BRIDGE_CLUSTER__INSTANCE=node-a.\n\
 Exit status: 0 success, 1 runtime failure, 2 unusable configuration or arguments."
 )]
 struct Cli {
@@ -191,6 +197,10 @@ enum Command {
     /// long as it runs, and a second `run` on the same state database exits 1 naming the PID
     /// that holds it.
     ///
+    /// With [cluster], the instance joins the fleet first (a database that cannot be reached
+    /// fails the start) and runs only the feeds whose lease it holds; on SIGTERM it drains,
+    /// commits and releases its leases, and the other instances take the feeds over at once.
+    ///
     /// SIGHUP reloads the configuration file: a configuration that does not validate is
     /// rejected (logged) and the running one stays; feeds whose settings did not change keep
     /// their connection; changed feeds drain, commit and reconnect from their checkpoint;
@@ -212,11 +222,16 @@ enum Command {
     Validate,
 
     /// Show or change the stored checkpoints (stop the bridge first when changing them).
+    ///
+    /// Reads the SQLite state database; with [cluster] it refuses, naming the fleet's tables
+    /// (sse_bridge_checkpoints) to read with psql instead.
     #[command(subcommand)]
     Checkpoints(CheckpointsCommand),
 
     /// List recorded gaps: moments a feed could not resume faithfully (a stream without
     /// ids, a rejected Last-Event-ID, a changed URL, a manual checkpoint change).
+    ///
+    /// With [cluster] the gaps are in the fleet's table sse_bridge_gaps: read it with psql.
     Gaps {
         /// Only this feed.
         #[arg(long)]
@@ -299,7 +314,8 @@ enum Command {
     /// One row per feed: state (connecting, open, closed, stopped), last event ID, age of the
     /// last event, events received, reconnections, the backoff being waited out, checkpoint
     /// lag and the last error; one row per sink: health, queue, events stored and dropped,
-    /// write errors; then whether the bridge is ready (as `/readyz` says). The endpoint is the
+    /// write errors; then whether the bridge is ready (as `/readyz` says). In a fleet, OWNER
+    /// and EPOCH columns, and rows for the feeds other instances read. The endpoint is the
     /// configuration's `[admin] listen` (-c), or --admin.
     Status {
         /// The admin endpoint, such as `http://127.0.0.1:9187` or `127.0.0.1:9187`.
