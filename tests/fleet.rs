@@ -425,6 +425,26 @@ async fn a_fourth_instance_joins_and_the_feeds_spread_out() {
     let Some(mut fleet) = three_balanced("fleet_join").await else {
         return;
     };
+    // Any database user can NOTIFY the instances' channel: 20 000 notifications of 8 000
+    // bytes (160 MB) cost them a round at most every 100 ms, no memory, and no lease.
+    let before = fleet.bridge("node-a").peak_rss().expect("VmHWM");
+    postgres::query(
+        &fleet.db.name,
+        "SELECT count(pg_notify('sse_bridge_leases', repeat('x', 7999))) \
+         FROM generate_series(1, 20000)",
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = fleet
+        .bridge("node-a")
+        .peak_rss()
+        .expect("VmHWM")
+        .saturating_sub(before);
+    eprintln!(
+        "NOTIFY flood: node-a's peak RSS grew by {} KiB",
+        grown / 1024
+    );
+    assert!(grown < 32 << 20, "peak RSS grew by {grown} bytes");
+    assert_eq!(fleet.held_by("node-a").len(), 4, "{:?}", fleet.owners());
     let joined_at = Instant::now();
     fleet.start("node-d");
     fleet

@@ -30,7 +30,7 @@ pub struct Db {
     /// The longest one exchange may take before the connection is given up.
     pub timeout: Duration,
     /// Where notifications on [`LEASES_CHANNEL`] go, when this connection listens for them.
-    listen: Option<mpsc::UnboundedSender<String>>,
+    listen: Option<mpsc::Sender<String>>,
 }
 
 /// The channel an instance notifies when it releases leases, so that the others claim them
@@ -58,7 +58,9 @@ impl Db {
 
     /// Listens on [`LEASES_CHANNEL`] on every connection it opens; each notification's
     /// payload (the releasing instance) is sent to `to`.
-    pub fn listening(mut self, to: mpsc::UnboundedSender<String>) -> Db {
+    /// Anyone who can connect to the database can `NOTIFY`: a full channel drops the
+    /// notification (a round is coming anyway), so a flood costs no memory.
+    pub fn listening(mut self, to: mpsc::Sender<String>) -> Db {
         self.listen = Some(to);
         // A connection opened before (the migrations') does not listen: the next exchange
         // opens one that does.
@@ -86,7 +88,9 @@ impl Db {
                     match message {
                         Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                             if let Some(to) = &listen {
-                                let _ = to.send(n.payload().to_string());
+                                // Only an instance name is of use (at most 128 bytes).
+                                let payload: String = n.payload().chars().take(128).collect();
+                                let _ = to.try_send(payload);
                             }
                         }
                         Some(Ok(_)) => {}
@@ -134,6 +138,33 @@ impl Db {
         });
         if e.is_closed() || ended {
             **held = None;
+        }
+    }
+
+    /// The outcome of one exchange bounded by a timeout: a failure or a timeout forgets a
+    /// connection it may have broken; `what` says what was being done, for the message.
+    pub fn settle<T>(
+        &self,
+        held: &mut Held<'_>,
+        result: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+        what: &str,
+    ) -> Result<T, String> {
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                Db::failed(held, &e);
+                Err(describe(
+                    &format!("fleet database {}: {what}", self.shown),
+                    &e,
+                ))
+            }
+            Err(_) => {
+                **held = None;
+                Err(format!(
+                    "fleet database {}: no answer in time {what}",
+                    self.shown
+                ))
+            }
         }
     }
 

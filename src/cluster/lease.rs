@@ -64,7 +64,7 @@ pub(super) struct Coordinator {
     deadline: Option<Instant>,
     /// Whether the last round failed (to log a recovery once).
     failing: bool,
-    notified: Option<mpsc::UnboundedReceiver<String>>,
+    notified: Option<mpsc::Receiver<String>>,
     /// Feeds that failed to start here, and until when they are not claimed here again.
     cooling: BTreeMap<String, Instant>,
 }
@@ -91,7 +91,7 @@ impl Coordinator {
         commands: mpsc::UnboundedSender<Command>,
         stop_claiming: CancellationToken,
     ) -> Coordinator {
-        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
+        let (notify_tx, notify_rx) = mpsc::channel(4);
         Coordinator {
             db: db.listening(notify_tx),
             instance,
@@ -177,6 +177,15 @@ impl Coordinator {
         self.leave().await;
     }
 
+    /// The leases this instance holds (running or draining), with their epochs.
+    fn held(&self) -> Vec<(String, i64)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| matches!(l.held, Held::Running | Held::Draining))
+            .map(|(f, l)| (f.clone(), l.epoch))
+            .collect()
+    }
+
     fn holds_any(&self) -> bool {
         self.leases
             .values()
@@ -184,20 +193,13 @@ impl Coordinator {
     }
 
     fn held_names(&self) -> Vec<String> {
-        self.leases
-            .iter()
-            .filter(|(_, l)| matches!(l.held, Held::Running | Held::Draining))
-            .map(|(f, _)| f.clone())
-            .collect()
+        self.held().into_iter().map(|(f, _)| f).collect()
     }
 
     fn update_held_gauge(&self) {
-        let held = self
-            .leases
-            .values()
-            .filter(|l| matches!(l.held, Held::Running | Held::Draining))
-            .count();
-        self.stats.held.store(held as u64, Ordering::Relaxed);
+        self.stats
+            .held
+            .store(self.held().len() as u64, Ordering::Relaxed);
     }
 
     /// Stops the feeds whose leases are gone, at once.
@@ -298,31 +300,15 @@ impl Coordinator {
                 .await
         })
         .await;
-        match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                Db::failed(&mut held, &e);
-                Err(describe(&format!("fleet database {}", self.db.shown), &e))
-            }
-            Err(_) => {
-                *held = None;
-                Err(format!(
-                    "fleet database {}: no answer in time",
-                    self.db.shown
-                ))
-            }
-        }
+        self.db
+            .settle(&mut held, result, "releasing leases")
+            .map(|_| ())
     }
 
     /// One round: heartbeat, renewals, claims, hand-overs.
     async fn round(&mut self, configured: &[String]) {
         let sent = Instant::now();
-        let renew: Vec<(String, i64)> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| matches!(l.held, Held::Running | Held::Draining))
-            .map(|(f, l)| (f.clone(), l.epoch))
-            .collect();
+        let renew = self.held();
         // Never claimed here: a feed with a run here in any state (a lost one is claimed again
         // only once its run has stopped), or one that just failed to start here.
         let now = Instant::now();
@@ -608,12 +594,7 @@ impl Coordinator {
 
     /// At shutdown, after the drain: releases what is still held and removes the heartbeat.
     async fn leave(&mut self) {
-        let held: Vec<(String, i64)> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| matches!(l.held, Held::Running | Held::Draining))
-            .map(|(f, l)| (f.clone(), l.epoch))
-            .collect();
+        let held = self.held();
         match self.release(&held).await {
             Ok(()) => {
                 if !held.is_empty() {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::db::Db;
 use super::fence::Fence;
-use crate::sink::postgres::{describe, pg_text};
+use crate::sink::postgres::pg_text;
 use crate::state::{Checkpoint, Gap, GapReason, Recorded};
 
 /// The fleet's state tables, through a connection of their own.
@@ -34,10 +34,6 @@ impl FleetStore {
     /// Where messages say the state lives.
     pub fn shown(&self) -> &str {
         &self.db.shown
-    }
-
-    fn error(&self, context: &str, e: &tokio_postgres::Error) -> String {
-        describe(&format!("fleet database {}: {context}", self.db.shown), e)
     }
 
     /// The checkpoint of `feed` for the stream at `url`, and whether the feed has one for
@@ -90,20 +86,11 @@ impl FleetStore {
             Ok::<_, tokio_postgres::Error>((found, other))
         })
         .await;
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                Db::failed(&mut held, &e);
-                Err(self.error(&format!("cannot read the checkpoint of feed `{feed}`"), &e))
-            }
-            Err(_) => {
-                *held = None;
-                Err(format!(
-                    "fleet database {}: no answer in time reading the checkpoint of feed `{feed}`",
-                    self.db.shown
-                ))
-            }
-        }
+        self.db.settle(
+            &mut held,
+            result,
+            &format!("reading the checkpoint of feed `{feed}`"),
+        )
     }
 
     /// Writes the checkpoints of the feeds whose lease this instance still holds, in one
@@ -154,13 +141,7 @@ impl FleetStore {
             let result = tokio::time::timeout(self.db.timeout, async {
                 let tx = client.transaction().await?;
                 let rows = tx
-                    .query(
-                        "SELECT l.feed FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
-                         JOIN sse_bridge_leases l ON l.feed = w.feed AND l.epoch = w.epoch \
-                         WHERE l.owner = $3 AND l.expires_at > now() \
-                         FOR KEY SHARE OF l",
-                        &[&feeds, &run_epochs, &instance],
-                    )
+                    .query(super::fence::HOLDING_SQL, &[&feeds, &run_epochs, &instance])
                     .await?;
                 let holding: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
                 for (cp, epoch) in cps.iter().zip(epochs) {
@@ -192,20 +173,9 @@ impl FleetStore {
                 Ok::<_, tokio_postgres::Error>(holding)
             })
             .await;
-            let holding = match result {
-                Ok(Ok(holding)) => holding,
-                Ok(Err(e)) => {
-                    Db::failed(&mut held, &e);
-                    return Err(self.error("cannot commit checkpoints", &e));
-                }
-                Err(_) => {
-                    *held = None;
-                    return Err(format!(
-                        "fleet database {}: no answer in time committing checkpoints",
-                        self.db.shown
-                    ));
-                }
-            };
+            let holding = self
+                .db
+                .settle(&mut held, result, "committing checkpoints")?;
             fenced.extend(feeds.into_iter().filter(|f| !holding.contains(f)));
         }
         for feed in &fenced {
@@ -290,19 +260,10 @@ impl FleetStore {
             Ok::<_, tokio_postgres::Error>(recorded)
         })
         .await;
-        match result {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
-                Db::failed(&mut held, &e);
-                Err(self.error(&format!("cannot record a gap of feed `{}`", gap.feed), &e))
-            }
-            Err(_) => {
-                *held = None;
-                Err(format!(
-                    "fleet database {}: no answer in time recording a gap of feed `{}`",
-                    self.db.shown, gap.feed
-                ))
-            }
-        }
+        self.db.settle(
+            &mut held,
+            result,
+            &format!("recording a gap of feed `{}`", gap.feed),
+        )
     }
 }

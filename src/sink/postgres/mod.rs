@@ -548,9 +548,7 @@ async fn store_batch(
         let epochs: Vec<i64> = fencing.leases.iter().map(|(_, e)| *e).collect();
         let holding: Vec<String> = tx
             .query(
-                "SELECT l.feed FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
-                 JOIN sse_bridge_leases l ON l.feed = w.feed AND l.epoch = w.epoch \
-                 WHERE l.owner = $3 AND l.expires_at > now() FOR KEY SHARE OF l",
+                crate::cluster::fence::HOLDING_SQL,
                 &[&feeds, &epochs, &fencing.instance],
             )
             .await?
