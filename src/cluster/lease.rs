@@ -457,8 +457,9 @@ impl Coordinator {
         result.map_err(|e| describe(&format!("fleet database {}", self.db.shown), &e))
     }
 
-    /// One transaction: a round that fails part-way leaves nothing behind (a claim whose
-    /// round failed would be a lease held by nobody who knows it).
+    /// One transaction (after the missing lease rows): a round that fails part-way leaves
+    /// nothing behind (a claim whose round failed would be a lease held by nobody who knows
+    /// it). ARCHITECTURE.md §9: rounds never wait for each other.
     async fn exchange_on(
         &self,
         client: &mut tokio_postgres::Client,
@@ -471,6 +472,20 @@ impl Coordinator {
         let ttl = millis(self.ttl);
         let me = &self.instance;
         let mut round = Round::default();
+        // A lease row for each configured feed that has none, before the round's transaction
+        // and only for the missing ones: a unique check on an existing row waits for any
+        // transaction updating it, so inserting every feed inside the round made each round
+        // wait for the others' renewals, and two rounds renewing then inserting deadlocked
+        // (a one-second stall, PostgreSQL's deadlock_timeout, that could cost the leases).
+        // An unowned row left by a round that then fails is harmless.
+        client
+            .execute(
+                "INSERT INTO sse_bridge_leases (feed) SELECT f FROM unnest($1::text[]) AS f \
+                 WHERE NOT EXISTS (SELECT 1 FROM sse_bridge_leases l WHERE l.feed = f) \
+                 ON CONFLICT (feed) DO NOTHING",
+                &[&configured],
+            )
+            .await?;
         let client = client.transaction().await?;
         client
             .execute(
@@ -501,13 +516,6 @@ impl Coordinator {
                 .map(|r| r.get(0))
                 .collect();
         }
-        client
-            .execute(
-                "INSERT INTO sse_bridge_leases (feed) SELECT unnest($1::text[]) \
-                 ON CONFLICT (feed) DO NOTHING",
-                &[&configured],
-            )
-            .await?;
         let live: Vec<String> = client
             .query(
                 "SELECT instance FROM sse_bridge_instances WHERE expires_at > now() \
