@@ -16,7 +16,8 @@
 //!   records to the same local broker (tansu, started by the scenario).
 //! - `postgres`: one feed into the PostgreSQL sink, beside a raw binary `COPY` of the same rows
 //!   into a table of the same shape in the same database (the machine's PostgreSQL on
-//!   127.0.0.1:5432; a database of its own, dropped at the end).
+//!   127.0.0.1:5432; a database of its own, dropped at the end); then the same feed into the
+//!   same sink as a fleet of one (`[cluster]` in that database), the cost of the fencing.
 //! - `idle`: 10 000 feeds of heartbeat comments only: time to open them all, peak RSS, CPU.
 //! - `reconnect`: 1 000 feeds, the server restarts: when the reconnections arrive.
 //! - `http2`: HTTP/2 beside HTTP/1.1 in the same run: one busy feed into the file sink
@@ -1070,31 +1071,11 @@ fn scenario_postgres(ctx: &Ctx) {
         &raw,
     ));
 
-    // The bridge into the sink's own table.
-    let dir = ctx.scratch();
-    let sink = format!(
-        "[sink.out]\ntype = \"postgres\"\nurl = \"{}\"\ntable = \"bench_events\"\n",
-        db.url()
-    );
-    let mut last_read = Instant::now() - Duration::from_secs(1);
-    let mut seen = 0u64;
-    let run = run_one_feed(ctx, dir.path(), events, Bytes::from(sse), &sink, || {
-        // A query every 20 ms at most, on one connection: the figure is within 20 ms.
-        if last_read.elapsed() >= Duration::from_millis(20) {
-            last_read = Instant::now();
-            seen = pg.runtime.block_on(async {
-                pg.client
-                    .query_one(
-                        "SELECT coalesce(max(seq), 0) FROM bench_events WHERE feed = $1",
-                        &[&FEED],
-                    )
-                    .await
-                    .map(|r| r.get::<_, i64>(0) as u64)
-                    .unwrap_or(0)
-            });
-        }
-        seen
-    });
+    // The bridge into the sink's own table, then the same as a fleet of one (`[cluster]` in
+    // the same database): every batch and checkpoint commit also reads its lease row, and the
+    // coordinator runs a round every `lease_ttl / 3`.
+    let sse = Bytes::from(sse);
+    let run = pg_bridge_run(ctx, &mut pg, &db, events, sse.clone(), "bench_events", "");
     ctx.add(bridge_row(
         "bridge -> PostgreSQL sink (binary COPY, cursor per batch)",
         events,
@@ -1102,8 +1083,60 @@ fn scenario_postgres(ctx: &Ctx) {
         &run,
         &[(raw, "raw COPY"), (parse, "bare parse")],
     ));
+    let cluster = format!(
+        "\n[cluster]\nurl = \"{}\"\ninstance = \"bench\"\n",
+        db.url()
+    );
+    let fleet = pg_bridge_run(ctx, &mut pg, &db, events, sse, "bench_fleet", &cluster);
+    let single = Rate {
+        events_per_s: events as f64 / run.secs,
+        mb_per_s: mb / run.secs,
+        cpu_s: run.cpu_s,
+    };
+    ctx.add(bridge_row(
+        "bridge -> PostgreSQL sink in a fleet of one (fenced)",
+        events,
+        mb,
+        &fleet,
+        &[(raw, "raw COPY"), (single, "the same without [cluster]")],
+    ));
     drop(pg);
     drop(db);
+}
+
+/// One run of the bridge into the `postgres` sink's `table` of `db`, with `extra` TOML after
+/// the sink (a `[cluster]`), timed until the table holds every event.
+fn pg_bridge_run(
+    ctx: &Ctx,
+    pg: &mut Pg,
+    db: &postgres::TestDb,
+    events: usize,
+    sse: Bytes,
+    table: &str,
+    extra: &str,
+) -> Run {
+    let dir = ctx.scratch();
+    let sink = format!(
+        "[sink.out]\ntype = \"postgres\"\nurl = \"{}\"\ntable = \"{table}\"\n{extra}",
+        db.url()
+    );
+    let query = format!("SELECT coalesce(max(seq), 0) FROM {table} WHERE feed = $1");
+    let mut last_read = Instant::now() - Duration::from_secs(1);
+    let mut seen = 0u64;
+    run_one_feed(ctx, dir.path(), events, sse, &sink, || {
+        // A query every 20 ms at most, on one connection: the figure is within 20 ms.
+        if last_read.elapsed() >= Duration::from_millis(20) {
+            last_read = Instant::now();
+            seen = pg.runtime.block_on(async {
+                pg.client
+                    .query_one(&query, &[&FEED])
+                    .await
+                    .map(|r| r.get::<_, i64>(0) as u64)
+                    .unwrap_or(0)
+            });
+        }
+        seen
+    })
 }
 
 /// One feed into the Kafka sink against a local broker, beside a bare rdkafka producer sending

@@ -11,11 +11,13 @@ use tokio_util::sync::CancellationToken;
 /// The fence itself, run first in a writer's transaction: of the (feed, epoch) pairs `$1`,
 /// `$2`, the feeds whose lease `$3` still owns under that epoch, unexpired by the database's
 /// clock, each row held `FOR KEY SHARE` until the transaction ends (a claim, `FOR UPDATE`,
-/// cannot take it meanwhile; a renewal changes no key and goes on).
+/// cannot take it meanwhile; a renewal changes no key and goes on). Unexpired now, not at
+/// the transaction's start (`now()`): a sink batch may have waited for the table's write
+/// lock since.
 pub const HOLDING_SQL: &str =
     "SELECT l.feed FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
      JOIN sse_bridge_leases l ON l.feed = w.feed AND l.epoch = w.epoch \
-     WHERE l.owner = $3 AND l.expires_at > now() FOR KEY SHARE OF l";
+     WHERE l.owner = $3 AND l.expires_at > clock_timestamp() FOR KEY SHARE OF l";
 
 /// The epochs of the leases held, and the way back to the coordinator for a writer that found
 /// a lease gone.

@@ -272,7 +272,9 @@ impl Coordinator {
         self.fence.forget(feed);
     }
 
-    /// Releases `leases` (feed, epoch) if still ours, and tells the others.
+    /// Releases `leases` (feed, epoch) if still ours and unexpired, and tells the others. An
+    /// expired one is free already, and may be in another round's claim: touching it would
+    /// wait for that round (ARCHITECTURE.md §9, rounds never wait for each other).
     async fn release(&self, leases: &[(String, i64)]) -> Result<(), String> {
         if leases.is_empty() {
             return Ok(());
@@ -288,7 +290,8 @@ impl Coordinator {
                 .execute(
                     "UPDATE sse_bridge_leases l SET owner = NULL, expires_at = now() \
                      FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
-                     WHERE l.feed = w.feed AND l.epoch = w.epoch AND l.owner = $3",
+                     WHERE l.feed = w.feed AND l.epoch = w.epoch AND l.owner = $3 \
+                       AND l.expires_at > now()",
                     &[&feeds, &epochs, &self.instance],
                 )
                 .await?;
