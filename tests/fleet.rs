@@ -209,6 +209,22 @@ default = ["pg"]
         Instant::now()
     }
 
+    /// A session of the test's own on the fleet's database, with `options` added to its
+    /// connection string (its connection runs in a task of its own).
+    async fn session(&self, options: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port=5432 user=postgres dbname={} {options}",
+                self.db.name
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect to PostgreSQL");
+        tokio::spawn(connection);
+        client
+    }
+
     fn rows(&self) -> u64 {
         self.db.count("events")
     }
@@ -383,11 +399,43 @@ async fn a_frozen_instance_writes_nothing_after_waking_and_logs_the_lost_lease()
     .collect();
     assert_eq!(leases.len(), 4, "{leases:?}");
     let feeds: Vec<String> = leases.iter().map(|(f, _)| f.clone()).collect();
+    // Frozen in the middle of a sink batch, as a SIGSTOP can catch it: a session of node-a
+    // holding its lease rows `FOR KEY SHARE` inside a `COPY` that never gets its data. The
+    // server applies no timeout to it (it waits for the client), so the others must end it
+    // to claim the feeds.
+    postgres::query(&fleet.db.name, "CREATE TABLE stuck (v int)");
+    let mut frozen_session = fleet
+        .session(&format!("application_name='sse-bridge {victim}'"))
+        .await;
+    let tx = frozen_session.transaction().await.expect("begin");
+    let locked = tx
+        .query(
+            "SELECT feed FROM sse_bridge_leases WHERE owner = $1 FOR KEY SHARE",
+            &[&victim],
+        )
+        .await
+        .expect("lock the lease rows");
+    assert_eq!(locked.len(), 4);
+    let copy = tx.copy_in::<_, bytes::Bytes>("COPY stuck FROM STDIN").await;
+    assert!(copy.is_ok(), "COPY started: {:?}", copy.err());
     let frozen_at = Instant::now();
     fleet.bridge(victim).signal(libc::SIGSTOP);
     let moved_at = fleet
         .wait_moved(&feeds, victim, 2 * TTL + Duration::from_secs(5))
         .await;
+    drop(copy);
+    drop(tx);
+    let ended = ["node-b", "node-c"].iter().any(|n| {
+        fleet.bridge(n).logs().iter().any(|l| {
+            l.message
+                .contains("ended the database sessions a frozen instance left")
+        })
+    });
+    assert!(
+        ended,
+        "the stuck session was ended; logs:\n{}",
+        fleet.logs()
+    );
     eprintln!(
         "SIGSTOP: the feeds of {victim} moved in {:?} (lease_ttl {TTL:?})",
         moved_at - frozen_at
@@ -653,16 +701,7 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
         .into_iter()
         .next()
         .expect("a feed of node-b");
-    let (holder, connection) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port=5432 user=postgres dbname={}",
-            fleet.db.name
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect to PostgreSQL");
-    tokio::spawn(connection);
+    let holder = fleet.session("").await;
     let quiet_before = [
         said("node-a", "cannot renew"),
         said("node-c", "cannot renew"),

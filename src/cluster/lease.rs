@@ -48,7 +48,31 @@ struct Round {
     hand_over: usize,
     leases: Vec<LeaseView>,
     live: u64,
+    /// Instances presumed frozen inside a transaction: see [`STUCK_SQL`].
+    stuck: Vec<String>,
 }
+
+/// The owners of leases that ended more than `$3` ms ago and that nobody could claim (a claim
+/// skips a row another transaction holds), while the owner holds no live lease and has no
+/// live heartbeat. Such an owner is frozen inside a transaction: a client stopped in the
+/// middle of a `COPY` keeps its transaction, and its row and table locks, open for as long as
+/// it is stopped, since PostgreSQL neither cancels (`statement_timeout`) nor counts as idle a
+/// backend waiting for `COPY` data. ARCHITECTURE.md §9.
+const STUCK_SQL: &str = "SELECT DISTINCT l.owner FROM sse_bridge_leases l \
+     WHERE l.feed = ANY($1) AND l.owner IS NOT NULL AND l.owner <> $2 \
+       AND l.expires_at <= now() - $3::bigint * interval '1 millisecond' \
+       AND NOT EXISTS (SELECT 1 FROM sse_bridge_leases h \
+                       WHERE h.owner = l.owner AND h.expires_at > now()) \
+       AND NOT EXISTS (SELECT 1 FROM sse_bridge_instances i \
+                       WHERE i.instance = l.owner AND i.expires_at > now()) \
+     ORDER BY l.owner";
+
+/// Ends the sessions of the instance named by `$1` (its `application_name`) that are inside a
+/// transaction; its idle sessions are left alone.
+const END_STUCK_SQL: &str = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+     WHERE datname = current_database() AND application_name = $1 \
+       AND pid <> pg_backend_pid() \
+       AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')";
 
 pub(super) struct Coordinator {
     db: Db,
@@ -387,7 +411,7 @@ impl Coordinator {
             self.stats.claimed.fetch_add(1, Ordering::Relaxed);
             match previous {
                 Some(previous) if previous != self.instance => {
-                    tracing::info!(feed = %feed, instance = %self.instance, epoch, from = %previous, "claimed the feed's lease (its previous holder's lease had ended)")
+                    tracing::info!(feed = %feed, instance = %self.instance, epoch, from = %crate::text::escape_controls(&previous), "claimed the feed's lease (its previous holder's lease had ended)")
                 }
                 _ => {
                     tracing::info!(feed = %feed, instance = %self.instance, epoch, "claimed the feed's lease")
@@ -457,7 +481,33 @@ impl Coordinator {
         if let Err(e) = &result {
             Db::failed(&mut held, e);
         }
-        result.map_err(|e| describe(&format!("fleet database {}", self.db.shown), &e))
+        let round =
+            result.map_err(|e| describe(&format!("fleet database {}", self.db.shown), &e))?;
+        // After the round's commit and apart from it: ending another role's session may be
+        // refused, and that must not cost the round.
+        for owner in &round.stuck {
+            let Some(client) = held.as_mut() else { break };
+            // Owners come from the table, which any user of the database may write.
+            let shown = crate::text::escape_controls(owner);
+            let application = super::application_name(owner);
+            if application != format!("sse-bridge {owner}") {
+                tracing::debug!(instance = %self.instance, owner = %shown, "cannot tell the sessions of an instance whose name is longer than application_name keeps");
+                continue;
+            }
+            match client.query_one(END_STUCK_SQL, &[&application]).await {
+                Ok(row) => {
+                    let ended: i64 = row.get(0);
+                    if ended > 0 {
+                        tracing::warn!(instance = %self.instance, owner = %shown, sessions = ended, "ended the database sessions a frozen instance left inside a transaction: its leases had ended and nobody could claim them");
+                    }
+                }
+                Err(e) => {
+                    Db::failed(&mut held, &e);
+                    tracing::warn!(instance = %self.instance, owner = %shown, "{} (grant this role pg_signal_backend, or run every instance as one role, so that a frozen instance's transactions can be ended)", describe("cannot end the sessions of a frozen instance", &e));
+                }
+            }
+        }
+        Ok(round)
     }
 
     /// One transaction (after the missing lease rows): a round that fails part-way leaves
@@ -584,6 +634,14 @@ impl Coordinator {
                 })
                 .sum();
             round.hand_over = (running - share).min(deficit.saturating_sub(free));
+        }
+        if claiming {
+            round.stuck = client
+                .query(STUCK_SQL, &[&configured, me, &(ttl / 2)])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
         }
         round.leases = client
             .query(

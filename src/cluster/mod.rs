@@ -39,12 +39,27 @@ pub fn same_database(a: &tokio_postgres::Config, b: &tokio_postgres::Config) -> 
     key(a) == key(b)
 }
 
+/// The `application_name` of every session of `instance` (the coordinator's, the checkpoint
+/// store's, a fenced `postgres` sink's): pg_stat_activity names the instance, and the others
+/// find a frozen instance's sessions by it. PostgreSQL keeps 63 bytes of it.
+pub fn application_name(instance: &str) -> String {
+    let mut name = format!("sse-bridge {instance}");
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
 /// Bounds what a session of an instance can hold on the server: a transaction whose client
 /// stopped in the middle (a frozen process: SIGSTOP, a long GC-like pause) keeps lease rows
-/// `FOR SHARE`, which no other instance could claim, and the sink's table lock. The server
+/// `FOR KEY SHARE`, which no other instance could claim, and the sink's table lock. The server
 /// ends such a session after half a lease (`idle_in_transaction_session_timeout`), and a
-/// statement, such as a `COPY` whose client stopped sending, after a whole lease but never
-/// under 10 s, so that a large batch on a slow server still fits (`statement_timeout`). Options already in the connection string are kept before these.
+/// statement that runs too long after a whole lease but never under 10 s, so that a large
+/// batch on a slow server still fits (`statement_timeout`). A `COPY` whose client stopped
+/// sending is neither: the server does not act on a timeout while it waits for the client's
+/// data, so the other instances end such sessions themselves once the frozen instance's
+/// leases have ended (`lease::STUCK_SQL`, ARCHITECTURE.md §9). Options already in the
+/// connection string are kept before these.
 pub fn bound_sessions(connection: &mut tokio_postgres::Config, lease_ttl: std::time::Duration) {
     let idle = (lease_ttl / 2).as_millis().max(500);
     let statement = lease_ttl.as_millis().max(10_000);
@@ -161,9 +176,7 @@ impl Fleet {
         let mut connection = config
             .connection()
             .map_err(|e| anyhow::anyhow!("cluster.url: {e}"))?;
-        // pg_stat_activity names the instance (PostgreSQL keeps 63 bytes of it).
-        let application: String = format!("sse-bridge {instance}").chars().take(63).collect();
-        connection.application_name(&application);
+        connection.application_name(application_name(&instance));
         bound_sessions(&mut connection, config.lease_ttl);
         let tls = crate::sink::postgres::tls_connector(config.ca_file.as_deref())
             .map_err(|e| anyhow::anyhow!("cluster.{e}"))?;
@@ -288,6 +301,20 @@ mod tests {
             &fleet,
             &conn("postgresql://bridge@replica.example.org/fleet")
         ));
+    }
+
+    #[test]
+    fn application_names_keep_what_postgresql_keeps() {
+        assert_eq!(application_name("node-a"), "sse-bridge node-a");
+        let long = "n".repeat(52);
+        assert_eq!(application_name(&long), format!("sse-bridge {long}"));
+        let longer = format!("{long}é-and-more");
+        let kept = application_name(&longer);
+        assert!(
+            kept.len() <= 63 && kept.starts_with("sse-bridge nnn"),
+            "{kept}"
+        );
+        assert_ne!(kept, format!("sse-bridge {longer}"));
     }
 
     #[test]

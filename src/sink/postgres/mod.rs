@@ -149,6 +149,7 @@ impl PostgresSink {
                 )));
             }
             crate::cluster::bound_sessions(&mut connection, fence.lease_ttl());
+            connection.application_name(crate::cluster::application_name(fence.instance()));
         }
         let tls = tls_connector(c.ca_file.as_deref()).map_err(config_error)?;
         let worker = Worker {
