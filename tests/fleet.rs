@@ -420,11 +420,30 @@ async fn a_frozen_instance_writes_nothing_after_waking_and_logs_the_lost_lease()
     assert!(copy.is_ok(), "COPY started: {:?}", copy.err());
     let frozen_at = Instant::now();
     fleet.bridge(victim).signal(libc::SIGSTOP);
+    // A transaction under the same name begun after the leases ended (a process of that name
+    // back, or started again) is not the frozen one's, and is left alone.
+    let expired = support::wait_for(2 * TTL, || {
+        fleet.db.column(&format!(
+            "SELECT count(*) FROM sse_bridge_leases WHERE owner = '{victim}' AND expires_at > now()"
+        )) == ["0"]
+    })
+    .await;
+    assert!(expired, "the leases of {victim} ended");
+    let mut later_session = fleet
+        .session(&format!("application_name='sse-bridge {victim}'"))
+        .await;
+    let later = later_session.transaction().await.expect("begin");
+    later.execute("SELECT 1", &[]).await.expect("a statement");
     let moved_at = fleet
         .wait_moved(&feeds, victim, 2 * TTL + Duration::from_secs(5))
         .await;
     drop(copy);
     drop(tx);
+    assert!(
+        later.execute("SELECT 1", &[]).await.is_ok(),
+        "a transaction begun after the leases ended survives"
+    );
+    later.rollback().await.expect("rollback");
     let ended = ["node-b", "node-c"].iter().any(|n| {
         fleet.bridge(n).logs().iter().any(|l| {
             l.message

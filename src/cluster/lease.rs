@@ -52,7 +52,7 @@ struct Round {
     stuck: Vec<String>,
 }
 
-/// The owners of leases that ended more than `$3` ms ago and that nobody could claim (a claim
+/// The owners of leases that ended more than `$3` ms ago and that nobody has claimed (a claim
 /// skips a row another transaction holds), while the owner holds no live lease and has no
 /// live heartbeat. Such an owner is frozen inside a transaction: a client stopped in the
 /// middle of a `COPY` keeps its transaction, and its row and table locks, open for as long as
@@ -67,12 +67,21 @@ const STUCK_SQL: &str = "SELECT DISTINCT l.owner FROM sse_bridge_leases l \
                        WHERE i.instance = l.owner AND i.expires_at > now()) \
      ORDER BY l.owner";
 
-/// Ends the sessions of the instance named by `$1` (its `application_name`) that are inside a
-/// transaction; its idle sessions are left alone.
-const END_STUCK_SQL: &str = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-     WHERE datname = current_database() AND application_name = $1 \
-       AND pid <> pg_backend_pid() \
-       AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')";
+/// Ends the sessions of instance `$2` (`application_name` `$1`) that are inside a transaction
+/// begun before its last lease ended, checked again at that moment: it still holds no live
+/// lease and has no live heartbeat. A process that came back (or a new one under the same
+/// name) has only transactions begun since, and idle sessions are left alone. Sessions of
+/// another role show no `state` without `pg_read_all_stats`, and are not touched.
+const END_STUCK_SQL: &str = "SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) \
+     FROM pg_stat_activity a \
+     WHERE a.datname = current_database() AND a.application_name = $1 \
+       AND a.pid <> pg_backend_pid() \
+       AND a.state IN ('active', 'idle in transaction', 'idle in transaction (aborted)') \
+       AND a.xact_start < (SELECT max(l.expires_at) FROM sse_bridge_leases l WHERE l.owner = $2) \
+       AND NOT EXISTS (SELECT 1 FROM sse_bridge_leases h \
+                       WHERE h.owner = $2 AND h.expires_at > now()) \
+       AND NOT EXISTS (SELECT 1 FROM sse_bridge_instances i \
+                       WHERE i.instance = $2 AND i.expires_at > now())";
 
 pub(super) struct Coordinator {
     db: Db,
@@ -447,6 +456,9 @@ impl Coordinator {
             }
         }
         self.update_held_gauge();
+        if !round.stuck.is_empty() {
+            self.end_stuck(&round.stuck).await;
+        }
     }
 
     fn fail(&mut self, e: &str) {
@@ -481,33 +493,50 @@ impl Coordinator {
         if let Err(e) = &result {
             Db::failed(&mut held, e);
         }
-        let round =
-            result.map_err(|e| describe(&format!("fleet database {}", self.db.shown), &e))?;
-        // After the round's commit and apart from it: ending another role's session may be
-        // refused, and that must not cost the round.
-        for owner in &round.stuck {
-            let Some(client) = held.as_mut() else { break };
-            // Owners come from the table, which any user of the database may write.
-            let shown = crate::text::escape_controls(owner);
-            let application = super::application_name(owner);
-            if application != format!("sse-bridge {owner}") {
-                tracing::debug!(instance = %self.instance, owner = %shown, "cannot tell the sessions of an instance whose name is longer than application_name keeps");
-                continue;
-            }
-            match client.query_one(END_STUCK_SQL, &[&application]).await {
-                Ok(row) => {
-                    let ended: i64 = row.get(0);
-                    if ended > 0 {
-                        tracing::warn!(instance = %self.instance, owner = %shown, sessions = ended, "ended the database sessions a frozen instance left inside a transaction: its leases had ended and nobody could claim them");
+        result.map_err(|e| describe(&format!("fleet database {}", self.db.shown), &e))
+    }
+
+    /// Ends the sessions that `stuck` instances left inside a transaction, each only if it
+    /// still qualifies ([`END_STUCK_SQL`]). Apart from the round, after its commit and under
+    /// a bound of its own: a refusal (another role) or a slow answer costs no round.
+    async fn end_stuck(&self, stuck: &[String]) {
+        let work = async {
+            let mut held = self.db.client().await?;
+            for owner in stuck {
+                let Some(client) = held.as_mut() else { break };
+                // Owners come from the table, which any user of the database may write.
+                let shown = crate::text::escape_controls(owner);
+                let application = super::application_name(owner);
+                match client
+                    .query_one(END_STUCK_SQL, &[&application, owner])
+                    .await
+                {
+                    Ok(row) => {
+                        let ended: i64 = row.get(0);
+                        if ended > 0 {
+                            tracing::warn!(instance = %self.instance, owner = %shown, sessions = ended, "ended the database sessions a frozen instance left inside a transaction: its leases had ended and nobody could claim them");
+                        } else {
+                            tracing::debug!(instance = %self.instance, owner = %shown, "an instance's ended leases are still unclaimed, and none of its sessions is inside a transaction begun under them (or none this role may see)");
+                        }
+                    }
+                    Err(e) => {
+                        Db::failed(&mut held, &e);
+                        tracing::warn!(instance = %self.instance, owner = %shown, "{} (run every instance as one role, or grant this one pg_signal_backend and pg_read_all_stats, so that a frozen instance's transactions can be ended)", describe("cannot end the sessions of a frozen instance", &e));
                     }
                 }
-                Err(e) => {
-                    Db::failed(&mut held, &e);
-                    tracing::warn!(instance = %self.instance, owner = %shown, "{} (grant this role pg_signal_backend, or run every instance as one role, so that a frozen instance's transactions can be ended)", describe("cannot end the sessions of a frozen instance", &e));
-                }
+            }
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(self.renew_every(), work).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(instance = %self.instance, "cannot end a frozen instance's sessions: {e}")
+            }
+            Err(_) => {
+                self.db.reset().await;
+                tracing::debug!(instance = %self.instance, "no answer in time while ending a frozen instance's sessions");
             }
         }
-        Ok(round)
     }
 
     /// One transaction (after the missing lease rows): a round that fails part-way leaves

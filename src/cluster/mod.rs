@@ -41,13 +41,25 @@ pub fn same_database(a: &tokio_postgres::Config, b: &tokio_postgres::Config) -> 
 
 /// The `application_name` of every session of `instance` (the coordinator's, the checkpoint
 /// store's, a fenced `postgres` sink's): pg_stat_activity names the instance, and the others
-/// find a frozen instance's sessions by it. PostgreSQL keeps 63 bytes of it.
+/// find a frozen instance's sessions by it (`lease::END_STUCK_SQL`). PostgreSQL keeps 63 bytes
+/// of printable ASCII and turns any other byte into `?`, so a name that would not survive
+/// that is shown as its first characters, `#`, and a hash of the whole name: two instances
+/// never share an `application_name` by truncation or by their non-ASCII letters.
 pub fn application_name(instance: &str) -> String {
-    let mut name = format!("sse-bridge {instance}");
-    while name.len() > 63 {
-        name.pop();
+    let plain = format!("sse-bridge {instance}");
+    if plain.len() <= 63 && plain.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return plain;
     }
-    name
+    // FNV-1a, 64 bits: stable across builds, which a fleet of mixed versions needs.
+    let hash = instance.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let prefix: String = instance
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .take(35)
+        .collect();
+    format!("sse-bridge {prefix}#{hash:016x}")
 }
 
 /// Bounds what a session of an instance can hold on the server: a transaction whose client
@@ -308,13 +320,20 @@ mod tests {
         assert_eq!(application_name("node-a"), "sse-bridge node-a");
         let long = "n".repeat(52);
         assert_eq!(application_name(&long), format!("sse-bridge {long}"));
-        let longer = format!("{long}é-and-more");
-        let kept = application_name(&longer);
-        assert!(
-            kept.len() <= 63 && kept.starts_with("sse-bridge nnn"),
-            "{kept}"
-        );
-        assert_ne!(kept, format!("sse-bridge {longer}"));
+        // Longer, or not ASCII: a prefix and a hash, at most 63 bytes of printable ASCII,
+        // different for names PostgreSQL would have made the same.
+        for (a, b) in [
+            (format!("{long}a"), format!("{long}b")),
+            ("nœud-a".to_string(), "nöud-a".to_string()),
+        ] {
+            let (x, y) = (application_name(&a), application_name(&b));
+            for n in [&x, &y] {
+                assert!(n.len() <= 63, "{n}");
+                assert!(n.bytes().all(|b| (0x20..0x7f).contains(&b)), "{n}");
+            }
+            assert_ne!(x, y);
+        }
+        assert_eq!(application_name("nœud-a"), application_name("nœud-a"));
     }
 
     #[test]
