@@ -148,7 +148,8 @@ Server-Sent Events endpoint that browsers and other bridges resume from).\n\n\
 A fleet: with a [cluster] section, the same configuration runs on several machines sharing one \
 PostgreSQL database; each feed is read by exactly one instance (a lease per feed, judged by the \
 database's clock), and a dead, frozen or stopped instance's feeds move to the others within \
-seconds. Checkpoints and gaps then live in that database.\n\n\
+seconds. Checkpoints and gaps then live in that database. Connect every instance as one \
+database role: the others end the transactions a frozen instance left open.\n\n\
 Try it: `sse-bridge run` runs the built-in configuration (Wikimedia's recentchange stream into \
 data/events/recentchange.jsonl, state in data/state.db).",
     after_help = "Configuration: a TOML file (see README.md, \"Configuration reference\"). \

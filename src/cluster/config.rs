@@ -28,6 +28,9 @@ pub const MAX_INSTANCE_LEN: usize = 128;
 ///
 /// With `[cluster]`, checkpoints, gaps and leases live in that database (its tables are
 /// created by the bridge's migrations); the SQLite state database is not used for them.
+/// Connect every instance, and its `postgres` sinks, as one role: the instances end the
+/// transactions a frozen instance left open, which PostgreSQL allows within a role (another
+/// role needs `pg_signal_backend` and `pg_read_all_stats`).
 #[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
