@@ -712,9 +712,10 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
         "no lease lost to the terminated connection: {}",
         fleet.bridge("node-a").log_text()
     );
-    // Another session updating a lease row (as a round renewing it does) holds up only the
-    // rounds that renew that row: the other instances renew through it (a round used to
-    // wait for every lease row being updated, and two rounds could deadlock).
+    // Another session updating a lease row (as a round renewing it does) costs its owner
+    // that one lease, and nobody anything else: the other instances renew through it (a
+    // round used to wait for every lease row being updated, and two rounds could deadlock),
+    // and the owner's renewal skips the held row.
     let row = fleet
         .held_by("node-b")
         .into_iter()
@@ -725,6 +726,13 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
         said("node-a", "cannot renew"),
         said("node-c", "cannot renew"),
     ];
+    let epochs_of = |name: &str| {
+        fleet.db.column(&format!(
+            "SELECT string_agg(feed || ':' || epoch, ',' ORDER BY feed) FROM sse_bridge_leases \
+             WHERE owner = '{name}' AND expires_at > now() AND feed <> '{row}'"
+        ))
+    };
+    let others_of_b = epochs_of("node-b");
     holder
         .batch_execute(&format!(
             "BEGIN; UPDATE sse_bridge_leases SET claimed_at = claimed_at WHERE feed = '{row}'"
@@ -736,6 +744,7 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
         said("node-a", "cannot renew"),
         said("node-c", "cannot renew"),
     ];
+    let others_of_b_after = epochs_of("node-b");
     holder.batch_execute("ROLLBACK").await.expect("rollback");
     drop(holder);
     assert_eq!(
@@ -743,6 +752,13 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
         quiet_before,
         "node-a and node-c renew while a row of node-b is held; logs:\n{}",
         fleet.logs()
+    );
+    // node-b loses that one lease only: its renewal skips the held row.
+    assert_eq!(
+        others_of_b_after,
+        others_of_b,
+        "node-b keeps its other leases; logs:\n{}",
+        fleet.bridge("node-b").log_text()
     );
     fleet
         .wait_shares(

@@ -406,7 +406,7 @@ impl Coordinator {
             .collect();
         self.lose(
             &gone,
-            "its renewal found it expired or claimed by another instance",
+            "its renewal found it expired, claimed by another instance, or held by another transaction",
         );
         for (feed, epoch, previous) in round.claimed {
             self.leases.insert(
@@ -585,11 +585,18 @@ impl Coordinator {
             let epochs: Vec<i64> = renew.iter().map(|(_, e)| *e).collect();
             round.renewed = client
                 .query(
+                    // A row another transaction is updating (none of the fleet's: it is
+                    // ours and unexpired) is skipped, not waited for: that one lease is
+                    // lost, not the round and every lease with it. Writers' `FOR KEY SHARE`
+                    // does not conflict with this lock.
                     "UPDATE sse_bridge_leases l \
                      SET expires_at = now() + $4::bigint * interval '1 millisecond' \
-                     FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
-                     WHERE l.feed = w.feed AND l.epoch = w.epoch AND l.owner = $3 \
-                       AND l.expires_at > now() \
+                     FROM (SELECT h.feed FROM sse_bridge_leases h \
+                           JOIN unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
+                             ON h.feed = w.feed AND h.epoch = w.epoch \
+                           WHERE h.owner = $3 AND h.expires_at > now() \
+                           FOR NO KEY UPDATE OF h SKIP LOCKED) r \
+                     WHERE l.feed = r.feed \
                      RETURNING l.feed",
                     &[&feeds, &epochs, me, &ttl],
                 )
