@@ -403,6 +403,23 @@ async fn a_frozen_instance_writes_nothing_after_waking_and_logs_the_lost_lease()
     // holding its lease rows `FOR KEY SHARE` inside a `COPY` that never gets its data. The
     // server applies no timeout to it (it waits for the client), so the others must end it
     // to claim the feeds.
+    // Every session of node-a carries its name, the sink's too: the coordinator's, the
+    // checkpoint store's and the sink's make three.
+    let named = support::wait_for(Duration::from_secs(10), || {
+        fleet.db.column(&format!(
+            "SELECT count(*) >= 3 FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'sse-bridge {victim}'"
+        )) == ["t"]
+    })
+    .await;
+    assert!(
+        named,
+        "sessions named for {victim}: {:?}",
+        fleet.db.column(
+            "SELECT application_name || ': ' || left(query, 60) FROM pg_stat_activity \
+             WHERE datname = current_database()"
+        )
+    );
     postgres::query(&fleet.db.name, "CREATE TABLE stuck (v int)");
     let mut frozen_session = fleet
         .session(&format!("application_name='sse-bridge {victim}'"))

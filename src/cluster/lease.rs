@@ -95,6 +95,8 @@ pub(super) struct Coordinator {
     /// When the leases renewed last end at the earliest, by this instance's clock: the send
     /// time of that renewal plus the TTL, less a margin.
     deadline: Option<Instant>,
+    /// Whether ending a frozen instance's sessions was refused once (warned once).
+    end_stuck_refused: bool,
     /// Whether the last round failed (to log a recovery once).
     failing: bool,
     notified: Option<mpsc::Receiver<String>>,
@@ -135,6 +137,7 @@ impl Coordinator {
             stop_claiming,
             leases: BTreeMap::new(),
             deadline: None,
+            end_stuck_refused: false,
             failing: false,
             notified: Some(notify_rx),
             cooling: BTreeMap::new(),
@@ -307,7 +310,9 @@ impl Coordinator {
 
     /// Releases `leases` (feed, epoch) if still ours and unexpired, and tells the others. An
     /// expired one is free already, and may be in another round's claim: touching it would
-    /// wait for that round (ARCHITECTURE.md §9, rounds never wait for each other).
+    /// wait for that round (ARCHITECTURE.md §9, rounds never wait for each other). A row
+    /// another transaction is updating is skipped as the renewal skips it: it ends by itself
+    /// within a lease, and the others' leases are released meanwhile.
     async fn release(&self, leases: &[(String, i64)]) -> Result<(), String> {
         if leases.is_empty() {
             return Ok(());
@@ -322,9 +327,12 @@ impl Coordinator {
             client
                 .execute(
                     "UPDATE sse_bridge_leases l SET owner = NULL, expires_at = now() \
-                     FROM unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
-                     WHERE l.feed = w.feed AND l.epoch = w.epoch AND l.owner = $3 \
-                       AND l.expires_at > now()",
+                     FROM (SELECT h.feed FROM sse_bridge_leases h \
+                           JOIN unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
+                             ON h.feed = w.feed AND h.epoch = w.epoch \
+                           WHERE h.owner = $3 AND h.expires_at > now() \
+                           FOR NO KEY UPDATE OF h SKIP LOCKED) r \
+                     WHERE l.feed = r.feed",
                     &[&feeds, &epochs, &self.instance],
                 )
                 .await?;
@@ -499,7 +507,9 @@ impl Coordinator {
     /// Ends the sessions that `stuck` instances left inside a transaction, each only if it
     /// still qualifies ([`END_STUCK_SQL`]). Apart from the round, after its commit and under
     /// a bound of its own: a refusal (another role) or a slow answer costs no round.
-    async fn end_stuck(&self, stuck: &[String]) {
+    async fn end_stuck(&mut self, stuck: &[String]) {
+        let refused_before = self.end_stuck_refused;
+        let mut refused = false;
         let work = async {
             let mut held = self.db.client().await?;
             for owner in stuck {
@@ -521,13 +531,27 @@ impl Coordinator {
                     }
                     Err(e) => {
                         Db::failed(&mut held, &e);
-                        tracing::warn!(instance = %self.instance, owner = %shown, "{} (run every instance as one role, or grant this one pg_signal_backend and pg_read_all_stats, so that a frozen instance's transactions can be ended)", describe("cannot end the sessions of a frozen instance", &e));
+                        let message = describe("cannot end the sessions of a frozen instance", &e);
+                        // Once per process at warn: it would repeat every round.
+                        if refused_before {
+                            tracing::debug!(instance = %self.instance, owner = %shown, "{message}");
+                        } else {
+                            tracing::warn!(instance = %self.instance, owner = %shown, "{message} (run every instance as one role, or grant this one pg_signal_backend and pg_read_all_stats, so that a frozen instance's transactions can be ended)");
+                        }
+                        refused = true;
                     }
                 }
             }
             Ok::<(), String>(())
         };
-        match tokio::time::timeout(self.renew_every(), work).await {
+        // Never past the renewal deadline the round just set: the loop must get there.
+        let limit = match self.deadline {
+            Some(deadline) => deadline.min(Instant::now() + self.renew_every()),
+            None => Instant::now() + self.renew_every(),
+        };
+        let outcome = tokio::time::timeout_at(limit, work).await;
+        self.end_stuck_refused |= refused;
+        match outcome {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!(instance = %self.instance, "cannot end a frozen instance's sessions: {e}")

@@ -42,24 +42,30 @@ pub fn same_database(a: &tokio_postgres::Config, b: &tokio_postgres::Config) -> 
 /// The `application_name` of every session of `instance` (the coordinator's, the checkpoint
 /// store's, a fenced `postgres` sink's): pg_stat_activity names the instance, and the others
 /// find a frozen instance's sessions by it (`lease::END_STUCK_SQL`). PostgreSQL keeps 63 bytes
-/// of printable ASCII and turns any other byte into `?`, so a name that would not survive
-/// that is shown as its first characters, `#`, and a hash of the whole name: two instances
-/// never share an `application_name` by truncation or by their non-ASCII letters.
+/// of printable ASCII and rewrites any other byte (as `?` up to version 15, as `\xNN` from
+/// 16), so a name that would not survive that is shown as its first characters, `#`, and a
+/// hash of the whole name: two instances never share an `application_name` by truncation or
+/// by their non-ASCII letters.
 pub fn application_name(instance: &str) -> String {
     let plain = format!("sse-bridge {instance}");
     if plain.len() <= 63 && plain.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return plain;
     }
-    // FNV-1a, 64 bits: stable across builds, which a fleet of mixed versions needs.
-    let hash = instance.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = fnv1a64(instance.as_bytes());
     let prefix: String = instance
         .chars()
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
         .take(35)
         .collect();
     format!("sse-bridge {prefix}#{hash:016x}")
+}
+
+/// FNV-1a, 64 bits: stable across builds and versions, which a fleet of mixed versions needs
+/// (std's hasher promises neither).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Bounds what a session of an instance can hold on the server: a transaction whose client
@@ -333,7 +339,13 @@ mod tests {
             }
             assert_ne!(x, y);
         }
-        assert_eq!(application_name("nœud-a"), application_name("nœud-a"));
+        // The hash is part of what other instances, of other builds, look for: pinned.
+        assert_eq!(
+            application_name("nœud-a"),
+            format!("sse-bridge n?ud-a#{:016x}", fnv1a64("nœud-a".as_bytes()))
+        );
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
     }
 
     #[test]
