@@ -188,6 +188,15 @@ default = ["pg"]
         );
     }
 
+    /// Waits (30 s at most) until node-a, node-b and node-c hold four feeds each.
+    async fn wait_balanced(&self) {
+        self.wait_shares(
+            &[("node-a", 4), ("node-b", 4), ("node-c", 4)],
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+
     /// Waits until none of `feeds` is owned by `name` and all have a live owner; returns when.
     async fn wait_moved(&self, feeds: &[String], name: &str, within: Duration) -> Instant {
         let moved = support::wait_for(within, || {
@@ -295,12 +304,7 @@ async fn three_balanced(tag: &str) -> Option<Fleet> {
     for name in ["node-a", "node-b", "node-c"] {
         fleet.start(name);
     }
-    fleet
-        .wait_shares(
-            &[("node-a", 4), ("node-b", 4), ("node-c", 4)],
-            Duration::from_secs(30),
-        )
-        .await;
+    fleet.wait_balanced().await;
     // Some of the stream stored, most of it still to come.
     let started = support::wait_for(Duration::from_secs(30), || fleet.rows() >= 3_000).await;
     assert!(started, "rows {}; logs:\n{}", fleet.rows(), fleet.logs());
@@ -672,12 +676,7 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
     fleet.start_via("node-a", &via_relay);
     fleet.start("node-b");
     fleet.start("node-c");
-    fleet
-        .wait_shares(
-            &[("node-a", 4), ("node-b", 4), ("node-c", 4)],
-            Duration::from_secs(30),
-        )
-        .await;
+    fleet.wait_balanced().await;
     // Every feed started and storing (a start that fails on a terminated connection releases
     // its lease, as it should, and is not what this part is about).
     let feeds_storing = || {
@@ -687,12 +686,7 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
     };
     let started = support::wait_for(Duration::from_secs(30), feeds_storing).await;
     assert!(started, "rows {}; logs:\n{}", fleet.rows(), fleet.logs());
-    fleet
-        .wait_shares(
-            &[("node-a", 4), ("node-b", 4), ("node-c", 4)],
-            Duration::from_secs(30),
-        )
-        .await;
+    fleet.wait_balanced().await;
     let epochs = || {
         fleet.db.column(
             "SELECT string_agg(feed || ':' || epoch, ',' ORDER BY feed) FROM sse_bridge_leases \
@@ -777,12 +771,7 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
         "node-b keeps its other leases; logs:\n{}",
         fleet.bridge("node-b").log_text()
     );
-    fleet
-        .wait_shares(
-            &[("node-a", 4), ("node-b", 4), ("node-c", 4)],
-            Duration::from_secs(30),
-        )
-        .await;
+    fleet.wait_balanced().await;
     // A partition: no renewal can reach the database, so the feeds stop before their leases
     // end, and the others take them.
     let feeds = fleet.held_by("node-a");
@@ -799,12 +788,7 @@ async fn a_lost_database_connection_reconnects_or_its_feeds_stop_and_move() {
     );
     relay.heal();
     // Back in the fleet: it takes its share again.
-    fleet
-        .wait_shares(
-            &[("node-a", 4), ("node-b", 4), ("node-c", 4)],
-            Duration::from_secs(30),
-        )
-        .await;
+    fleet.wait_balanced().await;
     fleet.assert_every_event_once().await;
     fleet.stop_all().await;
 }

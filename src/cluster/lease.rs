@@ -52,36 +52,66 @@ struct Round {
     stuck: Vec<String>,
 }
 
+/// SQL: instance `$owner` holds no live lease and has no live heartbeat. One definition for
+/// finding a frozen instance and for checking again as its sessions are ended.
+macro_rules! gone {
+    ($owner:literal) => {
+        concat!(
+            "NOT EXISTS (SELECT 1 FROM sse_bridge_leases h \
+             WHERE h.owner = ",
+            $owner,
+            " AND h.expires_at > now()) \
+             AND NOT EXISTS (SELECT 1 FROM sse_bridge_instances i \
+             WHERE i.instance = ",
+            $owner,
+            " AND i.expires_at > now())"
+        )
+    };
+}
+
 /// The owners of leases that ended more than `$3` ms ago and that nobody has claimed (a claim
 /// skips a row another transaction holds), while the owner holds no live lease and has no
 /// live heartbeat. Such an owner is frozen inside a transaction: a client stopped in the
 /// middle of a `COPY` keeps its transaction, and its row and table locks, open for as long as
 /// it is stopped, since PostgreSQL neither cancels (`statement_timeout`) nor counts as idle a
 /// backend waiting for `COPY` data. ARCHITECTURE.md §9.
-const STUCK_SQL: &str = "SELECT DISTINCT l.owner FROM sse_bridge_leases l \
+const STUCK_SQL: &str = concat!(
+    "SELECT DISTINCT l.owner FROM sse_bridge_leases l \
      WHERE l.feed = ANY($1) AND l.owner IS NOT NULL AND l.owner <> $2 \
-       AND l.expires_at <= now() - $3::bigint * interval '1 millisecond' \
-       AND NOT EXISTS (SELECT 1 FROM sse_bridge_leases h \
-                       WHERE h.owner = l.owner AND h.expires_at > now()) \
-       AND NOT EXISTS (SELECT 1 FROM sse_bridge_instances i \
-                       WHERE i.instance = l.owner AND i.expires_at > now()) \
-     ORDER BY l.owner";
+       AND l.expires_at <= now() - $3::bigint * interval '1 millisecond' AND ",
+    gone!("l.owner"),
+    " ORDER BY l.owner"
+);
 
 /// Ends the sessions of instance `$2` (`application_name` `$1`) that are inside a transaction
 /// begun before its last lease ended, checked again at that moment: it still holds no live
 /// lease and has no live heartbeat. A process that came back (or a new one under the same
 /// name) has only transactions begun since, and idle sessions are left alone. Sessions of
 /// another role show no `state` without `pg_read_all_stats`, and are not touched.
-const END_STUCK_SQL: &str = "SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) \
+const END_STUCK_SQL: &str = concat!(
+    "SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) \
      FROM pg_stat_activity a \
      WHERE a.datname = current_database() AND a.application_name = $1 \
        AND a.pid <> pg_backend_pid() \
        AND a.state IN ('active', 'idle in transaction', 'idle in transaction (aborted)') \
        AND a.xact_start < (SELECT max(l.expires_at) FROM sse_bridge_leases l WHERE l.owner = $2) \
-       AND NOT EXISTS (SELECT 1 FROM sse_bridge_leases h \
-                       WHERE h.owner = $2 AND h.expires_at > now()) \
-       AND NOT EXISTS (SELECT 1 FROM sse_bridge_instances i \
-                       WHERE i.instance = $2 AND i.expires_at > now())";
+       AND ",
+    gone!("$2")
+);
+
+/// A subquery `r` of the lease rows (feed, epoch) `$1`, `$2` that instance `$3` still holds
+/// unexpired, each locked for the update that follows; one another transaction is updating is
+/// skipped, not waited for (ARCHITECTURE.md §9: rounds never wait). The renewal and the release
+/// update through it.
+macro_rules! ours_unlocked {
+    () => {
+        "(SELECT h.feed FROM sse_bridge_leases h \
+          JOIN unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
+            ON h.feed = w.feed AND h.epoch = w.epoch \
+          WHERE h.owner = $3 AND h.expires_at > now() \
+          FOR NO KEY UPDATE OF h SKIP LOCKED) r"
+    };
+}
 
 pub(super) struct Coordinator {
     db: Db,
@@ -326,13 +356,11 @@ impl Coordinator {
         let result = tokio::time::timeout(self.db.timeout, async {
             client
                 .execute(
-                    "UPDATE sse_bridge_leases l SET owner = NULL, expires_at = now() \
-                     FROM (SELECT h.feed FROM sse_bridge_leases h \
-                           JOIN unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
-                             ON h.feed = w.feed AND h.epoch = w.epoch \
-                           WHERE h.owner = $3 AND h.expires_at > now() \
-                           FOR NO KEY UPDATE OF h SKIP LOCKED) r \
-                     WHERE l.feed = r.feed",
+                    concat!(
+                        "UPDATE sse_bridge_leases l SET owner = NULL, expires_at = now() FROM ",
+                        ours_unlocked!(),
+                        " WHERE l.feed = r.feed"
+                    ),
                     &[&feeds, &epochs, &self.instance],
                 )
                 .await?;
@@ -613,15 +641,12 @@ impl Coordinator {
                     // ours and unexpired) is skipped, not waited for: that one lease is
                     // lost, not the round and every lease with it. Writers' `FOR KEY SHARE`
                     // does not conflict with this lock.
-                    "UPDATE sse_bridge_leases l \
-                     SET expires_at = now() + $4::bigint * interval '1 millisecond' \
-                     FROM (SELECT h.feed FROM sse_bridge_leases h \
-                           JOIN unnest($1::text[], $2::bigint[]) AS w(feed, epoch) \
-                             ON h.feed = w.feed AND h.epoch = w.epoch \
-                           WHERE h.owner = $3 AND h.expires_at > now() \
-                           FOR NO KEY UPDATE OF h SKIP LOCKED) r \
-                     WHERE l.feed = r.feed \
-                     RETURNING l.feed",
+                    concat!(
+                        "UPDATE sse_bridge_leases l \
+                         SET expires_at = now() + $4::bigint * interval '1 millisecond' FROM ",
+                        ours_unlocked!(),
+                        " WHERE l.feed = r.feed RETURNING l.feed"
+                    ),
                     &[&feeds, &epochs, me, &ttl],
                 )
                 .await?
